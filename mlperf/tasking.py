@@ -1,0 +1,72 @@
+"""Glue between Invoke/Fabric tasks and the library: config defaults, errors, remote forwarding."""
+from __future__ import annotations
+
+import functools
+import inspect
+
+from invoke.exceptions import Exit
+
+from mlperf.errors import UserError
+
+
+def is_remote(c) -> bool:
+    """True when the task runs under `fab -H host`, where `c` is a Fabric Connection."""
+    try:
+        from fabric import Connection
+    except ImportError:  # fabric is optional for purely local use
+        return False
+    return isinstance(c, Connection)
+
+
+def option(c, value, key: str):
+    """A task argument if the user gave one, else the project default `mlperf.<key>` from config."""
+    if value is not None:
+        return value
+    node = c.config.mlperf
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def step(fn):
+    """Make a task body a benchmark step.
+
+    Locally the body runs here and a UserError becomes one line and exit code 1. Under
+    `fab -H host` the same task, with the arguments the user gave, runs on the host through
+    `c.run` (mlperf.remote.forward), so the heavy work happens where the GPUs are. A body with a
+    `detach` argument, given --detach, is started in its own session with output to a log file
+    (mlperf.jobs), so it survives a dropped SSH connection; `status` and `logs` reattach.
+    """
+    params = list(inspect.signature(fn).parameters)[1:]
+    name = fn.__name__.rstrip("_").replace("_", "-")
+
+    @functools.wraps(fn)
+    def wrapper(c, *args, **kwargs):
+        kwargs.update(zip(params, args))
+        try:
+            if is_remote(c):
+                from mlperf import remote
+
+                return remote.forward(c, name, kwargs)
+            if kwargs.get("detach"):
+                from mlperf import jobs
+
+                return jobs.detach(c, name, kwargs)
+            return fn(c, **kwargs)
+        except UserError as exc:
+            raise Exit(f"error: {exc}", code=1) from None
+
+    return wrapper
+
+
+def local_only(fn):
+    """Like `step`, but the body always runs on this machine (deploy, results, logs...)."""
+
+    @functools.wraps(fn)
+    def wrapper(c, *args, **kwargs):
+        try:
+            return fn(c, *args, **kwargs)
+        except UserError as exc:
+            raise Exit(f"error: {exc}", code=1) from None
+
+    return wrapper

@@ -1,0 +1,239 @@
+"""MLPerf Training object detection (Mask R-CNN, COCO 2017) as Invoke tasks.
+
+Each task is a thin step over the mlperf/ library; defaults come from invoke.yaml (`mlperf.*`).
+Run `invoke --list`, or `fab -H work@127.0.0.1:9922 -i id_container <task>` for a Backend.AI host.
+"""
+from pathlib import Path
+
+import yaml
+from invoke import Collection, task
+
+from mlperf.tasking import local_only, option, step
+
+DATASET_HELP = "dataset name from the catalog: shapes (synthetic) or coco2017 (default from invoke.yaml)"
+MANIFEST_HELP = "a dataset manifest YAML file instead of a built-in dataset"
+DATA_DIR_HELP = "folder that holds datasets, one subfolder each (default: data)"
+DETACH_HELP = "run in the background in its own session, output to a log; see `status` and `logs`"
+
+
+@task(help={
+    "dataset": DATASET_HELP,
+    "manifest": MANIFEST_HELP,
+    "data_dir": DATA_DIR_HELP,
+    "mirror": "base URL that serves the same file names, used instead of each file's url",
+    "source": "folder with archives you already have: hard-linked or copied, not downloaded",
+    "jobs": "files downloaded at once (default 4)",
+    "detach": DETACH_HELP,
+})
+@step
+def fetch(c, dataset=None, manifest=None, data_dir=None, mirror=None, source=None, jobs=None,
+          detach=False):
+    """Download, check and unpack a dataset (or make the synthetic shapes set)."""
+    from mlperf import fetch as fetching
+    from mlperf.datasets import resolve
+
+    ds = resolve(option(c, dataset, "dataset") if manifest is None else None, manifest)
+    fetching.fetch_dataset(ds, Path(option(c, data_dir, "data_dir")), mirror=mirror, source=source,
+                           jobs=int(option(c, jobs, "jobs")))
+
+
+@task(help={
+    "dataset": DATASET_HELP,
+    "manifest": MANIFEST_HELP,
+    "data_dir": DATA_DIR_HELP,
+    "deep": "also decode every image, not only check that it exists and is non-empty",
+    "force": "hash every archive again, even those verified before and unchanged since",
+    "detach": DETACH_HELP,
+})
+@step
+def verify(c, dataset=None, manifest=None, data_dir=None, deep=False, force=False, detach=False):
+    """Check archives' md5 and the dataset's structure; exit 1 on any failure."""
+    from mlperf import verify as verifying
+    from mlperf.datasets import resolve
+
+    ds = resolve(option(c, dataset, "dataset") if manifest is None else None, manifest)
+    verifying.verify_dataset(ds, Path(option(c, data_dir, "data_dir")), deep=deep, force=force)
+
+
+@task(help={
+    "base": "base image (default from invoke.yaml: an NGC PyTorch image)",
+    "output": "folder for the build context (Dockerfile, requirements, code)",
+    "tag": "image tag for --build and --push",
+    "build": "run `docker build` (needs a Docker daemon; prints the commands otherwise)",
+    "push": "push the built image to its registry",
+    "check": "validate the Backend.AI labels of an existing Dockerfile instead",
+})
+@step
+def image(c, base=None, output=None, tag=None, build=False, push=False, check=None):
+    """Write a Backend.AI-ready image build context; optionally build and push it."""
+    from mlperf import image as imaging
+
+    if check:
+        imaging.check_dockerfile(Path(check))
+        return
+    imaging.make_image(
+        base=option(c, base, "image.base"), output=Path(option(c, output, "image.output")),
+        tag=option(c, tag, "image.tag"), build=build, push=push,
+    )
+
+
+@task(help={
+    "dataset": DATASET_HELP,
+    "data_dir": DATA_DIR_HELP,
+    "gpus": "GPUs per node (default: all detected; 0 trains on the CPU)",
+    "nodes": "'all' to start on every host of a Backend.AI cluster session (from main1)",
+    "batch_size": "global batch size (default: the system configuration's)",
+    "config": "named system configuration (see --list-configs); default: picked from the hardware",
+    "list_configs": "print the system configurations and exit",
+    "seed": "master seed (default: drawn at random and logged)",
+    "max_epochs": "stop with status aborted after this many epochs",
+    "resume": "continue from the last checkpoint of this log's run",
+    "device": "cpu or cuda (default: cuda when a GPU is present)",
+    "log": "MLPerf result log file (default: <results_dir>/train/result_0.txt)",
+    "detach": DETACH_HELP,
+})
+@step
+def train(c, dataset=None, data_dir=None, gpus=None, nodes=None, batch_size=None, config=None,
+          list_configs=False, seed=None, max_epochs=None, resume=False, device=None, log=None,
+          detach=False):
+    """Train Mask R-CNN with torchrun until the quality target (logs in MLPerf format)."""
+    from mlperf import launch
+
+    if list_configs:
+        launch.print_configs()
+        return
+    dataset = option(c, dataset, "dataset")
+    log = Path(log) if log else Path(option(c, None, "results_dir")) / "train" / "result_0.txt"
+    launch.train(
+        dataset=dataset, data_dir=Path(option(c, data_dir, "data_dir")), gpus=gpus, nodes=nodes,
+        batch_size=batch_size, config=config, seed=seed, max_epochs=max_epochs, resume=resume,
+        device=device, log=log,
+    )
+
+
+@task(name="time", help={
+    "runs": "training runs in the series (default 5, as MLPerf requires)",
+    "results_dir": "folder for result series (default: results)",
+    "system": "system name in the results folder (default: from the detected hardware)",
+    "ruleset": "MLPerf Training ruleset to check logs against (default 3.1.0)",
+    "from_logs": "score an existing folder of result_*.txt instead of training",
+    "dataset": DATASET_HELP,
+    "data_dir": DATA_DIR_HELP,
+    "config": "named system configuration for the runs",
+    "gpus": "GPUs per node (default: all detected)",
+    "max_epochs": "epoch cap per run",
+    "detach": DETACH_HELP,
+})
+@step
+def time_(c, runs=None, results_dir=None, system=None, ruleset=None, from_logs=None, dataset=None,
+          data_dir=None, config=None, gpus=None, max_epochs=None, detach=False):
+    """Run the training N times as an MLPerf submission and score it (run_and_time)."""
+    from mlperf import results
+
+    ruleset = option(c, ruleset, "ruleset")
+    if from_logs:
+        results.score_logs(Path(from_logs), ruleset=ruleset)
+        return
+    results.time_series(
+        runs=int(option(c, runs, "runs")), results_dir=Path(option(c, results_dir, "results_dir")),
+        system=option(c, system, "system") or None, ruleset=ruleset,
+        dataset=option(c, dataset, "dataset"), data_dir=Path(option(c, data_dir, "data_dir")),
+        config=config, gpus=gpus, max_epochs=max_epochs,
+    )
+
+
+@task(name="all", help={
+    "dataset": DATASET_HELP,
+    "data_dir": DATA_DIR_HELP,
+    "results_dir": "folder for result series (default: results)",
+    "runs": "training runs (default 5)",
+    "build": "also build the image (needs Docker); otherwise only its context is written",
+    "config": "named system configuration for the runs",
+    "max_epochs": "epoch cap per run",
+    "detach": DETACH_HELP,
+})
+@step
+def all_(c, dataset=None, data_dir=None, results_dir=None, runs=None, build=False, config=None,
+         max_epochs=None, detach=False):
+    """fetch, verify, image, time: the whole benchmark, resuming where it stopped."""
+    from mlperf import pipeline
+
+    pipeline.run_all(
+        c, dataset=option(c, dataset, "dataset"), data_dir=Path(option(c, data_dir, "data_dir")),
+        results_dir=Path(option(c, results_dir, "results_dir")), runs=int(option(c, runs, "runs")),
+        build=build, config=config, max_epochs=max_epochs,
+    )
+
+
+@task(help={
+    "gpus": "GPUs to run on through torchrun (default 1)",
+    "batch_sizes": "comma-separated per-GPU batch sizes (default 8,16,32)",
+    "iterations": "timed iterations per measurement",
+    "baseline": "also time torchvision's stock Mask R-CNN on the same batches (default on)",
+    "output": "JSON file for the results (default: benchmarks/results/train_throughput-<date>.json)",
+})
+@step
+def bench(c, gpus=None, batch_sizes="8,16,32", iterations=None, baseline=True, output=None):
+    """Measure training-step throughput against torchvision's stock Mask R-CNN."""
+    from mlperf import launch
+
+    launch.bench(gpus=gpus, batch_sizes=batch_sizes, iterations=iterations, baseline=baseline,
+                 output=output)
+
+
+@task(help={"dataset": DATASET_HELP, "data_dir": DATA_DIR_HELP})
+@step
+def doctor(c, dataset=None, data_dir=None):
+    """Table of what the benchmark needs and what this host has; exit 1 if something is missing."""
+    from mlperf import doctor as checkup
+
+    checkup.doctor(dataset=option(c, dataset, "dataset"), data_dir=Path(option(c, data_dir, "data_dir")))
+
+
+@task(help={})
+@step
+def status(c):
+    """Show background (--detach) jobs: running or finished, with their exit codes."""
+    from mlperf import jobs
+
+    jobs.status()
+
+
+@task(help={"follow": "keep printing new output until the job ends", "job": "job id (default: latest)"})
+@step
+def logs(c, follow=False, job=None):
+    """Print a background job's output (default: the latest job)."""
+    from mlperf import jobs
+
+    jobs.logs(job=job, follow=follow)
+
+
+@task(help={
+    "path": "project folder on the host (default: ~/mlperf-maskrcnn)",
+    "python": "python on the host that creates the environment, or runs it with --no-venv",
+})
+@local_only
+def deploy(c, path=None, python=None):
+    """Sync this project to the `fab -H` host with rsync and set up its Python environment."""
+    from mlperf import remote
+
+    remote.deploy(c, path=option(c, path, "remote.path"), python=option(c, python, "remote.python"))
+
+
+@task(help={"results_dir": "local folder; results land in <results_dir>/<host>/"})
+@local_only
+def results(c, results_dir=None):
+    """Bring the `fab -H` host's results folder back to results/<host>/ (never deletes locally)."""
+    from mlperf import remote
+
+    remote.fetch_results(c, local_dir=Path(option(c, results_dir, "results_dir")))
+
+
+def _project_defaults() -> dict:
+    """invoke.yaml as collection defaults, so `fab` (which reads fabric.yaml, not invoke.yaml) has them too."""
+    with open(Path(__file__).with_name("invoke.yaml")) as fh:
+        return yaml.safe_load(fh)
+
+
+ns = Collection(fetch, verify, image, train, time_, all_, bench, doctor, status, logs, deploy, results)
+ns.configure(_project_defaults())
