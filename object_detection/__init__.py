@@ -1,0 +1,1 @@
+"""The Mask R-CNN trainer (model, data, loop, COCO evaluation, synthetic shapes); imports torch."""
