@@ -6,7 +6,7 @@ A manifest is a YAML file (the format is public; README.md documents it):
     files:
       - name: blob.bin             # kept under <data-dir>/<name>/downloads/
         url: http://127.0.0.1:8000/blob.bin
-        md5: 0123456789abcdef0123456789abcdef
+        md5: 0123456789abcdef0123456789abcdef   # or sha256: <64 hex digits> where no md5 is published
         size: 1048576              # bytes, optional
         extract: false             # true: unpack the archive into <data-dir>/<name>/
     splits:                        # optional: where the COCO-format splits are once unpacked
@@ -29,15 +29,22 @@ from mlperf.errors import UserError
 
 CATALOG_DIR = Path(__file__).resolve().parent
 _MD5 = re.compile(r"^[0-9a-f]{32}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True)
 class FileSpec:
     name: str
     url: str
-    md5: str
+    md5: str | None
     size: int | None = None
     extract: bool = False
+    sha256: str | None = None  # for files whose publisher gives only a sha256 (torchvision weights)
+
+    @property
+    def checksum(self) -> tuple[str, str]:
+        """(hashlib algorithm, expected hex digest): md5 where the manifest gives one, else sha256."""
+        return ("md5", self.md5) if self.md5 else ("sha256", self.sha256)
 
 
 @dataclass(frozen=True)
@@ -114,23 +121,28 @@ def load_manifest(path: Path) -> Dataset:
     for i, entry in enumerate(raw_files or []):
         if not isinstance(entry, dict):
             raise bad(f"files[{i}] must be a mapping")
-        for key in ("name", "url", "md5"):
+        for key in ("name", "url"):
             if not isinstance(entry.get(key), str) or not entry[key]:
                 raise bad(f"files[{i}] lacks '{key}'")
+        if not any(isinstance(entry.get(key), str) and entry[key] for key in ("md5", "sha256")):
+            raise bad(f"files[{i}] lacks 'md5' (or 'sha256')")
         fname = entry["name"]
         if "/" in fname or "\\" in fname or fname in (".", ".."):
             raise bad(f"files[{i}] name {fname!r} must be a plain file name")
         if fname in seen:
             raise bad(f"file {fname!r} is listed twice")
         seen.add(fname)
-        md5 = entry["md5"].lower()
-        if not _MD5.match(md5):
+        md5 = entry["md5"].lower() if entry.get("md5") else None
+        if md5 is not None and not _MD5.match(md5):
             raise bad(f"files[{i}] ({fname}) md5 {entry['md5']!r} is not 32 hex digits")
+        sha256 = entry["sha256"].lower() if entry.get("sha256") else None
+        if sha256 is not None and not _SHA256.match(sha256):
+            raise bad(f"files[{i}] ({fname}) sha256 {entry['sha256']!r} is not 64 hex digits")
         size = entry.get("size")
         if size is not None and (not isinstance(size, int) or size < 0):
             raise bad(f"files[{i}] ({fname}) size must be a whole number of bytes")
         files.append(FileSpec(name=fname, url=entry["url"], md5=md5, size=size,
-                              extract=bool(entry.get("extract", False))))
+                              extract=bool(entry.get("extract", False)), sha256=sha256))
     if doc.get("backbone") is not None and doc["backbone"] not in seen:
         raise bad(f"'backbone' names {doc['backbone']!r}, which is not one of the files")
     splits = {}

@@ -1,0 +1,321 @@
+"""`invoke verify`: archive checksums and the COCO structure of a dataset, as a table.
+
+Two small JSON files make repeated checks cheap, both written atomically:
+- <root>/downloads/.state.json (shared with mlperf.fetch): per archive, the size and mtime it had
+  when its checksum was last computed, and that checksum. A file whose size and mtime are unchanged
+  is not hashed again (unless --force); fetch uses the same record to skip finished downloads.
+- <root>/.verified.json: written only when every check passed; `is_verified` compares it with the
+  files' size/mtime, so the trainer's launcher can refuse an unverified dataset without re-hashing.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import threading
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from pathlib import Path
+
+from mlperf.datasets import Dataset, FileSpec
+from mlperf.errors import UserError
+
+STATE_NAME = ".state.json"
+STAMP_NAME = ".verified.json"
+READ_SIZE = 8 << 20          # big reads: hashing runs at memory speed, syscalls stay rare
+_state_lock = threading.Lock()
+
+
+# ---------------------------------------------------------------- small shared helpers
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write JSON to a temporary name beside `path`, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`, or {} when it is missing or damaged (it is only a cache)."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def stat_key(path: Path) -> list[int] | None:
+    """[size, mtime_ns] of a file, the cheap fingerprint records are keyed by; None if missing."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def hash_file(path: str | Path, algo: str = "md5") -> str:
+    """Hex digest of a file, read in large blocks (hashlib releases the GIL on big updates)."""
+    h = hashlib.new(algo)
+    with open(path, "rb", buffering=0) as fh:
+        buf = bytearray(READ_SIZE)
+        view = memoryview(buf)
+        while n := fh.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def hash_files(jobs: list[tuple[Path, str]], workers: int | None = None,
+               pool: str = "process") -> list[str]:
+    """Digests of several (path, algo) pairs in parallel, largest file first (shortest makespan).
+
+    One worker per core by default. Processes and threads both scale here because hashlib and
+    file reads release the GIL; benchmarks/fetch_verify.py measures both.
+    """
+    if not jobs:
+        return []
+    workers = max(1, min(len(jobs), workers or os.cpu_count() or 1))
+    if workers == 1:
+        return [hash_file(p, a) for p, a in jobs]
+    order = sorted(range(len(jobs)), key=lambda i: -(stat_key(jobs[i][0]) or [0])[0])
+    executor = ProcessPoolExecutor if pool == "process" else ThreadPoolExecutor
+    with executor(max_workers=workers) as ex:
+        futures = {i: ex.submit(hash_file, str(jobs[i][0]), jobs[i][1]) for i in order}
+        return [futures[i].result() for i in range(len(jobs))]
+
+
+# ---------------------------------------------------------------- the state file (shared with fetch)
+
+def state_path(ds: Dataset, data_dir: Path) -> Path:
+    return ds.downloads(data_dir) / STATE_NAME
+
+
+def known_digest(ds: Dataset, data_dir: Path, spec: FileSpec) -> str | None:
+    """The digest recorded for this archive if it is unchanged (same size and mtime) since, else None."""
+    path = ds.downloads(data_dir) / spec.name
+    entry = read_json(state_path(ds, data_dir)).get("files", {}).get(spec.name)
+    algo, _ = spec.checksum
+    if not entry or entry.get("algo") != algo:
+        return None
+    key = stat_key(path)
+    return entry.get("digest") if key is not None and key == entry.get("stat") else None
+
+
+def _update_state(ds: Dataset, data_dir: Path, section: str, name: str, value: dict | None) -> None:
+    """Read-modify-write one entry of the state file under a lock (downloads finish concurrently)."""
+    path = state_path(ds, data_dir)
+    with _state_lock:
+        doc = read_json(path)
+        entries = doc.setdefault(section, {})
+        if value is None:
+            entries.pop(name, None)
+        else:
+            entries[name] = value
+        write_json_atomic(path, doc)
+
+
+def record_digest(ds: Dataset, data_dir: Path, spec: FileSpec, digest: str) -> None:
+    """Remember the digest of the archive as it is on disk now (keyed by its size and mtime)."""
+    path = ds.downloads(data_dir) / spec.name
+    _update_state(ds, data_dir, "files", spec.name,
+                  {"algo": spec.checksum[0], "digest": digest, "stat": stat_key(path)})
+
+
+def extracted_entries(ds: Dataset, data_dir: Path, spec: FileSpec) -> list[str] | None:
+    """Top-level names an archive was unpacked into, if that was this very archive and they still exist."""
+    entry = read_json(state_path(ds, data_dir)).get("extracted", {}).get(spec.name)
+    if not entry or entry.get("digest") != spec.checksum[1]:
+        return None
+    root = ds.root(data_dir)
+    names = entry.get("entries") or []
+    return names if all((root / n).exists() or (root / n).is_symlink() for n in names) else None
+
+
+def record_extracted(ds: Dataset, data_dir: Path, spec: FileSpec, entries: list[str]) -> None:
+    """The extraction stamp: written only after the unpacked tree was renamed into place."""
+    _update_state(ds, data_dir, "extracted", spec.name,
+                  {"digest": spec.checksum[1], "entries": sorted(entries)})
+
+
+# ---------------------------------------------------------------- checks
+
+class _Table:
+    """Rows of (check, expected, found, ok) and the first failure's message."""
+
+    def __init__(self):
+        self.rows: list[tuple[str, str, str, bool]] = []
+        self.failures: list[str] = []
+
+    def add(self, check: str, expected, found, ok: bool, failure: str = "") -> bool:
+        self.rows.append((check, str(expected), str(found), ok))
+        if not ok:
+            self.failures.append(failure or f"{check}: expected {expected}, found {found}")
+        return ok
+
+    def render(self) -> str:
+        header = ("check", "expected", "found", "status")
+        cells = [header] + [(c, e, f, "ok" if ok else "FAIL") for c, e, f, ok in self.rows]
+        widths = [max(len(row[i]) for row in cells) for i in range(4)]
+        lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+
+def _check_archives(ds: Dataset, data_dir: Path, table: _Table, force: bool) -> None:
+    """Checksum every archive, hashing only those that changed since they were last hashed."""
+    downloads = ds.downloads(data_dir)
+    todo: list[FileSpec] = []
+    known: dict[str, str] = {}
+    for spec in ds.files:
+        path = downloads / spec.name
+        if not path.is_file():
+            table.add(f"{spec.checksum[0]} {spec.name}", spec.checksum[1], "missing", False,
+                      f"{path} is missing: run `invoke fetch`")
+            continue
+        digest = None if force else known_digest(ds, data_dir, spec)
+        if digest is None:
+            todo.append(spec)
+        else:
+            known[spec.name] = digest
+    fresh = hash_files([(downloads / s.name, s.checksum[0]) for s in todo])
+    for spec, digest in zip(todo, fresh):
+        record_digest(ds, data_dir, spec, digest)
+        known[spec.name] = digest
+    for spec in ds.files:
+        if spec.name not in known:
+            continue
+        algo, expected = spec.checksum
+        found = known[spec.name]
+        note = "" if spec in todo else " (unchanged, not re-hashed)"
+        table.add(f"{algo} {spec.name}", expected, found + note, found == expected,
+                  f"{downloads / spec.name} is damaged: {algo} {found}, expected {expected}; "
+                  "run `invoke fetch` to download it again")
+
+
+def _decode_image(args: tuple[str, int, int]) -> str | None:
+    """None if the image decodes at the size the annotations give, else what is wrong."""
+    from PIL import Image
+
+    path, width, height = args
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if width and height and im.size != (width, height):
+                return f"{path} is {im.size[0]}x{im.size[1]}, annotations say {width}x{height}"
+    except Exception as exc:  # PIL raises many types for a damaged file
+        return f"{path} does not decode: {exc}"
+    return None
+
+
+def _check_split(ds: Dataset, root: Path, name: str, table: _Table, deep: bool) -> list[Path]:
+    """COCO checks of one split with pycocotools; returns the files its result depends on."""
+    from pycocotools.coco import COCO
+
+    split = ds.splits[name]
+    ann_path = root / split.annotations
+    images_dir = root / split.images
+    if not ann_path.is_file():
+        table.add(f"{name} annotations", split.annotations, "missing", False,
+                  f"{ann_path} is missing: run `invoke fetch`")
+        return []
+    try:
+        doc = json.loads(ann_path.read_bytes())
+        coco = COCO()
+        coco.dataset = doc
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+            coco.createIndex()
+    except (ValueError, KeyError, TypeError) as exc:
+        table.add(f"{name} annotations", "COCO instances JSON", "unreadable", False,
+                  f"{ann_path} is not a COCO instances file ({exc}): run `invoke fetch` again")
+        return []
+    images = doc.get("images", [])
+    anns = doc.get("annotations", [])
+    if split.count is not None:
+        table.add(f"{name} images ({ann_path.name})", split.count, len(images), len(images) == split.count,
+                  f"{ann_path} lists {len(images)} images, expected {split.count}")
+    if ds.categories is not None:
+        n_cats = len(coco.getCatIds())
+        table.add(f"{name} categories", ds.categories, n_cats, n_cats == ds.categories,
+                  f"{ann_path} has {n_cats} categories, expected {ds.categories}")
+    dupes = [i for i, c in Counter(a.get("id") for a in anns).items() if c > 1]
+    table.add(f"{name} annotation ids unique", f"{len(anns)} unique",
+              f"{len(dupes)} duplicated (e.g. {dupes[0]})" if dupes else f"{len(anns)} unique", not dupes,
+              f"{ann_path}: annotation id {dupes[0]} is used more than once" if dupes else "")
+    known_images = set(coco.imgs)
+    orphans = [a.get("id") for a in anns if a.get("image_id") not in known_images]
+    table.add(f"{name} annotations point at images", "all", f"{len(orphans)} do not" if orphans else "all",
+              not orphans, f"{ann_path}: annotation {orphans[0]} names an image that is not listed"
+              if orphans else "")
+
+    bad: list[str] = []
+    for img in images:
+        path = images_dir / img.get("file_name", "")
+        try:
+            size = path.stat().st_size
+        except OSError:
+            bad.append(f"{path} is missing")
+            continue
+        if size == 0:
+            bad.append(f"{path} is empty")
+    table.add(f"{name} image files ({split.images}/)", f"{len(images)} non-empty",
+              f"{len(bad)} missing or empty" if bad else f"{len(images)} non-empty", not bad,
+              bad[0] if bad else "")
+    if deep and not bad:
+        work = [(str(images_dir / i["file_name"]), i.get("width", 0), i.get("height", 0)) for i in images]
+        with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as ex:
+            errors = [e for e in ex.map(_decode_image, work, chunksize=max(1, len(work) // 64)) if e]
+        table.add(f"{name} images decode", f"{len(images)}", f"{len(errors)} do not" if errors else
+                  f"{len(images)}", not errors, errors[0] if errors else "")
+    return [ann_path, images_dir]
+
+
+def _fingerprint(ds: Dataset) -> dict:
+    """What a stamp was made against: a changed manifest makes an old stamp void."""
+    return {
+        "files": {f.name: list(f.checksum) for f in ds.files},
+        "splits": {k: [s.images, s.annotations, s.count] for k, s in sorted(ds.splits.items())},
+        "categories": ds.categories,
+    }
+
+
+def verify_dataset(ds: Dataset, data_dir: Path, *, deep: bool = False, force: bool = False) -> None:
+    """Run every check, print the table, and write the stamp only when all pass (else UserError)."""
+    root = ds.root(data_dir)
+    if not root.is_dir():
+        raise UserError(f"dataset {ds.name} not found in {root}: run `invoke fetch --dataset {ds.name}` "
+                        "(or pass the right --data-dir)")
+    table = _Table()
+    _check_archives(ds, data_dir, table, force)
+    watched: list[Path] = [ds.downloads(data_dir) / f.name for f in ds.files]
+    for name in ds.splits:
+        watched += _check_split(ds, root, name, table, deep)
+    if not table.rows:
+        table.add("dataset folder", "present", "present", True)
+    print(f"verify {ds.name} in {root}")
+    print(table.render())
+    if table.failures:
+        more = f" (and {len(table.failures) - 1} more failed checks above)" if len(table.failures) > 1 else ""
+        raise UserError(table.failures[0] + more)
+    write_json_atomic(root / STAMP_NAME, {
+        "dataset": ds.name, "deep": deep, "manifest": _fingerprint(ds),
+        "files": {str(p.relative_to(root)): stat_key(p) for p in watched},
+    })
+    print(f"all {len(table.rows)} checks passed")
+
+
+def is_verified(ds: Dataset, data_dir: Path) -> bool:
+    """True if `invoke verify` passed for this manifest and nothing it checked has changed since.
+
+    Cheap: a stat per archive, annotation file and image folder (a folder's mtime changes when
+    files are added or removed in it), no hashing.
+    """
+    stamp = read_json(ds.root(data_dir) / STAMP_NAME)
+    if stamp.get("dataset") != ds.name or stamp.get("manifest") != _fingerprint(ds):
+        return False
+    files = stamp.get("files")
+    if not isinstance(files, dict):
+        return False
+    root = ds.root(data_dir)
+    return all(stat_key(root / rel) == key for rel, key in files.items())
