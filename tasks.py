@@ -56,16 +56,19 @@ def verify(c, dataset=None, manifest=None, data_dir=None, deep=False, force=Fals
 
 
 @task(help={
-    "base": "base image (default from invoke.yaml: an NGC PyTorch image)",
-    "output": "folder for the build context (Dockerfile, requirements, code)",
-    "tag": "image tag for --build and --push",
-    "build": "run `docker build` (needs a Docker daemon; prints the commands otherwise)",
-    "push": "push the built image to its registry",
-    "check": "validate the Backend.AI labels of an existing Dockerfile instead",
+    "base": "base image (default: NGC PyTorch, from invoke.yaml; pytorch/pytorch:<ver>-cuda..-runtime works)",
+    "output": "folder for the build context: Dockerfile, requirements.txt, the code (default: build/image)",
+    "tag": "image name:tag to build; name a registry to --push (default: mlperf-maskrcnn:<base tag>)",
+    "build": "run `docker build` where a Docker daemon answers; otherwise print the commands and exit 1",
+    "push": "run `docker push` of --tag (needs a registry in the tag and a Docker daemon)",
+    "check": "only validate the Backend.AI labels of this Dockerfile: each problem printed, exit 1 if any",
+    "distro": "ai.backend.base-distro for a base not in the table (e.g. ubuntu22.04), or to override it",
+    "python": "ai.backend.runtime-path: the base's python with torch (default: table, else /usr/bin/python3)",
 })
 @step
-def image(c, base=None, output=None, tag=None, build=False, push=False, check=None):
-    """Write a Backend.AI-ready image build context; optionally build and push it."""
+def image(c, base=None, output=None, tag=None, build=False, push=False, check=None, distro=None,
+          python=None):
+    """Write a Backend.AI-ready image build context (labels checked); optionally build and push it."""
     from mlperf import image as imaging
 
     if check:
@@ -73,7 +76,8 @@ def image(c, base=None, output=None, tag=None, build=False, push=False, check=No
         return
     imaging.make_image(
         base=option(c, base, "image.base"), output=Path(option(c, output, "image.output")),
-        tag=option(c, tag, "image.tag"), build=build, push=push,
+        tag=option(c, tag, "image.tag") or None, build=build, push=push, distro=distro, python=python,
+        resources=dict(option(c, None, "image.resources")),
     )
 
 
