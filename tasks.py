@@ -116,11 +116,14 @@ def train(c, dataset=None, data_dir=None, gpus=None, nodes=None, batch_size=None
 
 
 @task(name="time", help={
-    "runs": "training runs in the series (default 5, as MLPerf requires)",
-    "results_dir": "folder for result series (default: results)",
+    "runs": "training runs in the series (default 5, as MLPerf requires; fewer than 3 gives no MLPerf score)",
+    "results_dir": "folder for result series: <results_dir>/<series>/results/<system>/maskrcnn/ (default: results)",
+    "series": "series name: resume this unfinished series (a finished one is refused); default: a new one "
+              "named <date>-<time>-<dataset>",
     "system": "system name in the results folder (default: from the detected hardware)",
     "ruleset": "MLPerf Training ruleset to check logs against (default 3.1.0)",
-    "from_logs": "score an existing folder of result_*.txt instead of training",
+    "from_logs": "score an existing folder of result_*.txt instead of training; the summary goes to "
+                 "<results_dir>/scores/<folder name>/",
     "dataset": DATASET_HELP,
     "data_dir": DATA_DIR_HELP,
     "config": "named system configuration for the runs",
@@ -129,17 +132,18 @@ def train(c, dataset=None, data_dir=None, gpus=None, nodes=None, batch_size=None
     "detach": DETACH_HELP,
 })
 @step
-def time_(c, runs=None, results_dir=None, system=None, ruleset=None, from_logs=None, dataset=None,
-          data_dir=None, config=None, gpus=None, max_epochs=None, detach=False):
+def time_(c, runs=None, results_dir=None, series=None, system=None, ruleset=None, from_logs=None,
+          dataset=None, data_dir=None, config=None, gpus=None, max_epochs=None, detach=False):
     """Run the training N times as an MLPerf submission and score it (run_and_time)."""
     from mlperf import results
 
     ruleset = option(c, ruleset, "ruleset")
+    results_dir = Path(option(c, results_dir, "results_dir"))
     if from_logs:
-        results.score_logs(Path(from_logs), ruleset=ruleset)
+        results.score_logs(Path(from_logs), ruleset=ruleset, results_dir=results_dir)
         return
     results.time_series(
-        runs=int(option(c, runs, "runs")), results_dir=Path(option(c, results_dir, "results_dir")),
+        runs=int(option(c, runs, "runs")), results_dir=results_dir, series=series,
         system=option(c, system, "system") or None, ruleset=ruleset,
         dataset=option(c, dataset, "dataset"), data_dir=Path(option(c, data_dir, "data_dir")),
         config=config, gpus=gpus, max_epochs=max_epochs,
@@ -149,8 +153,8 @@ def time_(c, runs=None, results_dir=None, system=None, ruleset=None, from_logs=N
 @task(name="all", help={
     "dataset": DATASET_HELP,
     "data_dir": DATA_DIR_HELP,
-    "results_dir": "folder for result series (default: results)",
-    "runs": "training runs (default 5)",
+    "results_dir": "folder for result series and the steps' stamps (<results_dir>/.all/<dataset>/)",
+    "runs": "training runs (default 5, as MLPerf requires)",
     "build": "also build the image (needs Docker); otherwise only its context is written",
     "config": "named system configuration for the runs",
     "max_epochs": "epoch cap per run",

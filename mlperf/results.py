@@ -467,6 +467,10 @@ def open_series(results_dir: Path, series: str | None, settings: dict, *,
     if root.exists() and any(root.rglob("result_*.txt")):
         raise UserError(f"{root} holds result files that are not a series of this tool; they are left "
                         "untouched: choose another --series name or --results-dir")
+    if not settings.get("system"):
+        from mlperf.system import default_system_name
+
+        settings = dict(settings, system=default_system_name())
     rng = random.SystemRandom()
     recorded = dict(settings, name=name, seeds=rng.sample(range(1, 2**31), settings["runs"]),
                     created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
@@ -503,11 +507,8 @@ def time_series(*, runs: int, results_dir: Path, system: str | None, ruleset: st
     """
     if runs < 1:
         raise UserError(f"--runs must be at least 1 (got {runs}); MLPerf scores {MLPERF_RUNS}")
-    from mlperf import system as detect
-
     settings = {"runs": runs, "dataset": dataset, "config": config, "max_epochs": max_epochs,
-                "gpus": gpus, "ruleset": ruleset,
-                "system": system or detect.default_system_name()}
+                "gpus": gpus, "ruleset": ruleset, "system": system}
     s = open_series(Path(results_dir), series, settings, finished_ok=finished_ok)
     print(f"series {s.settings['name']}: {s.root}")
     write_system_desc(s)

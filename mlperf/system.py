@@ -2,11 +2,13 @@
 
 Every value is a string, as in published submissions and as mlperf_logging.system_desc_checker
 expects (it joins some of them with ","), except `other_software_stack`, a mapping. What cannot be
-detected is "" rather than guessed. No torch import at module level: torch is asked only for versions
-and, without nvidia-smi, for the GPUs.
+detected is "" rather than guessed. torch is imported only on hosts with GPU device nodes (for the
+GPUs without nvidia-smi, and cuDNN/NCCL versions): on a CPU host detection takes milliseconds.
 """
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import os
 import platform
 import re
@@ -32,8 +34,8 @@ SYSTEM_DESC_FIELDS = (
 def gpu_info() -> list[dict]:
     """One dict per visible GPU: name, memory_mib (int or None), driver ("" if unknown).
 
-    nvidia-smi first (it sees the driver and needs no CUDA context); torch.cuda otherwise; [] when
-    neither finds a GPU.
+    nvidia-smi first (it sees the driver and needs no CUDA context); torch.cuda otherwise (e.g. ROCm),
+    only when the host has GPU device nodes; [] when neither finds a GPU.
     """
     smi = shutil.which("nvidia-smi")
     if smi:
@@ -51,6 +53,8 @@ def gpu_info() -> list[dict]:
                 gpus.append({"name": parts[0], "memory_mib": memory, "driver": parts[2]})
         if gpus:
             return gpus
+    if not _gpu_device_nodes():
+        return []                       # no driver device nodes: skip importing torch (seconds)
     try:
         import torch
     except ImportError:
@@ -112,27 +116,45 @@ def memory_info() -> dict:
         return {"total_bytes": None}
 
 
-def software_info() -> dict:
-    """Versions that decide a result: framework, CUDA, cuDNN, NCCL, kernel, OS."""
-    info = {"python": platform.python_version(), "kernel_version": platform.release(),
-            "operating_system": _os_name()}
+def _gpu_device_nodes() -> bool:
+    """True when an NVIDIA or AMD GPU driver exposes device nodes (/dev/nvidia0, /dev/kfd)."""
+    return any(Path("/dev").glob("nvidia[0-9]*")) or Path("/dev/kfd").exists()
+
+
+def _torch_build() -> dict:
+    """torch's version and the CUDA it was built for, read from torch/version.py without importing torch."""
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        return {}
     try:
-        import torch
-    except ImportError:
+        text = (Path(list(spec.submodule_search_locations)[0]) / "version.py").read_text()
+    except OSError:
+        return {}
+    found = dict(re.findall(r"^(__version__|cuda|hip)\b[^=]*=\s*'([^']*)'", text, re.M))
+    return {"torch": found.get("__version__", ""), "cuda_version": found.get("cuda", ""),
+            "hip_version": found.get("hip", "")}
+
+
+def software_info(gpus: list[dict] | None = None) -> dict:
+    """Versions that decide a result: framework, CUDA, cuDNN, NCCL, kernel, OS.
+
+    torch is imported (for cuDNN and NCCL) only where there are GPUs, which is where those matter.
+    """
+    info = {"python": platform.python_version(), "kernel_version": platform.release(),
+            "operating_system": _os_name(), **_torch_build()}
+    try:
+        info["torchvision"] = importlib.metadata.version("torchvision")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    if not gpus or not info.get("torch"):
         return info
-    info["torch"] = torch.__version__
-    info["cuda_version"] = torch.version.cuda or ""
+    import torch
+
     if torch.backends.cudnn.is_available():
         info["cudnn_version"] = str(torch.backends.cudnn.version())
-    if torch.cuda.is_available():
-        try:
-            info["nccl_version"] = ".".join(str(p) for p in torch.cuda.nccl.version())
-        except (AttributeError, RuntimeError, TypeError):
-            pass
     try:
-        import torchvision
-        info["torchvision"] = torchvision.__version__
-    except ImportError:
+        info["nccl_version"] = ".".join(str(p) for p in torch.cuda.nccl.version())
+    except (AttributeError, RuntimeError, TypeError):
         pass
     return info
 
@@ -172,7 +194,7 @@ def detect_system(system_name: str | None = None, *, submitter: str = "", divisi
     gpus = gpu_info()
     cpu = cpu_info()
     memory = memory_info()
-    sw = software_info()
+    sw = software_info(gpus)
     desc = dict.fromkeys(SYSTEM_DESC_FIELDS, "")
     cores_total = (cpu["cores_per_socket"] * cpu["sockets"]
                    if cpu["cores_per_socket"] and cpu["sockets"] else None)
@@ -198,8 +220,8 @@ def detect_system(system_name: str | None = None, *, submitter: str = "", divisi
         "hw_notes": f"host {socket.gethostname()}" + (f", {cores_total} physical cores in all"
                                                        if cores_total else ""),
     })
-    stack = {key: sw[key] for key in ("cuda_version", "cudnn_version", "nccl_version", "kernel_version",
-                                      "python", "torchvision") if sw.get(key)}
+    stack = {key: sw[key] for key in ("cuda_version", "hip_version", "cudnn_version", "nccl_version",
+                                      "kernel_version", "python", "torchvision") if sw.get(key)}
     if gpus and gpus[0]["driver"]:
         stack["cuda_driver_version"] = gpus[0]["driver"]
     desc["other_software_stack"] = stack
