@@ -454,7 +454,7 @@ def _generate(ds: Dataset, data_dir: Path) -> None:
     from object_detection.synthetic import make_shapes
 
     root = ds.root(data_dir)
-    _ensure_writable(root, data_dir)
+    _ensure_writable(data_dir, data_dir)  # not root itself: make_shapes renames a finished set into it
     print(f"fetch: making the synthetic {ds.name} dataset in {root}", flush=True)
     try:
         make_shapes(root, **ds.generator_options)
