@@ -58,6 +58,7 @@ class RunLog:
     submission: dict[str, str] = field(default_factory=dict)   # org, division, status, platform
     seed: int | None = None
     throughput: str | None = None
+    config: str | None = None                      # the named system configuration, if the log says
 
     @property
     def minutes(self) -> float | None:
@@ -103,6 +104,8 @@ def parse_log(path: Path) -> RunLog:
             log.submission[key.removeprefix("submission_")] = str(value)
         elif key == "seed" and log.seed is None:
             log.seed = value
+        elif key in ("config_name", "system_config") and isinstance(value, str):
+            log.config = value
         elif isinstance(value, dict) and "target" in key and "BBOX" in value and "SEGM" in value:
             # an open-division run's own quality targets, e.g. {"key": "quality_target", "value": {...}}
             log.targets = {"BBOX": float(value["BBOX"]), "SEGM": float(value["SEGM"])}
@@ -478,20 +481,29 @@ def open_series(results_dir: Path, series: str | None, settings: dict, *,
     return Series(root, recorded)
 
 
-def _config_note(config: str | None) -> str:
-    if not config:
-        return "system configuration: picked by the launcher from the hardware (see the result logs)"
-    return f"system configuration: {config}"
+def config_note(name: str | None) -> str:
+    """sw_notes text for the named system configuration the runs used ("" when not known)."""
+    if not name:
+        return ""
+    from mlperf import launch
+
+    try:
+        described = launch.describe_config(name)
+    except UserError:
+        return f"system configuration {name}"
+    return f"system configuration {name}: " + ", ".join(f"{k}={v}" for k, v in described.items() if k != "name")
 
 
 def write_system_desc(s: Series, parsed: dict[int, RunLog] | None = None) -> Path:
-    """systems/<system>.json: detected hardware, plus submitter/division/status from the logs."""
+    """systems/<system>.json: detected hardware, plus submitter/division/status/config from the logs."""
     from mlperf import system
 
-    sub = next((log.submission for log in (parsed or {}).values() if log.submission), {})
+    logs = list((parsed or {}).values())
+    sub = next((log.submission for log in logs if log.submission), {})
+    config = s.settings.get("config") or next((log.config for log in logs if log.config), None)
     desc = system.detect_system(
         s.system, submitter=sub.get("org", ""), division=sub.get("division", ""),
-        status=sub.get("status", ""), sw_notes=_config_note(s.settings.get("config")))
+        status=sub.get("status", ""), sw_notes=config_note(config))
     path = s.root / "systems" / f"{s.system}.json"
     _atomic_write(path, json.dumps(desc, indent=4) + "\n")
     return path
@@ -499,11 +511,13 @@ def write_system_desc(s: Series, parsed: dict[int, RunLog] | None = None) -> Pat
 
 def time_series(*, runs: int, results_dir: Path, system: str | None, ruleset: str, dataset: str,
                 data_dir: Path, config: str | None = None, gpus=None, max_epochs=None,
-                series: str | None = None, finished_ok: bool = False) -> dict:
+                series: str | None = None, finished_ok: bool = False,
+                resume_hint: str | None = None) -> dict:
     """Train `runs` times with distinct seeds into an MLPerf results tree, then check and score it.
 
     A run whose trainer fails keeps the series going and counts as dropped; its partial log is moved
-    to attempts/ so that a later resume runs it again rather than treating it as finished.
+    to attempts/ so that a later resume runs it again rather than treating it as finished. After the
+    summary is written, crashed runs end the call with a UserError that says how to resume.
     """
     if runs < 1:
         raise UserError(f"--runs must be at least 1 (got {runs}); MLPerf scores {MLPERF_RUNS}")
@@ -511,6 +525,7 @@ def time_series(*, runs: int, results_dir: Path, system: str | None, ruleset: st
                 "gpus": gpus, "ruleset": ruleset, "system": system}
     s = open_series(Path(results_dir), series, settings, finished_ok=finished_ok)
     print(f"series {s.settings['name']}: {s.root}")
+    resume_hint = resume_hint or f"invoke time --series {s.settings['name']} --results-dir {results_dir}"
     write_system_desc(s)
     crashed: dict[int, int] = {}
     done = s.finished()
@@ -530,6 +545,11 @@ def time_series(*, runs: int, results_dir: Path, system: str | None, ruleset: st
                             extra={"system": s.system, "seeds": s.settings["seeds"],
                                    "dataset": s.settings["dataset"], "config": s.settings.get("config")})
     report(run_list, sc, s.root)
+    if crashed:
+        codes = ", ".join(f"run {i} exit {rc}" for i, rc in sorted(crashed.items()))
+        raise UserError(f"{len(crashed)} run(s) of series {s.settings['name']} crashed ({codes}; output above, "
+                        f"partial logs in {s.root / 'attempts'}): fix the cause, then run `{resume_hint}` "
+                        "to run them again (finished runs are kept)")
     return summary
 
 

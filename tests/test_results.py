@@ -165,7 +165,8 @@ def test_finished_series_is_never_overwritten(tmp_path, sandbox):
     proc = run_invoke(["time", "--series", "s1", "--runs", "2", "--dataset", "shapes"], env=sandbox)
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: series s1 is finished") and "Traceback" not in proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: series s1 is finished")
+    assert "Traceback" not in proc.stderr
     assert [(p.read_bytes(), p.stat().st_mtime_ns) for p in finished] == before
 
     # a folder of result files this tool did not make is refused too, and left alone

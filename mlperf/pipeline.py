@@ -1,0 +1,168 @@
+"""`invoke all`: fetch, verify, image, time, each skipped when its output is already there and valid.
+
+Each step that finishes writes a stamp, <results_dir>/.all/<dataset>/<step>.done, holding a hash of
+its inputs (settings, manifest, project sources) and a fingerprint of its output. On the next call a
+step is skipped only when both still match, so a crashed `invoke all` resumes at the step that did
+not finish, and a changed input (another manifest, --runs, edited code for the image) redoes the
+steps it affects. The time step uses a series named from its inputs (all-<dataset>-<hash>), so a
+resumed call continues the same series: finished runs are kept, the missing ones run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+from mlperf import PROJECT_ROOT
+from mlperf.tasking import option
+
+STEPS = ("fetch", "verify", "image", "time")
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _file_sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _tree_fingerprint(root: Path) -> list | None:
+    """(relative path, size, mtime_ns) of every file under root: cheap, and changes when a file does."""
+    if not root.is_dir():
+        return None
+    out = []
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            p = Path(dirpath) / name
+            st = p.stat()
+            out.append((str(p.relative_to(root)), st.st_size, st.st_mtime_ns))
+    return sorted(out)
+
+
+def dataset_fingerprint(ds, data_dir: Path) -> dict | None:
+    """What verify judged: each split's annotations (size, mtime) and image folder (entries, mtime),
+    and the downloaded archives' sizes; None when the dataset folder is missing."""
+    root = ds.root(data_dir)
+    if not root.is_dir():
+        return None
+    fp = {}
+    for name, split in sorted(ds.splits.items()):
+        ann, images = root / split.annotations, root / split.images
+        fp[name] = {
+            "annotations": [ann.stat().st_size, ann.stat().st_mtime_ns] if ann.is_file() else None,
+            "images": [sum(1 for _ in os.scandir(images)), images.stat().st_mtime_ns]
+            if images.is_dir() else None,
+        }
+    downloads = ds.downloads(data_dir)
+    fp["downloads"] = {f.name: (downloads / f.name).stat().st_size
+                       for f in ds.files if (downloads / f.name).is_file()}
+    return fp
+
+
+def project_sources_digest() -> str:
+    """Hash of the code and requirements the image context is made from."""
+    patterns = ("tasks.py", "fabfile.py", "invoke.yaml", "requirements*.txt", "mlperf/**/*.py",
+                "mlperf/datasets/*.yaml", "object_detection/**/*.py")
+    files = sorted({p for pat in patterns for p in PROJECT_ROOT.glob(pat) if p.is_file()})
+    return _digest([(str(p.relative_to(PROJECT_ROOT)), _file_sha(p)) for p in files])
+
+
+class Stamps:
+    """The .done files of one dataset's pipeline."""
+
+    def __init__(self, results_dir: Path, dataset: str):
+        self.dir = Path(results_dir) / ".all" / dataset
+
+    def path(self, step: str) -> Path:
+        return self.dir / f"{step}.done"
+
+    def is_done(self, step: str, inputs: dict, outputs) -> bool:
+        p = self.path(step)
+        if not p.is_file():
+            return False
+        try:
+            stamp = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):
+            return False
+        return stamp.get("inputs") == _digest(inputs) and stamp.get("outputs") == _digest(outputs)
+
+    def mark(self, step: str, inputs: dict, outputs) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        p = self.path(step)
+        tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({"step": step, "inputs": _digest(inputs), "outputs": _digest(outputs),
+                                   "settings": inputs, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+                                  indent=2, default=str) + "\n")
+        os.replace(tmp, p)
+
+
+def _summary_outputs(root: Path) -> dict | None:
+    summary = root / "summary.json"
+    return {"summary": _file_sha(summary)} if summary.is_file() else None
+
+
+def run_all(c, *, dataset: str, data_dir: Path, results_dir: Path, runs: int, build: bool = False,
+            config: str | None = None, max_epochs=None) -> dict:
+    """The whole benchmark for one dataset, resuming where a previous call stopped; returns the summary."""
+    from mlperf import fetch as fetching
+    from mlperf import image as imaging
+    from mlperf import results
+    from mlperf import verify as verifying
+    from mlperf.datasets import resolve
+
+    ds = resolve(dataset)
+    data_dir, results_dir = Path(data_dir).resolve(), Path(results_dir).resolve()
+    stamps = Stamps(results_dir, ds.name)
+    manifest = _file_sha(ds.source) if ds.source else ds.name
+
+    def step(name: str, inputs: dict, outputs, work) -> None:
+        """Run `work` unless the stamp says this step is done for these inputs and outputs."""
+        if stamps.is_done(name, inputs, outputs()):
+            print(f"==> {name}: done earlier, inputs and output unchanged: skipped", flush=True)
+            return
+        print(f"==> {name}", flush=True)
+        work()
+        stamps.mark(name, inputs, outputs())
+
+    fetched = {"manifest": manifest, "data_dir": str(data_dir)}
+    step("fetch", fetched, lambda: dataset_fingerprint(ds, data_dir),
+         lambda: fetching.fetch_dataset(ds, data_dir, mirror=None, source=None,
+                                        jobs=int(option(c, None, "jobs"))))
+    step("verify", fetched, lambda: dataset_fingerprint(ds, data_dir),
+         lambda: verifying.verify_dataset(ds, data_dir, deep=False, force=False))
+
+    image_out = Path(option(c, None, "image.output")).resolve()
+    image_inputs = {"base": option(c, None, "image.base"), "output": str(image_out),
+                    "tag": option(c, None, "image.tag") or None, "build": build,
+                    "resources": dict(option(c, None, "image.resources")), "sources": project_sources_digest()}
+    step("image", image_inputs, lambda: _tree_fingerprint(image_out),
+         lambda: imaging.make_image(base=image_inputs["base"], output=image_out, tag=image_inputs["tag"],
+                                    build=build, push=False, resources=image_inputs["resources"]))
+
+    time_inputs = {"dataset": ds.name, "manifest": manifest, "runs": runs, "config": config,
+                   "max_epochs": max_epochs, "ruleset": option(c, None, "ruleset"),
+                   "system": option(c, None, "system") or None, "data_dir": str(data_dir)}
+    series = f"all-{ds.name}-{_digest(time_inputs)[:8]}"
+    series_root = results_dir / series
+    if stamps.is_done("time", time_inputs, _summary_outputs(series_root)):
+        print(f"==> time: series {series} finished earlier: skipped", flush=True)
+        summary = json.loads((series_root / "summary.json").read_text())
+        runs_list = [results.RunResult(**r) for r in summary["runs"]]
+        results.report(runs_list, results.Score(**summary["score"]), series_root)
+        return summary
+    print(f"==> time: series {series}", flush=True)
+    summary = results.time_series(
+        runs=runs, results_dir=results_dir, system=time_inputs["system"], ruleset=time_inputs["ruleset"],
+        dataset=ds.name, data_dir=data_dir, config=config, max_epochs=max_epochs, series=series,
+        finished_ok=True, resume_hint=" ".join(
+            [f"invoke all --dataset {ds.name} --runs {runs}"] + ([f"--config {config}"] if config else [])
+            + ([f"--max-epochs {max_epochs}"] if max_epochs is not None else [])))
+    stamps.mark("time", time_inputs, _summary_outputs(series_root))
+    return summary
