@@ -141,7 +141,7 @@ def _write_json(path: Path, data: dict) -> None:
 def all_jobs(folder: Path) -> list[Job]:
     """Jobs under `folder`, oldest first."""
     found = []
-    for info_file in Path(folder).glob("*/job.json"):
+    for info_file in Path(folder).resolve().glob("*/job.json"):
         try:
             found.append(Job(info_file.parent, json.loads(info_file.read_text())))
         except (OSError, ValueError):

@@ -63,7 +63,7 @@ def _connection_errors() -> tuple:
 
 
 def _unreachable(c, exc: Exception) -> UserError:
-    reason = str(exc).strip() or type(exc).__name__
+    reason = re.sub(r"^\[Errno [^\]]*\]\s*", "", str(exc).strip()).rstrip(".") or type(exc).__name__
     return UserError(
         f"cannot connect to {describe(c)}: {reason}; check the host and port, the key (-i), and that "
         "the tunnel is up (backend.ai app SESSION sshd -b 127.0.0.1:9922)")

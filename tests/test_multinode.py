@@ -1,0 +1,86 @@
+"""mlperf.remote.run_parallel on loopback: two "hosts" (ssh aliases main1 and sub1 for one real sshd,
+as in a Backend.AI cluster session) run torchrun as one job; a failing host stops the other."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mlperf.remote import run_parallel
+from sshd import free_port, start_sshd
+
+ALL_REDUCE = """
+import torch, torch.distributed as dist
+dist.init_process_group("gloo")
+total = torch.ones(1)
+dist.all_reduce(total)
+print(f"rank {dist.get_rank()} world size {dist.get_world_size()} sum {int(total.item())}", flush=True)
+dist.destroy_process_group()
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cluster")
+    server = start_sshd(tmp / "sshd")
+    yield server, tmp
+    server.stop()
+
+
+def processes_with(marker: str) -> list[int]:
+    """Pids on this machine whose command line holds `marker` (the hosts are this machine)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                if marker in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+    return found
+
+
+def test_two_hosts_form_one_torchrun_job(cluster, capsys):
+    server, tmp = cluster
+    script = tmp / "all_reduce.py"
+    script.write_text(ALL_REDUCE)
+    port = free_port()
+    commands = {
+        host: f"{sys.executable} -m torch.distributed.run --nnodes 2 --nproc-per-node 1 --node-rank {rank} "
+              f"--master-addr 127.0.0.1 --master-port {port} {script}"
+        for rank, host in enumerate(["main1", "sub1"])
+    }
+    assert run_parallel(commands, ssh_config=str(server.ssh_config)) == 0
+    out = capsys.readouterr().out
+    assert "[main1] rank 0 world size 2 sum 2" in out
+    assert "[sub1] rank 1 world size 2 sum 2" in out
+
+
+def test_one_failing_host_stops_the_others(cluster, capsys):
+    server, tmp = cluster
+    marker = f"mlperf-test-sleeper-{os.getpid()}"
+    sleeper = tmp / f"{marker}.py"
+    ready = tmp / "worker-started"
+    sleeper.write_text(f"import pathlib, time\nprint('sleeping', flush=True)\n"
+                       f"pathlib.Path({str(ready)!r}).touch()\ntime.sleep(60)\n")
+    commands = {
+        # torchrun's agent, and its worker in a session of its own: both must go.
+        "main1": f"{sys.executable} -m torch.distributed.run --nnodes 1 --nproc-per-node 1 "
+                 f"--master-port {free_port()} {sleeper}",
+        # Fails once main1's worker runs, so that there is something to stop.
+        "sub1": f"i=0; while [ ! -e {ready} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; "
+                "echo giving up; exit 3",
+    }
+    started = time.monotonic()
+    assert run_parallel(commands, ssh_config=str(server.ssh_config)) == 3
+    out = capsys.readouterr().out
+    assert "[sub1] giving up" in out and "[main1] sleeping" in out
+    assert "[main1] stopping (another host failed)" in out
+    assert time.monotonic() - started < 90
+    deadline = time.monotonic() + 10
+    while processes_with(marker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert processes_with(marker) == []
