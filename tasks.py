@@ -189,13 +189,15 @@ def bench(c, gpus=None, batch_sizes="8,16,32", iterations=None, baseline=True, o
                  output=output)
 
 
-@task(help={"dataset": DATASET_HELP, "data_dir": DATA_DIR_HELP})
+@task(help={"dataset": DATASET_HELP, "manifest": MANIFEST_HELP, "data_dir": DATA_DIR_HELP})
 @step
-def doctor(c, dataset=None, data_dir=None):
+def doctor(c, dataset=None, manifest=None, data_dir=None):
     """Table of what the benchmark needs and what this host has; exit 1 if something is missing."""
     from mlperf import doctor as checkup
+    from mlperf.datasets import resolve
 
-    checkup.doctor(dataset=option(c, dataset, "dataset"), data_dir=Path(option(c, data_dir, "data_dir")))
+    ds = resolve(option(c, dataset, "dataset") if manifest is None else None, manifest)
+    checkup.doctor(ds, data_dir=Path(option(c, data_dir, "data_dir")))
 
 
 @task(help={})
@@ -204,28 +206,36 @@ def status(c):
     """Show background (--detach) jobs: running or finished, with their exit codes."""
     from mlperf import jobs
 
-    jobs.status()
+    jobs.status(jobs.jobs_dir(Path(option(c, None, "results_dir"))))
 
 
 @task(help={"follow": "keep printing new output until the job ends", "job": "job id (default: latest)"})
 @step
 def logs(c, follow=False, job=None):
     """Print a background job's output (default: the latest job)."""
+    from invoke.exceptions import Exit
+
     from mlperf import jobs
 
-    jobs.logs(job=job, follow=follow)
+    code = jobs.logs(jobs.jobs_dir(Path(option(c, None, "results_dir"))), job_id=job, follow=follow)
+    if code:
+        raise Exit(code=code)
 
 
 @task(help={
     "path": "project folder on the host (default: ~/mlperf-maskrcnn)",
-    "python": "python on the host that creates the environment, or runs it with --no-venv",
+    "python": "python on the host that creates the environment (default python3), or runs the steps "
+              "itself with --no-venv",
+    "venv": "make .venv with --system-site-packages (default; reuses the image's torch); "
+            "--no-venv: use --python as it is",
 })
 @local_only
-def deploy(c, path=None, python=None):
+def deploy(c, path=None, python=None, venv=True):
     """Sync this project to the `fab -H` host with rsync and set up its Python environment."""
     from mlperf import remote
 
-    remote.deploy(c, path=option(c, path, "remote.path"), python=option(c, python, "remote.python"))
+    remote.deploy(c, path=option(c, path, "remote.path"), python=option(c, python, "remote.python"),
+                  venv=venv)
 
 
 @task(help={"results_dir": "local folder; results land in <results_dir>/<host>/"})
