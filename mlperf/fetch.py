@@ -30,6 +30,7 @@ CONNECT_TIMEOUT = 15             # seconds
 READ_TIMEOUT = 60                # seconds without a byte before the attempt counts as failed
 PROGRESS_INTERVAL = 10.0         # seconds between plain progress lines when output is not a terminal
 _stop = threading.Event()        # set on Ctrl-C so worker threads end their transfers
+PERMANENT = {"name or service not known", "nodename nor servname provided, or not known"}
 
 
 @dataclass(frozen=True)
@@ -225,6 +226,9 @@ class _Download:
                         urllib3.exceptions.HTTPError, _Transient) as exc:  # urllib3's: from raw reads
                     if _stop.is_set():
                         raise
+                    if _reason(exc) in PERMANENT:  # waiting will not make an unknown host known
+                        raise UserError(f"cannot download {self.spec.name} from {self.url}: "
+                                        f"{_reason(exc)}: check the URL or --mirror") from None
                     failures = 1 if self.offset > start else failures + 1  # progress resets the count
                     if failures > self.policy.retries:
                         raise UserError(
@@ -306,6 +310,7 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, requests.ConnectionError):
         text = str(exc)
         for known in ("Connection refused", "Name or service not known", "No route to host",
+                      "nodename nor servname provided, or not known",
                       "Temporary failure in name resolution", "Connection reset",
                       "Remote end closed connection", "Network is unreachable"):
             if known in text:
