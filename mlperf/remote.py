@@ -175,7 +175,7 @@ def rsync(c, args: list[str]) -> dict:
             raise _unreachable(c, RuntimeError(last))
         if "command not found" in proc.stderr or proc.returncode == 127:
             raise UserError(f"rsync is missing on {describe(c)}: install it there (apt-get install rsync) "
-                            "or use an image that has it (invoke image adds it)")
+                            "or use an image that has it")
         raise UserError(f"rsync to/from {describe(c)} failed ({last})")
     return parse_stats(proc.stdout)
 
