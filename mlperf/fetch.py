@@ -421,6 +421,8 @@ def _plan(ds: Dataset, data_dir: Path) -> list[_Task]:
     for spec in ds.files:
         final = ds.downloads(data_dir) / spec.name
         algo, expected = spec.checksum
+        if spec.extract and not final.exists() and extracted_entries(ds, data_dir, spec) is not None:
+            continue  # unpacked after its checksum matched, then deleted to save space: done
         digest = known_digest(ds, data_dir, spec)
         if digest is None and final.is_file():  # there, but not recorded (state file lost): hash once
             digest = hash_file(final, algo)

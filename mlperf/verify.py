@@ -170,6 +170,10 @@ def _check_archives(ds: Dataset, data_dir: Path, table: _Table, force: bool) -> 
     known: dict[str, str] = {}
     for spec in ds.files:
         path = downloads / spec.name
+        if not path.is_file() and spec.extract and extracted_entries(ds, data_dir, spec) is not None:
+            table.add(f"{spec.checksum[0]} {spec.name}", spec.checksum[1],
+                      "matched before unpacking; archive since deleted", True)
+            continue
         if not path.is_file():
             table.add(f"{spec.checksum[0]} {spec.name}", spec.checksum[1], "missing", False,
                       f"{path} is missing: run `invoke fetch`")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
 import stat
 import subprocess
 import sys
@@ -234,13 +235,23 @@ def test_mirror_replaces_the_base_url(tmp_path, served):
     assert proc.stderr.strip().count("\n") == 0 and "connection refused" in proc.stderr
 
 
+@pytest.fixture(scope="module")
+def fetched(tmp_path_factory):
+    """One dataset fetched for real, copied by the tests that must show it survives bad input."""
+    tmp = tmp_path_factory.mktemp("fetched")
+    (tmp / "srv").mkdir()
+    data = make_file(tmp / "srv/blob.bin", SIZE)
+    with FileServer(tmp / "srv") as srv:
+        good = write_manifest(tmp / "good.yaml", [entry(srv, "blob.bin", data)])
+        assert fetch(good, tmp / "data").returncode == 0
+    return tmp / "data", data
+
+
 @pytest.mark.parametrize("case", ["unknown dataset", "bad yaml", "missing md5", "data dir not writable"])
-def test_bad_input_is_one_line_and_keeps_verified_data(tmp_path, served, case):
-    folder, data = served
+def test_bad_input_is_one_line_and_keeps_verified_data(tmp_path, fetched, case):
+    shutil.copytree(fetched[0], tmp_path / "data", copy_function=shutil.copy2)
+    data = fetched[1]
     verified = tmp_path / "data/mini/downloads/blob.bin"
-    with FileServer(folder) as srv:
-        good = write_manifest(tmp_path / "good.yaml", [entry(srv, "blob.bin", data)])
-        assert fetch(good, tmp_path / "data").returncode == 0
     data_dir = tmp_path / "data"
     if case == "unknown dataset":
         proc = run_invoke(["fetch", "--dataset", "nope", "--data-dir", str(data_dir)])
@@ -379,3 +390,22 @@ def test_state_file_is_valid_json_after_fetch(tmp_path, served):
     got = tmp_path / "data/mini/downloads/blob.bin"
     assert state["files"]["blob.bin"] == {"algo": "md5", "digest": md5(data),
                                           "stat": [got.stat().st_size, got.stat().st_mtime_ns]}
+
+
+def test_archive_deleted_after_extraction_is_not_fetched_again(tmp_path, served):
+    folder, _ = served
+    archive = zip_bytes({"imgs/a.jpg": b"a" * 10})
+    (folder / "set.zip").write_bytes(archive)
+    with FileServer(folder) as srv:
+        manifest = write_manifest(tmp_path / "m.yaml", [entry(srv, "set.zip", archive, extract=True)])
+        assert fetch(manifest, tmp_path / "data").returncode == 0
+        (tmp_path / "data/mini/downloads/set.zip").unlink()  # a user freeing space
+        srv.reset()
+        again = fetch(manifest, tmp_path / "data")
+        assert again.returncode == 0 and srv.requests == [] and "nothing to do" in again.stdout
+        check = run_invoke(["verify", "--manifest", str(manifest), "--data-dir", str(tmp_path / "data")])
+        assert check.returncode == 0 and "archive since deleted" in check.stdout
+        shutil.rmtree(tmp_path / "data/mini/imgs")  # the unpacked tree gone too: fetch again
+        third = fetch(manifest, tmp_path / "data")
+        assert third.returncode == 0 and [r.path for r in srv.requests] == ["set.zip"]
+    assert (tmp_path / "data/mini/imgs/a.jpg").read_bytes() == b"a" * 10
