@@ -25,18 +25,27 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 POLL_SECONDS = 0.3
 
 
-def task_argv(task: str, kwargs: dict, *, drop: tuple[str, ...] = ()) -> list[str]:
+def task_argv(task: str, kwargs: dict, *, drop: tuple[str, ...] = (), defaults: dict | None = None) -> list[str]:
     """The flags of `invoke <task> ...` for the arguments a user gave.
 
     None and False mean "not given" and are left out, so the defaults of wherever the command runs
-    apply; True becomes a bare flag; names turn underscores into dashes.
+    apply; True becomes a bare flag; names turn underscores into dashes. With the task's declared
+    `defaults`, values equal to them are left out too, and False for a default-True option
+    becomes --no-<flag> (which would otherwise be lost).
     """
     argv = [task]
     for name, value in kwargs.items():
-        if name in drop or value is None or value is False:
+        default = (defaults or {}).get(name)
+        if name in drop or value is None or (defaults and name in defaults and value == default):
             continue
         flag = "--" + name.strip("_").replace("_", "-")
-        argv.append(flag) if value is True else argv.extend([flag, str(value)])
+        if value is False:
+            if default is True:
+                argv.append("--no-" + flag[2:])
+        elif value is True:
+            argv.append(flag)
+        else:
+            argv.extend([flag, str(value)])
     return argv
 
 
@@ -96,11 +105,11 @@ def jobs_dir(results_dir: Path) -> Path:
     return Path(results_dir) / "jobs"
 
 
-def detach(c, task: str, kwargs: dict) -> Job:
+def detach(c, task: str, kwargs: dict, defaults: dict | None = None) -> Job:
     """Start `invoke <task> <flags>` (without --detach) in the background; print how to reattach."""
     from mlperf.tasking import option
 
-    return start(task_argv(task, kwargs, drop=("detach",)),
+    return start(task_argv(task, kwargs, drop=("detach",), defaults=defaults),
                  jobs_dir(Path(option(c, None, "results_dir"))))
 
 

@@ -103,7 +103,7 @@ def forward(c, task: str, kwargs: dict, defaults: dict | None = None):
     if stamp is None:
         raise UserError(f"the project is not deployed on {describe(c)} (no {path}/{STAMP}): "
                         f"run `fab -H {describe(c)} deploy` first")
-    argv = task_argv(task, _only_changes(kwargs, defaults))
+    argv = task_argv(task, kwargs, defaults=defaults)
     command = (f"cd {shlex.quote(path)} && exec env PYTHONUNBUFFERED=1 {shlex.quote(stamp['python'])} "
                f"-m invoke {shlex.join(argv)}")
     # A pty: Ctrl-C here reaches the remote step as SIGINT and a dropped connection hangs it up,
@@ -115,20 +115,6 @@ def forward(c, task: str, kwargs: dict, defaults: dict | None = None):
         raise Exit(f"error: {task} failed on {describe(c)} with exit code {result.exited}; "
                    f"last lines: {tail}", code=result.exited if result.exited > 0 else 1)
     return result
-
-
-def _only_changes(kwargs: dict, defaults: dict | None) -> dict:
-    if not defaults:
-        return kwargs
-    changed = {}
-    for name, value in kwargs.items():
-        if name in defaults and value == defaults[name]:
-            continue
-        if value is False and defaults.get(name) is True:
-            changed[f"no_{name}"] = True
-        else:
-            changed[name] = value
-    return changed
 
 
 # --- rsync over the Connection's SSH settings -------------------------------------------------

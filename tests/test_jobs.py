@@ -32,6 +32,12 @@ def test_task_argv_leaves_out_what_was_not_given():
                                "max_epochs": 2, "detach": True}, drop=("detach",))
     assert argv == ["train", "--dataset", "shapes", "--list-configs", "--max-epochs", "2"]
     assert task_argv("time", {"from_logs": "x y"}) == ["time", "--from-logs", "x y"]
+    # With the declared defaults, turning off a default-on option survives the trip.
+    defaults = {"batch_sizes": "8,16,32", "baseline": True, "gpus": None}
+    assert task_argv("bench", {"batch_sizes": "8,16,32", "baseline": False, "gpus": 2},
+                     defaults=defaults) == ["bench", "--no-baseline", "--gpus", "2"]
+    assert task_argv("bench", {"batch_sizes": "4", "baseline": True}, defaults=defaults) == \
+        ["bench", "--batch-sizes", "4"]
 
 
 def test_detached_step_runs_on_and_logs_follow_returns_its_exit_code(harness, tmp_path):
