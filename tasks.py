@@ -7,6 +7,7 @@ from pathlib import Path
 
 import yaml
 from invoke import Collection, task
+from invoke.exceptions import Exit
 
 from mlperf.tasking import local_only, option, step
 
@@ -83,6 +84,7 @@ def image(c, base=None, output=None, tag=None, build=False, push=False, check=No
 
 @task(help={
     "dataset": DATASET_HELP,
+    "manifest": MANIFEST_HELP,
     "data_dir": DATA_DIR_HELP,
     "gpus": "GPUs per node (default: all detected; 0 trains on the CPU)",
     "nodes": "'all' to start on every host of a Backend.AI cluster session (from main1)",
@@ -97,7 +99,7 @@ def image(c, base=None, output=None, tag=None, build=False, push=False, check=No
     "detach": DETACH_HELP,
 })
 @step
-def train(c, dataset=None, data_dir=None, gpus=None, nodes=None, batch_size=None, config=None,
+def train(c, dataset=None, manifest=None, data_dir=None, gpus=None, nodes=None, batch_size=None, config=None,
           list_configs=False, seed=None, max_epochs=None, resume=False, device=None, log=None,
           detach=False):
     """Train Mask R-CNN with torchrun until the quality target (logs in MLPerf format)."""
@@ -106,13 +108,17 @@ def train(c, dataset=None, data_dir=None, gpus=None, nodes=None, batch_size=None
     if list_configs:
         launch.print_configs()
         return
-    dataset = option(c, dataset, "dataset")
+    from mlperf.datasets import resolve
+
+    ds = resolve(option(c, dataset, "dataset") if manifest is None else None, manifest)
     log = Path(log) if log else Path(option(c, None, "results_dir")) / "train" / "result_0.txt"
-    launch.train(
-        dataset=dataset, data_dir=Path(option(c, data_dir, "data_dir")), gpus=gpus, nodes=nodes,
+    code = launch.train(
+        dataset=ds, data_dir=Path(option(c, data_dir, "data_dir")), gpus=gpus, nodes=nodes,
         batch_size=batch_size, config=config, seed=seed, max_epochs=max_epochs, resume=resume,
         device=device, log=log,
     )
+    if code:
+        raise Exit(f"error: training exited with code {code}; its output is above, the log is {log}", code=code)
 
 
 @task(name="time", help={

@@ -37,7 +37,9 @@ def step(fn):
     `detach` argument, given --detach, is started in its own session with output to a log file
     (mlperf.jobs), so it survives a dropped SSH connection; `status` and `logs` reattach.
     """
-    params = list(inspect.signature(fn).parameters)[1:]
+    signature = inspect.signature(fn).parameters
+    params = list(signature)[1:]
+    defaults = {k: p.default for k, p in signature.items() if p.default is not inspect.Parameter.empty}
     name = fn.__name__.rstrip("_").replace("_", "-")
 
     @functools.wraps(fn)
@@ -47,11 +49,11 @@ def step(fn):
             if is_remote(c):
                 from mlperf import remote
 
-                return remote.forward(c, name, kwargs)
+                return remote.forward(c, name, kwargs, defaults=defaults)
             if kwargs.get("detach"):
                 from mlperf import jobs
 
-                return jobs.detach(c, name, kwargs)
+                return jobs.detach(c, name, kwargs, defaults=defaults)
             return fn(c, **kwargs)
         except UserError as exc:
             raise Exit(f"error: {exc}", code=1) from None

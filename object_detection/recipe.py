@@ -1,0 +1,171 @@
+"""The training recipe in one place: learning-rate schedules by global batch size, input profiles,
+and the named system configurations. No torch import: the launcher reads this too.
+
+Schedules come from the MLCommons reference convergence points (RCPs) shipped in the installed
+mlperf-logging package, so they match what the RCP checker will judge a submission against.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import asdict, dataclass, field, replace
+from importlib import resources
+
+RCP_RULESET = "training_3.1.0"
+BBOX_TARGET = 0.377
+SEGM_TARGET = 0.339
+
+# The reference implementation's own 16-image recipe (maskrcnn-benchmark e2e_mask_rcnn_R_50_FPN_1x).
+REFERENCE_16 = dict(batch=16, lr=0.02, decay_steps=(60000, 80000), warmup_steps=500,
+                    warmup_factor=1.0 / 3, image_candidates=1000)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """SGD schedule: linear warmup from lr*warmup_factor, then x0.1 at each decay step."""
+    batch: int
+    lr: float
+    decay_steps: tuple[int, int]
+    warmup_steps: int
+    warmup_factor: float
+    image_candidates: int            # RPN post-NMS proposals per image in training
+    source: str                      # where it came from, for the log and the system description
+    epochs_to_converge: tuple[float, ...] = ()
+
+    def lr_at(self, iteration: int) -> float:
+        """Learning rate for a 0-based iteration (the same rule the reference's scheduler applies)."""
+        factor = 1.0
+        if iteration < self.warmup_steps:
+            alpha = iteration / self.warmup_steps
+            factor = self.warmup_factor * (1 - alpha) + alpha
+        decays = sum(iteration >= s for s in self.decay_steps)
+        return self.lr * factor * (0.1 ** decays)
+
+
+def reference_points() -> dict[int, Schedule]:
+    """RCP schedules by global batch size, read from mlperf-logging's rcps_maskrcnn.json."""
+    path = resources.files("mlperf_logging") / "rcp_checker" / RCP_RULESET / "rcps_maskrcnn.json"
+    table = {}
+    for name, entry in json.loads(path.read_text()).items():
+        hp = entry["Hyperparams"]
+        table[int(entry["BS"])] = Schedule(
+            batch=int(entry["BS"]), lr=float(hp["opt_base_learning_rate"]),
+            decay_steps=tuple(int(s) for s in hp["opt_learning_decay_steps"]),
+            warmup_steps=int(hp["opt_learning_rate_warmup_steps"]),
+            warmup_factor=float(hp["opt_learning_rate_warmup_factor"]),
+            image_candidates=int(hp["num_image_candidates"]),
+            source=f"{RCP_RULESET} {name}",
+            epochs_to_converge=tuple(float(e) for e in entry.get("Epochs to converge", ())),
+        )
+    return table
+
+
+def schedule_for(global_batch: int) -> Schedule:
+    """The RCP schedule for a global batch size; the reference recipe at 16; else linear scaling."""
+    table = reference_points()
+    if global_batch in table:
+        return table[global_batch]
+    if global_batch == REFERENCE_16["batch"]:
+        r = REFERENCE_16
+        return Schedule(batch=16, lr=r["lr"], decay_steps=r["decay_steps"], warmup_steps=r["warmup_steps"],
+                        warmup_factor=r["warmup_factor"], image_candidates=r["image_candidates"],
+                        source="reference maskrcnn-benchmark 1x (16 images)")
+    nearest = min(table, key=lambda b: abs(b - global_batch))
+    base = table[nearest]
+    scale = global_batch / nearest
+    warnings.warn(
+        f"global batch {global_batch} has no MLPerf reference convergence point; using the linear "
+        f"scaling rule from batch {nearest}: a submission's convergence will be judged by interpolation",
+        stacklevel=2)
+    return replace(base, batch=global_batch, lr=round(base.lr * scale, 6),
+                   decay_steps=tuple(round(s / scale) for s in base.decay_steps),
+                   warmup_steps=round(base.warmup_steps / scale),
+                   source=f"linear scaling of {base.source} to batch {global_batch}",
+                   epochs_to_converge=())
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Input sizes, quality targets and schedule overrides for a dataset."""
+    name: str
+    min_size: int = 800
+    max_size: int = 1333
+    bbox_target: float = BBOX_TARGET
+    segm_target: float = SEGM_TARGET
+    max_epochs: int = 40
+    pretrained: bool = True          # start from the ImageNet backbone (frozen BN); False: random init
+    schedule: Schedule | None = None  # None: the RCP schedule of the global batch size
+    rois_per_image: int = 512        # RoI-head samples per image (the reference's 512)
+    test_candidates: int = 1000      # RPN post-NMS proposals per image at test time
+
+
+PROFILES = {
+    # MLPerf closed division as the rules fix it.
+    "coco": Profile(name="coco"),
+    # Synthetic shapes, open division. Random init with trainable norm layers: no download needed.
+    # Demonstration targets: reachable on one GPU in minutes; the CPU profile's are lower still.
+    "shapes": Profile(
+        name="shapes", min_size=384, max_size=512, bbox_target=0.5, segm_target=0.45, max_epochs=40,
+        pretrained=False,
+        schedule=Schedule(batch=16, lr=0.04, decay_steps=(3000, 4000), warmup_steps=200,
+                          warmup_factor=0.001, image_candidates=1000, source="shapes profile")),
+    "shapes-cpu": Profile(
+        # Scaled down so a 2-core CPU trains a run in about a minute: small inputs, and fewer RoIs,
+        # since the mask head's cost grows with the positive RoIs and dominates on a CPU.
+        name="shapes-cpu", min_size=128, max_size=160, bbox_target=0.05, segm_target=0.05, max_epochs=2,
+        pretrained=False, rois_per_image=64, test_candidates=200,
+        schedule=Schedule(batch=4, lr=0.02, decay_steps=(400, 600), warmup_steps=20,
+                          warmup_factor=0.01, image_candidates=200, source="shapes CPU profile")),
+}
+
+
+@dataclass(frozen=True)
+class SystemConfig:
+    """What one MLPerf submitter keeps per system: batch, workers, profile."""
+    name: str
+    description: str
+    per_gpu_batch: int
+    gpus: int                        # GPUs per node this config is for (0: CPU)
+    nodes: int = 1
+    workers: int = 8                 # data-loader workers per process
+    eval_batch: int = 8              # per process
+    profile: str = "coco"
+    gpu_match: tuple[str, ...] = field(default_factory=tuple)  # substrings of the GPU model name
+
+    @property
+    def global_batch(self) -> int:
+        return self.per_gpu_batch * max(self.gpus, 1) * self.nodes
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "global_batch": self.global_batch}
+
+
+CONFIGS = {c.name: c for c in [
+    SystemConfig("dgx8-v100-16g", "8x V100-16GB (the original target cluster)", per_gpu_batch=6, gpus=8,
+                 gpu_match=("V100",)),
+    SystemConfig("dgx8-a100", "8x A100", per_gpu_batch=12, gpus=8, gpu_match=("A100",)),
+    SystemConfig("dgx8-h100", "8x H100/H200", per_gpu_batch=12, gpus=8, gpu_match=("H100", "H200")),
+    SystemConfig("1xgpu-16", "one large GPU (A100/H100/H200), reference batch 16", per_gpu_batch=16, gpus=1,
+                 gpu_match=("A100", "H100", "H200")),
+    SystemConfig("1xgpu-8", "one GPU, batch 8 (the smallest reference point)", per_gpu_batch=8, gpus=1),
+    SystemConfig("shapes-1xgpu", "shapes convergence demo on one GPU", per_gpu_batch=16, gpus=1,
+                 workers=8, eval_batch=16, profile="shapes"),
+    SystemConfig("shapes-cpu", "shapes on the CPU (laptops, CI)", per_gpu_batch=4, gpus=0, workers=1,
+                 eval_batch=4, profile="shapes-cpu"),
+]}
+
+
+def pick_config(gpu_count: int, gpu_model: str, dataset: str) -> SystemConfig:
+    """The configuration for the detected hardware, the way submitters keep one per system."""
+    if gpu_count == 0:
+        return CONFIGS["shapes-cpu"]
+    if dataset != "coco2017":
+        return CONFIGS["shapes-1xgpu"] if gpu_count == 1 else replace(
+            CONFIGS["shapes-1xgpu"], name=f"shapes-{gpu_count}xgpu", gpus=gpu_count,
+            description=f"shapes on {gpu_count} GPUs")
+    for cfg in CONFIGS.values():
+        if cfg.gpus == gpu_count and cfg.profile == "coco" and any(m in gpu_model for m in cfg.gpu_match):
+            return cfg
+    per_gpu = 16 if gpu_count == 1 else 12 if gpu_count >= 8 else 8
+    return SystemConfig(f"{gpu_count}xgpu", f"{gpu_count}x {gpu_model or 'GPU'} (generic)",
+                        per_gpu_batch=per_gpu, gpus=gpu_count)
