@@ -1,0 +1,200 @@
+"""COCO evaluation: ground truth scores 1.0, perturbations score what pycocotools says, and a
+two-rank gloo run gathers to the single-process score. Real pycocotools on the shapes set."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from object_detection.evaluate import (CocoEvaluator, detections_to_coco, evaluate_results,
+                                       score_results)
+from object_detection.synthetic import make_shapes
+
+# Contiguous labels to COCO ids, permuted on purpose so that a mapping left out would show.
+LABEL_TO_CATEGORY = {1: 3, 2: 1, 3: 2}
+CATEGORY_TO_LABEL = {category: label for label, category in LABEL_TO_CATEGORY.items()}
+
+
+@pytest.fixture(scope="module")
+def coco_gt(tmp_path_factory) -> COCO:
+    root = tmp_path_factory.mktemp("data") / "shapes"
+    make_shapes(root, train_images=1, val_images=24, image_size=96, seed=11, workers=1)
+    with contextlib.redirect_stdout(io.StringIO()):
+        return COCO(str(root / "annotations" / "instances_val2017.json"))
+
+
+def ground_truth_outputs(coco: COCO, image_id: int) -> dict:
+    """The image's annotations as a model would output them: xyxy boxes, masks [N,1,H,W] floats."""
+    anns = coco.loadAnns(coco.getAnnIds(imgIds=image_id))
+    boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)],
+                         dtype=torch.float32)
+    masks = torch.from_numpy(np.stack([coco.annToMask(a) for a in anns])).float()[:, None]
+    return {"boxes": boxes, "labels": torch.tensor([CATEGORY_TO_LABEL[a["category_id"]] for a in anns]),
+            "scores": torch.linspace(0.99, 0.5, len(anns)), "masks": masks * 0.9}
+
+
+def perturbed_outputs(coco: COCO, image_id: int, rng: np.random.Generator) -> dict:
+    """Shift boxes and masks by a few pixels, drop some, relabel some, add a false positive."""
+    out = ground_truth_outputs(coco, image_id)
+    n = len(out["labels"])
+    keep = torch.from_numpy(rng.random(n) > 0.2)
+    shift = torch.from_numpy(rng.integers(-2, 3, size=(n, 2))).float()
+    out["boxes"] = out["boxes"] + shift.repeat(1, 2)
+    out["masks"] = torch.stack([torch.roll(m, shifts=(int(dy), int(dx)), dims=(1, 2))
+                                for m, (dx, dy) in zip(out["masks"], shift.tolist())])
+    relabel = torch.from_numpy(rng.random(n) < 0.15)
+    out["labels"] = torch.where(relabel, out["labels"] % 3 + 1, out["labels"])
+    out["scores"] = torch.from_numpy(rng.uniform(0.05, 1.0, n)).float()
+    out = {key: value[keep] for key, value in out.items()}
+    h, w = coco.imgs[image_id]["height"], coco.imgs[image_id]["width"]
+    false_mask = torch.zeros(1, 1, h, w)
+    false_mask[..., : h // 3, : w // 3] = 1.0
+    out["boxes"] = torch.cat([out["boxes"], torch.tensor([[0.0, 0.0, w // 3, h // 3]])])
+    out["labels"] = torch.cat([out["labels"], torch.tensor([1])])
+    out["scores"] = torch.cat([out["scores"], torch.tensor([0.3])])
+    out["masks"] = torch.cat([out["masks"], false_mask])
+    return out
+
+
+def pycocotools_directly(coco: COCO, outputs: dict, iou_type: str) -> list[float]:
+    """The same detections scored by hand, per instance, without object_detection.evaluate."""
+    results = []
+    for image_id, out in outputs.items():
+        for box, label, score, mask in zip(out["boxes"].tolist(), out["labels"].tolist(),
+                                           out["scores"].tolist(), out["masks"][:, 0].numpy()):
+            result = {"image_id": image_id, "category_id": LABEL_TO_CATEGORY[label], "score": score}
+            if iou_type == "bbox":
+                result["bbox"] = [box[0], box[1], box[2] - box[0], box[3] - box[1]]
+            else:
+                result["segmentation"] = mask_utils.encode(np.asfortranarray(mask > 0.5,
+                                                                             dtype=np.uint8))
+            results.append(result)
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluator = COCOeval(coco, coco.loadRes(results), iou_type)
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return list(evaluator.stats)
+
+
+def all_outputs(coco: COCO, make) -> dict[int, dict]:
+    rng = np.random.default_rng(0)
+    return {image_id: make(coco, image_id, rng) if make is perturbed_outputs else make(coco, image_id)
+            for image_id in coco.getImgIds()}
+
+
+def to_results(outputs: dict[int, dict]) -> list[dict]:
+    return detections_to_coco(list(outputs.values()), list(outputs), LABEL_TO_CATEGORY)
+
+
+@pytest.mark.parametrize("backend", ["pycocotools", "faster_coco_eval"])
+def test_ground_truth_fed_back_scores_one(coco_gt, backend):
+    results = to_results(all_outputs(coco_gt, ground_truth_outputs))
+    assert len(results) == len(coco_gt.anns)
+    assert evaluate_results(coco_gt, results, backend=backend) == \
+        {"bbox": pytest.approx(1.0), "segm": pytest.approx(1.0)}
+
+
+def test_perturbed_detections_score_what_pycocotools_gives(coco_gt):
+    outputs = all_outputs(coco_gt, perturbed_outputs)
+    stats = score_results(coco_gt, to_results(outputs), backend="pycocotools")
+    for iou_type in ("bbox", "segm"):
+        expected = pycocotools_directly(coco_gt, outputs, iou_type)
+        assert stats[iou_type] == expected
+        assert 0.1 < expected[0] < 0.9, f"{iou_type}: the perturbation should cost some AP, not all"
+
+
+def test_faster_coco_eval_matches_pycocotools(coco_gt):
+    results = to_results(all_outputs(coco_gt, perturbed_outputs))
+    half = coco_gt.getImgIds()[::2]
+    for image_ids in (None, half):
+        reference = score_results(coco_gt, results, image_ids=image_ids, backend="pycocotools")
+        faster = score_results(coco_gt, results, image_ids=image_ids, backend="faster_coco_eval")
+        for iou_type in ("bbox", "segm"):
+            assert faster[iou_type] == pytest.approx(reference[iou_type], abs=1e-4)
+
+
+def test_thresholded_and_numpy_masks_give_the_same_results(coco_gt):
+    image_id = coco_gt.getImgIds()[0]
+    out = ground_truth_outputs(coco_gt, image_id)
+    as_uint8 = {**out, "masks": (out["masks"] > 0.5).to(torch.uint8)}
+    as_numpy = {key: value.numpy() for key, value in out.items()}
+    expected = detections_to_coco([out], [image_id], [None, 3, 1, 2])
+    assert detections_to_coco([as_uint8], [image_id], LABEL_TO_CATEGORY) == expected
+    assert detections_to_coco([as_numpy], [image_id], LABEL_TO_CATEGORY) == expected
+    json.dumps(expected)  # results must be plain JSON (RLE counts as text)
+    for result, ann in zip(expected, coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=image_id))):
+        assert result["segmentation"] == ann["segmentation"]
+        assert result["bbox"] == pytest.approx(ann["bbox"])
+
+
+def test_bad_label_maps_are_refused(coco_gt):
+    out = ground_truth_outputs(coco_gt, coco_gt.getImgIds()[0])
+    with pytest.raises(ValueError, match="element 0"):
+        detections_to_coco([out], [1], [1, 2, 3])
+    out["labels"] = torch.full_like(out["labels"], 3)
+    with pytest.raises(ValueError, match="not all in label_to_category"):
+        detections_to_coco([out], [1], {1: 3, 2: 1})
+
+
+def test_only_the_evaluated_images_are_scored_and_nothing_scores_zero(coco_gt):
+    outputs = all_outputs(coco_gt, ground_truth_outputs)
+    first_half = coco_gt.getImgIds()[:12]
+    evaluator = CocoEvaluator(coco_gt, LABEL_TO_CATEGORY)
+    evaluator.update([outputs[i] for i in first_half], first_half)
+    assert evaluator.summarize() == {"bbox": pytest.approx(1.0), "segm": pytest.approx(1.0)}
+    everything = evaluator.summarize(image_ids=coco_gt.getImgIds())
+    assert everything["bbox"] < 0.75 and everything["segm"] < 0.75
+    empty = CocoEvaluator(coco_gt, LABEL_TO_CATEGORY)
+    empty.update([{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
+                   "scores": torch.zeros(0), "masks": torch.zeros(0, 1, 96, 96)}], first_half[:1])
+    assert empty.summarize() == {"bbox": 0.0, "segm": 0.0}
+
+
+def _rank_main(rank: int, world_size: int, port: int, outputs: dict, annotation_file: str,
+               answer: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco = COCO(annotation_file)
+        mine = sorted(outputs)[rank::world_size]
+        evaluator = CocoEvaluator(coco, LABEL_TO_CATEGORY)
+        for start in range(0, len(mine), 4):  # a few batches, as in the training loop
+            batch = mine[start:start + 4]
+            evaluator.update([outputs[i] for i in batch], batch)
+        evaluator.gather()
+        if rank == 0:
+            Path(answer).write_text(json.dumps({"aps": evaluator.summarize(),
+                                                "images": sorted(evaluator.image_ids)}))
+        else:
+            assert evaluator.results == [] and evaluator.image_ids == []
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_gather_to_the_single_process_score(coco_gt, tmp_path):
+    outputs = all_outputs(coco_gt, perturbed_outputs)
+    single = evaluate_results(coco_gt, to_results(outputs))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    answer = tmp_path / "answer.json"
+    annotation_file = str(tmp_path / "gt.json")
+    Path(annotation_file).write_text(json.dumps(coco_gt.dataset))
+    mp.spawn(_rank_main, args=(2, port, outputs, annotation_file, str(answer)), nprocs=2)
+    gathered = json.loads(answer.read_text())
+    assert gathered["images"] == sorted(coco_gt.getImgIds())
+    assert gathered["aps"] == single
