@@ -86,7 +86,7 @@ def _numpy(value) -> np.ndarray:
 
 
 def _encode_masks(masks) -> list[dict]:
-    """RLE of each mask, in one pycocotools call: [N,1,H,W] or [N,H,W], probabilities or binary."""
+    """RLE of each mask: [N,1,H,W] or [N,H,W], probabilities (> 0.5) or already binary."""
     if hasattr(masks, "detach"):
         import torch
 
@@ -94,19 +94,44 @@ def _encode_masks(masks) -> list[dict]:
         if masks.dim() == 4:
             masks = masks[:, 0]
         binary = masks > MASK_THRESHOLD if masks.is_floating_point() else masks != 0
-        # Fortran (H, W, N) is C (N, W, H): transpose where the tensor lives (a GPU does it fast),
-        # and move one byte per pixel.
-        by_column = binary.transpose(1, 2).to(torch.uint8).contiguous().cpu().numpy()
+        if binary.device.type == "cpu":  # pycocotools' one C pass beats torch's several on a CPU
+            rles = mask_utils.encode(binary.transpose(1, 2).to(torch.uint8).contiguous().numpy()
+                                     .transpose(2, 1, 0))
+        else:
+            rles = _encode_tensor(binary)
     else:
         masks = np.asarray(masks)
         if masks.ndim == 4:
             masks = masks[:, 0]
         binary = masks > MASK_THRESHOLD if np.issubdtype(masks.dtype, np.floating) else masks != 0
+        # pycocotools wants Fortran (H, W, N), which is C (N, W, H): one call for all masks.
         by_column = np.ascontiguousarray(binary.transpose(0, 2, 1), dtype=np.uint8)
-    rles = mask_utils.encode(by_column.transpose(2, 1, 0))
+        rles = mask_utils.encode(by_column.transpose(2, 1, 0))
     for rle in rles:
         rle["counts"] = rle["counts"].decode("ascii")  # JSON and pickles want text
     return rles
+
+
+def _encode_tensor(binary) -> list[dict]:
+    """COCO RLE of bool masks [N,H,W], with the run boundaries found where the tensor lives.
+
+    On a GPU only the boundaries (a few hundred numbers a mask) cross to the host, not H*W bytes
+    a mask, and no CPU scans the pixels: pycocotools only compresses the run lengths. The same
+    bytes as mask_utils.encode (tests/test_evaluate.py checks it).
+    """
+    n, height, width = binary.shape
+    if n == 0:
+        return []
+    column_major = binary.transpose(1, 2).reshape(n, height * width)  # COCO runs go down columns
+    starts = column_major.clone()  # a run starts at pixel 0 if it is set, and wherever a pixel
+    starts[:, 1:] = column_major[:, 1:] != column_major[:, :-1]  # differs from the one before
+    instance, position = (index.cpu().numpy() for index in starts.nonzero(as_tuple=True))
+    bounds = np.searchsorted(instance, np.arange(n + 1))
+    uncompressed = [{"size": [height, width],
+                     "counts": np.diff(position[bounds[k]:bounds[k + 1]], prepend=0,
+                                       append=height * width).tolist()}
+                    for k in range(n)]
+    return mask_utils.frPyObjects(uncompressed, height, width)
 
 
 def score_results(coco_gt: COCO, results: Sequence[dict], iou_types: Iterable[str] = IOU_TYPES,

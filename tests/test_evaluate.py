@@ -18,8 +18,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from object_detection.evaluate import (CocoEvaluator, detections_to_coco, evaluate_results,
-                                       score_results)
+from object_detection.evaluate import (CocoEvaluator, _encode_tensor, detections_to_coco,
+                                       evaluate_results, score_results)
 from object_detection.synthetic import make_shapes
 
 # Contiguous labels to COCO ids, permuted on purpose so that a mapping left out would show.
@@ -138,6 +138,22 @@ def test_thresholded_and_numpy_masks_give_the_same_results(coco_gt):
     for result, ann in zip(expected, coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=image_id))):
         assert result["segmentation"] == ann["segmentation"]
         assert result["bbox"] == pytest.approx(ann["bbox"])
+
+
+def test_run_lengths_found_by_torch_are_the_bytes_pycocotools_encodes():
+    """The GPU path (_encode_tensor), run here on CPU tensors: edge cases and random masks."""
+    generator = torch.Generator().manual_seed(0)
+    cases = [torch.zeros(2, 5, 7, dtype=torch.bool), torch.ones(2, 5, 7, dtype=torch.bool),
+             torch.ones(1, 1, 1, dtype=torch.bool)]
+    for shape in ((3, 7, 9), (4, 2, 3), (6, 33, 40)):
+        cases += [torch.rand(shape, generator=generator) > level for level in (0.1, 0.5, 0.9)]
+    edges = torch.zeros(1, 6, 8, dtype=torch.bool)
+    edges[0, 0, :] = edges[0, -1, :] = edges[0, :, 0] = edges[0, :, -1] = True
+    cases.append(edges)
+    for masks in cases:
+        expected = mask_utils.encode(np.asfortranarray(masks.permute(1, 2, 0).numpy(), dtype=np.uint8))
+        assert _encode_tensor(masks) == [{**rle, "size": list(rle["size"])} for rle in expected]
+    assert _encode_tensor(torch.zeros(0, 4, 4, dtype=torch.bool)) == []
 
 
 def test_bad_label_maps_are_refused(coco_gt):
