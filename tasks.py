@@ -191,8 +191,10 @@ def bench(c, gpus=None, batch_sizes="8,16,32", iterations=None, baseline=True, o
     """Measure training-step throughput against torchvision's stock Mask R-CNN."""
     from mlperf import launch
 
-    launch.bench(gpus=gpus, batch_sizes=batch_sizes, iterations=iterations, baseline=baseline,
-                 output=output)
+    code = launch.bench(gpus=gpus, batch_sizes=batch_sizes, iterations=iterations, baseline=baseline,
+                        output=output)
+    if code:
+        raise Exit(f"error: the benchmark exited with code {code}", code=code)
 
 
 @task(help={"dataset": DATASET_HELP, "manifest": MANIFEST_HELP, "data_dir": DATA_DIR_HELP})

@@ -262,3 +262,18 @@ def run_on_all_nodes(cluster: Cluster, nproc: int, trainer: list[str], env: dict
         cmd = torchrun_args(nproc, cluster, node_rank=rank) + trainer
         commands[host] = f"cd {shlex.quote(str(PROJECT_ROOT))} && env {prefix} {shlex.join(cmd)}"
     return remote.run_parallel(commands, ssh_config=os.environ.get("MLPERF_SSH_CONFIG"))
+
+
+def bench(*, gpus=None, batch_sizes="8,16,32", iterations=None, baseline=True, output=None) -> int:
+    """Run benchmarks/train_throughput.py: our training step against torchvision's stock loop."""
+    if gpus is not None and int(gpus) > 1:
+        raise UserError("the throughput benchmark runs on one GPU; multi-GPU scaling runs are not "
+                        "implemented yet (see BENCHMARKS.md)")
+    cmd = [sys.executable, str(PROJECT_ROOT / "benchmarks" / "train_throughput.py"), f"--batch-sizes={batch_sizes}"]
+    if iterations:
+        cmd.append(f"--iterations={int(iterations)}")
+    if not baseline:
+        cmd.append("--variants=ours-bf16,ours-bf16-cl-fused")
+    if output:
+        cmd.append(f"--output={output}")
+    return subprocess.call(cmd, cwd=PROJECT_ROOT)

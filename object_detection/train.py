@@ -109,6 +109,12 @@ def param_groups(model: torch.nn.Module, lr: float, weight_decay: float) -> list
             {"params": biases, "lr": 2 * lr, "weight_decay": 0.0, "lr_factor": 2.0}]
 
 
+def make_optimizer(model: torch.nn.Module, lr: float, *, fused: bool = False) -> torch.optim.SGD:
+    """SGD with momentum 0.9 and weight decay 1e-4; fused into one kernel per step on the GPU."""
+    return torch.optim.SGD(param_groups(model, lr, 1e-4), lr=lr, momentum=0.9, weight_decay=1e-4,
+                           fused=True if fused else None)
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr * group["lr_factor"]
@@ -235,8 +241,9 @@ def main(argv=None) -> int:
                         min_size=profile.min_size, max_size=profile.max_size,
                         image_candidates=schedule.image_candidates, rois_per_image=profile.rois_per_image,
                         test_candidates=profile.test_candidates).to(run.device)
-    optimizer = torch.optim.SGD(param_groups(model, schedule.lr, 1e-4), lr=schedule.lr, momentum=0.9,
-                                weight_decay=1e-4)
+    if run.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, schedule.lr, fused=run.device.type == "cuda")
     ddp_model = model
     if run.world_size > 1:
         ddp_model = torch.nn.parallel.DistributedDataParallel(

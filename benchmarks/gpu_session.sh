@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# What one device session runs on the H200 (see BENCHMARKS.md): wheels, a GPU smoke run through
+# `invoke train`, the throughput benchmark, then the shapes-4k convergence run for the time left.
+# usage: bash benchmarks/gpu_session.sh PART   (PART: bench | converge)
+set -uo pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+df -h /dev/shm | tee -a "$OUT/gpu.txt"; nproc | tee -a "$OUT/gpu.txt"
+export INVOKE_MLPERF_DATA_DIR=/tmp/data INVOKE_MLPERF_RESULTS_DIR=/tmp/results
+case "${1:-bench}" in
+  bench)
+    python3 -m invoke fetch --dataset shapes && python3 -m invoke verify --dataset shapes || exit 1
+    timeout 120 python3 -m invoke train --dataset shapes --max-epochs 1 --log "$OUT/smoke.txt" 2>&1 | tail -15
+    python3 -m mlperf_logging.compliance_checker --usage training --ruleset 3.1.0 "$OUT/smoke.txt" 2>&1 | tail -3
+    timeout 330 python3 benchmarks/train_throughput.py --check --batch-sizes 8,16,32 --iterations 15 \
+      --output "$OUT/train_throughput.json" 2>&1 | tee "$OUT/bench.txt" | tail -20
+    ;;
+  converge)
+    t0=$(date +%s)
+    python3 -m invoke fetch --dataset shapes-4k && python3 -m invoke verify --dataset shapes-4k || exit 1
+    echo "dataset ready in $(( $(date +%s) - t0 )) s"
+    timeout ${CONVERGE_S:-480} python3 -m invoke train --dataset shapes-4k --max-epochs 40 --seed 1 \
+      --log "$OUT/shapes4k.txt" > "$OUT/converge_stdout.txt" 2>&1
+    echo "train exit $?"
+    grep -E "eval_accuracy|run_stop|img/s\)" "$OUT/converge_stdout.txt" | cut -c1-220 | tail -40
+    ;;
+esac

@@ -1,0 +1,198 @@
+"""Training-step throughput: our step against torchvision's stock Mask R-CNN loop, side by side.
+
+Same synthetic COCO-sized batches (480-640 x 640 images, 3-12 instances with masks, resized by the
+model to 800/1333) for every variant, in one process, so ratios are comparable on a shared machine.
+
+    python benchmarks/train_throughput.py --batch-sizes 8,16,32 --iterations 20
+    invoke bench   (the same, through torchrun on --gpus N)
+
+Writes JSON to benchmarks/results/ and prints a table. `--check` also compares, in fp32 on the
+same weights and batch, the losses of our step and of the stock model (must agree within 1e-3).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+from torchvision.models import resnet50
+from torchvision.models.detection import MaskRCNN, maskrcnn_resnet50_fpn
+from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+from torchvision.ops import FrozenBatchNorm2d
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from object_detection.model import build_model  # noqa: E402
+from object_detection.train import amp_dtype, make_optimizer  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def synthetic_batch(n: int, device, seed: int):
+    """COCO-sized images (uint8 like the loader gives) and targets with boxes, labels and masks."""
+    g = torch.Generator().manual_seed(seed)
+    images, targets = [], []
+    for _ in range(n):
+        h = int(torch.randint(480, 641, (1,), generator=g))
+        w = 640
+        images.append(torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g))
+        k = int(torch.randint(3, 13, (1,), generator=g))
+        x0 = torch.rand(k, generator=g) * (w - 64)
+        y0 = torch.rand(k, generator=g) * (h - 64)
+        bw = 32 + torch.rand(k, generator=g) * (w - x0 - 32)
+        bh = 32 + torch.rand(k, generator=g) * (h - y0 - 32)
+        boxes = torch.stack([x0, y0, x0 + bw, y0 + bh], 1)
+        masks = torch.zeros(k, h, w, dtype=torch.uint8)
+        for i, (a, b, c, d) in enumerate(boxes.round().int().tolist()):
+            masks[i, b:d, a:c] = 1
+        targets.append({"boxes": boxes, "labels": torch.randint(1, 81, (k,), generator=g), "masks": masks})
+    return images, targets
+
+
+def to_device(images, targets, device):
+    images = [i.to(device, non_blocking=True).float().div_(255) for i in images]
+    targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
+    return images, targets
+
+
+def stock_model(device):
+    """torchvision's maskrcnn_resnet50_fpn as a user would take it (BatchNorm, 91 classes)."""
+    return maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, trainable_backbone_layers=3).to(device)
+
+
+def our_model(device, backbone: Path, channels_last: bool):
+    model = build_model(81, backbone_weights=backbone, image_candidates=1000).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def time_steps(model, optimizer, batches, device, dtype, scaler, iterations: int, warmup: int) -> dict:
+    """Median and mean step time over `iterations` steps after `warmup`, with CUDA sync per step."""
+    model.train()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for i in range(warmup + iterations):
+        images, targets = batches[i % len(batches)]
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        images, targets = to_device(images, targets, device)
+        ctx = torch.autocast(device.type, dtype=dtype) if dtype is not None else torch.autocast(device.type, enabled=False)
+        with ctx:
+            loss = sum(model(images, targets).values())
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    n = len(batches[0][0])
+    median = times[len(times) // 2]
+    return {"step_ms": round(median * 1000, 1), "img_per_s": round(n / median, 1),
+            "mean_img_per_s": round(n * len(times) / sum(times), 1),
+            "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None}
+
+
+def check_same_function(device, backbone: Path) -> dict:
+    """fp32, same weights, same batch, same sampling seed: our step's losses against the stock model's."""
+    ours = our_model(device, backbone, channels_last=device.type == "cuda")
+    # What maskrcnn_resnet50_fpn builds from an ImageNet backbone: frozen BN, layer2-4 trainable.
+    body = resnet50(norm_layer=FrozenBatchNorm2d)
+    stock = MaskRCNN(_resnet_fpn_extractor(body, 3), num_classes=81, rpn_post_nms_top_n_train=1000).to(device)
+    stock.load_state_dict(ours.state_dict())
+    images, targets = synthetic_batch(2, "cpu", seed=123)
+    images, targets = to_device(images, targets, device)
+    losses = {}
+    for name, model in (("ours", ours), ("stock", stock)):
+        model.train()
+        torch.manual_seed(0)
+        with torch.autocast(device.type, enabled=False):
+            losses[name] = {k: v.item() for k, v in model(images, targets).items()}
+    rel = {k: abs(losses["ours"][k] - losses["stock"][k]) / max(abs(losses["stock"][k]), 1e-12) for k in losses["ours"]}
+    return {"losses": losses, "max_rel_diff": max(rel.values()), "ok": max(rel.values()) < 1e-3}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch-sizes", default="8,16,32")
+    p.add_argument("--iterations", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--variants", default="stock-fp16,ours-bf16,ours-bf16-cl-fused")
+    p.add_argument("--check", action="store_true", help="also check that our step computes the stock function")
+    p.add_argument("--output", type=Path)
+    args = p.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cudnn.benchmark = False
+    backbone = Path("/tmp/bench_resnet50.pth")
+    if not backbone.exists():  # random ImageNet-shaped weights: throughput does not depend on their values
+        torch.save(torchvision.models.resnet50().state_dict(), backbone)
+    result = {"date": dt.datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "torchvision": torchvision.__version__, "runs": []}
+    if args.check:
+        result["check"] = check_same_function(device, backbone)
+        print("same-function check:", json.dumps(result["check"]), flush=True)
+
+    for bs in [int(b) for b in args.batch_sizes.split(",")]:
+        batches = [synthetic_batch(bs, "cpu", seed=s) for s in range(3)]
+        if device.type == "cuda":
+            batches = [([i.pin_memory() for i in im], [{k: v.pin_memory() for k, v in t.items()} for t in tg])
+                       for im, tg in batches]
+        for variant in args.variants.split(","):
+            torch.manual_seed(0)
+            if variant.startswith("stock"):
+                model = stock_model(device)
+                optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+                dtype = torch.float16 if device.type == "cuda" else None
+                scaler = torch.amp.GradScaler("cuda") if dtype is not None else None
+            else:
+                cl = "-cl" in variant
+                model = our_model(device, backbone, channels_last=cl)
+                optimizer = make_optimizer(model, lr=0.01, fused="-fused" in variant and device.type == "cuda")
+                dtype = amp_dtype("bf16" if "bf16" in variant else "fp16", device)
+                scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+            try:
+                stats = time_steps(model, optimizer, batches, device, dtype, scaler, args.iterations, args.warmup)
+            except torch.OutOfMemoryError:
+                stats = {"error": "out of memory"}
+            stats.update(variant=variant, batch=bs)
+            result["runs"].append(stats)
+            print(json.dumps(stats), flush=True)
+            del model, optimizer
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    base = {r["batch"]: r.get("img_per_s") for r in result["runs"] if r["variant"].startswith("stock")}
+    print(f"\n{'variant':<22} {'batch':>5} {'img/s':>8} {'step ms':>8} {'peak GiB':>8} {'vs stock':>8}")
+    for r in result["runs"]:
+        ratio = r.get("img_per_s", 0) / base[r["batch"]] if base.get(r["batch"]) else float("nan")
+        r["ratio_vs_stock"] = round(ratio, 2)
+        print(f"{r['variant']:<22} {r['batch']:>5} {r.get('img_per_s', 0):>8} {r.get('step_ms', 0):>8} "
+              f"{str(r.get('peak_mem_gib')):>8} {ratio:>8.2f}")
+    out = args.output or RESULTS / f"train_throughput-{dt.date.today()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], out.name).write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
