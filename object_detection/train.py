@@ -287,7 +287,7 @@ def main(argv=None) -> int:
         sampler.set_epoch(epoch)
         seed_everything(master_seed, run.rank, epoch)
         ddp_model.train()
-        t0, seen = time.time(), 0
+        t0, seen, epoch_start_iteration = time.time(), 0, iteration
         for images, targets in train_loader:
             set_lr(optimizer, schedule.lr_at(iteration))
             images = [img.to(run.device, non_blocking=True).float().div_(255) for img in images]
@@ -306,7 +306,9 @@ def main(argv=None) -> int:
                 optimizer.step()
             iteration += 1
             seen += len(images) * run.world_size
-            if run.main and iteration % args.print_freq == 0:
+            # Every print_freq iterations, and the epoch's last: short epochs still show their loss.
+            last_of_epoch = iteration - epoch_start_iteration == len(sampler)
+            if run.main and (iteration % args.print_freq == 0 or last_of_epoch):
                 value = loss.item()
                 if not np.isfinite(value):
                     raise FloatingPointError(f"loss is {value} at iteration {iteration}")
