@@ -68,6 +68,12 @@ def perturbed_outputs(coco: COCO, image_id: int, rng: np.random.Generator) -> di
     return out
 
 
+def noisy_outputs(coco: COCO, image_id: int, rng: np.random.Generator) -> dict:
+    """Four perturbed copies of the image's objects: duplicates and hundreds of results."""
+    copies = [perturbed_outputs(coco, image_id, rng) for _ in range(4)]
+    return {key: torch.cat([copy[key] for copy in copies]) for key in copies[0]}
+
+
 def pycocotools_directly(coco: COCO, outputs: dict, iou_type: str) -> list[float]:
     """The same detections scored by hand, per instance, without object_detection.evaluate."""
     results = []
@@ -91,7 +97,7 @@ def pycocotools_directly(coco: COCO, outputs: dict, iou_type: str) -> list[float
 
 def all_outputs(coco: COCO, make) -> dict[int, dict]:
     rng = np.random.default_rng(0)
-    return {image_id: make(coco, image_id, rng) if make is perturbed_outputs else make(coco, image_id)
+    return {image_id: make(coco, image_id) if make is ground_truth_outputs else make(coco, image_id, rng)
             for image_id in coco.getImgIds()}
 
 
@@ -107,9 +113,12 @@ def test_ground_truth_fed_back_scores_one(coco_gt, backend):
         {"bbox": pytest.approx(1.0), "segm": pytest.approx(1.0)}
 
 
-def test_perturbed_detections_score_what_pycocotools_gives(coco_gt):
-    outputs = all_outputs(coco_gt, perturbed_outputs)
-    stats = score_results(coco_gt, to_results(outputs), backend="pycocotools")
+@pytest.mark.parametrize("make", [perturbed_outputs, noisy_outputs])
+def test_perturbed_detections_score_what_pycocotools_gives(coco_gt, make):
+    outputs = all_outputs(coco_gt, make)
+    results = to_results(outputs)
+    assert len(results) > 255 or make is perturbed_outputs  # past pycocotools' uint8 scratch
+    stats = score_results(coco_gt, results, backend="pycocotools")
     for iou_type in ("bbox", "segm"):
         expected = pycocotools_directly(coco_gt, outputs, iou_type)
         assert stats[iou_type] == expected
@@ -117,7 +126,7 @@ def test_perturbed_detections_score_what_pycocotools_gives(coco_gt):
 
 
 def test_faster_coco_eval_matches_pycocotools(coco_gt):
-    results = to_results(all_outputs(coco_gt, perturbed_outputs))
+    results = to_results(all_outputs(coco_gt, noisy_outputs))
     half = coco_gt.getImgIds()[::2]
     for image_ids in (None, half):
         reference = score_results(coco_gt, results, image_ids=image_ids, backend="pycocotools")
