@@ -3,7 +3,8 @@
 Each rank turns the detections of its own images into COCO results (`detections_to_coco`), rank 0
 gathers them and scores them once (`CocoEvaluator`). As in the MLPerf reference, boxes and masks
 are scored from separate result lists: the segm results carry no box, so COCOeval takes areas and
-boxes from the masks. `evaluate_results` needs only numpy and pycocotools.
+boxes from the masks. `evaluate_results` needs only numpy and pycocotools (faster-coco-eval,
+when installed, scores the same numbers in a fraction of the time).
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ log = logging.getLogger(__name__)
 
 IOU_TYPES = ("bbox", "segm")
 # pycocotools is the reference. faster-coco-eval (C++ evaluate and accumulate, the same numbers to
-# 1e-4 in tests/test_evaluate.py) is used when installed: 5-10x less time on 5000 images.
+# 1e-4 in tests/test_evaluate.py) is used when installed: about 7x less time on 1000 COCO-like
+# images with 100 detections each (80 s against 11 s on a loaded 2-core host).
 BACKENDS = ("auto", "pycocotools", "faster_coco_eval")
 MASK_THRESHOLD = 0.5
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
