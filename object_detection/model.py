@@ -14,9 +14,56 @@ from torchvision.ops import FrozenBatchNorm2d
 NUM_CLASSES_COCO = 81  # 80 categories + background
 
 
+def fold_frozen_batchnorm(module: nn.Module) -> int:
+    """Apply each FrozenBatchNorm2d through the weights of the convolution before it.
+
+    conv(x, W) * s + b == conv(x, W * s) + b for a per-channel s, so the output is the same function
+    and W keeps its parametrisation and gradients (autograd carries d/dW through W * s). What goes
+    away are the full-resolution multiply and add per norm layer, which under autocast ran in fp32
+    with a copy back to bf16: about a third of the GPU time of a step at batch 16 on an H200.
+    Modules and state-dict keys stay as they are. Returns the number of layers folded.
+    """
+    folded = 0
+    for parent in module.modules():
+        previous = None
+        for child in parent.children():
+            if isinstance(child, FrozenBatchNorm2d) and isinstance(previous, nn.Conv2d):
+                previous.forward = _conv_with_frozen_bn(previous, child)
+                child.forward = _identity
+                folded += 1
+            previous = child
+    return folded
+
+
+def _identity(x):
+    return x
+
+
+def _conv_with_frozen_bn(conv: nn.Conv2d, bn: FrozenBatchNorm2d):
+    def forward(x):
+        scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
+        bias = bn.bias - bn.running_mean * scale
+        return conv._conv_forward(x, conv.weight * scale.reshape(-1, 1, 1, 1), bias)
+    return forward
+
+
+def use_channels_last(model: MaskRCNN) -> MaskRCNN:
+    """Run the backbone and FPN in channels_last (faster convolutions on tensor cores) and hand the
+    heads contiguous feature maps: RoIAlign wants NCHW and would otherwise convert every level for
+    each pooler, and gradients of mixed layouts meet in slow, unvectorised additions."""
+    model.backbone.to(memory_format=torch.channels_last)
+    inner = model.backbone.forward
+
+    def forward(x):
+        return {k: v.contiguous() for k, v in inner(x.contiguous(memory_format=torch.channels_last)).items()}
+
+    model.backbone.forward = forward
+    return model
+
+
 def build_model(num_classes: int = NUM_CLASSES_COCO, *, backbone_weights: Path | None,
                 min_size: int = 800, max_size: int = 1333, image_candidates: int = 1000,
-                rois_per_image: int = 512, test_candidates: int = 1000) -> MaskRCNN:
+                rois_per_image: int = 512, test_candidates: int = 1000, fold_bn: bool = True) -> MaskRCNN:
     """Mask R-CNN with the reference's hyperparameters.
 
     With `backbone_weights` (a torchvision-format ImageNet ResNet-50 state dict) BatchNorm is frozen
@@ -32,6 +79,8 @@ def build_model(num_classes: int = NUM_CLASSES_COCO, *, backbone_weights: Path |
             raise ValueError(f"{backbone_weights} is not a torchvision ResNet-50 state dict "
                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
         trainable_layers = 3  # layer2..layer4: the stem and layer1 are frozen
+        if fold_bn:
+            fold_frozen_batchnorm(body)
     else:
         # Training from scratch as in He et al., "Rethinking ImageNet Pre-training": GroupNorm in the
         # backbone and FPN, residual branches starting at zero so activations don't grow with depth.
