@@ -11,6 +11,7 @@ import json
 import os
 import random
 import secrets
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -160,7 +161,27 @@ def evaluate(model, loader, evaluator: CocoEvaluator, run: Run, autocast) -> dic
     return evaluator.summarize() if run.main else None
 
 
+def die_with_launcher() -> None:
+    """Get SIGKILL when torchrun, our parent, dies (Linux).
+
+    torchrun starts each trainer in a session of its own, so killing the launcher's process group
+    (kill -9, a job manager) would leave the trainers running on, still writing the log and the
+    checkpoint that a --resume of the same log then writes too. Armed once main() starts: a kill
+    while the trainer still imports torch can still orphan it.
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent:  # torchrun died before the call
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def main(argv=None) -> int:
+    die_with_launcher()
     args = parse_args(argv)
     run = Run(args.device)
     profile = PROFILES[args.profile]
