@@ -9,6 +9,8 @@ from torch import nn
 from torchvision.models import resnet50
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops import FrozenBatchNorm2d
 
 NUM_CLASSES_COCO = 81  # 80 categories + background
@@ -61,6 +63,58 @@ def use_channels_last(model: MaskRCNN) -> MaskRCNN:
     return model
 
 
+def _interpolation_matrix(start, length, size: int, out: int):
+    """Rows of bilinear weights (align_corners=False, edges clamped, as F.interpolate computes them)
+    that resize a `size`-long mask axis to `length` pixels placed at `start` on an `out`-long axis."""
+    pos = torch.arange(out, device=start.device, dtype=torch.float32)[None, :] - start[:, None]
+    inside = (pos >= 0) & (pos < length[:, None])
+    src = ((pos + 0.5) * (size / length[:, None]) - 0.5).clamp(min=0)
+    i0 = src.floor().clamp(max=size - 1)
+    frac = src - i0
+    i0 = i0.long()
+    i1 = (i0 + 1).clamp(max=size - 1)
+    weights = torch.zeros(*src.shape, size, device=start.device)
+    weights.scatter_add_(2, i0[..., None], ((1 - frac) * inside)[..., None])
+    weights.scatter_add_(2, i1[..., None], (frac * inside)[..., None])
+    return weights
+
+
+def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, image_shape: tuple[int, int], padding: int = 1):
+    """torchvision's paste_masks_in_image for all detections at once.
+
+    The same arithmetic (1-pixel padding, integer boxes, bilinear resize, paste), written as two
+    batched matrix products instead of a Python loop of one resize and copy per detection, which
+    made evaluation run at under 10 images/s with 100 detections per image.
+    """
+    height, width = image_shape
+    if masks.shape[0] == 0:
+        return masks.new_zeros((0, 1, height, width))
+    masks, scale = expand_masks(masks, padding=padding)
+    boxes = expand_boxes(boxes, scale).to(torch.int64)
+    size = masks.shape[-1]
+    x0, y0 = boxes[:, 0], boxes[:, 1]
+    w = (boxes[:, 2] - x0 + 1).clamp(min=1)
+    h = (boxes[:, 3] - y0 + 1).clamp(min=1)
+    with torch.autocast(masks.device.type, enabled=False):
+        rows = _interpolation_matrix(y0.float(), h.float(), size, height)     # N x H x size
+        cols = _interpolation_matrix(x0.float(), w.float(), size, width)      # N x W x size
+        pasted = rows @ masks[:, 0].float() @ cols.transpose(1, 2)           # N x H x W
+    return pasted[:, None]
+
+
+class DetectionTransform(GeneralizedRCNNTransform):
+    """torchvision's transform with batched mask pasting at the original image size."""
+
+    def postprocess(self, result, image_shapes, original_image_sizes):
+        if self.training:
+            return result
+        for pred, shape, original in zip(result, image_shapes, original_image_sizes):
+            pred["boxes"] = resize_boxes(pred["boxes"], shape, original)
+            if "masks" in pred:
+                pred["masks"] = paste_masks(pred["masks"], pred["boxes"], original)
+        return result
+
+
 def build_model(num_classes: int = NUM_CLASSES_COCO, *, backbone_weights: Path | None,
                 min_size: int = 800, max_size: int = 1333, image_candidates: int = 1000,
                 rois_per_image: int = 512, test_candidates: int = 1000, fold_bn: bool = True) -> MaskRCNN:
@@ -89,7 +143,7 @@ def build_model(num_classes: int = NUM_CLASSES_COCO, *, backbone_weights: Path |
         trainable_layers = 5
     backbone = _resnet_fpn_extractor(body, trainable_layers,
                                      norm_layer=None if backbone_weights is not None else group_norm)
-    return MaskRCNN(
+    model = MaskRCNN(
         backbone, num_classes=num_classes,
         min_size=min_size, max_size=max_size,  # GeneralizedRCNNTransform pads to a multiple of 32
         rpn_pre_nms_top_n_train=2000, rpn_post_nms_top_n_train=image_candidates,
@@ -98,3 +152,7 @@ def build_model(num_classes: int = NUM_CLASSES_COCO, *, backbone_weights: Path |
         box_batch_size_per_image=rois_per_image, box_positive_fraction=0.25,
         box_score_thresh=0.05, box_detections_per_img=100,
     )
+    t = model.transform
+    model.transform = DetectionTransform(t.min_size, t.max_size, t.image_mean, t.image_std,
+                                         size_divisible=t.size_divisible, fixed_size=t.fixed_size)
+    return model

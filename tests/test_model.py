@@ -1,0 +1,43 @@
+"""The model's speed-ups compute the same function as torchvision's code they replace."""
+import torch
+import torchvision
+from torchvision.models.detection.roi_heads import paste_masks_in_image
+from torchvision.ops import FrozenBatchNorm2d
+
+from object_detection.model import build_model, paste_masks, use_channels_last
+
+
+def test_batched_mask_paste_matches_torchvision():
+    g = torch.Generator().manual_seed(0)
+    for height, width, n in [(120, 160, 40), (37, 53, 7), (90, 40, 12)]:
+        masks = torch.rand(n, 1, 28, 28, generator=g)
+        corner = torch.rand(n, 2, generator=g) * torch.tensor([width, height]) - 5
+        size = torch.rand(n, 2, generator=g) * torch.tensor([width, height]) * 0.6 + 0.5
+        boxes = torch.cat([corner, corner + size], 1)
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+        expected = paste_masks_in_image(masks, boxes, (height, width))
+        got = paste_masks(masks, boxes, (height, width))
+        assert got.shape == expected.shape
+        assert (got - expected).abs().max() < 1e-5
+        assert torch.equal(got > 0.5, expected > 0.5)
+    assert paste_masks(torch.rand(0, 1, 28, 28), torch.zeros(0, 4), (10, 12)).shape == (0, 1, 10, 12)
+
+
+def test_folded_frozen_batchnorm_is_the_same_function(tmp_path):
+    weights = tmp_path / "resnet50.pth"
+    torch.save(torchvision.models.resnet50().state_dict(), weights)
+    plain = build_model(81, backbone_weights=weights, min_size=96, max_size=128, fold_bn=False)
+    folded = build_model(81, backbone_weights=weights, min_size=96, max_size=128, fold_bn=True)
+    g = torch.Generator().manual_seed(1)
+    for m in plain.modules():  # statistics far from the identity, so a missed layer shows
+        if isinstance(m, FrozenBatchNorm2d):
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g))
+            m.weight.copy_(torch.randn(m.weight.shape, generator=g))
+    folded.load_state_dict(plain.state_dict())  # same keys: folding renames nothing
+    x = torch.rand(2, 3, 96, 128, generator=g)
+    a, b = plain.backbone(x), use_channels_last(folded).backbone(x)
+    for level in a:
+        assert (a[level] - b[level]).norm() / a[level].norm() < 1e-4
+        assert b[level].is_contiguous()
