@@ -30,3 +30,29 @@ def sandbox(tmp_path) -> dict:
         "INVOKE_MLPERF_DATA_DIR": str(tmp_path / "data"),
         "INVOKE_MLPERF_RESULTS_DIR": str(tmp_path / "results"),
     }
+
+
+TINY_SHAPES_MANIFEST = """\
+name: tiny
+generator: shapes
+generator_options: {train_images: 4, val_images: 2, image_size: 96, seed: 0}
+categories: 3
+splits:
+  train: {images: train2017, annotations: annotations/instances_train2017.json, count: 4}
+  val: {images: val2017, annotations: annotations/instances_val2017.json, count: 2}
+files: []
+"""
+
+
+@pytest.fixture(scope="session")
+def tiny_shapes(tmp_path_factory) -> dict:
+    """The smallest shapes set a CPU training run needs (4 train, 2 val images), made and verified
+    once per session through `invoke fetch` and `invoke verify`. Keys: manifest, data_dir, args."""
+    folder = tmp_path_factory.mktemp("tiny-shapes")
+    manifest = folder / "tiny.yaml"
+    manifest.write_text(TINY_SHAPES_MANIFEST)
+    data_dir = folder / "data"
+    args = ["--manifest", str(manifest), "--data-dir", str(data_dir)]
+    run_invoke(["fetch", *args], check=True, timeout=120)
+    run_invoke(["verify", *args], check=True, timeout=120)
+    return {"manifest": manifest, "data_dir": data_dir, "args": args}

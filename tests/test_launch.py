@@ -1,0 +1,157 @@
+"""The launcher's decisions before any training process starts: torchrun arguments in a Backend.AI
+cluster, pre-flight errors as one line through `invoke train`, the recipe table and the configs.
+
+Backend.AI's cluster variables are given as a dict (no cluster session exists here); everything else
+runs for real, through the entry point a user types.
+"""
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from conftest import run_invoke
+from mlperf import launch
+from mlperf.errors import UserError
+from object_detection.recipe import schedule_for
+
+# A host's own BACKENDAI_CLUSTER_* must not leak into what the tests expect of a single host.
+NO_CLUSTER = {"BACKENDAI_CLUSTER_HOSTS": "", "BACKENDAI_CLUSTER_HOST": "", "BACKENDAI_CLUSTER_SIZE": ""}
+
+
+def assert_one_error_line(proc, *fragments: str) -> str:
+    """Exit 1 with exactly one `error:` line on stderr, no traceback; returns that line."""
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr + proc.stdout
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+# -- Backend.AI cluster -> torchrun ---------------------------------------------------------------
+
+CLUSTER = {"BACKENDAI_CLUSTER_HOSTS": "main1,sub1,sub2", "BACKENDAI_CLUSTER_HOST": "sub1",
+           "BACKENDAI_CLUSTER_SIZE": "3", "BACKENDAI_CLUSTER_ROLE": "sub"}
+
+
+def test_cluster_variables_give_node_rank_master_and_node_count():
+    cluster = launch.cluster_from_env(CLUSTER)
+    assert cluster.hosts == ("main1", "sub1", "sub2")
+    assert (cluster.node_rank, cluster.nnodes, cluster.master_addr) == (1, 3, "main1")
+    assert cluster.master_port == launch.DEFAULT_MASTER_PORT
+    assert launch.torchrun_args(8, cluster) == [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=8", "--nnodes=3", "--node-rank=1",
+        "--master-addr=main1", f"--master-port={launch.DEFAULT_MASTER_PORT}"]
+    # --nodes all starts every host's torchrun from main1, each with its own rank
+    assert "--node-rank=2" in launch.torchrun_args(8, cluster, node_rank=2)
+
+
+def test_master_address_and_port_can_be_overridden():
+    cluster = launch.cluster_from_env({**CLUSTER, "MLPERF_MASTER_ADDR": "10.0.0.5", "MLPERF_MASTER_PORT": "29600"})
+    assert (cluster.master_addr, cluster.master_port) == ("10.0.0.5", 29600)
+    assert "--master-addr=10.0.0.5" in launch.torchrun_args(1, cluster)
+
+
+def test_cluster_variables_that_contradict_each_other_are_user_errors():
+    with pytest.raises(UserError, match="not in BACKENDAI_CLUSTER_HOSTS"):
+        launch.cluster_from_env({**CLUSTER, "BACKENDAI_CLUSTER_HOST": "elsewhere"})
+    with pytest.raises(UserError, match="BACKENDAI_CLUSTER_SIZE=4"):
+        launch.cluster_from_env({**CLUSTER, "BACKENDAI_CLUSTER_SIZE": "4"})
+
+
+@pytest.mark.parametrize("env", [{}, {"BACKENDAI_CLUSTER_HOSTS": "main1", "BACKENDAI_CLUSTER_HOST": "main1",
+                                      "BACKENDAI_CLUSTER_SIZE": "1"}])
+def test_a_single_host_runs_standalone(env):
+    assert launch.cluster_from_env(env) is None
+    assert launch.torchrun_args(2, None) == [sys.executable, "-m", "torch.distributed.run",
+                                             "--nproc-per-node=2", "--standalone"]
+
+
+def test_nodes_all_outside_a_cluster_is_one_error_line(tiny_shapes):
+    proc = run_invoke(["train", *tiny_shapes["args"], "--nodes", "all", "--device", "cpu"], env=NO_CLUSTER)
+    assert_one_error_line(proc, "--nodes all needs a Backend.AI cluster session")
+
+
+# -- pre-flight errors through `invoke train` -----------------------------------------------------
+
+def test_a_dataset_not_fetched_is_one_error_line(tiny_shapes, tmp_path):
+    proc = run_invoke(["train", "--manifest", str(tiny_shapes["manifest"]), "--data-dir", str(tmp_path),
+                       "--device", "cpu", "--log", str(tmp_path / "log.txt")], env=NO_CLUSTER)
+    assert_one_error_line(proc, "dataset tiny not found", "invoke fetch")
+    assert not (tmp_path / "log.txt").exists()
+
+
+def test_a_dataset_fetched_but_not_verified_is_one_error_line(tiny_shapes, tmp_path):
+    args = ["--manifest", str(tiny_shapes["manifest"]), "--data-dir", str(tmp_path)]
+    run_invoke(["fetch", *args], check=True, timeout=120)
+    proc = run_invoke(["train", *args, "--device", "cpu", "--log", str(tmp_path / "log.txt")], env=NO_CLUSTER)
+    assert_one_error_line(proc, "is not verified", "invoke verify")
+
+
+def test_gpus_asked_on_a_host_without_gpus_is_one_error_line(tiny_shapes, tmp_path):
+    proc = run_invoke(["train", *tiny_shapes["args"], "--gpus", "2", "--device", "cuda",
+                       "--log", str(tmp_path / "log.txt")], env=NO_CLUSTER)
+    assert_one_error_line(proc, "no GPU")
+
+
+def test_an_unknown_config_is_one_error_line(tiny_shapes, tmp_path):
+    proc = run_invoke(["train", *tiny_shapes["args"], "--config", "dgx9000", "--device", "cpu",
+                       "--log", str(tmp_path / "log.txt")], env=NO_CLUSTER)
+    assert_one_error_line(proc, "unknown configuration 'dgx9000'", "--list-configs")
+
+
+def test_too_little_shared_memory_says_how_to_get_more_on_backend_ai(monkeypatch):
+    # /dev/shm cannot be shrunk here: the free space is what Backend.AI's default (64 MB) leaves.
+    monkeypatch.setattr(launch, "shm_free_bytes", lambda path="/dev/shm": 64 * 2**20)
+    with pytest.raises(UserError) as error:
+        launch.check_shm(processes=8, workers=8, batch=12)
+    message = str(error.value)
+    assert "\n" not in message
+    assert "/dev/shm has 64 MiB free" in message
+    assert "Backend.AI" in message and "shmem=" in message
+    launch.check_shm(processes=8, workers=0, batch=12)  # no workers: nothing goes through /dev/shm
+    launch.check_shm(processes=1, workers=1, batch=4, image_scale=0.25)  # the CPU config fits in 64 MiB
+
+
+# -- the recipe: RCP schedules and named configurations -------------------------------------------
+
+@pytest.mark.parametrize("batch, lr, decay, warmup, factor", [
+    (8, 0.01, (144000, 192000), 500, None),
+    (64, 0.08, (18000, 24000), 800, 1e-4),
+    (96, 0.12, (12000, 16000), 625, 1.92e-4),
+    (16, 0.02, (60000, 80000), 500, 1 / 3),  # no RCP at 16: the reference's own recipe
+])
+def test_schedules_come_from_the_reference_convergence_points(batch, lr, decay, warmup, factor):
+    schedule = schedule_for(batch)
+    assert (schedule.batch, schedule.lr, schedule.decay_steps, schedule.warmup_steps) == (batch, lr, decay, warmup)
+    if factor is not None:
+        assert schedule.warmup_factor == pytest.approx(factor)
+
+
+def test_a_batch_without_a_reference_point_is_scaled_linearly_with_a_warning():
+    with pytest.warns(UserWarning, match="linear scaling"):
+        schedule = schedule_for(40)
+    nearest = schedule_for(48)
+    assert schedule.batch == 40
+    assert schedule.lr == pytest.approx(nearest.lr * 40 / 48)
+    assert schedule.decay_steps == tuple(round(s * 48 / 40) for s in nearest.decay_steps)
+
+
+def test_learning_rate_warms_up_then_decays_twice():
+    s = schedule_for(64)
+    assert s.lr_at(0) == pytest.approx(s.lr * s.warmup_factor)
+    assert s.lr_at(s.warmup_steps // 2) == pytest.approx(s.lr * (s.warmup_factor + 1) / 2)
+    assert s.lr_at(s.warmup_steps) == pytest.approx(s.lr)
+    assert s.lr_at(s.decay_steps[0] - 1) == pytest.approx(s.lr)
+    assert s.lr_at(s.decay_steps[0]) == pytest.approx(s.lr * 0.1)
+    assert s.lr_at(s.decay_steps[1]) == pytest.approx(s.lr * 0.01)
+
+
+def test_list_configs_prints_the_system_configurations():
+    proc = run_invoke(["train", "--list-configs"], check=True)
+    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()[1:] if line.strip()}
+    assert rows["dgx8-h100"][1:4] == ["8", "12", "96"]
+    assert rows["dgx8-v100-16g"][1:4] == ["8", "6", "48"]
+    assert rows["shapes-cpu"][1:4] == ["0", "4", "4"]
