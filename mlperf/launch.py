@@ -213,6 +213,12 @@ def train(*, dataset, data_dir: Path, gpus=None, nodes=None, batch_size=None, co
             raise UserError("--gpus must be at least 1 (use --device cpu to train on the CPU)")
     cluster = cluster_from_env()
     nnodes = cluster.nnodes if cluster else 1
+    if nodes is not None:
+        if nodes != "all":
+            raise UserError(f"--nodes takes 'all', not {nodes!r}")
+        if cluster is None:
+            raise UserError("--nodes all needs a Backend.AI cluster session (BACKENDAI_CLUSTER_HOSTS lists "
+                            "fewer than two hosts): run plain `invoke train` on a single host")
     if batch_size is not None:
         per, rest = divmod(int(batch_size), nproc * nnodes)
         if rest or per == 0:
@@ -236,11 +242,6 @@ def train(*, dataset, data_dir: Path, gpus=None, nodes=None, batch_size=None, co
           f"{cfg.per_gpu_batch} images each; log {log}", flush=True)
 
     if nodes is not None:
-        if nodes != "all":
-            raise UserError(f"--nodes takes 'all', not {nodes!r}")
-        if cluster is None:
-            raise UserError("--nodes all needs a Backend.AI cluster session (BACKENDAI_CLUSTER_HOSTS lists "
-                            "fewer than two hosts): run plain `invoke train` on a single host")
         return run_on_all_nodes(cluster, nproc, trainer, env)
     cmd = torchrun_args(nproc, cluster) + trainer
     return subprocess.call(cmd, env=env, cwd=PROJECT_ROOT)
@@ -273,7 +274,7 @@ def bench(*, gpus=None, batch_sizes="8,16,32", iterations=None, baseline=True, o
     if iterations:
         cmd.append(f"--iterations={int(iterations)}")
     if not baseline:
-        cmd.append("--variants=ours-bf16,ours-bf16-cl-fused")
+        cmd.append("--variants=ours-bf16-cl-fused")
     if output:
         cmd.append(f"--output={output}")
     return subprocess.call(cmd, cwd=PROJECT_ROOT)
