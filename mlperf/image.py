@@ -306,6 +306,13 @@ RUN for tool in sh getent useradd groupadd usermod; do \\
       test -x "$file" || {{ echo "base image lacks $file (Backend.AI needs it)" >&2; exit 1; }}; \\
     done
 
+# `fab deploy` and `fab results` run rsync on both ends; NGC and pytorch/pytorch bases lack it.
+# Unpinned: the base's own Ubuntu release decides the version, as it does for the rest of it.
+# hadolint ignore=DL3008
+RUN command -v rsync >/dev/null || {{ apt-get update \
+ && apt-get install -y --no-install-recommends rsync \
+ && rm -rf /var/lib/apt/lists/*; }}
+
 # The pip lines are requirements.txt itself. The base already has a CUDA build of torch and
 # torchvision that PyPI's wheels would replace; pinning whatever versions the base has as
 # constraints keeps them (pip accepts an installed pre-release such as NGC's 2.6.0a0 for
