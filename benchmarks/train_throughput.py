@@ -29,7 +29,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from object_detection.model import build_model, use_channels_last  # noqa: E402
-from object_detection.train import amp_dtype, make_optimizer  # noqa: E402
+from object_detection.train import amp_dtype, make_optimizer, train_step  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -81,6 +81,8 @@ def time_steps(model, optimizer, batches, device, dtype, scaler, iterations: int
     """Median and mean step time over `iterations` steps after `warmup`, with CUDA sync per step."""
     model.train()
     times = []
+    autocast = ((lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None
+                else (lambda: torch.autocast(device.type, enabled=False)))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for i in range(warmup + iterations):
@@ -89,17 +91,7 @@ def time_steps(model, optimizer, batches, device, dtype, scaler, iterations: int
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         images, targets = to_device(images, targets, device)
-        ctx = torch.autocast(device.type, dtype=dtype) if dtype is not None else torch.autocast(device.type, enabled=False)
-        with ctx:
-            loss = sum(model(images, targets).values())
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        train_step(model, optimizer, scaler, images, targets, autocast)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if i >= warmup:

@@ -121,6 +121,23 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr * group["lr_factor"]
 
 
+def train_step(model, optimizer, scaler, images, targets, autocast):
+    """One SGD step on a batch already on the device; returns the summed loss and its parts.
+    No host synchronisation: the caller reads the loss only when it prints it."""
+    with autocast():
+        losses = model(images, targets)
+    loss = sum(losses.values())
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return loss, losses
+
+
 def log_offset(path: Path) -> int:
     return path.stat().st_size if path.exists() else 0
 
@@ -318,17 +335,7 @@ def main(argv=None) -> int:
             images = [img.to(run.device, non_blocking=True).float().div_(255) for img in images]
             targets = [{k: (v.to(run.device, non_blocking=True) if torch.is_tensor(v) else v)
                         for k, v in t.items()} for t in targets]
-            with autocast():
-                losses = ddp_model(images, targets)
-            loss = sum(losses.values())
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
+            loss, losses = train_step(ddp_model, optimizer, scaler, images, targets, autocast)
             iteration += 1
             seen += len(images) * run.world_size
             # Every print_freq iterations, and the epoch's last: short epochs still show their loss.
