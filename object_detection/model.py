@@ -117,7 +117,8 @@ class DetectionTransform(GeneralizedRCNNTransform):
 
 def build_model(num_classes: int = NUM_CLASSES_COCO, *, backbone_weights: Path | None,
                 min_size: int = 800, max_size: int = 1333, image_candidates: int = 1000,
-                rois_per_image: int = 512, test_candidates: int = 1000, fold_bn: bool = True) -> MaskRCNN:
+                rois_per_image: int = 512, test_candidates: int = 1000, detections_per_image: int = 100,
+                fold_bn: bool = True) -> MaskRCNN:
     """Mask R-CNN with the reference's hyperparameters.
 
     With `backbone_weights` (a torchvision-format ImageNet ResNet-50 state dict) BatchNorm is frozen
@@ -150,7 +151,7 @@ def build_model(num_classes: int = NUM_CLASSES_COCO, *, backbone_weights: Path |
         rpn_pre_nms_top_n_test=1000, rpn_post_nms_top_n_test=test_candidates,
         rpn_nms_thresh=0.7, rpn_batch_size_per_image=256, rpn_positive_fraction=0.5,
         box_batch_size_per_image=rois_per_image, box_positive_fraction=0.25,
-        box_score_thresh=0.05, box_detections_per_img=100,
+        box_score_thresh=0.05, box_detections_per_img=detections_per_image,
     )
     t = model.transform
     model.transform = DetectionTransform(t.min_size, t.max_size, t.image_mean, t.image_std,

@@ -279,7 +279,8 @@ def main(argv=None) -> int:
     model = build_model(num_classes, backbone_weights=args.backbone if profile.pretrained else None,
                         min_size=profile.min_size, max_size=profile.max_size,
                         image_candidates=schedule.image_candidates, rois_per_image=profile.rois_per_image,
-                        test_candidates=profile.test_candidates).to(run.device)
+                        test_candidates=profile.test_candidates,
+                        detections_per_image=profile.detections_per_image).to(run.device)
     if run.device.type == "cuda":
         use_channels_last(model)
     optimizer = make_optimizer(model, schedule.lr, fused=run.device.type == "cuda")
@@ -375,6 +376,9 @@ def main(argv=None) -> int:
     end(C.RUN_STOP, status=status)
     if run.main:
         print(f"run_stop: {status}", flush=True)
+        # The checkpoint only serves --resume of an unfinished run; a finished one would leave
+        # hundreds of MB per run in the results folder.
+        checkpoint_path.unlink(missing_ok=True)
     if run.world_size > 1:
         dist.destroy_process_group()
     return 0

@@ -84,3 +84,25 @@ def test_one_failing_host_stops_the_others(cluster, capsys):
     while processes_with(marker) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert processes_with(marker) == []
+
+
+def test_invoke_train_nodes_all_trains_across_two_hosts(cluster, tiny_shapes, tmp_path):
+    """`invoke train --nodes all` on main1 of a (loopback) Backend.AI cluster session: torchrun on
+    both hosts over SSH, node ranks 0 and 1, gloo, one tiny shapes training with world size 2."""
+    from conftest import run_invoke
+    from mlperf.results import check_compliance, parse_log
+
+    server, _ = cluster
+    log = tmp_path / "result_0.txt"
+    env = {"BACKENDAI_CLUSTER_HOSTS": "main1,sub1", "BACKENDAI_CLUSTER_HOST": "main1",
+           "BACKENDAI_CLUSTER_SIZE": "2", "MLPERF_MASTER_ADDR": "127.0.0.1",
+           "MLPERF_MASTER_PORT": str(free_port()), "MLPERF_SSH_CONFIG": str(server.ssh_config)}
+    proc = run_invoke(["train", *tiny_shapes["args"], "--device", "cpu", "--gpus", "1", "--batch-size", "4",
+                       "--max-epochs", "1", "--seed", "5", "--nodes", "all", "--log", str(log)],
+                      env=env, timeout=600, check=True)
+    assert '"world_size": 2' in proc.stdout and "[main1]" in proc.stdout and "[sub1]" in proc.stdout
+    assert "2 node(s) x 1 cpu process(es)" in proc.stdout
+    parsed = parse_log(log)
+    assert parsed.status in ("success", "aborted") and parsed.evals
+    assert '"key": "global_batch_size", "value": 4' in log.read_text()
+    assert check_compliance(log, "3.1.0") == (True, [])

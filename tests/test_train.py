@@ -186,6 +186,7 @@ def test_a_run_killed_mid_epoch_resumes_to_one_complete_log(tiny_shapes, tmp_pat
     assert_passes_checker(log)
     losses = loss_lines(proc.stdout)
     assert losses and all(math.isfinite(v) for line in losses for v in line.values())
+    assert not Path(f"{log}.ckpt").exists()  # a finished run keeps no checkpoint
 
 
 # -- the grouped batch sampler --------------------------------------------------------------------
