@@ -9,7 +9,7 @@ import yaml
 from invoke import Collection, task
 from invoke.exceptions import Exit
 
-from mlperf.tasking import local_only, option, step
+from mlperf.tasking import dataset_of, local_only, option, step
 
 DATASET_HELP = "dataset name from the catalog: shapes (synthetic) or coco2017 (default from invoke.yaml)"
 MANIFEST_HELP = "a dataset manifest YAML file instead of a built-in dataset"
@@ -31,9 +31,8 @@ def fetch(c, dataset=None, manifest=None, data_dir=None, mirror=None, source=Non
           detach=False):
     """Download, check and unpack a dataset (or make the synthetic shapes set)."""
     from mlperf import fetch as fetching
-    from mlperf.datasets import resolve
 
-    ds = resolve(option(c, dataset, "dataset") if manifest is None else None, manifest)
+    ds = dataset_of(c, dataset, manifest)
     fetching.fetch_dataset(ds, Path(option(c, data_dir, "data_dir")), mirror=mirror, source=source,
                            jobs=int(option(c, jobs, "jobs")))
 
@@ -50,9 +49,7 @@ def fetch(c, dataset=None, manifest=None, data_dir=None, mirror=None, source=Non
 def verify(c, dataset=None, manifest=None, data_dir=None, deep=False, force=False, detach=False):
     """Check archives' md5 and the dataset's structure; exit 1 on any failure."""
     from mlperf import verify as verifying
-    from mlperf.datasets import resolve
-
-    ds = resolve(option(c, dataset, "dataset") if manifest is None else None, manifest)
+    ds = dataset_of(c, dataset, manifest)
     verifying.verify_dataset(ds, Path(option(c, data_dir, "data_dir")), deep=deep, force=force)
 
 
@@ -86,7 +83,7 @@ def image(c, base=None, output=None, tag=None, build=False, push=False, check=No
     "dataset": DATASET_HELP,
     "manifest": MANIFEST_HELP,
     "data_dir": DATA_DIR_HELP,
-    "gpus": "GPUs per node (default: all detected; 0 trains on the CPU)",
+    "gpus": "processes per node: GPUs (default: all detected), or CPU processes with --device cpu",
     "nodes": "'all' to start on every host of a Backend.AI cluster session (from main1)",
     "batch_size": "global batch size (default: the system configuration's)",
     "config": "named system configuration (see --list-configs); default: picked from the hardware",
@@ -108,9 +105,7 @@ def train(c, dataset=None, manifest=None, data_dir=None, gpus=None, nodes=None, 
     if list_configs:
         launch.print_configs()
         return
-    from mlperf.datasets import resolve
-
-    ds = resolve(option(c, dataset, "dataset") if manifest is None else None, manifest)
+    ds = dataset_of(c, dataset, manifest)
     log = Path(log) if log else Path(option(c, None, "results_dir")) / "train" / "result_0.txt"
     code = launch.train(
         dataset=ds, data_dir=Path(option(c, data_dir, "data_dir")), gpus=gpus, nodes=nodes,
@@ -180,7 +175,7 @@ def all_(c, dataset=None, data_dir=None, results_dir=None, runs=None, build=Fals
 
 
 @task(help={
-    "gpus": "GPUs to run on through torchrun (default 1)",
+    "gpus": "GPUs to run on (one for now: multi-GPU scaling runs are not written yet)",
     "batch_sizes": "comma-separated per-GPU batch sizes (default 8,16,32)",
     "iterations": "timed iterations per measurement",
     "baseline": "also time torchvision's stock Mask R-CNN on the same batches (default on)",
@@ -202,9 +197,7 @@ def bench(c, gpus=None, batch_sizes="8,16,32", iterations=None, baseline=True, o
 def doctor(c, dataset=None, manifest=None, data_dir=None):
     """Table of what the benchmark needs and what this host has; exit 1 if something is missing."""
     from mlperf import doctor as checkup
-    from mlperf.datasets import resolve
-
-    ds = resolve(option(c, dataset, "dataset") if manifest is None else None, manifest)
+    ds = dataset_of(c, dataset, manifest)
     checkup.doctor(ds, data_dir=Path(option(c, data_dir, "data_dir")))
 
 
@@ -221,8 +214,6 @@ def status(c):
 @step
 def logs(c, follow=False, job=None):
     """Print a background job's output (default: the latest job)."""
-    from invoke.exceptions import Exit
-
     from mlperf import jobs
 
     code = jobs.logs(jobs.jobs_dir(Path(option(c, None, "results_dir"))), job_id=job, follow=follow)

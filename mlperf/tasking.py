@@ -28,6 +28,13 @@ def option(c, value, key: str):
     return node
 
 
+def dataset_of(c, dataset, manifest):
+    """The dataset a task works on: the user's manifest file, else a catalog name (default from config)."""
+    from mlperf.datasets import resolve
+
+    return resolve(option(c, dataset, "dataset") if manifest is None else None, manifest)
+
+
 def step(fn):
     """Make a task body a benchmark step.
 
