@@ -28,7 +28,7 @@ from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.ops import FrozenBatchNorm2d
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from object_detection.model import build_model, use_channels_last  # noqa: E402
+from object_detection.model import build_model, use_batched_sampler, use_channels_last  # noqa: E402
 from object_detection.train import amp_dtype, make_optimizer, train_step  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -66,8 +66,10 @@ def stock_model(device):
     return maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, trainable_backbone_layers=3).to(device)
 
 
-def our_model(device, backbone: Path, channels_last: bool, fold_bn: bool = True, compile_backbone: bool = False):
-    model = build_model(81, backbone_weights=backbone, image_candidates=1000, fold_bn=fold_bn).to(device)
+def our_model(device, backbone: Path, channels_last: bool, fold_bn: bool = True, compile_backbone: bool = False,
+              batched_sampler: bool = True):
+    model = build_model(81, backbone_weights=backbone, image_candidates=1000, fold_bn=fold_bn,
+                        batched_sampler=batched_sampler).to(device)
     if channels_last == "all":
         model = model.to(memory_format=torch.channels_last)
     elif channels_last:
@@ -115,6 +117,8 @@ def check_same_function(device, backbone: Path) -> dict:
     # What maskrcnn_resnet50_fpn builds from an ImageNet backbone: frozen BN, layer2-4 trainable.
     body = resnet50(norm_layer=FrozenBatchNorm2d)
     stock = MaskRCNN(_resnet_fpn_extractor(body, 3), num_classes=81, rpn_post_nms_top_n_train=1000).to(device)
+    # The sampler draws its random subsets differently (same distribution): give both the same one.
+    use_batched_sampler(stock)
     stock.load_state_dict(ours.state_dict())
     images, targets = synthetic_batch(2, "cpu", seed=123)
     images, targets = to_device(images, targets, device)
@@ -134,9 +138,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch-sizes", default="8,16,32")
     p.add_argument("--iterations", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--variants", default="stock-fp16,ours-bf16-nofold,ours-bf16-cl-fused-nofold,ours-bf16-cl-fused",
+    p.add_argument("--variants", default="stock-fp16,ours-bf16-cl-fused-tvsampler,ours-bf16-cl-fused",
                    help="stock-fp16: torchvision's loop; ours-*: bf16 autocast, -cl channels_last backbone, -clall "
-                        "channels_last everywhere, -fused fused SGD, -nofold keeps FrozenBatchNorm as separate layers, -compile torch.compile on the backbone")
+                        "channels_last everywhere, -fused fused SGD, -tvsampler torchvision's per-image sampler, -nofold keeps FrozenBatchNorm as separate layers, -compile torch.compile on the backbone")
     p.add_argument("--check", action="store_true", help="also check that our step computes the stock function")
     p.add_argument("--output", type=Path)
     args = p.parse_args(argv)
@@ -168,7 +172,7 @@ def main(argv=None) -> int:
             else:
                 cl = "all" if "-clall" in variant else "-cl" in variant
                 model = our_model(device, backbone, channels_last=cl, fold_bn="-nofold" not in variant,
-                                  compile_backbone="-compile" in variant)
+                                  compile_backbone="-compile" in variant, batched_sampler="-tvsampler" not in variant)
                 optimizer = make_optimizer(model, lr=0.01, fused="-fused" in variant and device.type == "cuda")
                 dtype = amp_dtype("bf16" if "bf16" in variant else "fp16", device)
                 scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None

@@ -115,10 +115,49 @@ class DetectionTransform(GeneralizedRCNNTransform):
         return result
 
 
+class BatchedBalancedSampler:
+    """torchvision's BalancedPositiveNegativeSampler without a host synchronisation per image.
+
+    The same draw: per image, min(positives, batch * fraction) positives uniformly at random, then
+    negatives up to the batch size. torchvision finds the candidates with torch.where (a copy to the
+    host each, twice per image, in both the RPN and the RoI heads); here every image is padded into
+    one tensor and a random ranking picks them, with counts that never leave the device.
+    """
+
+    def __init__(self, batch_size_per_image: int, positive_fraction: float):
+        self.batch_size_per_image = batch_size_per_image
+        self.positive_fraction = positive_fraction
+
+    def __call__(self, matched_idxs: list[torch.Tensor]):
+        lengths = [m.numel() for m in matched_idxs]
+        matched = torch.nn.utils.rnn.pad_sequence(matched_idxs, batch_first=True, padding_value=-1)
+        positive = _random_subset(matched >= 1, int(self.batch_size_per_image * self.positive_fraction))
+        wanted = self.batch_size_per_image - positive.sum(dim=1, keepdim=True)
+        negative = _random_subset(matched == 0, wanted)
+        return ([p[:n].to(torch.uint8) for p, n in zip(positive, lengths)],
+                [q[:n].to(torch.uint8) for q, n in zip(negative, lengths)])
+
+
+def _random_subset(eligible: torch.Tensor, count) -> torch.Tensor:
+    """Per row, `count` eligible entries chosen uniformly at random (all of them if fewer)."""
+    keys = torch.where(eligible, torch.rand(eligible.shape, device=eligible.device), -1.0)
+    order = keys.argsort(dim=1, descending=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    return eligible & (rank < count)
+
+
+def use_batched_sampler(model: MaskRCNN) -> MaskRCNN:
+    for head in (model.rpn, model.roi_heads):
+        old = head.fg_bg_sampler
+        head.fg_bg_sampler = BatchedBalancedSampler(old.batch_size_per_image, old.positive_fraction)
+    return model
+
+
 def build_model(num_classes: int = NUM_CLASSES_COCO, *, backbone_weights: Path | None,
                 min_size: int = 800, max_size: int = 1333, image_candidates: int = 1000,
                 rois_per_image: int = 512, test_candidates: int = 1000, detections_per_image: int = 100,
-                fold_bn: bool = True) -> MaskRCNN:
+                fold_bn: bool = True, batched_sampler: bool = True) -> MaskRCNN:
     """Mask R-CNN with the reference's hyperparameters.
 
     With `backbone_weights` (a torchvision-format ImageNet ResNet-50 state dict) BatchNorm is frozen
@@ -156,4 +195,6 @@ def build_model(num_classes: int = NUM_CLASSES_COCO, *, backbone_weights: Path |
     t = model.transform
     model.transform = DetectionTransform(t.min_size, t.max_size, t.image_mean, t.image_std,
                                          size_divisible=t.size_divisible, fixed_size=t.fixed_size)
+    if batched_sampler:
+        use_batched_sampler(model)
     return model

@@ -4,7 +4,9 @@ import torchvision
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 from torchvision.ops import FrozenBatchNorm2d
 
-from object_detection.model import build_model, paste_masks, use_channels_last
+from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
+
+from object_detection.model import BatchedBalancedSampler, build_model, paste_masks, use_channels_last
 
 
 def test_batched_mask_paste_matches_torchvision():
@@ -41,3 +43,26 @@ def test_folded_frozen_batchnorm_is_the_same_function(tmp_path):
     for level in a:
         assert (a[level] - b[level]).norm() / a[level].norm() < 1e-4
         assert b[level].is_contiguous()
+
+
+def test_batched_sampler_draws_what_torchvision_draws():
+    """Same counts as torchvision's sampler (min(positives, 128), then negatives up to 512), only
+    among eligible entries, per image of any length; and every eligible entry can be drawn."""
+    g = torch.Generator().manual_seed(0)
+    ours, reference = BatchedBalancedSampler(512, 0.25), BalancedPositiveNegativeSampler(512, 0.25)
+    for trial in range(40):
+        high = 4 if trial % 3 else 1  # every third trial: no positives at all
+        matched = [torch.randint(-1, high, (int(torch.randint(10, 3000, (1,), generator=g)),), generator=g)
+                   for _ in range(4)]
+        (pos, neg), (ref_pos, ref_neg) = ours(matched), reference(matched)
+        for m, p, n, rp, rn in zip(matched, pos, neg, ref_pos, ref_neg):
+            assert p.dtype == torch.uint8 and p.shape == m.shape and n.shape == m.shape
+            assert int(p.sum()) == int(rp.sum()) and int(n.sum()) == int(rn.sum())
+            assert bool((m[p.bool()] >= 1).all()) and bool((m[n.bool()] == 0).all())
+    matched = [torch.tensor([1, 1, 1, 0, 0, -1] * 10)]
+    sampler = BatchedBalancedSampler(8, 0.5)
+    drawn = torch.zeros(60)
+    for _ in range(300):
+        p, n = sampler(matched)
+        drawn += p[0] + n[0]
+    assert bool((drawn[matched[0] >= 0] > 0).all()) and bool((drawn[matched[0] < 0] == 0).all())

@@ -269,7 +269,7 @@ def test_our_model_computes_the_same_losses_as_torchvision_stock(tmp_path):
     from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
     from torchvision.ops import FrozenBatchNorm2d
 
-    from object_detection.model import build_model
+    from object_detection.model import build_model, use_batched_sampler
 
     weights = tmp_path / "resnet50.pth"
     random_backbone_weights(weights)
@@ -280,6 +280,9 @@ def test_our_model_computes_the_same_losses_as_torchvision_stock(tmp_path):
     stock = MaskRCNN(_resnet_fpn_extractor(body, 3), num_classes=81, rpn_post_nms_top_n_train=1000,
                      min_size=128, max_size=160)
     stock.load_state_dict(ours.state_dict())  # strict: the same modules under the same names
+    # Our sampler draws the same distribution of subsets in another order (tests/test_model.py):
+    # both models get it here so the same seed samples the same anchors and RoIs.
+    use_batched_sampler(stock)
     stock.train()
 
     images, targets = small_batch()
