@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 
 from invoke.exceptions import Exit
 
@@ -10,12 +11,13 @@ from mlperf.errors import UserError
 
 
 def is_remote(c) -> bool:
-    """True when the task runs under `fab -H host`, where `c` is a Fabric Connection."""
-    try:
-        from fabric import Connection
-    except ImportError:  # fabric is optional for purely local use
-        return False
-    return isinstance(c, Connection)
+    """True when the task runs under `fab -H host`, where `c` is a Fabric Connection.
+
+    Under `fab`, fabric is already imported; under `invoke` it need not be, and importing it
+    (paramiko, cryptography) would add ~0.15 s to every local step.
+    """
+    fabric = sys.modules.get("fabric")
+    return fabric is not None and isinstance(c, fabric.Connection)
 
 
 def option(c, value, key: str):
