@@ -41,6 +41,16 @@ class Schedule:
         decays = sum(iteration >= s for s in self.decay_steps)
         return self.lr * factor * (0.1 ** decays)
 
+    def scaled_to(self, batch: int) -> "Schedule":
+        """The linear scaling rule: lr times batch/self.batch, warmup and decays at the same epochs."""
+        if batch == self.batch:
+            return self
+        scale = batch / self.batch
+        return replace(self, batch=batch, lr=round(self.lr * scale, 6),
+                       decay_steps=tuple(round(s / scale) for s in self.decay_steps),
+                       warmup_steps=round(self.warmup_steps / scale),
+                       source=f"linear scaling of {self.source} to batch {batch}", epochs_to_converge=())
+
 
 def reference_points() -> dict[int, Schedule]:
     """RCP schedules by global batch size, read from mlperf-logging's rcps_maskrcnn.json."""
@@ -71,17 +81,11 @@ def schedule_for(global_batch: int) -> Schedule:
                         warmup_factor=r["warmup_factor"], image_candidates=r["image_candidates"],
                         source="reference maskrcnn-benchmark 1x (16 images)")
     nearest = min(table, key=lambda b: abs(b - global_batch))
-    base = table[nearest]
-    scale = global_batch / nearest
     warnings.warn(
         f"global batch {global_batch} has no MLPerf reference convergence point; using the linear "
         f"scaling rule from batch {nearest}: a submission's convergence will be judged by interpolation",
         stacklevel=2)
-    return replace(base, batch=global_batch, lr=round(base.lr * scale, 6),
-                   decay_steps=tuple(round(s / scale) for s in base.decay_steps),
-                   warmup_steps=round(base.warmup_steps / scale),
-                   source=f"linear scaling of {base.source} to batch {global_batch}",
-                   epochs_to_converge=())
+    return table[nearest].scaled_to(global_batch)
 
 
 @dataclass(frozen=True)

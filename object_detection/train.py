@@ -203,11 +203,8 @@ def main(argv=None) -> int:
     run = Run(args.device)
     profile = PROFILES[args.profile]
     global_batch = args.per_gpu_batch * run.world_size
-    schedule = profile.schedule or schedule_for(global_batch)
-    if profile.schedule is not None and global_batch != schedule.batch:  # linear scaling rule
-        scale = global_batch / schedule.batch
-        schedule = type(schedule)(**{**schedule.__dict__, "batch": global_batch, "lr": schedule.lr * scale,
-                                     "source": f"{schedule.source}, linearly scaled to batch {global_batch}"})
+    # A profile's own schedule is written for its batch; other batches follow the linear scaling rule.
+    schedule = profile.schedule.scaled_to(global_batch) if profile.schedule else schedule_for(global_batch)
     max_epochs = args.max_epochs or profile.max_epochs
     bbox_target = args.bbox_target if args.bbox_target is not None else profile.bbox_target
     segm_target = args.segm_target if args.segm_target is not None else profile.segm_target
