@@ -195,7 +195,8 @@ def train(*, dataset, data_dir: Path, gpus=None, nodes=None, batch_size=None, co
     from mlperf.datasets import Dataset, resolve
 
     ds = dataset if isinstance(dataset, Dataset) else resolve(dataset)
-    detected = detect_gpus()
+    # Detecting GPUs imports torch here (seconds); a run asked for on the CPU needs none of it.
+    detected = Gpus(0) if device == "cpu" else detect_gpus()
     device = device or ("cuda" if detected.count else "cpu")
     if device not in ("cpu", "cuda"):
         raise UserError(f"--device must be cpu or cuda, not {device!r}")
