@@ -117,6 +117,7 @@ class FileServer:
             fh.seek(start)
             left = size - start if drop is None else min(size - start, drop)
             block = 64 << 10
+            began = time.perf_counter()
             while left > 0:
                 data = fh.read(min(block, left))
                 try:
@@ -126,8 +127,8 @@ class FileServer:
                     return
                 record.sent += len(data)
                 left -= len(data)
-                if fault.rate:
-                    time.sleep(len(data) / fault.rate)
+                if fault.rate:  # paced against the clock, so the rate holds however long writes take
+                    time.sleep(max(0.0, began + record.sent / fault.rate - time.perf_counter()))
             if drop is not None:  # cut the connection with the body unfinished
                 h.close_connection = True
                 try:

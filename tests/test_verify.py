@@ -146,12 +146,16 @@ def test_missing_dataset_is_one_line(tmp_path, dataset):
     assert proc.returncode == 1 and "run `invoke fetch" in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("pool", ["process", "thread"])
-def test_parallel_hashing_matches_hashlib(tmp_path, pool):
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_parallel_hashing_matches_hashlib(tmp_path, workers):
+    """Files paused and resumed a slice at a time, several per thread: every digest still whole."""
     jobs = []
-    for i, (size, algo) in enumerate([(5_000_000, "md5"), (17, "md5"), (9_000_001, "sha256"), (0, "md5")]):
+    sizes = [(2 * verifying.HASH_STEP + 12345, "md5"), (5_000_000, "md5"), (17, "md5"),
+             (verifying.HASH_STEP + 1, "sha256"), (0, "md5")]
+    for i, (size, algo) in enumerate(sizes):
         path = tmp_path / f"f{i}"
         path.write_bytes(os.urandom(size))
         jobs.append((path, algo))
-    got = verifying.hash_files(jobs, workers=2, pool=pool)
+    got = verifying.hash_files(jobs, workers=workers)
     assert got == [hashlib.new(a, p.read_bytes()).hexdigest() for p, a in jobs]
+    assert verifying.hash_file(jobs[0][0]) == got[0]
