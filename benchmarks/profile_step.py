@@ -1,6 +1,7 @@
 """Where a training step's time goes: per-stage wall time (synchronised) and the top operators.
 
     python benchmarks/profile_step.py --batch 16
+    python benchmarks/profile_step.py --batch 16 --syncs [--tvsync]   # host waits per step, by code site
 """
 from __future__ import annotations
 
@@ -20,13 +21,15 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--syncs", action="store_true", help="count host synchronisations per step, by site")
+    p.add_argument("--tvsync", action="store_true", help="torchvision's heads (no object_detection.sync_free)")
     args = p.parse_args()
     device = torch.device("cuda")
     backbone = Path("/tmp/bench_resnet50.pth")
     if not backbone.exists():
         import torchvision
         torch.save(torchvision.models.resnet50().state_dict(), backbone)
-    model = our_model(device, backbone, channels_last=True)
+    model = our_model(device, backbone, channels_last="rpn", sync_free=not args.tvsync)
     opt = make_optimizer(model, 0.01, fused=True)
     batches = [synthetic_batch(args.batch, "cpu", seed=s) for s in range(2)]
 
@@ -64,6 +67,9 @@ def main() -> None:
 
     for i in range(3):
         step(i)
+    if args.syncs:
+        count_syncs(lambda: step(0))
+        return
     stages.clear()
     t0 = time.perf_counter()
     for i in range(args.steps):
@@ -79,6 +85,35 @@ def main() -> None:
             step(i)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=50))
     print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=20, max_name_column_width=50))
+
+
+def count_syncs(step) -> None:
+    """One step under torch.cuda.set_sync_debug_mode("warn"): every operation that makes the host
+    wait for the GPU warns; each is charged to the innermost torchvision/object_detection frame."""
+    import collections
+    import traceback
+    import warnings
+
+    sites: collections.Counter = collections.Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        ours = [f for f in traceback.extract_stack()[:-1]
+                if "torchvision" in f.filename or "object_detection" in f.filename]
+        f = ours[-1] if ours else None
+        site = f"{f.filename.split('site-packages/')[-1]}:{f.lineno} {f.name}" if f else f"{filename}:{lineno}"
+        sites[site] += 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    print(f"host synchronisations in one step: {sum(sites.values())}")
+    for site, n in sites.most_common():
+        print(f"  {n:5d}  {site}")
 
 
 if __name__ == "__main__":

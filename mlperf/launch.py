@@ -275,7 +275,7 @@ def bench(*, gpus=None, batch_sizes="8,16,32", iterations=None, baseline=True, o
     if iterations:
         cmd.append(f"--iterations={int(iterations)}")
     if not baseline:
-        cmd.append("--variants=ours-bf16-cl-fused")
+        cmd.append("--variants=ours-bf16-rpncl-fused")
     if output:
         cmd.append(f"--output={output}")
     return subprocess.call(cmd, cwd=PROJECT_ROOT)

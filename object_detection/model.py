@@ -4,13 +4,15 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torchvision.models import resnet50
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
-from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
+from torchvision.models.detection.transform import (GeneralizedRCNNTransform, _resize_image_and_masks,
+                                                    resize_keypoints)
 from torchvision.ops import FrozenBatchNorm2d
 
 NUM_CLASSES_COCO = 81  # 80 categories + background
@@ -49,12 +51,23 @@ def _conv_with_frozen_bn(conv: nn.Conv2d, bn: FrozenBatchNorm2d):
     return forward
 
 
-def use_channels_last(model: MaskRCNN) -> MaskRCNN:
+def use_channels_last(model: MaskRCNN, rpn_channels_last: bool = True) -> MaskRCNN:
     """Run the backbone and FPN in channels_last (faster convolutions on tensor cores) and hand the
     heads contiguous feature maps: RoIAlign wants NCHW and would otherwise convert every level for
-    each pooler, and gradients of mixed layouts meet in slow, unvectorised additions."""
+    each pooler, and gradients of mixed layouts meet in slow, unvectorised additions.
+
+    With `rpn_channels_last` (the default) the RPN head takes the channels_last maps as they are
+    and only the RoI heads get contiguous copies: the RPN's convolutions then skip cuDNN's layout
+    conversions (+4% at batch 16 on an H200, BENCHMARKS.md)."""
     model.backbone.to(memory_format=torch.channels_last)
     inner = model.backbone.forward
+    if rpn_channels_last:
+        model.rpn.head.to(memory_format=torch.channels_last)
+        model.backbone.forward = lambda x: inner(x.contiguous(memory_format=torch.channels_last))
+        heads = model.roi_heads.forward
+        model.roi_heads.forward = lambda features, *a, **k: heads(
+            {name: f.contiguous() for name, f in features.items()}, *a, **k)
+        return model
 
     def forward(x):
         return {k: v.contiguous() for k, v in inner(x.contiguous(memory_format=torch.channels_last)).items()}
@@ -102,14 +115,52 @@ def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, image_shape: tuple[int
     return pasted[:, None]
 
 
+def scale_boxes(boxes: torch.Tensor, original_size, new_size) -> torch.Tensor:
+    """torchvision's resize_boxes with the ratios as Python numbers: it builds them as four scalar
+    tensors on the GPU, and each copy there makes the host wait for the GPU (64 waits a step at
+    batch 16). The ratios are the same float32 quotients, so the boxes are bit-identical."""
+    ratio_h, ratio_w = (float(np.float32(new) / np.float32(old)) for new, old in zip(new_size, original_size))
+    x0, y0, x1, y1 = boxes.unbind(1)
+    return torch.stack((x0 * ratio_w, y0 * ratio_h, x1 * ratio_w, y1 * ratio_h), dim=1)
+
+
 class DetectionTransform(GeneralizedRCNNTransform):
-    """torchvision's transform with batched mask pasting at the original image size."""
+    """torchvision's transform without host synchronisations, and with batched mask pasting at the
+    original image size."""
+
+    def normalize(self, image: torch.Tensor) -> torch.Tensor:
+        """The same arithmetic with the mean and std kept on the device: torchvision copies them
+        there for every image, and each copy waits for the GPU."""
+        if not image.is_floating_point():
+            return super().normalize(image)  # torchvision's error
+        key = (image.dtype, image.device)
+        cache = self.__dict__.setdefault("_normalize_cache", {})
+        if key not in cache:
+            cache[key] = (torch.as_tensor(self.image_mean, dtype=image.dtype, device=image.device)[:, None, None],
+                          torch.as_tensor(self.image_std, dtype=image.dtype, device=image.device)[:, None, None])
+        mean, std = cache[key]
+        return (image - mean) / std
+
+    def resize(self, image, target=None):
+        height, width = image.shape[-2:]
+        if self.training:
+            if getattr(self, "_skip_resize", False):
+                return image, target
+            size = self.torch_choice(self.min_size)
+        else:
+            size = self.min_size[-1]
+        image, target = _resize_image_and_masks(image, size, self.max_size, target, self.fixed_size)
+        if target is not None:
+            target["boxes"] = scale_boxes(target["boxes"], (height, width), image.shape[-2:])
+            if "keypoints" in target:
+                target["keypoints"] = resize_keypoints(target["keypoints"], (height, width), image.shape[-2:])
+        return image, target
 
     def postprocess(self, result, image_shapes, original_image_sizes):
         if self.training:
             return result
         for pred, shape, original in zip(result, image_shapes, original_image_sizes):
-            pred["boxes"] = resize_boxes(pred["boxes"], shape, original)
+            pred["boxes"] = scale_boxes(pred["boxes"], shape, original)
             if "masks" in pred:
                 pred["masks"] = paste_masks(pred["masks"], pred["boxes"], original)
         return result
@@ -128,12 +179,17 @@ class BatchedBalancedSampler:
         self.batch_size_per_image = batch_size_per_image
         self.positive_fraction = positive_fraction
 
-    def __call__(self, matched_idxs: list[torch.Tensor]):
-        lengths = [m.numel() for m in matched_idxs]
+    def padded(self, matched_idxs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positive and negative masks, [images, longest] bool, rows padded with False."""
         matched = torch.nn.utils.rnn.pad_sequence(matched_idxs, batch_first=True, padding_value=-1)
         positive = _random_subset(matched >= 1, int(self.batch_size_per_image * self.positive_fraction))
         wanted = self.batch_size_per_image - positive.sum(dim=1, keepdim=True)
         negative = _random_subset(matched == 0, wanted)
+        return positive, negative
+
+    def __call__(self, matched_idxs: list[torch.Tensor]):
+        lengths = [m.numel() for m in matched_idxs]
+        positive, negative = self.padded(matched_idxs)
         return ([p[:n].to(torch.uint8) for p, n in zip(positive, lengths)],
                 [q[:n].to(torch.uint8) for q, n in zip(negative, lengths)])
 
@@ -157,7 +213,7 @@ def use_batched_sampler(model: MaskRCNN) -> MaskRCNN:
 def build_model(num_classes: int = NUM_CLASSES_COCO, *, backbone_weights: Path | None,
                 min_size: int = 800, max_size: int = 1333, image_candidates: int = 1000,
                 rois_per_image: int = 512, test_candidates: int = 1000, detections_per_image: int = 100,
-                fold_bn: bool = True, batched_sampler: bool = True) -> MaskRCNN:
+                fold_bn: bool = True, batched_sampler: bool = True, sync_free: bool = True) -> MaskRCNN:
     """Mask R-CNN with the reference's hyperparameters.
 
     With `backbone_weights` (a torchvision-format ImageNet ResNet-50 state dict) BatchNorm is frozen
@@ -195,6 +251,9 @@ def build_model(num_classes: int = NUM_CLASSES_COCO, *, backbone_weights: Path |
     t = model.transform
     model.transform = DetectionTransform(t.min_size, t.max_size, t.image_mean, t.image_std,
                                          size_divisible=t.size_divisible, fixed_size=t.fixed_size)
-    if batched_sampler:
+    if sync_free:  # implies the batched sampler
+        from object_detection.sync_free import make_sync_free
+        make_sync_free(model)
+    elif batched_sampler:
         use_batched_sampler(model)
     return model

@@ -42,7 +42,17 @@ def test_folded_frozen_batchnorm_is_the_same_function(tmp_path):
     a, b = plain.backbone(x), use_channels_last(folded).backbone(x)
     for level in a:
         assert (a[level] - b[level]).norm() / a[level].norm() < 1e-4
-        assert b[level].is_contiguous()
+        assert b[level].is_contiguous(memory_format=torch.channels_last)  # the RPN head takes them so
+
+
+def test_roi_heads_get_contiguous_maps_when_the_rpn_takes_channels_last():
+    model = use_channels_last(build_model(81, backbone_weights=None, min_size=96, max_size=128)).eval()
+    seen = []
+    inner = model.roi_heads.box_roi_pool.forward
+    model.roi_heads.box_roi_pool.forward = lambda x, *a: seen.append(x) or inner(x, *a)
+    with torch.no_grad():
+        model([torch.rand(3, 96, 128)])
+    assert seen and all(f.is_contiguous() for f in seen[0].values())
 
 
 def test_batched_sampler_draws_what_torchvision_draws():

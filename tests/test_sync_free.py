@@ -1,0 +1,217 @@
+"""object_detection.sync_free against the torchvision code it replaces, piece by piece, on the CPU.
+
+Scores are drawn distinct (greedy NMS orders by score; with ties any order is right), and the
+inputs are crowded enough that suppression chains are long, which is where a fixed-point NMS
+would go wrong if it stopped early.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torchvision.models.detection._utils import Matcher
+from torchvision.models.detection.rpn import RegionProposalNetwork
+from torchvision.ops import MultiScaleRoIAlign, nms
+from torchvision.ops import boxes as box_ops
+
+from object_detection import sync_free
+from object_detection.model import BatchedBalancedSampler, build_model
+
+
+def crowded_boxes(n: int, generator: torch.Generator, span: float = 200.0) -> torch.Tensor:
+    """Boxes jittered around a few centres: heavy overlaps, long suppression chains."""
+    centres = torch.rand(6, 2, generator=generator) * span
+    pick = torch.randint(0, 6, (n,), generator=generator)
+    xy = centres[pick] + torch.randn(n, 2, generator=generator) * 6
+    wh = 20 + torch.rand(n, 2, generator=generator) * 30
+    return torch.cat([xy, xy + wh], dim=1)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_greedy_nms_keeps_what_torchvision_nms_keeps(seed):
+    g = torch.Generator().manual_seed(seed)
+    groups, k = 5, 300
+    boxes = torch.stack([crowded_boxes(k, g) for _ in range(groups)])
+    scores = torch.rand(groups, k, generator=g)
+    order = scores.argsort(dim=1, descending=True)
+    boxes = boxes.gather(1, order[..., None].expand(-1, -1, 4))       # sorted by score, as the RPN hands them
+    scores = scores.gather(1, order)
+    valid = torch.rand(groups, k, generator=g) > 0.2                  # small or low-scoring boxes
+    threshold = [0.3, 0.5, 0.7][seed % 3]
+    keep = sync_free.greedy_nms(boxes, valid, threshold, passes_per_check=1 + seed % 2)
+    for i in range(groups):
+        idx = valid[i].nonzero()[:, 0]
+        expected = idx[nms(boxes[i, idx], scores[i, idx], threshold)]
+        assert sorted(keep[i].nonzero()[:, 0].tolist()) == sorted(expected.tolist())
+
+
+def test_greedy_nms_handles_chunks_and_empty_groups(monkeypatch):
+    monkeypatch.setattr(sync_free, "NMS_CHUNK_ENTRIES", 2 * 50 * 50)  # two groups per chunk
+    g = torch.Generator().manual_seed(7)
+    boxes = torch.stack([crowded_boxes(50, g) for _ in range(5)])
+    valid = torch.ones(5, 50, dtype=torch.bool)
+    valid[3] = False                                                    # a level with nothing valid
+    keep = sync_free.greedy_nms(boxes, valid, 0.5)
+    assert not keep[3].any()
+    for i in (0, 1, 2, 4):
+        assert keep[i].tolist() == (torch.zeros(50, dtype=torch.bool).index_fill_(
+            0, nms(boxes[i], -torch.arange(50.0), 0.5), True)).tolist()
+
+
+def make_rpn(cls, post_nms: int = 300) -> RegionProposalNetwork:
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.rpn import RPNHead
+
+    rpn = RegionProposalNetwork(AnchorGenerator(), RPNHead(8, 3), 0.7, 0.3, 256, 0.5,
+                                dict(training=400, testing=400), dict(training=post_nms, testing=post_nms), 0.7)
+    rpn.__class__ = cls
+    return rpn
+
+
+def test_proposal_filtering_matches_torchvision():
+    g = torch.Generator().manual_seed(3)
+    levels = [900, 500, 120]                          # the last level has fewer than pre_nms_top_n
+    images = 3
+    proposals = torch.stack([crowded_boxes(sum(levels), g, span=300) for _ in range(images)])
+    proposals[0, :40, 2:] = proposals[0, :40, :2]     # zero-size boxes: removed before NMS
+    objectness = torch.randn(images, sum(levels), generator=g)
+    shapes = [(320, 300), (250, 330), (333, 333)]
+    stock = make_rpn(RegionProposalNetwork).train()
+    ours = make_rpn(sync_free.SyncFreeRPN).train()
+    want_boxes, want_scores = stock.filter_proposals(proposals, objectness, shapes, levels)
+    got_boxes, got_scores = ours.filter_proposals(proposals, objectness, shapes, levels)
+    for wb, ws, gb, gs in zip(want_boxes, want_scores, got_boxes, got_scores):
+        assert len(wb) == len(gb) > 0
+        torch.testing.assert_close(gs, ws)                  # same order: best first over all levels
+        torch.testing.assert_close(gb, wb)
+
+
+def test_matcher_matches_torchvision_including_low_quality_ties():
+    g = torch.Generator().manual_seed(5)
+    quality = (torch.rand(7, 400, generator=g) * 10).round() / 10   # coarse values: many ties
+    for allow in (True, False):
+        stock = Matcher(0.7, 0.3, allow_low_quality_matches=allow)
+        ours = copy.copy(stock)
+        ours.__class__ = sync_free.SyncFreeMatcher
+        assert torch.equal(ours(quality.clone()), stock(quality.clone()))
+
+
+def test_roi_align_by_level_matches_torchvision():
+    g = torch.Generator().manual_seed(9)
+    features = {str(i): torch.randn(2, 4, 64 >> i, 64 >> i, generator=g) for i in range(4)}
+    boxes = [crowded_boxes(60, g, span=200).clamp(0, 255), crowded_boxes(45, g, span=200).clamp(0, 255) * 0.5]
+    boxes[1][:5] = torch.tensor([0.0, 0.0, 250.0, 250.0])          # large: the coarsest level
+    stock = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
+    ours = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
+    ours.__class__ = sync_free.SyncFreeRoIAlign
+    expected = stock(features, boxes, [(256, 256), (256, 256)])
+    got = ours(features, boxes, [(256, 256), (256, 256)])
+    torch.testing.assert_close(got, expected)
+
+
+def test_rpn_loss_matches_torchvision_on_the_same_draw():
+    g = torch.Generator().manual_seed(11)
+    labels = [torch.randint(-1, 2, (700,), generator=g).float() for _ in range(3)]
+    regression = [torch.randn(700, 4, generator=g) for _ in range(3)]
+    objectness = torch.randn(2100, 1, generator=g)
+    deltas = torch.randn(2100, 4, generator=g)
+    stock, ours = make_rpn(RegionProposalNetwork), make_rpn(sync_free.SyncFreeRPN)
+    stock.fg_bg_sampler = ours.fg_bg_sampler = BatchedBalancedSampler(256, 0.5)
+    torch.manual_seed(0)
+    expected = stock.compute_loss(objectness, deltas, labels, regression)
+    torch.manual_seed(0)
+    got = ours.compute_loss(objectness, deltas, labels, regression)
+    for e, o in zip(expected, got):
+        torch.testing.assert_close(o, e)
+
+
+def test_detections_match_torchvision_postprocessing(tmp_path):
+    """Evaluation path: one NMS per image with class offsets equals batched_nms's per-class NMS."""
+    model = build_model(5, backbone_weights=None, min_size=96, max_size=128, sync_free=True).eval()
+    stock_heads = copy.copy(model.roi_heads)
+    stock_heads.__class__ = sync_free.RoIHeads
+    g = torch.Generator().manual_seed(2)
+    proposals = [crowded_boxes(300, g, span=90), crowded_boxes(200, g, span=90)]
+    logits = torch.randn(500, 5, generator=g) * 3
+    regression = torch.randn(500, 20, generator=g) * 0.1
+    shapes = [(128, 120), (110, 128)]
+    expected = stock_heads.postprocess_detections(logits, regression, proposals, shapes)
+    got = model.roi_heads.postprocess_detections(logits, regression, proposals, shapes)
+    for e, o in zip(expected, got):
+        for a, b in zip(e, o):
+            torch.testing.assert_close(b, a)
+
+
+def test_transform_scales_boxes_and_normalises_bit_for_bit_as_torchvision():
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
+
+    from object_detection.model import DetectionTransform, scale_boxes
+
+    g = torch.Generator().manual_seed(4)
+    boxes = crowded_boxes(50, g, span=400)
+    for old, new in [((480, 640), (800, 1066)), ((427, 640), (800, 1199)), ((333, 500), (799, 1200))]:
+        assert torch.equal(scale_boxes(boxes, old, new), resize_boxes(boxes, old, new))
+    args = (800, 1333, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    ours, stock = DetectionTransform(*args), GeneralizedRCNNTransform(*args)
+    image = torch.rand(3, 60, 80, generator=g)
+    assert torch.equal(ours.normalize(image), stock.normalize(image))
+    target = {"boxes": boxes[:3].clamp(0, 60), "labels": torch.tensor([1, 2, 3]),
+              "masks": torch.zeros(3, 60, 80, dtype=torch.uint8)}
+    for t in (ours, stock):
+        t.eval()
+    (a, ta), (b, tb) = ours.resize(image, dict(target)), stock.resize(image, dict(target))
+    assert torch.equal(a, b) and torch.equal(ta["boxes"], tb["boxes"]) and torch.equal(ta["masks"], tb["masks"])
+
+
+def test_box_coder_is_bit_for_bit_torchvision():
+    from torchvision.models.detection._utils import BoxCoder
+
+    g = torch.Generator().manual_seed(6)
+    stock = BoxCoder((10.0, 10.0, 5.0, 5.0))
+    ours = copy.copy(stock)
+    ours.__class__ = sync_free.SyncFreeBoxCoder
+    anchors = crowded_boxes(300, g)
+    deltas = torch.randn(300, 8, generator=g)
+    gt = crowded_boxes(300, g)
+    for dtype in (torch.float32, torch.bfloat16):
+        codes = deltas.to(dtype)
+        assert torch.equal(ours.decode_single(codes, anchors), stock.decode_single(codes, anchors))
+    assert torch.equal(ours.encode_single(gt, anchors), stock.encode_single(gt, anchors))
+
+
+def batch_targets(g: torch.Generator, counts=(3, 1, 7)):
+    targets = []
+    for n in counts:
+        boxes = crowded_boxes(n, g, span=150)
+        targets.append({"boxes": boxes, "labels": torch.randint(1, 81, (n,), generator=g)})
+    return targets
+
+
+def test_batched_anchor_assignment_matches_torchvision_per_image():
+    g = torch.Generator().manual_seed(12)
+    targets = batch_targets(g)
+    anchor = crowded_boxes(2000, g, span=200)
+    anchors = [anchor] * len(targets)             # what AnchorGenerator hands every image of a batch
+    ours = make_rpn(sync_free.SyncFreeRPN)
+    ours.proposal_matcher.__class__ = sync_free.SyncFreeMatcher
+    got_labels, got_boxes = ours.assign_targets_to_anchors(anchors, targets)
+    want_labels, want_boxes = RegionProposalNetwork.assign_targets_to_anchors(ours, anchors, targets)
+    for gl, gb, wl, wb in zip(got_labels, got_boxes, want_labels, want_boxes):
+        assert torch.equal(gl, wl)
+        assert torch.equal(gb[wl == 1], wb[wl == 1])  # the boxes that are regressed to
+
+
+def test_batched_proposal_assignment_matches_torchvision_per_image():
+    model = build_model(81, backbone_weights=None, min_size=96, max_size=128)
+    heads = model.roi_heads
+    g = torch.Generator().manual_seed(13)
+    targets = batch_targets(g, counts=(2, 5, 4))
+    proposals = [crowded_boxes(n, g, span=150) for n in (300, 120, 260)]
+    gt_boxes = [t["boxes"] for t in targets]
+    gt_labels = [t["labels"] for t in targets]
+    got = heads.assign_targets_to_proposals(proposals, gt_boxes, gt_labels)
+    want = sync_free.RoIHeads.assign_targets_to_proposals(heads, proposals, gt_boxes, gt_labels)
+    for g_list, w_list in zip(got, want):
+        for a, b in zip(g_list, w_list):
+            assert torch.equal(a, b)
