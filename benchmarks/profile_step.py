@@ -22,6 +22,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--syncs", action="store_true", help="count host synchronisations per step, by site")
+    p.add_argument("--shapes", action="store_true", help="also list the heaviest elementwise operators by input shape")
     p.add_argument("--tvsync", action="store_true", help="torchvision's heads (no object_detection.sync_free)")
     args = p.parse_args()
     device = torch.device("cuda")
@@ -32,6 +33,8 @@ def main() -> None:
     model = our_model(device, backbone, channels_last="rpn", sync_free=not args.tvsync)
     opt = make_optimizer(model, 0.01, fused=True)
     batches = [synthetic_batch(args.batch, "cpu", seed=s) for s in range(2)]
+    batches = [([i.pin_memory() for i in im], [{k: v.pin_memory() for k, v in t.items()} for t in tg])
+               for im, tg in batches]  # as the trainer's DataLoader(pin_memory=True) hands them
 
     stages = {}
 
@@ -80,9 +83,15 @@ def main() -> None:
         print(f"  {k:<14} {v / args.steps * 1000:8.1f} ms")
 
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=args.shapes) as prof:
         for i in range(3):
             step(i)
+    if args.shapes:  # which tensors the heaviest elementwise operators work on
+        rows = [e for e in prof.key_averages(group_by_input_shape=True)
+                if e.key in ("aten::add_", "aten::copy_", "aten::add", "aten::mul", "aten::clamp_min_")]
+        rows.sort(key=lambda e: -e.device_time_total)
+        for e in rows[:30]:
+            print(f"{e.key:<18} {e.count:5d} calls {e.device_time_total / 1000:8.2f} ms  {e.input_shapes}")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=50))
     print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=20, max_name_column_width=50))
 

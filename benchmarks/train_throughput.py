@@ -134,7 +134,7 @@ def check_same_function(device, backbone: Path) -> dict:
 
 
 def check_greedy_nms(device, groups: int = 80, k: int = 2000) -> dict:
-    """object_detection.sync_free.greedy_nms (compiled on CUDA) against torchvision.ops.nms, group by
+    """object_detection.sync_free.greedy_nms (the compiled fixed point on CUDA) against torchvision.ops.nms, group by
     group, on crowded random boxes of RPN size: 80 groups (16 images x 5 levels) of 2000."""
     from torchvision.ops import nms
 

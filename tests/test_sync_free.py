@@ -29,7 +29,7 @@ def crowded_boxes(n: int, generator: torch.Generator, span: float = 200.0) -> to
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_greedy_nms_keeps_what_torchvision_nms_keeps(seed):
+def test_fixed_point_nms_keeps_what_torchvision_nms_keeps(seed):
     g = torch.Generator().manual_seed(seed)
     groups, k = 5, 300
     boxes = torch.stack([crowded_boxes(k, g) for _ in range(groups)])
@@ -39,20 +39,22 @@ def test_greedy_nms_keeps_what_torchvision_nms_keeps(seed):
     scores = scores.gather(1, order)
     valid = torch.rand(groups, k, generator=g) > 0.2                  # small or low-scoring boxes
     threshold = [0.3, 0.5, 0.7][seed % 3]
-    keep = sync_free.greedy_nms(boxes, valid, threshold, passes_per_check=1 + seed % 2)
+    keep = sync_free.fixed_point_nms(boxes, valid, threshold, passes_per_check=1 + seed % 2)
+    assert torch.equal(sync_free.greedy_nms(boxes, valid, threshold), keep)  # the CPU path agrees
     for i in range(groups):
         idx = valid[i].nonzero()[:, 0]
         expected = idx[nms(boxes[i, idx], scores[i, idx], threshold)]
         assert sorted(keep[i].nonzero()[:, 0].tolist()) == sorted(expected.tolist())
 
 
-def test_greedy_nms_handles_chunks_and_empty_groups(monkeypatch):
+def test_fixed_point_nms_handles_chunks_and_empty_groups(monkeypatch):
     monkeypatch.setattr(sync_free, "NMS_CHUNK_ENTRIES", 2 * 50 * 50)  # two groups per chunk
     g = torch.Generator().manual_seed(7)
     boxes = torch.stack([crowded_boxes(50, g) for _ in range(5)])
     valid = torch.ones(5, 50, dtype=torch.bool)
     valid[3] = False                                                    # a level with nothing valid
-    keep = sync_free.greedy_nms(boxes, valid, 0.5)
+    keep = sync_free.fixed_point_nms(boxes, valid, 0.5)
+    assert torch.equal(sync_free.greedy_nms(boxes, valid, 0.5), keep)
     assert not keep[3].any()
     for i in (0, 1, 2, 4):
         assert keep[i].tolist() == (torch.zeros(50, dtype=torch.bool).index_fill_(
