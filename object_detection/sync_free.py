@@ -81,9 +81,11 @@ def _kernels(device: torch.device):
         return _suppresses, _relax
     if "cuda" not in _compiled:
         try:
-            # dynamic=None: compiled for the first shape, then once more with symbolic sizes when
-            # they change (batch sizes, image sizes, evaluation's groups), not once per shape
-            _compiled["cuda"] = (torch.compile(_suppresses), torch.compile(_relax))
+            # Static shapes: training at 800/1333 always has 2000 candidates per level and 5 levels
+            # per image, evaluation 1000 proposals and 80 classes, so a run compiles a few shapes;
+            # kernels specialised to them ran faster than symbolic ones (BENCHMARKS.md).
+            _compiled["cuda"] = (torch.compile(_suppresses, dynamic=False),
+                                 torch.compile(_relax, dynamic=False))
         except Exception as exc:  # no compiler toolchain: correct, just slower
             print(f"warning: torch.compile unavailable for NMS ({exc}); running it eagerly")
             _compiled["cuda"] = (_suppresses, _relax)
