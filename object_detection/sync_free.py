@@ -26,6 +26,8 @@ of score ties) with a handful of synchronisations per step:
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 from torchvision.models.detection import MaskRCNN
@@ -76,20 +78,33 @@ _compiled: dict = {}
 
 def _kernels(device: torch.device):
     """The two dense steps, fused by torch.compile on CUDA (the [G, K, K] intermediates would
-    otherwise each be written to memory); plain eager functions elsewhere or if compiling fails."""
+    otherwise each be written to memory); plain eager functions elsewhere. Compiling happens at the
+    first call, so a missing toolchain shows there: the step then falls back to eager, once."""
     if device.type != "cuda":
         return _suppresses, _relax
     if "cuda" not in _compiled:
-        try:
-            # Static shapes: training at 800/1333 always has 2000 candidates per level and 5 levels
-            # per image, evaluation 1000 proposals and 80 classes, so a run compiles a few shapes;
-            # kernels specialised to them ran faster than symbolic ones (BENCHMARKS.md).
-            _compiled["cuda"] = (torch.compile(_suppresses, dynamic=False),
-                                 torch.compile(_relax, dynamic=False))
-        except Exception as exc:  # no compiler toolchain: correct, just slower
-            print(f"warning: torch.compile unavailable for NMS ({exc}); running it eagerly")
-            _compiled["cuda"] = (_suppresses, _relax)
+        # Static shapes: training at 800/1333 always has 2000 candidates per level and 5 levels
+        # per image, evaluation 1000 proposals and 80 classes, so a run compiles a few shapes;
+        # kernels specialised to them ran no slower than symbolic ones (BENCHMARKS.md).
+        _compiled["cuda"] = (_eager_if_compiling_fails(torch.compile(_suppresses, dynamic=False), _suppresses),
+                             _eager_if_compiling_fails(torch.compile(_relax, dynamic=False), _relax))
     return _compiled["cuda"]
+
+
+def _eager_if_compiling_fails(compiled, eager):
+    current = [compiled]
+
+    def call(*args):
+        try:
+            return current[0](*args)
+        except Exception as exc:
+            if current[0] is eager:
+                raise
+            print(f"warning: torch.compile of {eager.__name__} failed ({type(exc).__name__}: {exc}); "
+                  "running it eagerly: same result, slower NMS", file=sys.stderr)
+            current[0] = eager
+            return eager(*args)
+    return call
 
 
 def greedy_nms(boxes: torch.Tensor, valid: torch.Tensor, iou_threshold: float) -> torch.Tensor:

@@ -217,3 +217,20 @@ def test_batched_proposal_assignment_matches_torchvision_per_image():
     for g_list, w_list in zip(got, want):
         for a, b in zip(g_list, w_list):
             assert torch.equal(a, b)
+
+
+def test_nms_falls_back_to_eager_once_when_compiling_fails(capsys):
+    """torch.compile fails at the first call when the GPU host has no toolchain: the step goes on."""
+    calls = []
+
+    def broken(*args):
+        calls.append(args)
+        raise RuntimeError("no C compiler")
+
+    relax = sync_free._eager_if_compiling_fails(broken, sync_free._relax)
+    suppresses = sync_free._suppresses(crowded_boxes(16, torch.Generator().manual_seed(1))[None], 0.5)
+    valid = torch.ones(1, 16, dtype=torch.bool)
+    expected = sync_free._relax(suppresses, valid, valid)
+    assert torch.equal(relax(suppresses, valid, valid), expected)
+    assert torch.equal(relax(suppresses, valid, valid), expected)
+    assert len(calls) == 1 and "running it eagerly" in capsys.readouterr().err
