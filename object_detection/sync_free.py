@@ -473,7 +473,7 @@ class SyncFreeRoIHeads(RoIHeads):
 
 class SyncFreeMaskRCNN(MaskRCNN):
     """The training forward of GeneralizedRCNN with one degenerate-box check for the batch instead
-    of one per image; evaluation is torchvision's."""
+    of one per image; the evaluation forward is torchvision's (its heads post-process as above)."""
 
     def forward(self, images, targets=None):
         if not self.training:
