@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.train_throughput import our_model, synthetic_batch, to_device  # noqa: E402
+from benchmarks.train_throughput import our_model, pinned, synthetic_batch, to_device  # noqa: E402
 from object_detection.train import make_optimizer  # noqa: E402
 
 
@@ -33,8 +33,7 @@ def main() -> None:
     model = our_model(device, backbone, channels_last="rpn", sync_free=not args.tvsync)
     opt = make_optimizer(model, 0.01, fused=True)
     batches = [synthetic_batch(args.batch, "cpu", seed=s) for s in range(2)]
-    batches = [([i.pin_memory() for i in im], [{k: v.pin_memory() for k, v in t.items()} for t in tg])
-               for im, tg in batches]  # as the trainer's DataLoader(pin_memory=True) hands them
+    batches = [pinned(b) for b in batches]
 
     stages = {}
 

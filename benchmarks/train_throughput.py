@@ -55,6 +55,12 @@ def synthetic_batch(n: int, device, seed: int):
     return images, targets
 
 
+def pinned(batch):
+    """A CPU batch in page-locked memory, as the trainer's DataLoader(pin_memory=True) hands it."""
+    images, targets = batch
+    return [i.pin_memory() for i in images], [{k: v.pin_memory() for k, v in t.items()} for t in targets]
+
+
 def to_device(images, targets, device):
     images = [i.to(device, non_blocking=True).float().div_(255) for i in images]
     targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
@@ -187,8 +193,7 @@ def main(argv=None) -> int:
     for bs in [int(b) for b in args.batch_sizes.split(",")]:
         batches = [synthetic_batch(bs, "cpu", seed=s) for s in range(3)]
         if device.type == "cuda":
-            batches = [([i.pin_memory() for i in im], [{k: v.pin_memory() for k, v in t.items()} for t in tg])
-                       for im, tg in batches]
+            batches = [pinned(b) for b in batches]
         for variant in args.variants.split(","):
             torch.manual_seed(0)
             if variant.startswith("stock"):

@@ -193,17 +193,7 @@ class SyncFreeMatcher(Matcher):
     def __call__(self, match_quality_matrix: torch.Tensor) -> torch.Tensor:
         if match_quality_matrix.numel() == 0:
             return super().__call__(match_quality_matrix)  # raises torchvision's error
-        matched_vals, matches = match_quality_matrix.max(dim=0)
-        all_matches = matches
-        matches = matches.masked_fill(matched_vals < self.low_threshold, self.BELOW_LOW_THRESHOLD)
-        between = (matched_vals >= self.low_threshold) & (matched_vals < self.high_threshold)
-        matches = matches.masked_fill(between, self.BETWEEN_THRESHOLDS)
-        if self.allow_low_quality_matches:
-            # every prediction that is some ground truth's best match (ties included) keeps its match
-            highest = match_quality_matrix.max(dim=1).values
-            best_for_some_gt = (match_quality_matrix == highest[:, None]).any(dim=0)
-            matches = torch.where(best_for_some_gt, all_matches, matches)
-        return matches
+        return _batched_match(match_quality_matrix[None], None, self)[0]
 
 
 def _labels_from_matches(matched: torch.Tensor, foreground: torch.Tensor, matcher: Matcher):
@@ -234,18 +224,23 @@ def _batched_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor
     return inter / (area1[:, :, None] + area2[:, None, :] - inter)
 
 
-def _batched_match(quality: torch.Tensor, present: torch.Tensor, matcher: Matcher) -> torch.Tensor:
-    """SyncFreeMatcher on [B, G, M] quality for a whole batch (rows of absent ground truth at -1)."""
-    quality = quality.masked_fill(~present[:, :, None], -1)
+def _batched_match(quality: torch.Tensor, present: torch.Tensor | None, matcher: Matcher) -> torch.Tensor:
+    """Matcher's matches for [B, G, M] quality, a batch at once; `present` [B, G] marks the ground
+    truth that exists (padding rows are set to -1 and never win), None when all of it does."""
+    if present is not None:
+        quality = quality.masked_fill(~present[:, :, None], -1)
     matched_vals, matches = quality.max(dim=1)
     all_matches = matches
     matches = matches.masked_fill(matched_vals < matcher.low_threshold, matcher.BELOW_LOW_THRESHOLD)
     between = (matched_vals >= matcher.low_threshold) & (matched_vals < matcher.high_threshold)
     matches = matches.masked_fill(between, matcher.BETWEEN_THRESHOLDS)
     if matcher.allow_low_quality_matches:
+        # every prediction that is some ground truth's best match (ties included) keeps its match
         highest = quality.max(dim=2).values
-        best_for_some_gt = ((quality == highest[:, :, None]) & present[:, :, None]).any(dim=1)
-        matches = torch.where(best_for_some_gt, all_matches, matches)
+        best = quality == highest[:, :, None]
+        if present is not None:
+            best &= present[:, :, None]
+        matches = torch.where(best.any(dim=1), all_matches, matches)
     return matches
 
 
