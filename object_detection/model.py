@@ -15,6 +15,8 @@ from torchvision.models.detection.transform import (GeneralizedRCNNTransform, _r
                                                     resize_keypoints)
 from torchvision.ops import FrozenBatchNorm2d
 
+from object_detection.sync_free import make_sync_free, on_device
+
 NUM_CLASSES_COCO = 81  # 80 categories + background
 
 
@@ -133,13 +135,8 @@ class DetectionTransform(GeneralizedRCNNTransform):
         there for every image, and each copy waits for the GPU."""
         if not image.is_floating_point():
             return super().normalize(image)  # torchvision's error
-        key = (image.dtype, image.device)
-        cache = self.__dict__.setdefault("_normalize_cache", {})
-        if key not in cache:
-            cache[key] = (torch.as_tensor(self.image_mean, dtype=image.dtype, device=image.device)[:, None, None],
-                          torch.as_tensor(self.image_std, dtype=image.dtype, device=image.device)[:, None, None])
-        mean, std = cache[key]
-        return (image - mean) / std
+        mean, std = on_device(self, self.image_mean, image), on_device(self, self.image_std, image)
+        return (image - mean[:, None, None]) / std[:, None, None]
 
     def resize(self, image, target=None):
         height, width = image.shape[-2:]
@@ -252,7 +249,6 @@ def build_model(num_classes: int = NUM_CLASSES_COCO, *, backbone_weights: Path |
     model.transform = DetectionTransform(t.min_size, t.max_size, t.image_mean, t.image_std,
                                          size_divisible=t.size_divisible, fixed_size=t.fixed_size)
     if sync_free:  # implies the batched sampler
-        from object_detection.sync_free import make_sync_free
         make_sync_free(model)
     elif batched_sampler:
         use_batched_sampler(model)

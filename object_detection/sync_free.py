@@ -152,6 +152,20 @@ def fixed_point_nms(boxes: torch.Tensor, valid: torch.Tensor, iou_threshold: flo
             return torch.cat(keeps)
 
 
+# ---------------------------------------------------------------- constants on the device
+
+
+def on_device(owner, values, like: torch.Tensor) -> torch.Tensor:
+    """Python numbers as a tensor with `like`'s dtype and device, made once and kept on `owner`:
+    `torch.as_tensor(values, device=cuda)` copies them to the GPU, and every such copy makes the
+    host wait, so torchvision's per-call conversions cost one wait each."""
+    cache = owner.__dict__.setdefault("_constants_on_device", {})
+    key = (tuple(values), like.dtype, like.device)
+    if key not in cache:
+        cache[key] = torch.as_tensor(key[0], dtype=like.dtype, device=like.device)
+    return cache[key]
+
+
 # ---------------------------------------------------------------- box coding
 
 
@@ -159,11 +173,7 @@ class SyncFreeBoxCoder(BoxCoder):
     """torchvision's BoxCoder without copying Python constants to the GPU on every call."""
 
     def encode_single(self, reference_boxes, proposals):
-        key = (reference_boxes.dtype, reference_boxes.device)
-        cache = self.__dict__.setdefault("_weights_on", {})
-        if key not in cache:
-            cache[key] = torch.as_tensor(self.weights, dtype=key[0], device=key[1])
-        return encode_boxes(reference_boxes, proposals, cache[key])
+        return encode_boxes(reference_boxes, proposals, on_device(self, self.weights, reference_boxes))
 
     def decode_single(self, rel_codes, boxes):
         boxes = boxes.to(rel_codes.dtype)
