@@ -22,7 +22,7 @@ from pathlib import Path
 from mlperf import extract as extracting
 from mlperf.datasets import Dataset, FileSpec
 from mlperf.errors import UserError
-from mlperf.verify import (READ_SIZE, extracted_entries, hash_file, known_digest, record_digest,
+from mlperf.verify import (READ_SIZE, extracted_entries, hash_file, hasher_of, known_digest, record_digest,
                            record_extracted)
 
 CHUNK = 1 << 20                  # bytes per read from the socket
@@ -204,9 +204,7 @@ class _Download:
         if self.spec.size is not None and size > self.spec.size:
             self.part.unlink()
             return
-        with open(self.part, "rb") as fh:
-            while block := fh.read(READ_SIZE):
-                self.hasher.update(block)
+        self.hasher = hasher_of(self.part, self.algo)
         self.offset = size
         self.progress.advance(self.spec.name, size)
         self.progress.log(f"fetch: {self.spec.name}: resuming at {_size(size)}")
