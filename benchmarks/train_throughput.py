@@ -170,8 +170,12 @@ def main(argv=None) -> int:
     p.add_argument("--iterations", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--variants", default="stock-fp16,ours-bf16-rpncl-fused-tvsync,ours-bf16-rpncl-fused",
-                   help="stock-fp16: torchvision's loop; ours-*: bf16 autocast, -cl channels_last backbone with contiguous maps to all heads, -clall "
-                        "channels_last everywhere, -fused fused SGD, -tvsampler torchvision's per-image sampler (and its sync-heavy heads), -tvsync torchvision's heads with our batched sampler (no object_detection.sync_free), -rpncl channels_last backbone and RPN head, -nofold keeps FrozenBatchNorm as separate layers, -compile torch.compile on the backbone")
+                   help="stock-fp16: torchvision's loop; ours-*: bf16 autocast, -cl channels_last backbone "
+                        "with contiguous maps to all heads, -clall channels_last everywhere, -rpncl "
+                        "channels_last backbone and RPN head, -fused fused SGD, -tvsampler torchvision's "
+                        "per-image sampler (and its sync-heavy heads), -tvsync torchvision's heads with our "
+                        "batched sampler (no object_detection.sync_free), -nofold keeps FrozenBatchNorm as "
+                        "separate layers, -compile torch.compile on the backbone")
     p.add_argument("--check", action="store_true", help="also check that our step computes the stock function")
     p.add_argument("--output", type=Path)
     args = p.parse_args(argv)
