@@ -73,8 +73,8 @@ def stock_model(device):
 
 
 def our_model(device, backbone: Path, channels_last: bool, fold_bn: bool = True, compile_backbone: bool = False,
-              batched_sampler: bool = True, sync_free: bool = True):
-    model = build_model(81, backbone_weights=backbone, image_candidates=1000, fold_bn=fold_bn,
+              batched_sampler: bool = True, sync_free: bool = True, fuse_bias: bool = True):
+    model = build_model(81, backbone_weights=backbone, image_candidates=1000, fold_bn=fold_bn, fuse_bias=fuse_bias,
                         batched_sampler=batched_sampler, sync_free=sync_free).to(device)
     if channels_last == "all":
         model = model.to(memory_format=torch.channels_last)
@@ -164,6 +164,33 @@ def check_greedy_nms(device, groups: int = 80, k: int = 2000) -> dict:
             "ok": mismatched == 0}
 
 
+def check_bias_act(device) -> dict:
+    """object_detection.fused.bias_act (the Triton kernel on CUDA) against the separate torch operations,
+    forward and backward, in both layouts, fp32 and bf16, on a P2-sized map."""
+    from object_detection.fused import bias_act
+
+    g = torch.Generator().manual_seed(0)
+    worst = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        for layout in (torch.contiguous_format, torch.channels_last):
+            x, residual, grad = (torch.randn(2, 256, 200, 336, generator=g).to(device, dtype).to(memory_format=layout)
+                                 for _ in range(3))
+            bias = torch.randn(256, generator=g).to(device)
+            for with_residual in (False, True):
+                a = x.clone().requires_grad_()
+                out = bias_act(a, bias, residual if with_residual else None)
+                out.backward(grad)
+                b = x.float().clone().requires_grad_()
+                ref = (b + bias.reshape(1, -1, 1, 1) + (residual.float() if with_residual else 0)).relu()
+                ref.backward(grad.float())
+                key = f"{str(dtype)[6:]}-{'cl' if layout is torch.channels_last else 'nchw'}-{'res' if with_residual else 'bias'}"
+                away_from_kink = ref.detach().abs() > 0.25  # where rounding cannot move the ReLU's switch
+                worst[key] = max((out.float() - ref).abs().max().item(),
+                                 (a.grad.float() - b.grad)[away_from_kink].abs().max().item())
+    tolerance = {"float32": 1e-5, "bfloat16": 0.07}  # bf16: a half ulp is 0.03 at 8, two roundings
+    return {"max_abs_diff": worst, "ok": all(v <= tolerance[k.split("-")[0]] for k, v in worst.items())}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch-sizes", default="8,16,32")
@@ -175,7 +202,8 @@ def main(argv=None) -> int:
                         "channels_last backbone and RPN head, -fused fused SGD, -tvsampler torchvision's "
                         "per-image sampler (and its sync-heavy heads), -tvsync torchvision's heads with our "
                         "batched sampler (no object_detection.sync_free), -nofold keeps FrozenBatchNorm as "
-                        "separate layers, -compile torch.compile on the backbone")
+                        "separate layers, -nofuse adds convolution biases separately (no "
+                        "object_detection.fused), -compile torch.compile on the backbone")
     p.add_argument("--check", action="store_true", help="also check that our step computes the stock function")
     p.add_argument("--output", type=Path)
     args = p.parse_args(argv)
@@ -193,6 +221,8 @@ def main(argv=None) -> int:
         print("same-function check:", json.dumps(result["check"]), flush=True)
         result["check_nms"] = check_greedy_nms(device)
         print("greedy NMS check:", json.dumps(result["check_nms"]), flush=True)
+        result["check_bias_act"] = check_bias_act(device)
+        print("fused bias-ReLU check:", json.dumps(result["check_bias_act"]), flush=True)
 
     for bs in [int(b) for b in args.batch_sizes.split(",")]:
         batches = [synthetic_batch(bs, "cpu", seed=s) for s in range(3)]
@@ -209,7 +239,8 @@ def main(argv=None) -> int:
                 cl = "all" if "-clall" in variant else "rpn" if "-rpncl" in variant else "-cl" in variant
                 model = our_model(device, backbone, channels_last=cl, fold_bn="-nofold" not in variant,
                                   compile_backbone="-compile" in variant, batched_sampler="-tvsampler" not in variant,
-                                  sync_free="-tvsync" not in variant and "-tvsampler" not in variant)
+                                  sync_free="-tvsync" not in variant and "-tvsampler" not in variant,
+                                  fuse_bias="-nofuse" not in variant)
                 optimizer = make_optimizer(model, lr=0.01, fused="-fused" in variant and device.type == "cuda")
                 dtype = amp_dtype("bf16" if "bf16" in variant else "fp16", device)
                 scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None

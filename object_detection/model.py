@@ -8,13 +8,17 @@ import numpy as np
 import torch
 from torch import nn
 from torchvision.models import resnet50
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models.resnet import Bottleneck, ResNet
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
 from torchvision.models.detection.transform import (GeneralizedRCNNTransform, _resize_image_and_masks,
                                                     resize_keypoints)
 from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops.misc import Conv2dNormActivation
 
+from object_detection.fused import bias_act
 from object_detection.sync_free import make_sync_free, on_device
 
 NUM_CLASSES_COCO = 81  # 80 categories + background
@@ -45,11 +49,88 @@ def _identity(x):
     return x
 
 
+def _folded(conv: nn.Conv2d, bn: FrozenBatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight and bias of conv followed by bn, as one convolution."""
+    scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
+    return conv.weight * scale.reshape(-1, 1, 1, 1), bn.bias - bn.running_mean * scale
+
+
 def _conv_with_frozen_bn(conv: nn.Conv2d, bn: FrozenBatchNorm2d):
     def forward(x):
-        scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
-        bias = bn.bias - bn.running_mean * scale
-        return conv._conv_forward(x, conv.weight * scale.reshape(-1, 1, 1, 1), bias)
+        return conv._conv_forward(x, *_folded(conv, bn))
+    return forward
+
+
+def fuse_bias_relu(model: nn.Module) -> int:
+    """Add each convolution's bias together with what follows it (ReLU, residual) in one pass.
+
+    Takes ResNet bottlenecks and the stem whose FrozenBatchNorm layers fold_frozen_batchnorm
+    folded, and every conv-only or conv-ReLU Conv2dNormActivation (RPN head, FPN, mask head).
+    Same function, same parameters and state dict (object_detection.fused says why it is faster).
+    Returns the number of modules changed.
+    """
+    fused = 0
+    for module in model.modules():
+        if isinstance(module, Bottleneck) and _folded_pairs(module):
+            module.forward = _fused_bottleneck(module)
+            fused += 1
+        elif _is_stem(module) and _folded_pairs(module):
+            module.conv1.forward = _fused_stem(module.conv1, module.bn1)
+            module.relu.forward = _identity  # the stem's own ReLU: bottlenecks have theirs
+            fused += 1
+        elif isinstance(module, Conv2dNormActivation):
+            layers = list(module.children())
+            conv = layers[0]
+            if (isinstance(conv, nn.Conv2d) and conv.bias is not None
+                    and (len(layers) == 1 or (len(layers) == 2 and isinstance(layers[1], nn.ReLU)))):
+                module.forward = _fused_conv(conv, relu=len(layers) == 2)
+                fused += 1
+    return fused
+
+
+def _folded_pairs(module: nn.Module) -> bool:
+    """Whether every BatchNorm directly in module (and its shortcut) was folded into a conv."""
+    if _is_stem(module):
+        return isinstance(module.bn1, FrozenBatchNorm2d) and module.bn1.forward is _identity
+    norms = [module.bn1, module.bn2, module.bn3]
+    if module.downsample is not None:
+        norms.append(module.downsample[1])
+    return all(isinstance(bn, FrozenBatchNorm2d) and bn.forward is _identity for bn in norms)
+
+
+def _is_stem(module: nn.Module) -> bool:
+    """A ResNet, or the IntermediateLayerGetter the FPN backbone wraps it in: conv1, bn1, relu."""
+    return isinstance(module, (ResNet, IntermediateLayerGetter)) and all(
+        hasattr(module, name) for name in ("conv1", "bn1", "relu"))
+
+
+def _fused_stem(conv: nn.Conv2d, bn: FrozenBatchNorm2d):
+    def forward(x):
+        weight, bias = _folded(conv, bn)
+        return bias_act(conv._conv_forward(x, weight, None), bias)
+    return forward
+
+
+def _fused_conv(conv: nn.Conv2d, relu: bool):
+    def forward(x):
+        return bias_act(conv._conv_forward(x, conv.weight, None), conv.bias, relu=relu)
+    return forward
+
+
+def _fused_bottleneck(block: Bottleneck):
+    def conv(x, conv, bn):
+        weight, bias = _folded(conv, bn)
+        return conv._conv_forward(x, weight, None), bias
+
+    def forward(x):
+        out = bias_act(*conv(x, block.conv1, block.bn1))
+        out = bias_act(*conv(out, block.conv2, block.bn2))
+        out, bias = conv(out, block.conv3, block.bn3)
+        identity = x
+        if block.downsample is not None:
+            identity, shortcut_bias = conv(x, block.downsample[0], block.downsample[1])
+            bias = bias + shortcut_bias
+        return bias_act(out, bias, identity)
     return forward
 
 
@@ -210,11 +291,13 @@ def use_batched_sampler(model: MaskRCNN) -> MaskRCNN:
 def build_model(num_classes: int = NUM_CLASSES_COCO, *, backbone_weights: Path | None,
                 min_size: int = 800, max_size: int = 1333, image_candidates: int = 1000,
                 rois_per_image: int = 512, test_candidates: int = 1000, detections_per_image: int = 100,
-                fold_bn: bool = True, batched_sampler: bool = True, sync_free: bool = True) -> MaskRCNN:
+                fold_bn: bool = True, fuse_bias: bool = True, batched_sampler: bool = True,
+                sync_free: bool = True) -> MaskRCNN:
     """Mask R-CNN with the reference's hyperparameters.
 
     With `backbone_weights` (a torchvision-format ImageNet ResNet-50 state dict) BatchNorm is frozen
-    and the stem and first stage stay fixed, as in the reference. Without (shapes runs, which need no
+    and the stem and first stage stay fixed, as in the reference; `fold_bn` folds the frozen
+    BatchNorm into the convolutions, `fuse_bias` adds biases with what follows them in one pass. Without (shapes runs, which need no
     download), the backbone starts from random weights with trainable GroupNorm: small per-GPU batches
     make BatchNorm statistics too noisy to train from scratch.
     """
@@ -248,6 +331,8 @@ def build_model(num_classes: int = NUM_CLASSES_COCO, *, backbone_weights: Path |
     t = model.transform
     model.transform = DetectionTransform(t.min_size, t.max_size, t.image_mean, t.image_std,
                                          size_divisible=t.size_divisible, fixed_size=t.fixed_size)
+    if fuse_bias:
+        fuse_bias_relu(model)
     if sync_free:  # implies the batched sampler
         make_sync_free(model)
     elif batched_sampler:
