@@ -3,9 +3,10 @@
     python benchmarks/eval_loader.py --workers 1,2,4,8 --eval-images 256
 
 Loader: shapes JPEGs at COCO size (640 px), decoded, flipped and turned into targets by
-object_detection.data, img/s for each worker count. Evaluation: inference img/s with 100
-detections per image (score threshold 0, the worst case), masks thresholded on the GPU and
-RLE-encoded as the trainer does; then pycocotools scoring time (bbox + segm) for 5000 images.
+object_detection.data, img/s for each worker count. Evaluation: inference img/s of the MLPerf
+model (and of the shapes runs' GroupNorm model) with 100 detections per image (score threshold 0,
+the worst case), masks thresholded and RLE-encoded on the GPU as the trainer does; then the COCO
+scoring time (bbox + segm) for 5000 images, in one process and in worker processes.
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from object_detection import data as D  # noqa: E402
-from object_detection.evaluate import detections_to_coco, evaluate_results  # noqa: E402
-from object_detection.model import build_model, use_channels_last  # noqa: E402
+from object_detection.evaluate import IOU_TYPES, detections_to_results, score_results  # noqa: E402
+from benchmarks.profile_eval import eval_model  # noqa: E402
 from object_detection.synthetic import make_shapes  # noqa: E402
 
 
@@ -44,12 +45,8 @@ def loader_rates(root: Path, workers: list[int], batch: int) -> list[dict]:
 
 
 @torch.no_grad()
-def inference_rate(device, images: int, batch: int) -> dict:
-    model = build_model(81, backbone_weights=None).to(device)
-    model.roi_heads.score_thresh = 0.0  # always 100 detections per image: the slow case
-    if device.type == "cuda":
-        use_channels_last(model)
-    model.eval()
+def inference_rate(device, images: int, batch: int, group_norm: bool = False) -> dict:
+    model = eval_model(device, group_norm)
     g = torch.Generator().manual_seed(0)
     batches = [[torch.randint(0, 256, (3, 480, 640), dtype=torch.uint8, generator=g) for _ in range(batch)]
                for _ in range(images // batch)]
@@ -64,8 +61,8 @@ def inference_rate(device, images: int, batch: int) -> dict:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             outputs = model(imgs)
         results = [{"boxes": o["boxes"].float().cpu(), "labels": o["labels"].cpu(), "scores": o["scores"].float().cpu(),
-                    "masks": (o["masks"] > 0.5).to(torch.uint8)} for o in outputs]
-        coco = detections_to_coco(results, list(range(len(results))), label_to_category)
+                    "masks": o["masks"] > 0.5} for o in outputs]
+        coco = detections_to_results(results, list(range(len(results))), label_to_category)
         if i >= 2:
             n += len(imgs)
             dets += len(coco)
@@ -74,7 +71,8 @@ def inference_rate(device, images: int, batch: int) -> dict:
 
 
 def scoring_time(n_images: int = 5000, dets_per_image: int = 100) -> dict:
-    """pycocotools bbox + segm on a COCO-sized synthetic ground truth and detection set."""
+    """COCO bbox + segm scoring (object_detection.evaluate, faster-coco-eval where installed) of a
+    COCO-sized synthetic ground truth and detection set: one process against worker processes."""
     from pycocotools import mask as M
     from pycocotools.coco import COCO
 
@@ -98,10 +96,20 @@ def scoring_time(n_images: int = 5000, dets_per_image: int = 100) -> dict:
     gt.dataset = {"images": images, "annotations": anns,
                   "categories": [{"id": c, "name": str(c)} for c in range(1, 81)]}
     gt.createIndex()
-    t0 = time.perf_counter()
-    aps = evaluate_results(gt, results)
-    return {"images": n_images, "detections": len(results), "seconds": round(time.perf_counter() - t0, 1),
-            "ap": {k: round(v, 4) for k, v in aps.items()}}
+    timings, stats = {}, {}
+    # One process, then the category shares in worker processes (the first call starts them, the
+    # second finds them running, as the trainer's later evaluations do); per IoU type for one process.
+    for name, iou_types, workers in (("bbox_1_process", ["bbox"], 1), ("segm_1_process", ["segm"], 1),
+                                     ("1_process", IOU_TYPES, 1), ("workers_first", IOU_TYPES, None),
+                                     ("workers_warm", IOU_TYPES, None)):
+        t0 = time.perf_counter()
+        stats[name] = score_results(gt, results, iou_types, workers=workers)
+        timings[name] = round(time.perf_counter() - t0, 2)
+        print(name, timings[name], "s", flush=True)
+    assert stats["1_process"] == stats["workers_first"] == stats["workers_warm"]
+    return {"images": n_images, "detections": len(results), "seconds": timings,
+            "workers": min(len(os.sched_getaffinity(0)), 8),
+            "ap": {k: round(v[0], 4) for k, v in stats["1_process"].items()}}
 
 
 def main() -> int:
@@ -110,6 +118,7 @@ def main() -> int:
     p.add_argument("--loader-images", type=int, default=512)
     p.add_argument("--eval-images", type=int, default=256)
     p.add_argument("--skip-scoring", action="store_true")
+    p.add_argument("--scoring-images", type=int, default=5000)
     p.add_argument("--output", type=Path, default=Path(__file__).resolve().parent / "results" / "eval_loader.json")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -117,10 +126,12 @@ def main() -> int:
     make_shapes(root, train_images=args.loader_images, val_images=8, image_size=640, seed=0)
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "cpus": os.cpu_count()}
     result["loader"] = loader_rates(root, [int(w) for w in args.workers.split(",")], batch=16)
-    result["inference"] = inference_rate(device, args.eval_images, batch=8)
+    result["inference"] = inference_rate(device, args.eval_images, batch=8)  # the COCO (MLPerf) model
     print(json.dumps(result["inference"]), flush=True)
+    result["inference_groupnorm"] = inference_rate(device, args.eval_images, batch=8, group_norm=True)
+    print("GroupNorm model (shapes runs):", json.dumps(result["inference_groupnorm"]), flush=True)
     if not args.skip_scoring:
-        result["scoring"] = scoring_time()
+        result["scoring"] = scoring_time(args.scoring_images)
         print(json.dumps(result["scoring"]), flush=True)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=1))

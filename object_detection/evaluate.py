@@ -8,11 +8,13 @@ when installed, scores the same numbers in a fraction of the time).
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import functools
 import io
 import logging
+import os
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
@@ -33,6 +35,69 @@ STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
               "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
 
+class CocoResults:
+    """COCO detection results as columns: what the evaluator keeps, gathers and sends to scoring
+    workers (a list of 500k result dicts takes seconds to build, pickle and split; columns take
+    milliseconds). `to_dicts()` gives the usual list of COCO result dicts.
+
+    image_ids, category_ids [N] int64; scores [N] float64; boxes [N,4] float64 xywh;
+    segmentations: N RLE dicts (None for a result without a mask), or None if no result has one.
+    """
+
+    def __init__(self, image_ids=(), category_ids=(), scores=(), boxes=None, segmentations=None):
+        self.image_ids = np.asarray(image_ids, dtype=np.int64)
+        self.category_ids = np.asarray(category_ids, dtype=np.int64)
+        self.scores = np.asarray(scores, dtype=np.float64)
+        self.boxes = (np.zeros((0, 4)) if boxes is None else np.asarray(boxes, dtype=np.float64)).reshape(-1, 4)
+        self.segmentations = segmentations
+        if not len(self.image_ids) == len(self.category_ids) == len(self.scores) == len(self.boxes):
+            raise ValueError("CocoResults columns differ in length")
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    @classmethod
+    def from_dicts(cls, results: Sequence[Mapping]) -> CocoResults:
+        segmentations = [r.get("segmentation") for r in results]
+        return cls([r["image_id"] for r in results], [r["category_id"] for r in results],
+                   [r["score"] for r in results], [r["bbox"] for r in results],
+                   segmentations if any(s is not None for s in segmentations) else None)
+
+    @classmethod
+    def concatenate(cls, parts: Iterable[CocoResults]) -> CocoResults:
+        parts = [part for part in parts if len(part)]
+        if not parts:
+            return cls()
+        segmentations = None
+        if any(part.segmentations is not None for part in parts):
+            segmentations = [s for part in parts
+                             for s in (part.segmentations or [None] * len(part))]
+        return cls(np.concatenate([p.image_ids for p in parts]), np.concatenate([p.category_ids for p in parts]),
+                   np.concatenate([p.scores for p in parts]), np.concatenate([p.boxes for p in parts]),
+                   segmentations)
+
+    def subset(self, keep: np.ndarray) -> CocoResults:
+        """The results where the bool array `keep` is true."""
+        index = np.flatnonzero(keep)
+        return CocoResults(self.image_ids[index], self.category_ids[index], self.scores[index],
+                           self.boxes[index],
+                           None if self.segmentations is None else [self.segmentations[i] for i in index])
+
+    def to_dicts(self, iou_type: str | None = None) -> list[dict]:
+        """COCO result dicts, fresh ones: everything, or what `iou_type` reads ("bbox": no masks;
+        "segm": no boxes, only results with a mask: a segm result's box and area come from its
+        mask, as in the reference)."""
+        columns = zip(self.image_ids.tolist(), self.category_ids.tolist(), self.scores.tolist(),
+                      self.boxes.tolist(), self.segmentations or [None] * len(self))
+        if iou_type == "bbox":
+            return [{"image_id": i, "category_id": c, "bbox": b, "score": s} for i, c, s, b, _ in columns]
+        if iou_type == "segm":
+            return [{"image_id": i, "category_id": c, "segmentation": m, "score": s}
+                    for i, c, s, _, m in columns if m is not None]
+        return [{"image_id": i, "category_id": c, "bbox": b, "score": s} | ({} if m is None else {"segmentation": m})
+                for i, c, s, b, m in columns]
+
+
 def detections_to_coco(outputs: Sequence[Mapping], image_ids: Sequence[int],
                        label_to_category: Sequence[int] | Mapping[int, int]) -> list[dict]:
     """COCO result dicts (image_id, category_id, bbox xywh, score, segmentation RLE) for a batch.
@@ -43,8 +108,14 @@ def detections_to_coco(outputs: Sequence[Mapping], image_ids: Sequence[int],
     Tensors (on any device) or numpy arrays. `label_to_category`: a mapping label -> COCO
     category id, or a sequence indexed by label whose element 0 (background) is None or 0.
     """
+    return detections_to_results(outputs, image_ids, label_to_category).to_dicts()
+
+
+def detections_to_results(outputs: Sequence[Mapping], image_ids: Sequence[int],
+                          label_to_category: Sequence[int] | Mapping[int, int]) -> CocoResults:
+    """detections_to_coco as CocoResults columns."""
     lookup = _label_lookup(label_to_category)
-    results = []
+    parts = []
     for output, image_id in zip(outputs, image_ids, strict=True):
         boxes = _numpy(output["boxes"]).astype(np.float64).reshape(-1, 4)
         if len(boxes) == 0:
@@ -53,17 +124,11 @@ def detections_to_coco(outputs: Sequence[Mapping], image_ids: Sequence[int],
         if labels.min() < 1 or labels.max() >= len(lookup) or (lookup[labels] < 0).any():
             raise ValueError(f"labels {sorted(set(labels.tolist()))} of image {image_id} are not "
                              f"all in label_to_category")
-        categories = lookup[labels].tolist()
-        scores = _numpy(output["scores"]).astype(np.float64).tolist()
         boxes[:, 2:] -= boxes[:, :2]
-        rles = _encode_masks(output["masks"]) if "masks" in output else None
-        image_id = int(image_id)
-        for index, (box, category, score) in enumerate(zip(boxes.tolist(), categories, scores)):
-            result = {"image_id": image_id, "category_id": category, "bbox": box, "score": score}
-            if rles is not None:
-                result["segmentation"] = rles[index]
-            results.append(result)
-    return results
+        parts.append(CocoResults(np.full(len(boxes), int(image_id)), lookup[labels],
+                                 _numpy(output["scores"]).astype(np.float64), boxes,
+                                 _encode_masks(output["masks"]) if "masks" in output else None))
+    return CocoResults.concatenate(parts)
 
 
 def _label_lookup(label_to_category: Sequence[int] | Mapping[int, int]) -> np.ndarray:
@@ -97,11 +162,11 @@ def _encode_masks(masks) -> list[dict]:
         if masks.dim() == 4:
             masks = masks[:, 0]
         binary = masks > MASK_THRESHOLD if masks.is_floating_point() else masks != 0
-        if binary.device.type == "cpu":  # pycocotools' one C pass beats torch's several on a CPU
-            rles = mask_utils.encode(binary.transpose(1, 2).to(torch.uint8).contiguous().numpy()
-                                     .transpose(2, 1, 0))
-        else:
-            rles = _encode_tensor(binary)
+        if binary.device.type != "cpu":
+            return _encode_tensor(binary)  # already text
+        # pycocotools' one C pass beats torch's several on a CPU
+        rles = mask_utils.encode(binary.transpose(1, 2).to(torch.uint8).contiguous().numpy()
+                                 .transpose(2, 1, 0))
     else:
         masks = np.asarray(masks)
         if masks.ndim == 4:
@@ -116,70 +181,218 @@ def _encode_masks(masks) -> list[dict]:
 
 
 def _encode_tensor(binary) -> list[dict]:
-    """COCO RLE of bool masks [N,H,W], with the run boundaries found where the tensor lives.
+    """COCO RLE of bool masks [N,H,W], computed where the tensor lives.
 
-    On a GPU only the boundaries (a few hundred numbers a mask) cross to the host, not H*W bytes
-    a mask, and no CPU scans the pixels: pycocotools only compresses the run lengths. The same
-    bytes as mask_utils.encode (tests/test_evaluate.py checks it).
+    On a GPU the run boundaries, the run lengths and their compressed text (`_compress_counts`)
+    are all found on the device, for every mask at once; only the text crosses to the host (a few
+    bytes a run, not H*W a mask), and the host slices it. The same text as mask_utils.encode
+    (tests/test_evaluate.py checks it, running this on CPU tensors).
     """
+    import torch
+
     n, height, width = binary.shape
     if n == 0:
         return []
     column_major = binary.transpose(1, 2).reshape(n, height * width)  # COCO runs go down columns
     starts = column_major.clone()  # a run starts at pixel 0 if it is set, and wherever a pixel
     starts[:, 1:] = column_major[:, 1:] != column_major[:, :-1]  # differs from the one before
-    instance, position = (index.cpu().numpy() for index in starts.nonzero(as_tuple=True))
-    bounds = np.searchsorted(instance, np.arange(n + 1))
-    uncompressed = [{"size": [height, width],
-                     "counts": np.diff(position[bounds[k]:bounds[k + 1]], prepend=0,
-                                       append=height * width).tolist()}
-                    for k in range(n)]
-    return mask_utils.frPyObjects(uncompressed, height, width)
+    instance, position = starts.nonzero(as_tuple=True)  # in order: by mask, then by pixel
+    # Each mask's counts: the gaps between its boundaries, then from the last one to the end.
+    boundaries = torch.bincount(instance, minlength=n)
+    first = torch.ones_like(instance, dtype=torch.bool)
+    first[1:] = instance[1:] != instance[:-1]
+    gaps = position - torch.where(first, 0, position.roll(1))
+    last = torch.zeros(n, dtype=position.dtype, device=position.device)
+    last.scatter_reduce_(0, instance, position, "amax")
+    lengths = boundaries + 1
+    mask_start = lengths.cumsum(0) - lengths
+    counts = torch.empty(len(position) + n, dtype=torch.int64, device=position.device)
+    rank = torch.arange(len(position), device=position.device) - (boundaries.cumsum(0) - boundaries)[instance]
+    counts[mask_start[instance] + rank] = gaps
+    counts[mask_start + boundaries] = height * width - last
+    text, chars = _compress_counts(counts, lengths)
+    text = text.cpu().numpy().tobytes().decode("ascii")
+    bounds = [0] + chars.cumsum(0).tolist()
+    return [{"size": [height, width], "counts": text[a:b]} for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def score_results(coco_gt: COCO, results: Sequence[dict], iou_types: Iterable[str] = IOU_TYPES,
-                  image_ids: Iterable[int] | None = None,
-                  backend: str = "auto") -> dict[str, list[float]]:
+def _compress_counts(counts, lengths):
+    """pycocotools' rleToString for many masks at once, as tensors: `counts` of all masks back to
+    back, `lengths[k]` of them mask k's. From the third count of a mask on, a count is stored as
+    its difference to the count two before; each value is written in 5-bit groups, low first, as
+    characters from '0' on, with 0x20 set while more groups follow (the last group's 0x10 bit is
+    the sign). Returns every mask's characters back to back (uint8) and their number per mask."""
+    import torch
+
+    device = counts.device
+    owner = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths,
+                                    output_size=len(counts))
+    rank = torch.arange(len(counts), device=device) - (lengths.cumsum(0) - lengths)[owner]
+    two_before = torch.cat([counts.new_zeros(2), counts[:-2]])
+    value = counts - torch.where(rank > 2, two_before, 0)
+    shifts = torch.arange(0, 35, 5, device=device)  # 7 groups of 5 bits hold any int32
+    chunk = (value[:, None] >> shifts) & 0x1F
+    rest = value[:, None] >> (shifts + 5)
+    more = torch.where(chunk & 0x10 != 0, rest != -1, rest != 0)  # once false, false after
+    used = 1 + more[:, :6].sum(dim=1)
+    characters = (chunk | (more.to(chunk.dtype) << 5)) + 48
+    text = characters[torch.arange(7, device=device) < used[:, None]].to(torch.uint8)
+    per_mask = torch.zeros(len(lengths), dtype=used.dtype, device=device).index_add_(0, owner, used)
+    return text, per_mask
+
+
+def score_results(coco_gt: COCO, results: Sequence[dict] | CocoResults,
+                  iou_types: Iterable[str] = IOU_TYPES, image_ids: Iterable[int] | None = None,
+                  backend: str = "auto", workers: int | None = None) -> dict[str, list[float]]:
     """COCOeval's 12 summary numbers (STAT_NAMES) per IoU type; all zeros where nothing was found.
 
-    `image_ids`: the images to score (default: every image of `coco_gt`); detections on other
-    images are ignored, and ground truth on images not listed does not count as missed.
-    `backend`: one of BACKENDS; "auto" takes faster_coco_eval when it is installed.
+    `results`: COCO result dicts or CocoResults. `image_ids`: the images to score (default: every
+    image of `coco_gt`); detections on other images are ignored, and ground truth on images not
+    listed does not count as missed. `backend`: one of BACKENDS; "auto" takes faster_coco_eval
+    when it is installed. `workers`: processes that score shares of the categories
+    (`_score_in_workers`, the same numbers); default: one per core, up to 8, from
+    PARALLEL_MIN_RESULTS results on, else 1.
     """
-    evaluator_class, coco_gt = _backend(backend, coco_gt)
-    image_ids = sorted({int(i) for i in image_ids}) if image_ids is not None else None
-    if image_ids == []:  # nothing was evaluated: COCOeval cannot accumulate over no images
-        return {iou_type: [0.0] * len(STAT_NAMES) for iou_type in iou_types}
-    stats = {}
+    iou_types = tuple(iou_types)
     for iou_type in iou_types:
         if iou_type not in IOU_TYPES:
             raise ValueError(f"iou type {iou_type!r} is not one of {IOU_TYPES}")
-        # Separate lists, like the reference: a segm result gets its area and box from its mask,
-        # not from the detected box. Fresh dicts: _load_results writes into them.
-        if iou_type == "bbox":
-            own = [{"image_id": r["image_id"], "category_id": r["category_id"],
-                    "bbox": r["bbox"], "score": r["score"]} for r in results]
-        else:
-            own = [{"image_id": r["image_id"], "category_id": r["category_id"],
-                    "segmentation": r["segmentation"], "score": r["score"]}
-                   for r in results if "segmentation" in r]
-        if image_ids is not None:
-            wanted = set(image_ids)
-            own = [r for r in own if r["image_id"] in wanted]
-        if not own:  # COCOeval cannot score an empty result set: nothing detected scores zero
-            stats[iou_type] = [0.0] * len(STAT_NAMES)
-            continue
+    evaluator_class, backend_gt = _backend(backend, coco_gt)
+    image_ids = sorted({int(i) for i in image_ids}) if image_ids is not None else None
+    zeros = {iou_type: [0.0] * len(STAT_NAMES) for iou_type in iou_types}
+    if image_ids == []:  # nothing was evaluated: COCOeval cannot accumulate over no images
+        return zeros
+    if workers is None:
+        workers = min(len(os.sched_getaffinity(0)), 8) if len(results) >= PARALLEL_MIN_RESULTS else 1
+    if not isinstance(results, CocoResults):
+        results = CocoResults.from_dicts(results)
+    if image_ids is not None:
+        results = results.subset(np.isin(results.image_ids, image_ids))
+    if results.segmentations is None:  # COCOeval cannot score an empty result set
+        iou_types = tuple(t for t in iou_types if t != "segm")
+    if not len(results) or not iou_types:
+        return zeros
+    if workers > 1:
+        return zeros | _score_in_workers(coco_gt, results, iou_types, image_ids, backend, workers)
+    stats = {}
+    for iou_type in iou_types:
         with contextlib.redirect_stdout(io.StringIO()) as printed:
-            coco_dt = _load_results(coco_gt, own, iou_type)
-            evaluator = evaluator_class(coco_gt, coco_dt, iou_type)
-            if image_ids is not None:
-                evaluator.params.imgIds = image_ids
-            evaluator.evaluate()
-            evaluator.accumulate()
+            evaluator = _evaluated(evaluator_class, backend_gt, results.to_dicts(iou_type), iou_type,
+                                   image_ids)
             evaluator.summarize()
         log.debug("COCOeval %s:\n%s", iou_type, printed.getvalue())
         stats[iou_type] = [float(value) for value in evaluator.stats]
+    return zeros | stats
+
+
+# Below this many results one process scores faster than starting and feeding workers.
+PARALLEL_MIN_RESULTS = 20000
+
+
+def _evaluated(evaluator_class, coco_gt, own: list[dict], iou_type: str, image_ids: list[int] | None,
+               category_ids: list[int] | None = None):
+    """A COCOeval of `own` after evaluate() and accumulate(), optionally on some categories only."""
+    coco_dt = _load_results(coco_gt, own, iou_type)
+    evaluator = evaluator_class(coco_gt, coco_dt, iou_type)
+    if image_ids is not None:
+        evaluator.params.imgIds = image_ids
+    if category_ids is not None:
+        evaluator.params.catIds = category_ids
+    evaluator.evaluate()
+    evaluator.accumulate()
+    return evaluator
+
+
+def _score_in_workers(coco_gt: COCO, results: CocoResults, iou_types: tuple[str, ...],
+                      image_ids: list[int] | None, backend: str, workers: int) -> dict[str, list[float]]:
+    """Score the IoU types as `workers` shares of the categories, in parallel processes.
+
+    COCOeval's precision and recall of a category depend only on that category's detections and
+    ground truth, and its summary is a mean over categories: each worker evaluates and
+    accumulates its categories, and the arrays put side by side give pycocotools' summarize
+    exactly the numbers one process computes (tests/test_evaluate.py compares them).
+    """
+    pool = _scoring_pool(coco_gt, backend, workers)
+    category_ids = sorted(coco_gt.getCatIds())
+    detections = collections.Counter(dict(zip(*np.unique(results.category_ids, return_counts=True))))
+    weight = {c: detections[c] + len(coco_gt.catToImgs.get(c, ())) for c in category_ids}
+    shares = _balanced_shares(category_ids, weight.__getitem__, workers)
+    futures = [pool.submit(_score_share, results.subset(np.isin(results.category_ids, members)),
+                           iou_types, image_ids, members) for members in shares]
+    merged = {}
+    for members, future in zip(shares, futures):
+        index = [category_ids.index(c) for c in members]
+        for iou_type, accumulated in future.result().items():
+            if iou_type not in merged:  # precision, scores [T,R,K,A,M], recall [T,K,A,M]: K third from the end
+                merged[iou_type] = {key: np.full(value.shape[:-3] + (len(category_ids),) + value.shape[-2:], -1.0)
+                                    for key, value in accumulated.items()}
+            for key, value in accumulated.items():
+                merged[iou_type][key][..., index, :, :] = value
+    stats = {}
+    for iou_type, arrays in merged.items():
+        summary = COCOeval(iouType=iou_type)
+        summary.params.catIds = category_ids
+        summary.eval = {"params": summary.params, **arrays}
+        with contextlib.redirect_stdout(io.StringIO()):
+            summary.summarize()
+        stats[iou_type] = [float(value) for value in summary.stats]
     return stats
+
+
+def _balanced_shares(items: list[int], weight: Callable[[int], int], shares: int) -> list[list[int]]:
+    """`items` in at most `shares` groups of similar total weight (heaviest first, to the lightest
+    group), each group sorted; no empty groups."""
+    groups = [[0, []] for _ in range(min(shares, len(items)))]
+    for item in sorted(items, key=weight, reverse=True):
+        lightest = min(groups, key=lambda group: group[0])
+        lightest[0] += weight(item)
+        lightest[1].append(item)
+    return [sorted(members) for _, members in groups]
+
+
+_WORKER: dict = {}
+
+
+def _start_worker(dataset: dict, backend: str) -> None:
+    gt = COCO()
+    gt.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+    _WORKER["gt"], _WORKER["backend"] = gt, backend
+
+
+def _score_share(results: CocoResults, iou_types: tuple[str, ...], image_ids: list[int] | None,
+                 category_ids: list[int]) -> dict[str, dict[str, np.ndarray]]:
+    """In a worker: evaluate and accumulate these categories; per IoU type precision, recall, scores."""
+    evaluator_class, gt = _backend(_WORKER["backend"], _WORKER["gt"])
+    accumulated = {}
+    for iou_type in iou_types:
+        with contextlib.redirect_stdout(io.StringIO()):
+            evaluator = _evaluated(evaluator_class, gt, results.to_dicts(iou_type), iou_type, image_ids,
+                                   category_ids)
+        accumulated[iou_type] = {key: np.asarray(evaluator.eval[key]) for key in ("precision", "recall", "scores")}
+    return accumulated
+
+
+_POOLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _scoring_pool(coco_gt: COCO, backend: str, workers: int):
+    """Worker processes holding this ground truth, kept for the next evaluation of the run.
+
+    forkserver, not fork: the trainer has CUDA and loader threads that a forked child must not
+    inherit; the ground truth is sent once per worker, when it starts."""
+    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing
+
+    key = (backend, workers)
+    pools = _POOLS.setdefault(coco_gt, {})
+    if key not in pools:
+        method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+        pools[key] = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
+                                         initializer=_start_worker, initargs=(coco_gt.dataset, backend))
+        weakref.finalize(coco_gt, pools[key].shutdown, wait=False, cancel_futures=True)
+    return pools[key]
 
 
 def _load_results(coco_gt, results: list[dict], iou_type: str):
@@ -256,20 +469,24 @@ class CocoEvaluator:
         self.backend = backend
         self.label_to_category = label_to_category
         self.iou_types = tuple(iou_types)
-        self.results: list[dict] = []
+        self.results = CocoResults()
+        self._batches: list[CocoResults] = []
         self.image_ids: list[int] = []
         self.stats: dict[str, list[float]] = {}
 
     def update(self, outputs: Sequence[Mapping], image_ids: Sequence[int]) -> None:
         """Add one batch: outputs at original image resolution, and the COCO ids of its images."""
         image_ids = [int(i) for i in image_ids]
-        self.results.extend(detections_to_coco(outputs, image_ids, self.label_to_category))
+        self._batches.append(detections_to_results(outputs, image_ids, self.label_to_category))
         self.image_ids.extend(image_ids)
 
     def gather(self) -> None:
-        """Bring every rank's results and image ids to rank 0 (a no-op without torch.distributed)."""
+        """Bring every rank's results and image ids to rank 0 (a no-op without torch.distributed);
+        self.results then holds them (on the other ranks: nothing)."""
         import torch.distributed as dist
 
+        self.results = CocoResults.concatenate([self.results, *self._batches])
+        self._batches = []
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
         # gather_object, not all_gather_object: only rank 0 scores, so only it needs everything.
@@ -277,10 +494,10 @@ class CocoEvaluator:
         everyone = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
         dist.gather_object(mine, everyone, dst=0)
         if dist.get_rank() == 0:
-            self.results = [result for results, _ in everyone for result in results]
+            self.results = CocoResults.concatenate(results for results, _ in everyone)
             self.image_ids = [image_id for _, ids in everyone for image_id in ids]
         else:
-            self.results, self.image_ids = [], []
+            self.results, self.image_ids = CocoResults(), []
 
     def summarize(self, image_ids: Iterable[int] | None = None) -> dict[str, float]:
         """{"bbox": AP, "segm": AP} over `image_ids` (default: every image given to update).
@@ -288,6 +505,9 @@ class CocoEvaluator:
         Call on rank 0 after gather(); the 12 COCO numbers per type are kept in self.stats.
         """
         image_ids = self.image_ids if image_ids is None else image_ids
+        if self._batches:  # a single process that did not call gather()
+            self.results = CocoResults.concatenate([self.results, *self._batches])
+            self._batches = []
         self.stats = score_results(self.coco_gt, self.results, self.iou_types, image_ids,
                                    self.backend)
         for iou_type, values in self.stats.items():

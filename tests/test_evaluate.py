@@ -159,9 +159,18 @@ def test_run_lengths_found_by_torch_are_the_bytes_pycocotools_encodes():
     edges = torch.zeros(1, 6, 8, dtype=torch.bool)
     edges[0, 0, :] = edges[0, -1, :] = edges[0, :, 0] = edges[0, :, -1] = True
     cases.append(edges)
+    # Long runs (counts that take 4-5 characters, differences of either sign), empty masks
+    # between others, and a mask whose only run reaches the last pixel.
+    large = torch.zeros(5, 700, 900, dtype=torch.bool)
+    large[0, 10:600, 20:880] = True
+    large[2, 650:, 899] = True
+    large[3, 300:302, 5:700] = True
+    large[4, -1, -1] = True
+    cases.append(large)
     for masks in cases:
         expected = mask_utils.encode(np.asfortranarray(masks.permute(1, 2, 0).numpy(), dtype=np.uint8))
-        assert _encode_tensor(masks) == [{**rle, "size": list(rle["size"])} for rle in expected]
+        assert _encode_tensor(masks) == [{"size": list(rle["size"]), "counts": rle["counts"].decode()}
+                                         for rle in expected]
     assert _encode_tensor(torch.zeros(0, 4, 4, dtype=torch.bool)) == []
 
 
@@ -205,7 +214,7 @@ def _rank_main(rank: int, world_size: int, port: int, outputs: dict, annotation_
             Path(answer).write_text(json.dumps({"aps": evaluator.summarize(),
                                                 "images": sorted(evaluator.image_ids)}))
         else:
-            assert evaluator.results == [] and evaluator.image_ids == []
+            assert len(evaluator.results) == 0 and evaluator.image_ids == []
     finally:
         dist.destroy_process_group()
 
@@ -223,3 +232,20 @@ def test_two_gloo_ranks_gather_to_the_single_process_score(coco_gt, tmp_path):
     gathered = json.loads(answer.read_text())
     assert gathered["images"] == sorted(coco_gt.getImgIds())
     assert gathered["aps"] == single
+
+
+@pytest.mark.parametrize("backend", ["pycocotools", "faster_coco_eval"])
+def test_categories_scored_in_worker_processes_give_the_same_numbers(coco_gt, backend):
+    """score_results(workers=N) splits the categories over N processes and merges their
+    precision and recall: the same 12 numbers per IoU type as one process, to the last bit,
+    also for a subset of images, and with a category that has ground truth but no detections."""
+    results = to_results(all_outputs(coco_gt, noisy_outputs))
+    missing_one = [r for r in results if r["category_id"] != 2]
+    half = coco_gt.getImgIds()[::2]
+    for chosen, image_ids in ((results, None), (results, half), (missing_one, None)):
+        serial = score_results(coco_gt, chosen, image_ids=image_ids, backend=backend, workers=1)
+        for workers in (2, 3):
+            assert score_results(coco_gt, chosen, image_ids=image_ids, backend=backend,
+                                 workers=workers) == serial
+    assert score_results(coco_gt, [], backend=backend, workers=2) == \
+        {"bbox": [0.0] * 12, "segm": [0.0] * 12}
