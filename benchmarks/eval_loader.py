@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -22,7 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from object_detection import data as D  # noqa: E402
-from object_detection.evaluate import IOU_TYPES, detections_to_results, score_results  # noqa: E402
+from object_detection.evaluate import (IOU_TYPES, detections_to_results, score_results,  # noqa: E402
+                                       default_workers, start_scoring_workers)
 from benchmarks.profile_eval import eval_model  # noqa: E402
 from object_detection.synthetic import make_shapes  # noqa: E402
 
@@ -97,18 +99,27 @@ def scoring_time(n_images: int = 5000, dets_per_image: int = 100) -> dict:
                   "categories": [{"id": c, "name": str(c)} for c in range(1, 81)]}
     gt.createIndex()
     timings, stats = {}, {}
-    # One process, then the category shares in worker processes (the first call starts them, the
-    # second finds them running, as the trainer's later evaluations do); per IoU type for one process.
-    for name, iou_types, workers in (("bbox_1_process", ["bbox"], 1), ("segm_1_process", ["segm"], 1),
-                                     ("1_process", IOU_TYPES, 1), ("workers_first", IOU_TYPES, None),
-                                     ("workers_warm", IOU_TYPES, None)):
+    handler = logging.StreamHandler()  # the workers' seconds (a debug line of score_results)
+    handler.addFilter(lambda record: record.getMessage().startswith("scored"))
+    logger = logging.getLogger("object_detection.evaluate")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    # One process, per IoU type and both; then workers: their start (the trainer starts them before
+    # the first epoch, start_scoring_workers), and scoring twice with them running.
+    steps = [("bbox_1_process", ["bbox"], 1), ("segm_1_process", ["segm"], 1), ("1_process", IOU_TYPES, 1),
+             ("workers_start", None, None), ("workers", IOU_TYPES, None), ("workers_again", IOU_TYPES, None)]
+    for name, iou_types, workers in steps:
         t0 = time.perf_counter()
-        stats[name] = score_results(gt, results, iou_types, workers=workers)
+        if iou_types is None:
+            for started in start_scoring_workers(gt):
+                started.result()
+        else:
+            stats[name] = score_results(gt, results, iou_types, workers=workers)
         timings[name] = round(time.perf_counter() - t0, 2)
         print(name, timings[name], "s", flush=True)
-    assert stats["1_process"] == stats["workers_first"] == stats["workers_warm"]
+    assert stats["1_process"] == stats["workers"] == stats["workers_again"]
     return {"images": n_images, "detections": len(results), "seconds": timings,
-            "workers": min(len(os.sched_getaffinity(0)), 8),
+            "workers": default_workers(),
             "ap": {k: round(v[0], 4) for k, v in stats["1_process"].items()}}
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What one device session runs on the H200 (see BENCHMARKS.md): wheels, a GPU smoke run through
 # `invoke train`, the throughput benchmark, then the shapes-4k convergence run for the time left.
-# usage: bash benchmarks/gpu_session.sh PART   (PART: bench | converge)
+# usage: bash benchmarks/gpu_session.sh PART...   (PART: smoke | bench | eval | converge)
+# BENCH_VARIANTS: train_throughput.py --variants (default: its own).
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
@@ -9,13 +10,22 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 df -h /dev/shm | tee -a "$OUT/gpu.txt"; nproc | tee -a "$OUT/gpu.txt"
 export INVOKE_MLPERF_DATA_DIR=/tmp/data INVOKE_MLPERF_RESULTS_DIR=/tmp/results
-case "${1:-bench}" in
-  bench)
+for part in "${@:-bench}"; do
+case "$part" in
+  smoke)
     python3 -m invoke fetch --dataset shapes && python3 -m invoke verify --dataset shapes || exit 1
     timeout 120 python3 -m invoke train --dataset shapes --max-epochs 1 --log "$OUT/smoke.txt" 2>&1 | tail -15
     python3 -m mlperf_logging.compliance_checker --usage training --ruleset 3.1.0 "$OUT/smoke.txt" 2>&1 | tail -3
-    timeout 330 python3 benchmarks/train_throughput.py --check --batch-sizes 8,16,32 --iterations 15 \
-      --output "$OUT/train_throughput.json" 2>&1 | tee "$OUT/bench.txt" | tail -20
+    ;;
+  bench)
+    timeout ${BENCH_S:-330} python3 benchmarks/train_throughput.py --check --batch-sizes 8,16,32 --iterations 15 \
+      ${BENCH_VARIANTS:+--variants "$BENCH_VARIANTS"} --output "$OUT/train_throughput.json" 2>&1 \
+      | tee "$OUT/bench.txt" | grep -v '^{' | tail -20
+    ;;
+  eval)
+    timeout 200 python3 benchmarks/eval_loader.py --workers 8 --loader-images 256 --eval-images 256 \
+      --output "$OUT/eval_loader.json" 2>&1 | tail -12
+    timeout 90 python3 benchmarks/profile_eval.py > /dev/null 2>&1; head -3 "$OUT/profile_eval.txt"
     ;;
   converge)
     t0=$(date +%s)
@@ -26,4 +36,6 @@ case "${1:-bench}" in
     echo "train exit $?"
     grep -E "eval_accuracy|run_stop|img/s\)" "$OUT/converge_stdout.txt" | cut -c1-220 | tail -40
     ;;
+  *) echo "unknown part $part" >&2; exit 1 ;;
 esac
+done

@@ -24,13 +24,14 @@ def main() -> None:
     p.add_argument("--syncs", action="store_true", help="count host synchronisations per step, by site")
     p.add_argument("--shapes", action="store_true", help="also list the heaviest elementwise operators by input shape")
     p.add_argument("--tvsync", action="store_true", help="torchvision's heads (no object_detection.sync_free)")
+    p.add_argument("--nofuse", action="store_true", help="biases added separately (no object_detection.fused)")
     args = p.parse_args()
     device = torch.device("cuda")
     backbone = Path("/tmp/bench_resnet50.pth")
     if not backbone.exists():
         import torchvision
         torch.save(torchvision.models.resnet50().state_dict(), backbone)
-    model = our_model(device, backbone, channels_last="rpn", sync_free=not args.tvsync)
+    model = our_model(device, backbone, channels_last="rpn", sync_free=not args.tvsync, fuse_bias=not args.nofuse)
     opt = make_optimizer(model, 0.01, fused=True)
     batches = [synthetic_batch(args.batch, "cpu", seed=s) for s in range(2)]
     batches = [pinned(b) for b in batches]
@@ -92,7 +93,7 @@ def main() -> None:
         for e in rows[:30]:
             print(f"{e.key:<18} {e.count:5d} calls {e.device_time_total / 1000:8.2f} ms  {e.input_shapes}")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=50))
-    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=20, max_name_column_width=50))
+    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70))
 
 
 def count_syncs(step) -> None:

@@ -164,6 +164,45 @@ def check_greedy_nms(device, groups: int = 80, k: int = 2000) -> dict:
             "ok": mismatched == 0}
 
 
+def check_fused_training(device, backbone: Path) -> dict:
+    """One bf16 training step (forward, backward) of our model with and without the fused biases, same
+    weights, batch and sampling seed: losses, the largest gradient differences, and the NMS work
+    (fixed-point passes, run eagerly to count them)."""
+    from object_detection import sync_free
+
+    calls = {"relax": 0}
+
+    def counted(*args):
+        calls["relax"] += 1
+        return sync_free._relax(*args)
+
+    report, grads = {}, {}
+    models = {name: our_model(device, backbone, channels_last="rpn", fuse_bias=fuse)
+              for name, fuse in (("unfused", False), ("fused", True))}
+    models["fused"].load_state_dict(models["unfused"].state_dict())
+    images, targets = to_device(*synthetic_batch(4, "cpu", seed=7), device)
+    saved = sync_free._compiled.get("cuda")
+    sync_free._compiled["cuda"] = (sync_free._suppresses, counted)
+    try:
+        for name, model in models.items():
+            model.train()
+            torch.manual_seed(0)
+            calls["relax"] = 0
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                losses = model(images, targets)
+            sum(losses.values()).backward()
+            report[name] = {"losses": {k: round(v.item(), 5) for k, v in losses.items()}, "relax_passes": calls["relax"]}
+            grads[name] = {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+    finally:
+        sync_free._compiled.pop("cuda")
+        if saved is not None:
+            sync_free._compiled["cuda"] = saved
+    rel = {n: ((g - grads["unfused"][n]).norm() / grads["unfused"][n].norm().clamp_min(1e-12)).item()
+           for n, g in grads["fused"].items()}
+    report["worst_grad_rel_diff"] = [(n, round(v, 4)) for n, v in sorted(rel.items(), key=lambda kv: -kv[1])[:5]]
+    return report
+
+
 def check_bias_act(device) -> dict:
     """object_detection.fused.bias_act (the Triton kernel on CUDA) against the separate torch operations,
     forward and backward, in both layouts, fp32 and bf16, on a P2-sized map."""
@@ -202,8 +241,8 @@ def main(argv=None) -> int:
                         "channels_last backbone and RPN head, -fused fused SGD, -tvsampler torchvision's "
                         "per-image sampler (and its sync-heavy heads), -tvsync torchvision's heads with our "
                         "batched sampler (no object_detection.sync_free), -nofold keeps FrozenBatchNorm as "
-                        "separate layers, -nofuse adds convolution biases separately (no "
-                        "object_detection.fused), -compile torch.compile on the backbone")
+                        "separate layers, -nofuse adds the backbone's convolution biases separately "
+                        "(no object_detection.fused), -compile torch.compile on the backbone")
     p.add_argument("--check", action="store_true", help="also check that our step computes the stock function")
     p.add_argument("--output", type=Path)
     args = p.parse_args(argv)
@@ -223,6 +262,8 @@ def main(argv=None) -> int:
         print("greedy NMS check:", json.dumps(result["check_nms"]), flush=True)
         result["check_bias_act"] = check_bias_act(device)
         print("fused bias-ReLU check:", json.dumps(result["check_bias_act"]), flush=True)
+        result["check_fused_training"] = check_fused_training(device, backbone)
+        print("fused training step:", json.dumps(result["check_fused_training"]), flush=True)
 
     for bs in [int(b) for b in args.batch_sizes.split(",")]:
         batches = [synthetic_batch(bs, "cpu", seed=s) for s in range(3)]

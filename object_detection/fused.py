@@ -31,7 +31,8 @@ class _BiasAct(torch.autograd.Function):
     def forward(ctx, x, bias, residual, relu):
         kernel = _triton_kernel() if x.is_cuda else None
         inner = _channel_stride(x)
-        if kernel is not None and inner is not None and (residual is None or residual.stride() == x.stride()):
+        if (kernel is not None and inner is not None and x.numel()
+                and (residual is None or residual.stride() == x.stride())):
             out = torch.empty_like(x)
             n = x.numel()
             kernel[(-(-n // _BLOCK),)](

@@ -16,7 +16,6 @@ from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
 from torchvision.models.detection.transform import (GeneralizedRCNNTransform, _resize_image_and_masks,
                                                     resize_keypoints)
 from torchvision.ops import FrozenBatchNorm2d
-from torchvision.ops.misc import Conv2dNormActivation
 
 from object_detection.fused import bias_act
 from object_detection.sync_free import make_sync_free, on_device
@@ -62,12 +61,12 @@ def _conv_with_frozen_bn(conv: nn.Conv2d, bn: FrozenBatchNorm2d):
 
 
 def fuse_bias_relu(model: nn.Module) -> int:
-    """Add each convolution's bias together with what follows it (ReLU, residual) in one pass.
+    """Add each convolution's bias together with what follows it (ReLU, residual) in one pass, in
+    the ResNet bottlenecks and stem whose FrozenBatchNorm layers fold_frozen_batchnorm folded.
 
-    Takes ResNet bottlenecks and the stem whose FrozenBatchNorm layers fold_frozen_batchnorm
-    folded, and every conv-only or conv-ReLU Conv2dNormActivation (RPN head, FPN, mask head).
     Same function, same parameters and state dict (object_detection.fused says why it is faster).
-    Returns the number of modules changed.
+    The heads' convolutions (RPN, FPN, mask head) are left alone: fusing them too made a training
+    step at batch 16 on an H200 slower, not faster (BENCHMARKS.md). Returns the modules changed.
     """
     fused = 0
     for module in model.modules():
@@ -78,13 +77,6 @@ def fuse_bias_relu(model: nn.Module) -> int:
             module.conv1.forward = _fused_stem(module.conv1, module.bn1)
             module.relu.forward = _identity  # the stem's own ReLU: bottlenecks have theirs
             fused += 1
-        elif isinstance(module, Conv2dNormActivation):
-            layers = list(module.children())
-            conv = layers[0]
-            if (isinstance(conv, nn.Conv2d) and conv.bias is not None
-                    and (len(layers) == 1 or (len(layers) == 2 and isinstance(layers[1], nn.ReLU)))):
-                module.forward = _fused_conv(conv, relu=len(layers) == 2)
-                fused += 1
     return fused
 
 
@@ -108,12 +100,6 @@ def _fused_stem(conv: nn.Conv2d, bn: FrozenBatchNorm2d):
     def forward(x):
         weight, bias = _folded(conv, bn)
         return bias_act(conv._conv_forward(x, weight, None), bias)
-    return forward
-
-
-def _fused_conv(conv: nn.Conv2d, relu: bool):
-    def forward(x):
-        return bias_act(conv._conv_forward(x, conv.weight, None), conv.bias, relu=relu)
     return forward
 
 
@@ -297,7 +283,8 @@ def build_model(num_classes: int = NUM_CLASSES_COCO, *, backbone_weights: Path |
 
     With `backbone_weights` (a torchvision-format ImageNet ResNet-50 state dict) BatchNorm is frozen
     and the stem and first stage stay fixed, as in the reference; `fold_bn` folds the frozen
-    BatchNorm into the convolutions, `fuse_bias` adds biases with what follows them in one pass. Without (shapes runs, which need no
+    BatchNorm into the convolutions, `fuse_bias` then adds the backbone's biases with what
+    follows them in one pass. Without (shapes runs, which need no
     download), the backbone starts from random weights with trainable GroupNorm: small per-GPU batches
     make BatchNorm statistics too noisy to train from scratch.
     """

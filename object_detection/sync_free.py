@@ -41,6 +41,7 @@ from torchvision.ops.poolers import MultiScaleRoIAlign, _convert_to_roi_format, 
 # ---------------------------------------------------------------- greedy NMS as a fixed point
 
 NMS_CHUNK_ENTRIES = 1 << 29  # pairwise entries per chunk: 64 MiB of bits; a batch-16 step is 320M
+NMS_WIDTH_STEP = 128
 
 
 def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -83,11 +84,10 @@ def _kernels(device: torch.device):
     if device.type != "cuda":
         return _suppresses, _relax
     if "cuda" not in _compiled:
-        # Static shapes: training at 800/1333 always has 2000 candidates per level and 5 levels
-        # per image, evaluation 1000 proposals and 80 classes, so a run compiles a few shapes;
-        # kernels specialised to them ran no slower than symbolic ones (BENCHMARKS.md).
-        _compiled["cuda"] = (_eager_if_compiling_fails(torch.compile(_suppresses, dynamic=False), _suppresses),
-                             _eager_if_compiling_fails(torch.compile(_relax, dynamic=False), _relax))
+        # Widths are rounded up (fixed_point_nms) and the group count is marked dynamic, so a run
+        # compiles for a few widths (training 2000 -> 2048, evaluation 1024) and any count.
+        _compiled["cuda"] = (_eager_if_compiling_fails(torch.compile(_suppresses), _suppresses),
+                             _eager_if_compiling_fails(torch.compile(_relax), _relax))
     return _compiled["cuda"]
 
 
@@ -136,11 +136,19 @@ def fixed_point_nms(boxes: torch.Tensor, valid: torch.Tensor, iou_threshold: flo
     blocks; the only wait for the host is the check after each block.
     """
     suppress_fn, relax_fn = _kernels(boxes.device)
-    if boxes.shape[1] == 0:
+    width = boxes.shape[1]
+    if width == 0:
         return valid.clone()
-    per_chunk = max(1, NMS_CHUNK_ENTRIES // boxes.shape[1] ** 2)  # bounds the [G, K, K] memory
-    suppresses = [suppress_fn(b, iou_threshold) for b in boxes.split(per_chunk)]
-    valids = valid.split(per_chunk)
+    # Widths rounded up to NMS_WIDTH_STEP, so that the compiled kernels see a few widths, not one per
+    # batch (evaluation's width is the most proposals any image of the batch kept). Padding boxes
+    # are invalid: they neither survive nor suppress.
+    padded = -(-width // NMS_WIDTH_STEP) * NMS_WIDTH_STEP
+    if padded != width:
+        boxes = F.pad(boxes, (0, 0, 0, padded - width))
+        valid = F.pad(valid, (0, padded - width))
+    per_chunk = max(1, NMS_CHUNK_ENTRIES // padded ** 2)  # bounds the [G, K, K] memory
+    suppresses = [suppress_fn(b, iou_threshold) for b in _any_count(boxes.split(per_chunk))]
+    valids = _any_count(valid.split(per_chunk))
     keeps = list(valids)
     while True:
         for _ in range(passes_per_check):
@@ -149,7 +157,16 @@ def fixed_point_nms(boxes: torch.Tensor, valid: torch.Tensor, iou_threshold: flo
         changed = torch.stack([(a != k).any() for a, k in zip(again, keeps)]).any()
         keeps = again
         if not changed:  # the wait: one per block of passes
-            return torch.cat(keeps)
+            return torch.cat(keeps)[:, :width].contiguous()
+
+
+def _any_count(chunks: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Tell torch.compile that the number of groups varies (batch size, the last chunk), so that
+    one kernel serves every count instead of one compilation each, up to its limit of 8 (after
+    which it ran eagerly: that happened in a benchmark run over three batch sizes)."""
+    for chunk in chunks:
+        torch._dynamo.maybe_mark_dynamic(chunk, 0)
+    return chunks
 
 
 # ---------------------------------------------------------------- constants on the device

@@ -24,7 +24,8 @@ from mlperf_logging import mllog
 from mlperf_logging.mllog import constants as C
 
 from object_detection import data as D
-from object_detection.evaluate import CocoEvaluator
+from object_detection.evaluate import (PARALLEL_MIN_RESULTS, CocoEvaluator, default_workers,
+                                       start_scoring_workers)
 from object_detection.model import build_model, use_channels_last
 from object_detection.recipe import PROFILES, schedule_for
 
@@ -269,6 +270,9 @@ def main(argv=None) -> int:
     train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler,
                                                worker_init_fn=D.WorkerInit(master_seed, run.rank, sampler),
                                                **loader_kw)
+    if (run.main and len(val_set) * profile.detections_per_image >= PARALLEL_MIN_RESULTS
+            and default_workers() > 1):  # COCO: scoring in processes, up while the first epoch trains
+        start_scoring_workers(val_set.coco)
     val_shard = torch.utils.data.Subset(val_set, D.shard_indices(len(val_set), run.rank, run.world_size))
     val_loader = torch.utils.data.DataLoader(val_shard, batch_size=args.eval_batch, shuffle=False, **loader_kw)
 

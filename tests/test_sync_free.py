@@ -40,6 +40,7 @@ def test_fixed_point_nms_keeps_what_torchvision_nms_keeps(seed):
     valid = torch.rand(groups, k, generator=g) > 0.2                  # small or low-scoring boxes
     threshold = [0.3, 0.5, 0.7][seed % 3]
     keep = sync_free.fixed_point_nms(boxes, valid, threshold, passes_per_check=1 + seed % 2)
+    assert keep.shape == valid.shape and keep.is_contiguous()  # 300 runs padded to 384, sliced back
     assert torch.equal(sync_free.greedy_nms(boxes, valid, threshold), keep)  # the CPU path agrees
     for i in range(groups):
         idx = valid[i].nonzero()[:, 0]
@@ -48,12 +49,13 @@ def test_fixed_point_nms_keeps_what_torchvision_nms_keeps(seed):
 
 
 def test_fixed_point_nms_handles_chunks_and_empty_groups(monkeypatch):
-    monkeypatch.setattr(sync_free, "NMS_CHUNK_ENTRIES", 2 * 50 * 50)  # two groups per chunk
+    monkeypatch.setattr(sync_free, "NMS_CHUNK_ENTRIES", 2 * 128 * 128)  # two groups (50 padded to 128) a chunk
     g = torch.Generator().manual_seed(7)
     boxes = torch.stack([crowded_boxes(50, g) for _ in range(5)])
     valid = torch.ones(5, 50, dtype=torch.bool)
     valid[3] = False                                                    # a level with nothing valid
     keep = sync_free.fixed_point_nms(boxes, valid, 0.5)
+    assert keep.shape == (5, 50) and keep.is_contiguous()
     assert torch.equal(sync_free.greedy_nms(boxes, valid, 0.5), keep)
     assert not keep[3].any()
     for i in (0, 1, 2, 4):
