@@ -23,8 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from object_detection import data as D  # noqa: E402
-from object_detection.evaluate import (IOU_TYPES, detections_to_results, score_results,  # noqa: E402
-                                       default_workers, start_scoring_workers)
+from object_detection.evaluate import (IOU_TYPES, CocoEvaluator, CocoResults,  # noqa: E402
+                                       default_workers, score_results, start_scoring_workers)
 from benchmarks.profile_eval import eval_model  # noqa: E402
 from object_detection.synthetic import make_shapes  # noqa: E402
 
@@ -48,28 +48,31 @@ def loader_rates(root: Path, workers: list[int], batch: int) -> list[dict]:
 
 @torch.no_grad()
 def inference_rate(device, images: int, batch: int, group_norm: bool = False) -> dict:
+    """Images per second through the model and CocoEvaluator.update, as the trainer's evaluate() runs
+    them (the conversion on the evaluator's thread on CUDA)."""
     model = eval_model(device, group_norm)
     g = torch.Generator().manual_seed(0)
     batches = [[torch.randint(0, 256, (3, 480, 640), dtype=torch.uint8, generator=g) for _ in range(batch)]
                for _ in range(images // batch)]
-    label_to_category = list(range(82))
-    dets = 0
+    evaluator = CocoEvaluator(None, list(range(82)), background=device.type == "cuda")
     for i, imgs in enumerate(batches):
         if i == 2:
+            evaluator.gather()
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            t0, n = time.perf_counter(), 0
+            t0, n, dets = time.perf_counter(), 0, len(evaluator.results)
         imgs = [im.to(device, non_blocking=True).float().div_(255) for im in imgs]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             outputs = model(imgs)
-        results = [{"boxes": o["boxes"].float().cpu(), "labels": o["labels"].cpu(), "scores": o["scores"].float().cpu(),
+        results = [{"boxes": o["boxes"].float(), "labels": o["labels"], "scores": o["scores"].float(),
                     "masks": o["masks"] > 0.5} for o in outputs]
-        coco = detections_to_results(results, list(range(len(results))), label_to_category)
+        evaluator.update(results, list(range(i * batch, (i + 1) * batch)))
         if i >= 2:
             n += len(imgs)
-            dets += len(coco)
+    evaluator.gather()
     elapsed = time.perf_counter() - t0
-    return {"images": n, "img_per_s": round(n / elapsed, 1), "detections_per_image": round(dets / n, 1)}
+    return {"batch": batch, "images": n, "img_per_s": round(n / elapsed, 1),
+            "detections_per_image": round((len(evaluator.results) - dets) / n, 1)}
 
 
 def scoring_time(n_images: int = 5000, dets_per_image: int = 100) -> dict:
@@ -98,6 +101,7 @@ def scoring_time(n_images: int = 5000, dets_per_image: int = 100) -> dict:
     gt.dataset = {"images": images, "annotations": anns,
                   "categories": [{"id": c, "name": str(c)} for c in range(1, 81)]}
     gt.createIndex()
+    results = CocoResults.from_dicts(results)  # the trainer's evaluator holds columns
     timings, stats = {}, {}
     handler = logging.StreamHandler()  # the workers' seconds (a debug line of score_results)
     handler.addFilter(lambda record: record.getMessage().startswith("scored"))
@@ -128,6 +132,7 @@ def main() -> int:
     p.add_argument("--workers", default="1,2,4,8")
     p.add_argument("--loader-images", type=int, default=512)
     p.add_argument("--eval-images", type=int, default=256)
+    p.add_argument("--eval-batches", default="8,16,32", help="images per evaluation batch, one run each")
     p.add_argument("--skip-scoring", action="store_true")
     p.add_argument("--scoring-images", type=int, default=5000)
     p.add_argument("--output", type=Path, default=Path(__file__).resolve().parent / "results" / "eval_loader.json")
@@ -137,8 +142,10 @@ def main() -> int:
     make_shapes(root, train_images=args.loader_images, val_images=8, image_size=640, seed=0)
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "cpus": os.cpu_count()}
     result["loader"] = loader_rates(root, [int(w) for w in args.workers.split(",")], batch=16)
-    result["inference"] = inference_rate(device, args.eval_images, batch=8)  # the COCO (MLPerf) model
-    print(json.dumps(result["inference"]), flush=True)
+    result["inference"] = []
+    for batch in [int(b) for b in args.eval_batches.split(",")]:  # the COCO (MLPerf) model
+        result["inference"].append(inference_rate(device, args.eval_images, batch=batch))
+        print(json.dumps(result["inference"][-1]), flush=True)
     result["inference_groupnorm"] = inference_rate(device, args.eval_images, batch=8, group_norm=True)
     print("GroupNorm model (shapes runs):", json.dumps(result["inference_groupnorm"]), flush=True)
     if not args.skip_scoring:
