@@ -48,13 +48,12 @@ def loader_rates(root: Path, workers: list[int], batch: int) -> list[dict]:
 
 @torch.no_grad()
 def inference_rate(device, images: int, batch: int, group_norm: bool = False) -> dict:
-    """Images per second through the model and CocoEvaluator.update, as the trainer's evaluate() runs
-    them (the conversion on the evaluator's thread on CUDA)."""
+    """Images per second through the model and CocoEvaluator.update, as the trainer's evaluate() runs them."""
     model = eval_model(device, group_norm)
     g = torch.Generator().manual_seed(0)
     batches = [[torch.randint(0, 256, (3, 480, 640), dtype=torch.uint8, generator=g) for _ in range(batch)]
                for _ in range(images // batch)]
-    evaluator = CocoEvaluator(None, list(range(82)), background=device.type == "cuda")
+    evaluator = CocoEvaluator(None, list(range(82)))
     for i, imgs in enumerate(batches):
         if i == 2:
             evaluator.gather()

@@ -390,9 +390,13 @@ def _balanced_shares(items: list[int], weight: Callable[[int], int], shares: int
 _WORKER: dict = {}
 
 
-def _start_worker(dataset: dict, backend: str) -> None:
-    """A worker's ground truth, indexed once, in the form its backend reads (no copy: it is the
-    worker's own)."""
+def _start_worker(ground_truth: str, backend: str) -> None:
+    """A worker's ground truth (the pickled COCO dataset at path `ground_truth`), indexed once, in
+    the form its backend reads (no copy: it is the worker's own)."""
+    import pickle
+
+    with open(ground_truth, "rb") as file:
+        dataset = pickle.load(file)
     try:
         from faster_coco_eval import COCO as FasterCOCO
     except ImportError:
@@ -447,18 +451,32 @@ def _scoring_pool(coco_gt: COCO, backend: str, workers: int):
     """Worker processes holding this ground truth, kept for the next evaluation of the run.
 
     forkserver, not fork: the trainer has CUDA and loader threads that a forked child must not
-    inherit; the ground truth is sent once per worker, when it starts."""
+    inherit. The ground truth reaches the workers through a file, not their start arguments:
+    those are written to each new process while it imports the trainer's modules, which held the
+    caller for seconds per process (8.5 s measured for one late start)."""
     from concurrent.futures import ProcessPoolExecutor
     import multiprocessing
+    import pickle
+    import tempfile
 
     key = (backend, workers)
     pools = _POOLS.setdefault(coco_gt, {})
     if key not in pools:
+        descriptor, path = tempfile.mkstemp(prefix="coco-ground-truth-", suffix=".pickle")
+        with os.fdopen(descriptor, "wb") as file:
+            pickle.dump(coco_gt.dataset, file, protocol=pickle.HIGHEST_PROTOCOL)
         method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-        pools[key] = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
-                                         initializer=_start_worker, initargs=(coco_gt.dataset, backend))
-        weakref.finalize(coco_gt, pools[key].shutdown, wait=False, cancel_futures=True)
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
+                                   initializer=_start_worker, initargs=(path, backend))
+        pools[key] = pool
+        weakref.finalize(coco_gt, _close_pool, pool, path)
     return pools[key]
+
+
+def _close_pool(pool, path: str) -> None:
+    pool.shutdown(wait=False, cancel_futures=True)
+    with contextlib.suppress(OSError):
+        os.unlink(path)
 
 
 def _load_results(coco_gt, results: list[dict], iou_type: str):
@@ -530,20 +548,13 @@ class CocoEvaluator:
     """
 
     def __init__(self, coco_gt: COCO, label_to_category: Sequence[int] | Mapping[int, int],
-                 iou_types: Iterable[str] = IOU_TYPES, backend: str = "auto", background: bool = False):
-        """`background`: update() converts each batch on a thread while the caller runs the model
-        on the next one (evaluation is bound by the host, not the GPU)."""
+                 iou_types: Iterable[str] = IOU_TYPES, backend: str = "auto"):
         self.coco_gt = coco_gt
         self.backend = backend
         self.label_to_category = label_to_category
         self.iou_types = tuple(iou_types)
         self.results = CocoResults()
         self._batches: list[CocoResults] = []
-        self._converter = None
-        if background:
-            from concurrent.futures import ThreadPoolExecutor
-            self._converter = ThreadPoolExecutor(1, thread_name_prefix="coco-results")
-        self._pending = None
         self.image_ids: list[int] = []
         self.stats: dict[str, list[float]] = {}
 
@@ -551,19 +562,10 @@ class CocoEvaluator:
         """Add one batch: outputs at original image resolution (tensors may stay on the GPU), and
         the COCO ids of its images."""
         image_ids = [int(i) for i in image_ids]
+        self._batches.append(detections_to_results(outputs, image_ids, self.label_to_category))
         self.image_ids.extend(image_ids)
-        if self._converter is None:
-            self._batches.append(detections_to_results(outputs, image_ids, self.label_to_category))
-            return
-        if self._pending is not None:  # one batch in flight at most: bounded memory, errors surface
-            self._batches.append(self._pending.result())
-        self._pending = self._converter.submit(detections_to_results, outputs, image_ids,
-                                               self.label_to_category)
 
     def _collect(self) -> None:
-        if self._pending is not None:
-            self._batches.append(self._pending.result())
-            self._pending = None
         self.results = CocoResults.concatenate([self.results, *self._batches])
         self._batches = []
 

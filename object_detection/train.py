@@ -167,8 +167,7 @@ def evaluate(model, loader, evaluator: CocoEvaluator, run: Run, autocast) -> dic
         images = [img.to(run.device, non_blocking=True).float().div_(255) for img in images]
         with autocast():
             outputs = model(images)
-        # Everything stays on the device: the evaluator copies boxes and scores and writes the
-        # masks' RLE text there, on its thread while the model runs on the next batch.
+        # The evaluator copies boxes and scores off the device and writes the masks' RLE text there.
         results = [{"boxes": out["boxes"].float(), "labels": out["labels"], "scores": out["scores"].float(),
                     "masks": out["masks"] > 0.5} for out in outputs]
         evaluator.update(results, [t["image_id"] for t in targets])
@@ -353,8 +352,7 @@ def main(argv=None) -> int:
                   f"({seen / (time.time() - t0):.1f} img/s)", flush=True)
 
         start(C.EVAL_START, epoch_num=epoch)
-        evaluator = CocoEvaluator(val_set.coco, val_set.label_to_category,
-                                  background=run.device.type == "cuda")
+        evaluator = CocoEvaluator(val_set.coco, val_set.label_to_category)
         scores = evaluate(model, val_loader, evaluator, run, autocast)
         scores = run.broadcast(scores)
         end(C.EVAL_STOP, epoch_num=epoch)

@@ -269,20 +269,3 @@ def test_results_columns_survive_pickling_and_subsets(coco_gt):
     assert pickle.loads(pickle.dumps(CocoResults.from_dicts([{k: v for k, v in r.items() if k != "segmentation"}
                                                              for r in results]))).segmentations is None
 
-
-def test_converting_batches_on_the_evaluator_thread_gives_the_same_results(coco_gt):
-    """CocoEvaluator(background=True) converts each batch while the caller goes on; results and
-    scores are the same as converting in line, in order, and a conversion error surfaces."""
-    outputs = all_outputs(coco_gt, noisy_outputs)
-    ids = sorted(outputs)
-    evaluators = [CocoEvaluator(coco_gt, LABEL_TO_CATEGORY, background=flag) for flag in (False, True)]
-    for evaluator in evaluators:
-        for start in range(0, len(ids), 5):
-            evaluator.update([outputs[i] for i in ids[start:start + 5]], ids[start:start + 5])
-    inline, threaded = (evaluator.summarize() for evaluator in evaluators)
-    assert threaded == inline
-    assert evaluators[1].results.to_dicts() == evaluators[0].results.to_dicts()
-    failing = CocoEvaluator(coco_gt, {1: 3}, background=True)  # label 2 has no category
-    failing.update([outputs[i] for i in ids[:4]], ids[:4])
-    with pytest.raises(ValueError, match="label_to_category"):
-        failing.summarize()
