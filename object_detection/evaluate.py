@@ -295,8 +295,15 @@ def score_results(coco_gt: COCO, results: Sequence[dict] | CocoResults,
         iou_types = tuple(t for t in iou_types if t != "segm")
     if not len(results) or not iou_types:
         return zeros
-    if workers > 1:
-        return zeros | _score_in_workers(coco_gt, results, iou_types, image_ids, backend, workers)
+    if workers > 1 and _POOLS.get(coco_gt, {}).get((backend, workers), True) is not None:
+        from concurrent.futures.process import BrokenProcessPool
+        try:
+            return zeros | _score_in_workers(coco_gt, results, iou_types, image_ids, backend, workers)
+        except BrokenProcessPool as exc:  # not worth losing a run over: score here, from now on
+            _POOLS[coco_gt][(backend, workers)] = None
+            log.warning("scoring in worker processes failed (%s); scoring in this process instead. A script "
+                        "that scores COCO results must keep its code under `if __name__ == \"__main__\":` "
+                        "(workers start by importing it again)", exc)
     evaluator_class, backend_gt = _backend(backend, coco_gt)
     stats = {}
     for iou_type in iou_types:
@@ -436,6 +443,8 @@ def start_scoring_workers(coco_gt: COCO, backend: str = "auto", workers: int | N
     before its first epoch so that the first evaluation does not wait for processes to start.
     Returns futures that are done once the workers are up."""
     workers = workers or default_workers()
+    if _POOLS.get(coco_gt, {}).get((backend, workers), True) is None:
+        return []  # they failed before: score_results scores in-process for this ground truth
     pool = _scoring_pool(coco_gt, backend, workers)
     return [pool.submit(_started) for _ in range(workers)]
 

@@ -269,3 +269,27 @@ def test_results_columns_survive_pickling_and_subsets(coco_gt):
     assert pickle.loads(pickle.dumps(CocoResults.from_dicts([{k: v for k, v in r.items() if k != "segmentation"}
                                                              for r in results]))).segmentations is None
 
+
+
+def test_a_script_without_a_main_guard_still_scores_with_a_warning(tmp_path):
+    """Workers start by importing the main script again; one that scores at import time breaks
+    them. score_results then scores in its own process and says why, instead of failing."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "score.py"
+    script.write_text(
+        "from pycocotools.coco import COCO\n"
+        "from object_detection.evaluate import score_results\n"
+        "gt = COCO()\n"
+        "gt.dataset = {'images': [{'id': 1, 'width': 10, 'height': 10}], 'categories': [{'id': 1}, {'id': 2}],\n"
+        "              'annotations': [{'id': 1, 'image_id': 1, 'category_id': 1, 'bbox': [1, 1, 3, 3],\n"
+        "                               'area': 9, 'iscrowd': 0}]}\n"
+        "gt.createIndex()\n"
+        "print('AP', score_results(gt, [{'image_id': 1, 'category_id': 1, 'bbox': [1, 1, 3, 3], 'score': 0.9}],\n"
+        "                          ['bbox'], workers=2)['bbox'][0])\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines()[-1] == "AP 1.0"
+    assert "scoring in this process instead" in done.stderr and '__name__ == "__main__"' in done.stderr
