@@ -1,10 +1,12 @@
 """COCO bbox and segm evaluation (pycocotools COCOeval), with the detections sharded across ranks.
 
-Each rank turns the detections of its own images into COCO results (`detections_to_coco`), rank 0
-gathers them and scores them once (`CocoEvaluator`). As in the MLPerf reference, boxes and masks
-are scored from separate result lists: the segm results carry no box, so COCOeval takes areas and
-boxes from the masks. `evaluate_results` needs only numpy and pycocotools (faster-coco-eval,
-when installed, scores the same numbers in a fraction of the time).
+Each rank turns the detections of its own images into COCO results (`detections_to_results`, kept
+as `CocoResults` columns; masks RLE-encoded where they live), rank 0 gathers them and scores them
+once (`CocoEvaluator`), from 20k results on in worker processes that each take a share of the
+categories (`score_results`). As in the MLPerf reference, boxes and masks are scored from separate
+result lists: the segm results carry no box, so COCOeval takes areas and boxes from the masks.
+`evaluate_results` needs only numpy and pycocotools (faster-coco-eval, when installed, scores the
+same numbers in a fraction of the time).
 """
 from __future__ import annotations
 
