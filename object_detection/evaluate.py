@@ -297,7 +297,7 @@ def score_results(coco_gt: COCO, results: Sequence[dict] | CocoResults,
         iou_types = tuple(t for t in iou_types if t != "segm")
     if not len(results) or not iou_types:
         return zeros
-    if workers > 1 and _POOLS.get(coco_gt, {}).get((backend, workers), True) is not None:
+    if workers > 1 and not _workers_failed(coco_gt, backend, workers):
         from concurrent.futures.process import BrokenProcessPool
         try:
             return zeros | _score_in_workers(coco_gt, results, iou_types, image_ids, backend, workers)
@@ -401,22 +401,15 @@ _WORKER: dict = {}
 
 def _start_worker(ground_truth: str, backend: str) -> None:
     """A worker's ground truth (the pickled COCO dataset at path `ground_truth`), indexed once, in
-    the form its backend reads (no copy: it is the worker's own)."""
+    the form its backend reads."""
     import pickle
 
     with open(ground_truth, "rb") as file:
-        dataset = pickle.load(file)
-    try:
-        from faster_coco_eval import COCO as FasterCOCO
-    except ImportError:
-        FasterCOCO = None  # noqa: N806
+        gt = COCO()
+        gt.dataset = pickle.load(file)
     with contextlib.redirect_stdout(io.StringIO()):
-        if backend != "pycocotools" and FasterCOCO is not None:
-            gt = FasterCOCO(dataset, use_deepcopy=False)
-        else:
-            gt = COCO()
-            gt.dataset = dataset
-            gt.createIndex()
+        gt.createIndex()
+        _backend(backend, gt)  # builds and keeps faster_coco_eval's index when that is the backend
     _WORKER["gt"], _WORKER["backend"] = gt, backend
 
 
@@ -445,8 +438,8 @@ def start_scoring_workers(coco_gt: COCO, backend: str = "auto", workers: int | N
     before its first epoch so that the first evaluation does not wait for processes to start.
     Returns futures that are done once the workers are up."""
     workers = workers or default_workers()
-    if _POOLS.get(coco_gt, {}).get((backend, workers), True) is None:
-        return []  # they failed before: score_results scores in-process for this ground truth
+    if _workers_failed(coco_gt, backend, workers):
+        return []  # score_results scores in-process for this ground truth
     pool = _scoring_pool(coco_gt, backend, workers)
     return [pool.submit(_started) for _ in range(workers)]
 
@@ -456,6 +449,11 @@ def default_workers() -> int:
 
 
 _POOLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _workers_failed(coco_gt: COCO, backend: str, workers: int) -> bool:
+    """Whether these workers broke before (score_results then marks their pool None)."""
+    return coco_gt in _POOLS and _POOLS[coco_gt].get((backend, workers), True) is None
 
 
 def _scoring_pool(coco_gt: COCO, backend: str, workers: int):
