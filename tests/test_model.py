@@ -40,10 +40,14 @@ def test_folded_frozen_batchnorm_is_the_same_function(tmp_path):
             m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g))
             m.weight.copy_(torch.randn(m.weight.shape, generator=g))
     folded.load_state_dict(plain.state_dict())  # same keys: folding renames nothing
-    x = torch.rand(2, 3, 96, 128, generator=g)
+    # In float64: in float32 the two orders of rounding move a few pre-activations across the
+    # ReLU's zero, and each such flip changes a gradient entry by the whole upstream value (1.3e-3
+    # relative on one CI machine), which says nothing about folding.
+    plain, folded = plain.double(), folded.double()
+    x = torch.rand(2, 3, 96, 128, generator=g, dtype=torch.float64)
     a, b = plain.backbone(x), use_channels_last(folded).backbone(x)
     for level in a:
-        assert (a[level] - b[level]).norm() / a[level].norm() < 1e-4
+        assert (a[level] - b[level]).norm() / a[level].norm() < 1e-10
         assert b[level].is_contiguous(memory_format=torch.channels_last)  # the RPN head takes them so
     # The same gradients too: folding keeps the parametrisation, the fused bias-ReLU's backward
     # (object_detection.fused) is autograd's.
@@ -54,7 +58,7 @@ def test_folded_frozen_batchnorm_is_the_same_function(tmp_path):
     for name, parameter in folded.backbone.named_parameters():
         if parameter.requires_grad:
             expected = theirs[name].grad
-            assert (parameter.grad - expected).norm() / expected.norm() < 1e-3, name
+            assert (parameter.grad - expected).norm() / expected.norm() < 1e-10, name
             compared += 1
     assert compared == len([p for p in plain.backbone.parameters() if p.requires_grad]) == 58
 
