@@ -18,7 +18,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from object_detection.evaluate import (CocoEvaluator, _encode_tensor, detections_to_coco,
+from object_detection import evaluate
+from object_detection.evaluate import (CocoEvaluator, _encode_tensors, detections_to_coco,
                                        evaluate_results, score_results)
 from object_detection.synthetic import make_shapes
 
@@ -150,7 +151,8 @@ def test_thresholded_and_numpy_masks_give_the_same_results(coco_gt):
 
 
 def test_run_lengths_found_by_torch_are_the_bytes_pycocotools_encodes():
-    """The GPU path (_encode_tensor), run here on CPU tensors: edge cases and random masks."""
+    """The GPU path (_encode_tensors), run here on CPU tensors: edge cases and random masks, one
+    image at a time and all images (each its own size) in one pass."""
     generator = torch.Generator().manual_seed(0)
     cases = [torch.zeros(2, 5, 7, dtype=torch.bool), torch.ones(2, 5, 7, dtype=torch.bool),
              torch.ones(1, 1, 1, dtype=torch.bool)]
@@ -167,11 +169,34 @@ def test_run_lengths_found_by_torch_are_the_bytes_pycocotools_encodes():
     large[3, 300:302, 5:700] = True
     large[4, -1, -1] = True
     cases.append(large)
+    cases.insert(4, torch.zeros(0, 4, 4, dtype=torch.bool))  # an image without detections
+    everything = []
     for masks in cases:
-        expected = mask_utils.encode(np.asfortranarray(masks.permute(1, 2, 0).numpy(), dtype=np.uint8))
-        assert _encode_tensor(masks) == [{"size": list(rle["size"]), "counts": rle["counts"].decode()}
-                                         for rle in expected]
-    assert _encode_tensor(torch.zeros(0, 4, 4, dtype=torch.bool)) == []
+        expected = [{"size": list(rle["size"]), "counts": rle["counts"].decode()} for rle in
+                    mask_utils.encode(np.asfortranarray(masks.permute(1, 2, 0).numpy(), dtype=np.uint8))] \
+            if len(masks) else []
+        assert _encode_tensors([masks]) == expected
+        everything += expected
+    assert _encode_tensors(cases) == everything
+    assert _encode_tensors([]) == []
+
+
+def test_a_batch_encoded_in_one_pass_gives_what_each_image_gives(coco_gt, monkeypatch):
+    """detections_to_coco routes GPU masks of a whole batch through one _encode_tensors pass; with
+    CPU tensors taken for GPU ones, the results are those of the image-by-image path, also for an
+    image without detections and one without masks in the same batch."""
+    image_ids = coco_gt.getImgIds()[:5]
+    outputs = [ground_truth_outputs(coco_gt, i) for i in image_ids]
+    outputs[1] = {key: value[:0] for key, value in outputs[1].items()}
+    outputs[3] = {key: value for key, value in outputs[3].items() if key != "masks"}
+    expected = [r for out, i in zip(outputs, image_ids) for r in detections_to_coco([out], [i], LABEL_TO_CATEGORY)]
+    assert any("segmentation" not in r for r in expected) and sum("segmentation" in r for r in expected) > 3
+    monkeypatch.setattr(evaluate, "_on_gpu", lambda masks: isinstance(masks, torch.Tensor))
+    calls = []
+    encode = evaluate._encode_tensors
+    monkeypatch.setattr(evaluate, "_encode_tensors", lambda binaries: calls.append(len(binaries)) or encode(binaries))
+    assert detections_to_coco(outputs, image_ids, LABEL_TO_CATEGORY) == expected
+    assert calls == [3]  # the three images with detections and masks
 
 
 def test_bad_label_maps_are_refused(coco_gt):

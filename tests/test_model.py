@@ -8,7 +8,8 @@ from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
 
 from object_detection import fused
 from object_detection.fused import bias_act
-from object_detection.model import BatchedBalancedSampler, build_model, paste_masks, use_channels_last
+from object_detection.model import (BatchedBalancedSampler, build_model, paste_masks, paste_masks_batch,
+                                    use_channels_last)
 
 
 def test_batched_mask_paste_matches_torchvision():
@@ -26,6 +27,23 @@ def test_batched_mask_paste_matches_torchvision():
         assert (got - expected).abs().max() < 1e-5
         assert torch.equal(got > 0.5, expected > 0.5)
     assert paste_masks(torch.rand(0, 1, 28, 28), torch.zeros(0, 4), (10, 12)).shape == (0, 1, 10, 12)
+
+
+def test_masks_of_images_of_different_sizes_pasted_together_match_torchvision():
+    """One paste for a batch: each image's masks as torchvision pastes them at that image's size,
+    with boxes reaching past its edges (where a larger image of the batch still has pixels)."""
+    g = torch.Generator().manual_seed(3)
+    shapes, masks, boxes = [(120, 160), (37, 53), (160, 90), (50, 50)], [], []
+    for n, (height, width) in zip((30, 0, 12, 5), shapes):
+        masks.append(torch.rand(n, 1, 28, 28, generator=g))
+        corner = torch.rand(n, 2, generator=g) * torch.tensor([width, height]) - 5
+        boxes.append(torch.cat([corner, corner + torch.rand(n, 2, generator=g) * 60 + 1], 1))
+    pasted = paste_masks_batch(masks, boxes, shapes)
+    for got, m, b, shape in zip(pasted, masks, boxes, shapes):
+        expected = paste_masks_in_image(m, b, shape)
+        assert got.shape == expected.shape == (len(m), 1, *shape)
+        assert len(m) == 0 or (got - expected).abs().max() < 1e-5
+        assert torch.equal(got > 0.5, expected > 0.5)
 
 
 def test_folded_frozen_batchnorm_is_the_same_function(tmp_path):

@@ -130,9 +130,13 @@ def test_rpn_loss_matches_torchvision_on_the_same_draw():
         torch.testing.assert_close(o, e)
 
 
-def test_detections_match_torchvision_postprocessing(tmp_path):
-    """Evaluation path: one NMS per image with class offsets equals batched_nms's per-class NMS."""
+@pytest.mark.parametrize("score_thresh", [0.05, 0.6, 1.0])
+def test_detections_match_torchvision_postprocessing(score_thresh):
+    """Evaluation path: every (image, class) suppressed at once equals torchvision's per-image
+    batched_nms, also when the threshold leaves few candidates per class (the groups are cut
+    after the last valid one) or none."""
     model = build_model(5, backbone_weights=None, min_size=96, max_size=128, sync_free=True).eval()
+    model.roi_heads.score_thresh = score_thresh
     stock_heads = copy.copy(model.roi_heads)
     stock_heads.__class__ = sync_free.RoIHeads
     g = torch.Generator().manual_seed(2)
@@ -145,6 +149,7 @@ def test_detections_match_torchvision_postprocessing(tmp_path):
     for e, o in zip(expected, got):
         for a, b in zip(e, o):
             torch.testing.assert_close(b, a)
+    assert (sum(map(len, got[0])) > 0) == (score_thresh < 1)
 
 
 def test_transform_scales_boxes_and_normalises_bit_for_bit_as_torchvision():
