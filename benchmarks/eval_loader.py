@@ -5,7 +5,7 @@
 Loader: shapes JPEGs at COCO size (640 px), decoded, flipped and turned into targets by
 object_detection.data, img/s for each worker count. Evaluation: inference img/s of the MLPerf
 model (and of the shapes runs' GroupNorm model) with 100 detections per image (score threshold 0,
-the worst case), masks thresholded and RLE-encoded on the GPU as the trainer does; then the COCO
+the worst case) and at the reference's threshold 0.05, masks thresholded and RLE-encoded on the GPU as the trainer does; then the COCO
 scoring time (bbox + segm) for 5000 images, in one process and in worker processes.
 """
 from __future__ import annotations
@@ -47,9 +47,9 @@ def loader_rates(root: Path, workers: list[int], batch: int) -> list[dict]:
 
 
 @torch.no_grad()
-def inference_rate(device, images: int, batch: int, group_norm: bool = False) -> dict:
+def inference_rate(device, images: int, batch: int, group_norm: bool = False, score_thresh: float = 0.0) -> dict:
     """Images per second through the model and CocoEvaluator.update, as the trainer's evaluate() runs them."""
-    model = eval_model(device, group_norm)
+    model = eval_model(device, group_norm, score_thresh)
     g = torch.Generator().manual_seed(0)
     batches = [[torch.randint(0, 256, (3, 480, 640), dtype=torch.uint8, generator=g) for _ in range(batch)]
                for _ in range(images // batch)]
@@ -70,7 +70,7 @@ def inference_rate(device, images: int, batch: int, group_norm: bool = False) ->
             n += len(imgs)
     evaluator.gather()
     elapsed = time.perf_counter() - t0
-    return {"batch": batch, "images": n, "img_per_s": round(n / elapsed, 1),
+    return {"batch": batch, "score_thresh": score_thresh, "images": n, "img_per_s": round(n / elapsed, 1),
             "detections_per_image": round((len(evaluator.results) - dets) / n, 1)}
 
 
@@ -132,19 +132,25 @@ def main() -> int:
     p.add_argument("--loader-images", type=int, default=512)
     p.add_argument("--eval-images", type=int, default=256)
     p.add_argument("--eval-batches", default="8,16,32", help="images per evaluation batch, one run each")
+    p.add_argument("--score-threshes", default="0,0.05",
+                   help="detection score thresholds, one run each (0: 100 detections per image, the worst case)")
     p.add_argument("--skip-scoring", action="store_true")
     p.add_argument("--scoring-images", type=int, default=5000)
     p.add_argument("--output", type=Path, default=Path(__file__).resolve().parent / "results" / "eval_loader.json")
     args = p.parse_args()
+    longest = max([8] + [int(b) for b in args.eval_batches.split(",")])
+    if args.eval_images < 3 * longest:  # two batches warm up, at least one is timed
+        p.error(f"--eval-images {args.eval_images} is too few for batches of {longest}: give at least {3 * longest}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     root = Path("/tmp/bench_shapes640/shapes")
     make_shapes(root, train_images=args.loader_images, val_images=8, image_size=640, seed=0)
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "cpus": os.cpu_count()}
     result["loader"] = loader_rates(root, [int(w) for w in args.workers.split(",")], batch=16)
     result["inference"] = []
-    for batch in [int(b) for b in args.eval_batches.split(",")]:  # the COCO (MLPerf) model
-        result["inference"].append(inference_rate(device, args.eval_images, batch=batch))
-        print(json.dumps(result["inference"][-1]), flush=True)
+    for score_thresh in [float(t) for t in args.score_threshes.split(",")]:  # the COCO (MLPerf) model
+        for batch in [int(b) for b in args.eval_batches.split(",")]:
+            result["inference"].append(inference_rate(device, args.eval_images, batch, score_thresh=score_thresh))
+            print(json.dumps(result["inference"][-1]), flush=True)
     result["inference_groupnorm"] = inference_rate(device, args.eval_images, batch=8, group_norm=True)
     print("GroupNorm model (shapes runs):", json.dumps(result["inference_groupnorm"]), flush=True)
     if not args.skip_scoring:

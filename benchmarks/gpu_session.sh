@@ -23,9 +23,11 @@ case "$part" in
       | tee "$OUT/bench.txt" | grep -v '^{' | tail -20
     ;;
   eval)
-    timeout 200 python3 benchmarks/eval_loader.py --workers 8 --loader-images 256 --eval-images 256 \
+    timeout 300 python3 benchmarks/eval_loader.py --workers 8 --loader-images 256 --eval-images 256 \
       --output "$OUT/eval_loader.json" 2>&1 | tail -12
-    timeout 90 python3 benchmarks/profile_eval.py > /dev/null 2>&1; head -3 "$OUT/profile_eval.txt"
+    for t in 0 0.05; do
+      timeout 90 python3 benchmarks/profile_eval.py --score-thresh $t > /dev/null 2>&1; head -3 "$OUT/profile_eval-$t.txt"
+    done
     ;;
   converge)
     t0=$(date +%s)

@@ -1,0 +1,136 @@
+"""Kernel launches of evaluation's post-processing per batch, counted on any device.
+
+    python benchmarks/eval_launches.py [--batches 8,32]
+
+On the H200 evaluation is host-bound: each aten operation is one kernel launch (~8 us of the
+host's time) and the GPU waits for them. This counts, per batch of images with 100 detections
+each, the operations of the two per-image stages after the model: pasting the masks at the
+original image size (the transform's postprocess) and turning detections into COCO results
+(`detections_to_results`, masks RLE-encoded by the GPU path, here run on CPU tensors). View
+operations launch nothing and are not counted. Half the images are 480x640, half 640x427, as
+COCO mixes landscape and portrait.
+
+Then the NMS work of the reference's score threshold: the MLPerf model (random ImageNet-shaped
+weights) on two 480x640 images, the pairwise entries its evaluation NMS computes against the
+1000 x 1000 per class it computed before groups were cut after their last candidate.
+
+Counts, not times: on a CPU the arithmetic dominates and says nothing of a GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from object_detection import evaluate  # noqa: E402
+from object_detection import sync_free  # noqa: E402
+from object_detection.model import build_model  # noqa: E402
+
+
+class CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.counts[func.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def gpu_path_on_cpu() -> None:
+    """Send CPU tensors down the GPU encoding path (on a CPU, pycocotools' C encoder is used)."""
+    if hasattr(evaluate, "_on_gpu"):
+        evaluate._on_gpu = lambda masks: isinstance(masks, torch.Tensor)
+    else:  # code before the batch was encoded in one pass: one _encode_tensor per image
+        def encode(masks):
+            binary = masks[:, 0] if masks.dim() == 4 else masks
+            return evaluate._encode_tensor(binary if binary.dtype == torch.bool else binary > 0.5)
+        evaluate._encode_masks = encode
+
+
+def batch(n_images: int, detections: int, generator: torch.Generator):
+    """What the RoI heads hand the transform: boxes in resized coordinates, 28x28 mask probabilities."""
+    originals = [(480, 640) if i % 2 == 0 else (640, 427) for i in range(n_images)]
+    resized = [(800, 1066) if h < w else (800, 533) for h, w in originals]
+    result = []
+    for h, w in resized:
+        corner = torch.rand(detections, 2, generator=generator) * torch.tensor([w * 0.8, h * 0.8])
+        size = torch.rand(detections, 2, generator=generator) * torch.tensor([w * 0.4, h * 0.4]) + 4
+        result.append({"boxes": torch.cat([corner, corner + size], 1),
+                       "labels": torch.randint(1, 81, (detections,), generator=generator),
+                       "scores": torch.rand(detections, generator=generator),
+                       "masks": torch.rand(detections, 1, 28, 28, generator=generator)})
+    return result, resized, originals
+
+
+def launches(n_images: int, detections: int = 100) -> dict:
+    transform = build_model(81, backbone_weights=None).eval().transform
+    result, resized, originals = batch(n_images, detections, torch.Generator().manual_seed(0))
+    stages = {}
+    with CountOps() as paste:
+        outputs = transform.postprocess(result, resized, originals)
+    stages["paste"] = paste.counts
+    with CountOps() as convert:
+        results = [{"boxes": o["boxes"].float(), "labels": o["labels"], "scores": o["scores"].float(),
+                    "masks": o["masks"] > 0.5} for o in outputs]
+        coco = evaluate.detections_to_results(results, list(range(n_images)), list(range(82)))
+    stages["to_coco"] = convert.counts
+    assert len(coco) == n_images * detections
+    return {"images": n_images, "detections_per_image": detections,
+            **{f"{name}_ops": sum(c.values()) for name, c in stages.items()},
+            "ops_per_image": round(sum(sum(c.values()) for c in stages.values()) / n_images, 1),
+            "most_frequent": {name: dict(c.most_common(6)) for name, c in stages.items()}}
+
+
+@torch.no_grad()
+def nms_entries(score_thresh: float = 0.05) -> dict:
+    from benchmarks.profile_eval import eval_model
+
+    torch.manual_seed(0)
+    model = eval_model(torch.device("cpu"), score_thresh=score_thresh)
+    widths = []
+    inner = sync_free.greedy_nms
+    sync_free.greedy_nms = lambda boxes, valid, t: widths.append(tuple(boxes.shape[:2])) or inner(boxes, valid, t)
+    try:
+        g = torch.Generator().manual_seed(0)
+        out = model([torch.randint(0, 256, (3, 480, 640), generator=g).float() / 255 for _ in range(2)])
+    finally:
+        sync_free.greedy_nms = inner
+    groups, width = widths[-1]  # the detection NMS (the RPN's came first)
+    padded = -(-width // sync_free.NMS_WIDTH_STEP) * sync_free.NMS_WIDTH_STEP
+    return {"score_thresh": score_thresh, "groups": groups, "width": width, "padded_width": padded,
+            "pairwise_entries_vs_uncut": round(padded ** 2 / 1024 ** 2, 3),
+            "detections_per_image": [len(o["boxes"]) for o in out]}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batches", default="8,32")
+    p.add_argument("--skip-nms", action="store_true")
+    p.add_argument("--output", type=Path,
+                   default=Path(__file__).resolve().parent / "results" / "eval_launches.json")
+    args = p.parse_args()
+    gpu_path_on_cpu()
+    result = {"launches": [launches(int(n)) for n in args.batches.split(",")]}
+    for row in result["launches"]:
+        print(json.dumps({k: v for k, v in row.items() if k != "most_frequent"}), flush=True)
+    if not args.skip_nms:
+        result["nms"] = nms_entries()
+        print(json.dumps(result["nms"]), flush=True)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=1))
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], args.output.name).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
