@@ -10,7 +10,8 @@ original image size (the transform's postprocess) and turning detections into CO
 operations launch nothing and are not counted. Half the images are 480x640, half 640x427, as
 COCO mixes landscape and portrait.
 
-Then the NMS work of the reference's score threshold: the MLPerf model (random ImageNet-shaped
+Then the whole evaluation batch of 8: the MLPerf model's forward and the COCO conversion. And
+the NMS work of the reference's score threshold: the MLPerf model (random ImageNet-shaped
 weights) on two 480x640 images, the pairwise entries its evaluation NMS computes against the
 1000 x 1000 per class it computed before groups were cut after their last candidate.
 
@@ -91,6 +92,33 @@ def launches(n_images: int, detections: int = 100) -> dict:
 
 
 @torch.no_grad()
+def model_launches(n_images: int = 8, score_thresh: float = 0.05) -> dict:
+    """Operations of a whole evaluation batch: the MLPerf model's forward (its second, so one-time
+    set-up is not counted) at the reference's threshold, with the NMS the GPU runs (fixed_point_nms;
+    there torch.compile fuses each of its passes into one kernel, here each is several operations),
+    then the COCO conversion."""
+    from benchmarks.profile_eval import eval_model
+
+    torch.manual_seed(0)
+    model = eval_model(torch.device("cpu"))
+    model.roi_heads.score_thresh = score_thresh
+    g = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (3, 480, 640), generator=g).float() / 255 for _ in range(n_images)]
+    inner, sync_free.greedy_nms = sync_free.greedy_nms, sync_free.fixed_point_nms
+    try:
+        model(images)
+        with CountOps() as counted:
+            outputs = model(images)
+            results = [{"boxes": o["boxes"].float(), "labels": o["labels"], "scores": o["scores"].float(),
+                        "masks": o["masks"] > 0.5} for o in outputs]
+            evaluate.detections_to_results(results, list(range(n_images)), list(range(82)))
+    finally:
+        sync_free.greedy_nms = inner
+    return {"images": n_images, "score_thresh": score_thresh, "ops": sum(counted.counts.values()),
+            "most_frequent": dict(counted.counts.most_common(8))}
+
+
+@torch.no_grad()
 def nms_entries(score_thresh: float = 0.05) -> dict:
     from benchmarks.profile_eval import eval_model
 
@@ -114,6 +142,7 @@ def nms_entries(score_thresh: float = 0.05) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batches", default="8,32")
+    p.add_argument("--skip-model", action="store_true")
     p.add_argument("--skip-nms", action="store_true")
     p.add_argument("--output", type=Path,
                    default=Path(__file__).resolve().parent / "results" / "eval_launches.json")
@@ -122,6 +151,9 @@ def main() -> int:
     result = {"launches": [launches(int(n)) for n in args.batches.split(",")]}
     for row in result["launches"]:
         print(json.dumps({k: v for k, v in row.items() if k != "most_frequent"}), flush=True)
+    if not args.skip_model:
+        result["model"] = model_launches()
+        print(json.dumps(result["model"]), flush=True)
     if not args.skip_nms:
         result["nms"] = nms_entries()
         print(json.dumps(result["nms"]), flush=True)

@@ -81,6 +81,49 @@ def test_folded_frozen_batchnorm_is_the_same_function(tmp_path):
     assert compared == len([p for p in plain.backbone.parameters() if p.requires_grad]) == 58
 
 
+def test_evaluation_folds_once_and_never_with_stale_weights(tmp_path, monkeypatch):
+    """Without autograd the folded weights are kept between batches; a training step (fused SGD,
+    which leaves version counters alone) or load_state_dict is seen by the next evaluation."""
+    from object_detection import model as model_module
+
+    weights = tmp_path / "resnet50.pth"
+    torch.save(torchvision.models.resnet50().state_dict(), weights)
+    net = build_model(81, backbone_weights=weights, min_size=64, max_size=96)
+    folds = []
+    fold = model_module._fold
+    monkeypatch.setattr(model_module, "_fold", lambda conv, bn: folds.append(conv) or fold(conv, bn))
+    x = torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(5))
+
+    def features():
+        with torch.no_grad():
+            return net.eval().backbone(x)["0"]
+
+    def fresh_features():
+        twin = build_model(81, backbone_weights=weights, min_size=64, max_size=96)
+        twin.load_state_dict(net.state_dict())
+        with torch.no_grad():
+            return twin.eval().backbone(x)["0"]
+
+    first = features()
+    assert len(folds) == 53  # every convolution of the ResNet-50 body
+    assert torch.equal(features(), first) and len(folds) == 53  # nothing folded again
+    net.train()
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    net.backbone(x)  # a training forward; its backward would give the gradients set here:
+    for p in trainable:  # this random backbone's activations overflow a real loss
+        p.grad = torch.full_like(p, 1e-3)
+    torch.optim.SGD(trainable, lr=1.0, fused=True).step()
+    stepped = features()
+    assert not torch.equal(stepped, first)
+    torch.testing.assert_close(stepped, fresh_features())
+    other = build_model(81, backbone_weights=weights, min_size=64, max_size=96)
+    for m in other.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            m.running_var.fill_(4.0)
+    net.load_state_dict(other.state_dict())
+    torch.testing.assert_close(features(), fresh_features())
+
+
 def test_fused_bias_relu_matches_the_separate_operations():
     g = torch.Generator().manual_seed(2)
     for layout in (torch.contiguous_format, torch.channels_last):
