@@ -25,8 +25,15 @@ def test_batched_mask_paste_matches_torchvision():
         got = paste_masks(masks, boxes, (height, width))
         assert got.shape == expected.shape
         assert (got - expected).abs().max() < 1e-5
-        assert torch.equal(got > 0.5, expected > 0.5)
+        assert _same_masks(got, expected)
     assert paste_masks(torch.rand(0, 1, 28, 28), torch.zeros(0, 4), (10, 12)).shape == (0, 1, 10, 12)
+
+
+def _same_masks(got, expected) -> bool:
+    """The same binary masks wherever rounding cannot decide (a value within 1e-5 of the 0.5
+    threshold may fall either side when another machine's matrix products round differently)."""
+    decided = (expected - 0.5).abs() > 1e-5
+    return torch.equal((got > 0.5)[decided], (expected > 0.5)[decided])
 
 
 def test_masks_of_images_of_different_sizes_pasted_together_match_torchvision():
@@ -43,7 +50,7 @@ def test_masks_of_images_of_different_sizes_pasted_together_match_torchvision():
         expected = paste_masks_in_image(m, b, shape)
         assert got.shape == expected.shape == (len(m), 1, *shape)
         assert len(m) == 0 or (got - expected).abs().max() < 1e-5
-        assert torch.equal(got > 0.5, expected > 0.5)
+        assert _same_masks(got, expected)
 
 
 def test_folded_frozen_batchnorm_is_the_same_function(tmp_path):
