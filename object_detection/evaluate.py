@@ -131,7 +131,8 @@ def detections_to_coco(outputs: Sequence[Mapping], image_ids: Sequence[int],
     `outputs`: one torchvision-detection dict per image, at the image's original resolution:
     boxes [N,4] xyxy, labels [N] (contiguous 1..K), scores [N], and optionally masks [N,1,H,W]
     (probabilities, thresholded at 0.5; uint8 or bool masks are taken as already thresholded).
-    Tensors (on any device) or numpy arrays. `label_to_category`: a mapping label -> COCO
+    Tensors (on any device, boxes and scores in any float type: a model's outputs as they come
+    under autocast) or numpy arrays. `label_to_category`: a mapping label -> COCO
     category id, or a sequence indexed by label whose element 0 (background) is None or 0.
     """
     return detections_to_results(outputs, image_ids, label_to_category).to_dicts()
@@ -175,7 +176,7 @@ def _numpy_cat(values: list) -> np.ndarray:
     if all(hasattr(value, "detach") for value in values):
         import torch
 
-        return torch.cat([value.detach().to(values[0].device) for value in values]).cpu().numpy()
+        return _numpy(torch.cat([value.detach().to(values[0].device) for value in values]))
     return np.concatenate([_numpy(value) for value in values])
 
 
@@ -228,29 +229,28 @@ def _label_lookup(label_to_category: Sequence[int] | Mapping[int, int]) -> np.nd
 
 def _numpy(value) -> np.ndarray:
     if hasattr(value, "detach"):  # a torch tensor, possibly on a GPU
-        return value.detach().cpu().numpy()
+        import torch
+
+        value = value.detach()
+        if value.dtype in (torch.bfloat16, torch.float16):  # under autocast; numpy has no bf16
+            value = value.float()
+        return value.cpu().numpy()
     return np.asarray(value)
 
 
 def _encode_masks(masks) -> list[dict]:
-    """RLE of each mask: [N,1,H,W] or [N,H,W], probabilities (> 0.5) or already binary."""
+    """RLE of each mask, on the host (pycocotools' one C pass beats torch's several on a CPU;
+    masks on a GPU go through `_encode_tensors` instead): [N,1,H,W] or [N,H,W], probabilities
+    (> 0.5) or already binary, tensors or arrays."""
     if hasattr(masks, "detach"):
-        import torch
-
-        binary = _binary(masks)
-        if binary.device.type != "cpu":
-            return _encode_tensors([binary])  # already text
-        # pycocotools' one C pass beats torch's several on a CPU
-        rles = mask_utils.encode(binary.transpose(1, 2).to(torch.uint8).contiguous().numpy()
-                                 .transpose(2, 1, 0))
-    else:
-        masks = np.asarray(masks)
-        if masks.ndim == 4:
-            masks = masks[:, 0]
-        binary = masks > MASK_THRESHOLD if np.issubdtype(masks.dtype, np.floating) else masks != 0
-        # pycocotools wants Fortran (H, W, N), which is C (N, W, H): one call for all masks.
-        by_column = np.ascontiguousarray(binary.transpose(0, 2, 1), dtype=np.uint8)
-        rles = mask_utils.encode(by_column.transpose(2, 1, 0))
+        masks = _binary(masks).cpu().numpy()
+    masks = np.asarray(masks)
+    if masks.ndim == 4:
+        masks = masks[:, 0]
+    binary = masks > MASK_THRESHOLD if np.issubdtype(masks.dtype, np.floating) else masks != 0
+    # pycocotools wants Fortran (H, W, N), which is C (N, W, H): one call for all masks.
+    by_column = np.ascontiguousarray(binary.transpose(0, 2, 1), dtype=np.uint8)
+    rles = mask_utils.encode(by_column.transpose(2, 1, 0))
     for rle in rles:
         rle["counts"] = rle["counts"].decode("ascii")  # JSON and pickles want text
     return rles

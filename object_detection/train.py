@@ -161,16 +161,14 @@ def seed_everything(master_seed: int, rank: int, epoch: int) -> None:
 
 @torch.no_grad()
 def evaluate(model, loader, evaluator: CocoEvaluator, run: Run, autocast) -> dict | None:
-    """Every rank runs its shard; rank 0 gathers and scores. Masks leave the GPU thresholded."""
+    """Every rank runs its shard; rank 0 gathers and scores. Masks leave the GPU as RLE text."""
     model.eval()
     for images, targets in loader:
         images = [img.to(run.device, non_blocking=True).float().div_(255) for img in images]
         with autocast():
             outputs = model(images)
         # The evaluator copies boxes and scores off the device and writes the masks' RLE text there.
-        results = [{"boxes": out["boxes"].float(), "labels": out["labels"], "scores": out["scores"].float(),
-                    "masks": out["masks"] > 0.5} for out in outputs]
-        evaluator.update(results, [t["image_id"] for t in targets])
+        evaluator.update(outputs, [t["image_id"] for t in targets])
     evaluator.gather()
     return evaluator.summarize() if run.main else None
 

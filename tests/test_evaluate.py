@@ -150,6 +150,19 @@ def test_thresholded_and_numpy_masks_give_the_same_results(coco_gt):
         assert result["bbox"] == pytest.approx(ann["bbox"])
 
 
+def test_outputs_under_autocast_are_taken_as_they_come(coco_gt):
+    """bf16 and fp16 boxes and scores (a model's outputs under autocast; numpy has neither) give
+    the results of the same values in float32, and probability masks those of thresholded ones."""
+    image_id = coco_gt.getImgIds()[0]
+    out = ground_truth_outputs(coco_gt, image_id)
+    for dtype in (torch.bfloat16, torch.float16):
+        low = {**out, "boxes": out["boxes"].to(dtype), "scores": out["scores"].to(dtype)}
+        as_float = {**low, "boxes": low["boxes"].float(), "scores": low["scores"].float(),
+                    "masks": out["masks"] > 0.5}
+        assert detections_to_coco([low], [image_id], LABEL_TO_CATEGORY) == \
+            detections_to_coco([as_float], [image_id], LABEL_TO_CATEGORY)
+
+
 def test_run_lengths_found_by_torch_are_the_bytes_pycocotools_encodes():
     """The GPU path (_encode_tensors), run here on CPU tensors: edge cases and random masks, one
     image at a time and all images (each its own size) in one pass."""
