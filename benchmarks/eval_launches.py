@@ -10,10 +10,10 @@ original image size (the transform's postprocess) and turning detections into CO
 operations launch nothing and are not counted. Half the images are 480x640, half 640x427, as
 COCO mixes landscape and portrait.
 
-Then the whole evaluation batch of 8: the MLPerf model's forward and the COCO conversion. And
-the NMS work of the reference's score threshold: the MLPerf model (random ImageNet-shaped
-weights) on two 480x640 images, the pairwise entries its evaluation NMS computes against the
-1000 x 1000 per class it computed before groups were cut after their last candidate.
+Then the whole evaluation batch of 8 at the reference's score threshold: the MLPerf model's
+forward (random ImageNet-shaped weights, 480x640 images) and the COCO conversion, and the width
+of its detection NMS groups: the pairwise entries it computes against the 1000 x 1000 per class
+of every proposal, which it computed before groups were cut after their last candidate.
 
 Counts, not times: on a CPU the arithmetic dominates and says nothing of a GPU.
 """
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import save_result  # noqa: E402
 from object_detection import evaluate  # noqa: E402
 from object_detection import sync_free  # noqa: E402
 from object_detection.model import build_model  # noqa: E402
@@ -80,9 +80,7 @@ def launches(n_images: int, detections: int = 100) -> dict:
         outputs = transform.postprocess(result, resized, originals)
     stages["paste"] = paste.counts
     with CountOps() as convert:
-        results = [{"boxes": o["boxes"].float(), "labels": o["labels"], "scores": o["scores"].float(),
-                    "masks": o["masks"] > 0.5} for o in outputs]
-        coco = evaluate.detections_to_results(results, list(range(n_images)), list(range(82)))
+        coco = evaluate.detections_to_results(outputs, list(range(n_images)), list(range(82)))
     stages["to_coco"] = convert.counts
     assert len(coco) == n_images * detections
     return {"images": n_images, "detections_per_image": detections,
@@ -96,7 +94,8 @@ def model_launches(n_images: int = 8, score_thresh: float = 0.05) -> dict:
     """Operations of a whole evaluation batch: the MLPerf model's forward (its second, so one-time
     set-up is not counted) at the reference's threshold, with the NMS the GPU runs (fixed_point_nms;
     there torch.compile fuses each of its passes into one kernel, here each is several operations),
-    then the COCO conversion."""
+    then the COCO conversion. And the width of the detection NMS's (image, class) groups, whose
+    pairwise work goes with its square, against the uncut width (every proposal)."""
     from benchmarks.profile_eval import eval_model
 
     torch.manual_seed(0)
@@ -104,46 +103,37 @@ def model_launches(n_images: int = 8, score_thresh: float = 0.05) -> dict:
     model.roi_heads.score_thresh = score_thresh
     g = torch.Generator().manual_seed(0)
     images = [torch.randint(0, 256, (3, 480, 640), generator=g).float() / 255 for _ in range(n_images)]
-    inner, sync_free.greedy_nms = sync_free.greedy_nms, sync_free.fixed_point_nms
+    shapes = []
+
+    def recorded(boxes, valid, iou_threshold):
+        shapes.append(tuple(boxes.shape[:2]))
+        return sync_free.fixed_point_nms(boxes, valid, iou_threshold)
+
+    inner, sync_free.greedy_nms = sync_free.greedy_nms, recorded
     try:
         model(images)
         with CountOps() as counted:
             outputs = model(images)
-            results = [{"boxes": o["boxes"].float(), "labels": o["labels"], "scores": o["scores"].float(),
-                        "masks": o["masks"] > 0.5} for o in outputs]
-            evaluate.detections_to_results(results, list(range(n_images)), list(range(82)))
+            evaluate.detections_to_results(outputs, list(range(n_images)), list(range(82)))
     finally:
         sync_free.greedy_nms = inner
+    groups, width = shapes[-1]  # the detection NMS (the RPN's came first)
+
+    def padded(w):
+        return -(-w // sync_free.NMS_WIDTH_STEP) * sync_free.NMS_WIDTH_STEP
+
+    uncut = padded(model.rpn.post_nms_top_n())
     return {"images": n_images, "score_thresh": score_thresh, "ops": sum(counted.counts.values()),
-            "most_frequent": dict(counted.counts.most_common(8))}
-
-
-@torch.no_grad()
-def nms_entries(score_thresh: float = 0.05) -> dict:
-    from benchmarks.profile_eval import eval_model
-
-    torch.manual_seed(0)
-    model = eval_model(torch.device("cpu"), score_thresh=score_thresh)
-    widths = []
-    inner = sync_free.greedy_nms
-    sync_free.greedy_nms = lambda boxes, valid, t: widths.append(tuple(boxes.shape[:2])) or inner(boxes, valid, t)
-    try:
-        g = torch.Generator().manual_seed(0)
-        out = model([torch.randint(0, 256, (3, 480, 640), generator=g).float() / 255 for _ in range(2)])
-    finally:
-        sync_free.greedy_nms = inner
-    groups, width = widths[-1]  # the detection NMS (the RPN's came first)
-    padded = -(-width // sync_free.NMS_WIDTH_STEP) * sync_free.NMS_WIDTH_STEP
-    return {"score_thresh": score_thresh, "groups": groups, "width": width, "padded_width": padded,
-            "pairwise_entries_vs_uncut": round(padded ** 2 / 1024 ** 2, 3),
-            "detections_per_image": [len(o["boxes"]) for o in out]}
+            "most_frequent": dict(counted.counts.most_common(8)),
+            "detection_nms": {"groups": groups, "width": width, "padded_width": padded(width),
+                              "pairwise_entries_vs_uncut": round(padded(width) ** 2 / uncut ** 2, 3)},
+            "detections_per_image": [len(o["boxes"]) for o in outputs]}
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batches", default="8,32")
     p.add_argument("--skip-model", action="store_true")
-    p.add_argument("--skip-nms", action="store_true")
     p.add_argument("--output", type=Path,
                    default=Path(__file__).resolve().parent / "results" / "eval_launches.json")
     args = p.parse_args()
@@ -153,14 +143,8 @@ def main() -> int:
         print(json.dumps({k: v for k, v in row.items() if k != "most_frequent"}), flush=True)
     if not args.skip_model:
         result["model"] = model_launches()
-        print(json.dumps(result["model"]), flush=True)
-    if not args.skip_nms:
-        result["nms"] = nms_entries()
-        print(json.dumps(result["nms"]), flush=True)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=1))
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], args.output.name).write_text(json.dumps(result, indent=1))
+        print(json.dumps({k: v for k, v in result["model"].items() if k != "most_frequent"}), flush=True)
+    save_result(result, args.output)
     return 0
 
 

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from object_detection import data as D  # noqa: E402
 from object_detection.evaluate import (IOU_TYPES, CocoEvaluator, CocoResults,  # noqa: E402
                                        default_workers, score_results, start_scoring_workers)
+from benchmarks import save_result  # noqa: E402
 from benchmarks.profile_eval import eval_model  # noqa: E402
 from object_detection.synthetic import make_shapes  # noqa: E402
 
@@ -63,9 +64,7 @@ def inference_rate(device, images: int, batch: int, group_norm: bool = False, sc
         imgs = [im.to(device, non_blocking=True).float().div_(255) for im in imgs]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             outputs = model(imgs)
-        results = [{"boxes": o["boxes"].float(), "labels": o["labels"], "scores": o["scores"].float(),
-                    "masks": o["masks"] > 0.5} for o in outputs]
-        evaluator.update(results, list(range(i * batch, (i + 1) * batch)))
+        evaluator.update(outputs, list(range(i * batch, (i + 1) * batch)))
         if i >= 2:
             n += len(imgs)
     evaluator.gather()
@@ -156,10 +155,7 @@ def main() -> int:
     if not args.skip_scoring:
         result["scoring"] = scoring_time(args.scoring_images)
         print(json.dumps(result["scoring"]), flush=True)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=1))
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], args.output.name).write_text(json.dumps(result, indent=1))
+    save_result(result, args.output)
     return 0
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import platform
 import sys
 import time
@@ -28,6 +27,7 @@ from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.ops import FrozenBatchNorm2d
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import save_result  # noqa: E402
 from object_detection.model import build_model, use_batched_sampler, use_channels_last  # noqa: E402
 from object_detection.train import amp_dtype, make_optimizer, train_step  # noqa: E402
 
@@ -304,10 +304,7 @@ def main(argv=None) -> int:
         print(f"{r['variant']:<22} {r['batch']:>5} {r.get('img_per_s', 0):>8} {r.get('step_ms', 0):>8} "
               f"{str(r.get('peak_mem_gib')):>8} {ratio:>8.2f}")
     out = args.output or RESULTS / f"train_throughput-{dt.date.today()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], out.name).write_text(json.dumps(result, indent=1))
+    save_result(result, out)
     print(f"wrote {out}")
     return 0
 
