@@ -9,7 +9,8 @@ import yaml
 from invoke import Collection, task
 from invoke.exceptions import Exit
 
-from mlperf.tasking import dataset_of, local_only, option, step
+from mlperf.tasking import dataset_of, local_only, option, require_host, step
+from object_detection.recipe import RULESET, RUNS
 
 DATASET_HELP = "dataset name from the catalog: shapes (synthetic) or coco2017 (default from invoke.yaml)"
 MANIFEST_HELP = "a dataset manifest YAML file instead of a built-in dataset"
@@ -30,7 +31,7 @@ DETACH_HELP = "run in the background in its own session, output to a log; see `s
 def fetch(c, dataset=None, manifest=None, data_dir=None, mirror=None, source=None, jobs=None,
           detach=False):
     """Download, check and unpack a dataset (or make the synthetic shapes set)."""
-    from mlperf import fetch as fetching
+    from mlperf.datasets import fetch as fetching
 
     ds = dataset_of(c, dataset, manifest)
     fetching.fetch_dataset(ds, Path(option(c, data_dir, "data_dir")), mirror=mirror, source=source,
@@ -48,7 +49,7 @@ def fetch(c, dataset=None, manifest=None, data_dir=None, mirror=None, source=Non
 @step
 def verify(c, dataset=None, manifest=None, data_dir=None, deep=False, force=False, detach=False):
     """Check archives' md5 and the dataset's structure; exit 1 on any failure."""
-    from mlperf import verify as verifying
+    from mlperf.datasets import verify as verifying
     ds = dataset_of(c, dataset, manifest)
     verifying.verify_dataset(ds, Path(option(c, data_dir, "data_dir")), deep=deep, force=force)
 
@@ -117,12 +118,12 @@ def train(c, dataset=None, manifest=None, data_dir=None, gpus=None, nodes=None, 
 
 
 @task(name="time", help={
-    "runs": "training runs in the series (default 5, as MLPerf requires; fewer than 3 gives no MLPerf score)",
+    "runs": f"training runs in the series (default {RUNS}, as MLPerf requires; fewer than 3 gives no MLPerf score)",
     "results_dir": "folder for result series: <results_dir>/<series>/results/<system>/maskrcnn/ (default: results)",
     "series": "series name: resume this unfinished series (a finished one is refused); default: a new one "
               "named <date>-<time>-<dataset>",
     "system": "system name in the results folder (default: from the detected hardware)",
-    "ruleset": "MLPerf Training ruleset to check logs against (default 3.1.0)",
+    "ruleset": f"MLPerf Training ruleset to check logs against (default {RULESET})",
     "from_logs": "score an existing folder of result_*.txt instead of training; the summary goes to "
                  "<results_dir>/scores/<folder name>/",
     "dataset": DATASET_HELP,
@@ -136,14 +137,14 @@ def train(c, dataset=None, manifest=None, data_dir=None, gpus=None, nodes=None, 
 def time_(c, runs=None, results_dir=None, series=None, system=None, ruleset=None, from_logs=None,
           dataset=None, data_dir=None, config=None, gpus=None, max_epochs=None, detach=False):
     """Run the training N times as an MLPerf submission and score it (run_and_time)."""
-    from mlperf import results
+    from mlperf.results import series as result_series
 
     ruleset = option(c, ruleset, "ruleset")
     results_dir = Path(option(c, results_dir, "results_dir"))
     if from_logs:
-        results.score_logs(Path(from_logs), ruleset=ruleset, results_dir=results_dir)
+        result_series.score_logs(Path(from_logs), ruleset=ruleset, results_dir=results_dir)
         return
-    results.time_series(
+    result_series.time_series(
         runs=int(option(c, runs, "runs")), results_dir=results_dir, series=series,
         system=option(c, system, "system") or None, ruleset=ruleset,
         dataset=option(c, dataset, "dataset"), data_dir=Path(option(c, data_dir, "data_dir")),
@@ -155,7 +156,7 @@ def time_(c, runs=None, results_dir=None, series=None, system=None, ruleset=None
     "dataset": DATASET_HELP,
     "data_dir": DATA_DIR_HELP,
     "results_dir": "folder for result series and the steps' stamps (<results_dir>/.all/<dataset>/)",
-    "runs": "training runs (default 5, as MLPerf requires)",
+    "runs": f"training runs (default {RUNS}, as MLPerf requires)",
     "build": "also build the image (needs Docker); otherwise only its context is written",
     "config": "named system configuration for the runs",
     "max_epochs": "epoch cap per run",
@@ -168,8 +169,10 @@ def all_(c, dataset=None, data_dir=None, results_dir=None, runs=None, build=Fals
     from mlperf import pipeline
 
     pipeline.run_all(
-        c, dataset=option(c, dataset, "dataset"), data_dir=Path(option(c, data_dir, "data_dir")),
+        dataset=option(c, dataset, "dataset"), data_dir=Path(option(c, data_dir, "data_dir")),
         results_dir=Path(option(c, results_dir, "results_dir")), runs=int(option(c, runs, "runs")),
+        ruleset=option(c, None, "ruleset"), system=option(c, None, "system") or None,
+        jobs=int(option(c, None, "jobs")), image=dict(option(c, None, "image")),
         build=build, config=config, max_epochs=max_epochs,
     )
 
@@ -233,6 +236,7 @@ def deploy(c, path=None, python=None, venv=True):
     """Sync this project to the `fab -H` host with rsync and set up its Python environment."""
     from mlperf import remote
 
+    require_host(c, "deploy")
     remote.deploy(c, path=option(c, path, "remote.path"), python=option(c, python, "remote.python"),
                   venv=venv)
 
@@ -243,13 +247,19 @@ def results(c, results_dir=None):
     """Bring the `fab -H` host's results folder back to results/<host>/ (never deletes locally)."""
     from mlperf import remote
 
-    remote.fetch_results(c, local_dir=Path(option(c, results_dir, "results_dir")))
+    require_host(c, "results")
+    remote.fetch_results(c, local_dir=Path(option(c, results_dir, "results_dir")),
+                         path=option(c, None, "remote.path"))
 
 
 def _project_defaults() -> dict:
-    """invoke.yaml as collection defaults, so `fab` (which reads fabric.yaml, not invoke.yaml) has them too."""
+    """invoke.yaml as collection defaults, so `fab` (which reads fabric.yaml, not invoke.yaml) has them
+    too; the MLPerf facts (ruleset, run count) come from the recipe unless invoke.yaml overrides them."""
     with open(Path(__file__).with_name("invoke.yaml")) as fh:
-        return yaml.safe_load(fh)
+        defaults = yaml.safe_load(fh)
+    for key, value in (("ruleset", RULESET), ("runs", RUNS)):
+        defaults["mlperf"].setdefault(key, value)
+    return defaults
 
 
 ns = Collection(fetch, verify, image, train, time_, all_, bench, doctor, status, logs, deploy, results)

@@ -1,6 +1,6 @@
 """Kernel launches of evaluation's post-processing per batch, counted on any device.
 
-    python benchmarks/eval_launches.py [--batches 8,32]
+    python -m benchmarks.eval_launches [--batches 8,32]
 
 On the H200 evaluation is host-bound: each aten operation is one kernel launch (~8 us of the
 host's time) and the GPU waits for them. This counts, per batch of images with 100 detections
@@ -28,11 +28,10 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks import save_result  # noqa: E402
-from object_detection import evaluate  # noqa: E402
-from object_detection import sync_free  # noqa: E402
-from object_detection.model import build_model  # noqa: E402
+from benchmarks import save_result
+from object_detection import evaluate
+from object_detection.fast import nms, sync_free
+from object_detection.model import build_model
 
 
 class CountOps(TorchDispatchMode):
@@ -107,7 +106,7 @@ def model_launches(n_images: int = 8, score_thresh: float = 0.05) -> dict:
 
     def recorded(boxes, valid, iou_threshold):
         shapes.append(tuple(boxes.shape[:2]))
-        return sync_free.fixed_point_nms(boxes, valid, iou_threshold)
+        return nms.fixed_point_nms(boxes, valid, iou_threshold)
 
     inner, sync_free.greedy_nms = sync_free.greedy_nms, recorded
     try:
@@ -120,7 +119,7 @@ def model_launches(n_images: int = 8, score_thresh: float = 0.05) -> dict:
     groups, width = shapes[-1]  # the detection NMS (the RPN's came first)
 
     def padded(w):
-        return -(-w // sync_free.NMS_WIDTH_STEP) * sync_free.NMS_WIDTH_STEP
+        return -(-w // nms.NMS_WIDTH_STEP) * nms.NMS_WIDTH_STEP
 
     uncut = padded(model.rpn.post_nms_top_n())
     return {"images": n_images, "score_thresh": score_thresh, "ops": sum(counted.counts.values()),

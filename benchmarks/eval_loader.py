@@ -1,6 +1,6 @@
 """The other two parts of an epoch: the data loader on real JPEG files, and evaluation.
 
-    python benchmarks/eval_loader.py --workers 1,2,4,8 --eval-images 256
+    python -m benchmarks.eval_loader --workers 1,2,4,8 --eval-images 256
 
 Loader: shapes JPEGs at COCO size (640 px), decoded, flipped and turned into targets by
 object_detection.data, img/s for each worker count. Evaluation: inference img/s of the MLPerf
@@ -21,13 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from object_detection import data as D  # noqa: E402
-from object_detection.evaluate import (IOU_TYPES, CocoEvaluator, CocoResults,  # noqa: E402
+from object_detection import data as D
+from object_detection.evaluate import (IOU_TYPES, CocoEvaluator, CocoResults,
                                        default_workers, score_results, start_scoring_workers)
-from benchmarks import save_result  # noqa: E402
-from benchmarks.profile_eval import eval_model  # noqa: E402
-from object_detection.synthetic import make_shapes  # noqa: E402
+from benchmarks import save_result
+from benchmarks.profile_eval import eval_model
+from mlperf.datasets.shapes import make_shapes
 
 
 def loader_rates(root: Path, workers: list[int], batch: int) -> list[dict]:

@@ -1,6 +1,6 @@
 """`invoke fetch` against `curl -o`, and `invoke verify` against `md5sum -c`, side by side on loopback.
 
-    .venv/bin/python benchmarks/fetch_verify.py [--workdir /tmp] [--repeats 3]
+    .venv/bin/python -m benchmarks.fetch_verify [--workdir /tmp] [--repeats 3]
 
 Fetch: one 1 GiB file from the sendfile-based server in tests/http_server.py (the same server for
 both clients), fresh destination each time. `curl -o` neither hashes nor checks; `curl -o && md5sum`
@@ -26,10 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from tests.http_server import FileServer, Faults  # noqa: E402
+from mlperf import PROJECT_ROOT as ROOT
+from tests.http_server import FileServer, Faults
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -130,7 +128,7 @@ def bench_verify(work: Path, repeats: int, sizes: list[int], label: str) -> dict
              str(folder / "data"), "--force"], cwd=ROOT))
         times["md5sum -c"].append(timed(["md5sum", "-c", "--quiet", "hashes.md5"], cwd=downloads))
 
-    from mlperf.verify import hash_files  # the same function, in this process: no start-up
+    from mlperf.datasets.verify import hash_files  # the same function, in this process: no start-up
 
     in_process = []
     for _ in range(repeats):
@@ -166,7 +164,7 @@ def main() -> None:
     try:
         result = {
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "command": "python benchmarks/fetch_verify.py " + " ".join(sys.argv[1:]),
+            "command": "python -m benchmarks.fetch_verify " + " ".join(sys.argv[1:]),
             "machine": machine(),
             "fetch": bench_fetch(work, args.repeats),
             # a link slower than md5 on one core (~570 MiB/s here): 200 MiB/s is about 1.7 Gbit/s

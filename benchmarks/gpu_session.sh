@@ -18,15 +18,15 @@ case "$part" in
     python3 -m mlperf_logging.compliance_checker --usage training --ruleset 3.1.0 "$OUT/smoke.txt" 2>&1 | tail -3
     ;;
   bench)
-    timeout ${BENCH_S:-330} python3 benchmarks/train_throughput.py --check --batch-sizes 8,16,32 --iterations 15 \
+    timeout ${BENCH_S:-330} python3 -m benchmarks.train_throughput --check --batch-sizes 8,16,32 --iterations 15 \
       ${BENCH_VARIANTS:+--variants "$BENCH_VARIANTS"} --output "$OUT/train_throughput.json" 2>&1 \
       | tee "$OUT/bench.txt" | grep -v '^{' | tail -20
     ;;
   eval)
-    timeout 300 python3 benchmarks/eval_loader.py --workers 8 --loader-images 256 --eval-images 256 \
+    timeout 300 python3 -m benchmarks.eval_loader --workers 8 --loader-images 256 --eval-images 256 \
       --output "$OUT/eval_loader.json" 2>&1 | tail -12
     for t in 0 0.05; do
-      timeout 90 python3 benchmarks/profile_eval.py --score-thresh $t > /dev/null 2>&1; head -3 "$OUT/profile_eval-$t.txt"
+      timeout 90 python3 -m benchmarks.profile_eval --score-thresh $t > /dev/null 2>&1; head -3 "$OUT/profile_eval-$t.txt"
     done
     ;;
   converge)

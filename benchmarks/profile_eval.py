@@ -1,7 +1,7 @@
 """Where evaluation time goes per batch of 8: the model (with mask pasting) against the COCO
 conversion, then the heaviest CUDA kernels and host operations of both.
 
-    python benchmarks/profile_eval.py [--gn]
+    python -m benchmarks.profile_eval [--gn]
 
 The model is the MLPerf one (frozen BatchNorm folded, fused biases) with random ImageNet-shaped
 backbone weights, at score threshold 0: 100 detections per image, the slowest case
@@ -10,16 +10,15 @@ from scratch instead.
 """
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torchvision
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from object_detection.evaluate import detections_to_results  # noqa: E402
-from object_detection.model import build_model, use_channels_last  # noqa: E402
+from object_detection.evaluate import detections_to_results
+from object_detection import fast
+from object_detection.model import build_model
 
 
 def eval_model(device, group_norm: bool = False, score_thresh: float = 0.0):
@@ -32,10 +31,8 @@ def eval_model(device, group_norm: bool = False, score_thresh: float = 0.0):
         weights = Path("/tmp/bench_resnet50.pth")
         if not weights.exists():  # throughput does not depend on the weights' values
             torch.save(torchvision.models.resnet50().state_dict(), weights)
-    model = build_model(81, backbone_weights=weights).to(device)
+    model = build_model(81, backbone_weights=weights, speed=fast.Options.for_device(device.type)).to(device)
     model.roi_heads.score_thresh = score_thresh
-    if device.type == "cuda":
-        use_channels_last(model)
     return model.eval()
 
 

@@ -1,20 +1,18 @@
 """Where a training step's time goes: per-stage wall time (synchronised) and the top operators.
 
-    python benchmarks/profile_step.py --batch 16
-    python benchmarks/profile_step.py --batch 16 --syncs [--tvsync]   # host waits per step, by code site
+    python -m benchmarks.profile_step --batch 16
+    python -m benchmarks.profile_step --batch 16 --syncs [--tvsync]   # host waits per step, by code site
 """
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.train_throughput import our_model, pinned, synthetic_batch, to_device  # noqa: E402
-from object_detection.train import make_optimizer  # noqa: E402
+from benchmarks.train_throughput import our_model, pinned, synthetic_batch
+from object_detection.engine import make_optimizer, to_device
 
 
 def main() -> None:
@@ -23,8 +21,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--syncs", action="store_true", help="count host synchronisations per step, by site")
     p.add_argument("--shapes", action="store_true", help="also list the heaviest elementwise operators by input shape")
-    p.add_argument("--tvsync", action="store_true", help="torchvision's heads (no object_detection.sync_free)")
-    p.add_argument("--nofuse", action="store_true", help="biases added separately (no object_detection.fused)")
+    p.add_argument("--tvsync", action="store_true", help="torchvision's heads (no object_detection.fast.sync_free)")
+    p.add_argument("--nofuse", action="store_true", help="biases added separately (no object_detection.fast.fuse_bias)")
     args = p.parse_args()
     device = torch.device("cuda")
     backbone = Path("/tmp/bench_resnet50.pth")

@@ -3,7 +3,7 @@
 Same synthetic COCO-sized batches (480-640 x 640 images, 3-12 instances with masks, resized by the
 model to 800/1333) for every variant, in one process, so ratios are comparable on a shared machine.
 
-    python benchmarks/train_throughput.py --batch-sizes 8,16,32 --iterations 20
+    python -m benchmarks.train_throughput --batch-sizes 8,16,32 --iterations 20
     invoke bench   (the same, through torchrun on --gpus N)
 
 Writes JSON to benchmarks/results/ and prints a table. `--check` also compares, in fp32 on the
@@ -26,10 +26,11 @@ from torchvision.models.detection import MaskRCNN, maskrcnn_resnet50_fpn
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.ops import FrozenBatchNorm2d
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks import save_result  # noqa: E402
-from object_detection.model import build_model, use_batched_sampler, use_channels_last  # noqa: E402
-from object_detection.train import amp_dtype, make_optimizer, train_step  # noqa: E402
+from benchmarks import save_result
+from object_detection import fast
+from object_detection.engine import amp_dtype, make_optimizer, to_device, train_step
+from object_detection.fast.sampler import use_batched_sampler
+from object_detection.model import build_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -61,25 +62,19 @@ def pinned(batch):
     return [i.pin_memory() for i in images], [{k: v.pin_memory() for k, v in t.items()} for t in targets]
 
 
-def to_device(images, targets, device):
-    images = [i.to(device, non_blocking=True).float().div_(255) for i in images]
-    targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
-    return images, targets
-
-
 def stock_model(device):
     """torchvision's maskrcnn_resnet50_fpn as a user would take it (BatchNorm, 91 classes)."""
     return maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, trainable_backbone_layers=3).to(device)
 
 
-def our_model(device, backbone: Path, channels_last: bool, fold_bn: bool = True, compile_backbone: bool = False,
+def our_model(device, backbone: Path, channels_last: bool | str, fold_bn: bool = True, compile_backbone: bool = False,
               batched_sampler: bool = True, sync_free: bool = True, fuse_bias: bool = True):
-    model = build_model(81, backbone_weights=backbone, image_candidates=1000, fold_bn=fold_bn, fuse_bias=fuse_bias,
-                        batched_sampler=batched_sampler, sync_free=sync_free).to(device)
+    """channels_last: "rpn" (what the trainer runs), True (backbone only), "all" (every module)."""
+    speed = fast.Options(fold_bn=fold_bn, fuse_bias=fuse_bias, batched_sampler=batched_sampler, sync_free=sync_free,
+                         channels_last=channels_last in (True, "rpn"), rpn_channels_last=channels_last == "rpn")
+    model = build_model(81, backbone_weights=backbone, image_candidates=1000, speed=speed).to(device)
     if channels_last == "all":
         model = model.to(memory_format=torch.channels_last)
-    elif channels_last:
-        use_channels_last(model, rpn_channels_last=channels_last == "rpn")
     if compile_backbone:
         model.backbone = torch.compile(model.backbone, dynamic=True)
     return model
@@ -140,11 +135,11 @@ def check_same_function(device, backbone: Path) -> dict:
 
 
 def check_greedy_nms(device, groups: int = 80, k: int = 2000) -> dict:
-    """object_detection.sync_free.greedy_nms (the compiled fixed point on CUDA) against torchvision.ops.nms, group by
+    """object_detection.fast.nms.greedy_nms (the compiled fixed point on CUDA) against torchvision.ops.nms, group by
     group, on crowded random boxes of RPN size: 80 groups (16 images x 5 levels) of 2000."""
     from torchvision.ops import nms
 
-    from object_detection.sync_free import greedy_nms
+    from object_detection.fast.nms import greedy_nms
 
     g = torch.Generator().manual_seed(0)
     centres = torch.rand(groups, 40, 2, generator=g) * 1000
@@ -168,21 +163,21 @@ def check_fused_training(device, backbone: Path) -> dict:
     """One bf16 training step (forward, backward) of our model with and without the fused biases, same
     weights, batch and sampling seed: losses, the largest gradient differences, and the NMS work
     (fixed-point passes, run eagerly to count them)."""
-    from object_detection import sync_free
+    from object_detection.fast import nms
 
     calls = {"relax": 0}
 
     def counted(*args):
         calls["relax"] += 1
-        return sync_free._relax(*args)
+        return nms._relax(*args)
 
     report, grads = {}, {}
     models = {name: our_model(device, backbone, channels_last="rpn", fuse_bias=fuse)
               for name, fuse in (("unfused", False), ("fused", True))}
     models["fused"].load_state_dict(models["unfused"].state_dict())
     images, targets = to_device(*synthetic_batch(4, "cpu", seed=7), device)
-    saved = sync_free._compiled.get("cuda")
-    sync_free._compiled["cuda"] = (sync_free._suppresses, counted)
+    saved = nms._compiled.get("cuda")
+    nms._compiled["cuda"] = (nms._suppresses, counted)
     try:
         for name, model in models.items():
             model.train()
@@ -194,9 +189,9 @@ def check_fused_training(device, backbone: Path) -> dict:
             report[name] = {"losses": {k: round(v.item(), 5) for k, v in losses.items()}, "relax_passes": calls["relax"]}
             grads[name] = {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
     finally:
-        sync_free._compiled.pop("cuda")
+        nms._compiled.pop("cuda")
         if saved is not None:
-            sync_free._compiled["cuda"] = saved
+            nms._compiled["cuda"] = saved
     rel = {n: ((g - grads["unfused"][n]).norm() / grads["unfused"][n].norm().clamp_min(1e-12)).item()
            for n, g in grads["fused"].items()}
     report["worst_grad_rel_diff"] = [(n, round(v, 4)) for n, v in sorted(rel.items(), key=lambda kv: -kv[1])[:5]]
@@ -204,9 +199,9 @@ def check_fused_training(device, backbone: Path) -> dict:
 
 
 def check_bias_act(device) -> dict:
-    """object_detection.fused.bias_act (the Triton kernel on CUDA) against the separate torch operations,
+    """object_detection.fast.bias_act (the Triton kernel on CUDA) against the separate torch operations,
     forward and backward, in both layouts, fp32 and bf16, on a P2-sized map."""
-    from object_detection.fused import bias_act
+    from object_detection.fast.bias_act import bias_act
 
     g = torch.Generator().manual_seed(0)
     worst = {}
@@ -242,7 +237,7 @@ def main(argv=None) -> int:
                         "per-image sampler (and its sync-heavy heads), -tvsync torchvision's heads with our "
                         "batched sampler (no object_detection.sync_free), -nofold keeps FrozenBatchNorm as "
                         "separate layers, -nofuse adds the backbone's convolution biases separately "
-                        "(no object_detection.fused), -compile torch.compile on the backbone")
+                        "(no object_detection.fast.fuse_bias), -compile torch.compile on the backbone")
     p.add_argument("--check", action="store_true", help="also check that our step computes the stock function")
     p.add_argument("--output", type=Path)
     args = p.parse_args(argv)

@@ -1,8 +1,9 @@
 """`invoke doctor`: what the benchmark needs against what this host has, as one table.
 
 Each check gives a level: ok, warn (works, but slower or partly), or FAIL (a step will not run);
-FAIL rows say what to do and make the task exit 1. Hardware and versions come from mlperf.system,
-the dataset state from mlperf.verify, so doctor says the same as the steps themselves.
+FAIL rows say what to do and make the task exit 1. Hardware and versions come from mlperf.host,
+the dataset state from mlperf.datasets (fetch's plan, verify's stamp), so doctor says the same as
+the steps themselves.
 """
 from __future__ import annotations
 
@@ -14,14 +15,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlperf import PROJECT_ROOT, host
 from mlperf.datasets import Dataset
 from mlperf.errors import UserError
-from mlperf.jobs import PROJECT_ROOT
+from mlperf.files import human_size
 
-GiB = 2**30
-SHM_MIN = 1 * GiB          # below this, DataLoader workers die with "bus error" on real batches
-CLUSTER_VARS = ("BACKENDAI_CLUSTER_HOSTS", "BACKENDAI_CLUSTER_HOST", "BACKENDAI_CLUSTER_ROLE",
-                "BACKENDAI_CLUSTER_SIZE", "BACKENDAI_CLUSTER_IDX")
 
 
 @dataclass
@@ -30,10 +28,6 @@ class Check:
     level: str      # "ok", "warn", "FAIL"
     found: str
     advice: str = ""
-
-
-def _gib(n: float) -> str:
-    return f"{n / GiB:.1f} GiB"
 
 
 def check_python() -> Check:
@@ -77,15 +71,13 @@ def check_requirements(lines: list[str]) -> list[Check]:
 
 def check_gpus(dataset: Dataset) -> list[Check]:
     """GPUs (count, model, driver), and CUDA and NCCL as torch sees them."""
-    from mlperf import system
-
-    gpus = system.gpu_info()
-    software = system.software_info()
+    gpus = host.gpus()
+    software = host.software_info()
     need_gpu = bool(dataset.files)   # real data (coco2017): CPU training would take weeks
     rows = []
     if gpus:
-        names = sorted({g["name"] for g in gpus})
-        driver = gpus[0].get("driver") or "unknown"
+        names = sorted({g.name for g in gpus})
+        driver = gpus[0].driver or "unknown"
         rows.append(Check("GPUs", "ok", f"{len(gpus)} x {', '.join(names)}, driver {driver}"))
     else:
         rows.append(Check("GPUs", "FAIL" if need_gpu else "warn", "none visible",
@@ -118,62 +110,43 @@ def check_gpus(dataset: Dataset) -> list[Check]:
     return rows
 
 
-def check_shm(path: Path = Path("/dev/shm")) -> Check:
-    try:
-        st = os.statvfs(path)
-    except OSError:
+def check_shm(ds: Dataset) -> Check:
+    """The launcher's own check (mlperf.launch.shm_problem), for the configuration this host gets."""
+    from mlperf import launch
+
+    shm = host.shm_bytes()
+    if shm is None:
         return Check("/dev/shm", "warn", "missing", "DataLoader workers need shared memory")
-    size = st.f_blocks * st.f_frsize
-    if size < SHM_MIN:
-        return Check("/dev/shm", "warn", f"{_gib(size)} (< 1 GiB)",
-                     "DataLoader workers may crash: Backend.AI: --resource-opts shmem=16g; "
-                     "Docker: --shm-size=16g")
-    return Check("/dev/shm", "ok", _gib(size))
-
-
-def space_needed(ds: Dataset, data_dir: Path) -> int:
-    """Bytes still to be written for `ds`: downloads not yet complete, plus about as much again for
-    each archive not yet unpacked (COCO's JPEGs do not compress)."""
-    downloads = ds.downloads(data_dir)
-    needed = 0
-    for spec in ds.files:
-        if spec.size is None:
-            continue
-        have = (downloads / spec.name).stat().st_size if (downloads / spec.name).is_file() else 0
-        needed += max(spec.size - have, 0)
-        if spec.extract and not _extracted(ds, data_dir):
-            needed += spec.size
-    return needed
-
-
-def _extracted(ds: Dataset, data_dir: Path) -> bool:
-    root = ds.root(data_dir)
-    return bool(ds.splits) and all((root / s.annotations).is_file() and (root / s.images).is_dir()
-                                   for s in ds.splits.values())
+    gpus = host.gpus()
+    cfg = launch.choose_config(None, gpus, ds.name)
+    processes, scale = max(len(gpus), 1), launch.image_scale(cfg)
+    need = launch.shm_needed(processes, cfg.workers, cfg.per_gpu_batch, scale)
+    found = f"{human_size(shm[0])}, {human_size(shm[1])} free; {cfg.name} needs ~{human_size(need)}"
+    problem = launch.shm_problem(processes, cfg.workers, cfg.per_gpu_batch, scale)
+    if problem:
+        return Check("/dev/shm", "FAIL", found, problem.split(": ", 1)[1])
+    return Check("/dev/shm", "ok", found)
 
 
 def check_disk(ds: Dataset, data_dir: Path) -> Check:
-    where = Path(data_dir).resolve()
-    while not where.exists():
-        where = where.parent
-    free = shutil.disk_usage(where).free
-    needed = space_needed(ds, data_dir)
+    from mlperf.datasets.fetch import space_needed
+
+    where, free = host.disk_free(data_dir)
+    needed = sum(space_needed(ds, data_dir))
     total = sum(spec.size or 0 for spec in ds.files) * 2
-    found = f"{_gib(free)} free at {where}"
+    found = f"{human_size(free)} free at {where}"
     if total:
-        found += f", {ds.name} still needs {_gib(needed)} (of ~{_gib(total)})"
+        found += f", {ds.name} still needs {human_size(needed)} (of ~{human_size(total)})"
     if needed > free:
-        return Check("disk", "FAIL", found, f"free {_gib(needed - free)} or fetch to a bigger disk: "
+        return Check("disk", "FAIL", found, f"free {human_size(needed - free)} or fetch to a bigger disk: "
                                             "invoke fetch --data-dir /path/with/space")
     return Check("disk", "ok", found)
 
 
 def check_dataset(ds: Dataset, data_dir: Path) -> Check:
     root = ds.root(data_dir)
-    try:
-        from mlperf.verify import is_verified
-    except ImportError:
-        return Check(f"dataset {ds.name}", "warn", "cannot tell (mlperf.verify missing)")
+    from mlperf.datasets.verify import is_verified
+
     if is_verified(ds, data_dir):
         return Check(f"dataset {ds.name}", "ok", f"fetched and verified in {root}")
     if root.exists():
@@ -202,15 +175,14 @@ def check_docker() -> Check:
 def check_cluster(env: dict | None = None) -> list[Check]:
     """Backend.AI multi-node variables, when this is a cluster session."""
     env = os.environ if env is None else env
-    present = {k: env[k] for k in CLUSTER_VARS if env.get(k)}
+    present = {k: env[k] for k in host.CLUSTER_VARS if env.get(k)}
     if not present:
         return []
     found = ", ".join(f"{k.removeprefix('BACKENDAI_CLUSTER_').lower()}={v}" for k, v in present.items())
-    hosts = [h for h in present.get("BACKENDAI_CLUSTER_HOSTS", "").split(",") if h]
-    size = present.get("BACKENDAI_CLUSTER_SIZE")
-    if size and hosts and str(len(hosts)) != size.strip():
-        return [Check("Backend.AI cluster", "warn", found,
-                      f"{len(hosts)} hosts listed but size {size}: the session may still be starting")]
+    try:
+        host.cluster_from_env(env)  # what `invoke train` reads
+    except UserError as exc:
+        return [Check("Backend.AI cluster", "warn", found, f"{exc} (the session may still be starting)")]
     return [Check("Backend.AI cluster", "ok", found)]
 
 
@@ -218,7 +190,7 @@ def run_checks(ds: Dataset, data_dir: Path, requirements: Path = PROJECT_ROOT / 
     rows = [check_python()]
     rows += check_requirements(requirements.read_text().splitlines())
     rows += check_gpus(ds)
-    rows += [check_shm(), check_disk(ds, data_dir), check_dataset(ds, data_dir), check_docker()]
+    rows += [check_shm(ds), check_disk(ds, data_dir), check_dataset(ds, data_dir), check_docker()]
     rows += check_cluster()
     return rows
 

@@ -10,7 +10,6 @@ sets none of them: the code lives in /opt/mlperf (/home/work is a per-session sc
 from __future__ import annotations
 
 import io
-import os
 import re
 import shutil
 import subprocess
@@ -18,12 +17,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlperf import PROJECT_ROOT, project
 from mlperf.errors import UserError
+from mlperf.files import replace_tree, temporary_name
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-# What goes into the image: the project's code only, never data/, results/, .venv, .git or build/.
-PROJECT_FILES = ("tasks.py", "fabfile.py", "invoke.yaml", "README.md", "requirements.txt")
-PROJECT_DIRS = ("mlperf", "object_detection")
 CODE_DIR = "/opt/mlperf"                 # outside /home/work, which Backend.AI mounts per session
 MARKER = ".invoke-image-context"         # marks a folder this module wrote, so it may replace it
 
@@ -290,6 +287,9 @@ def image_labels(profile: BaseProfile, resources: Resources) -> dict[str, str]:
 
 def render_dockerfile(base: str, profile: BaseProfile, labels: dict[str, str]) -> str:
     label_lines = " \\\n      ".join(f'{name}="{value}"' for name, value in labels.items())
+    files = [name for name in project.RUNTIME_FILES if name != "requirements.txt"]  # copied first, above
+    code_lines = "\n".join([f"COPY {' '.join(files)} {CODE_DIR}/"]
+                           + [f"COPY {folder}/ {CODE_DIR}/{folder}/" for folder in project.RUNTIME_DIRS])
     py = profile.python
     return f"""\
 # Made by `invoke image` (mlperf/image.py): regenerate it rather than editing it.
@@ -325,9 +325,7 @@ RUN {py} -c "import importlib.metadata as md; [print(d.metadata['Name'] + '==' +
 
 # The code outside /home/work (a per-session mount); /etc/invoke.yaml makes `invoke` find it from
 # any folder, and PYTHONPATH makes `python -m object_detection.train` work anywhere.
-COPY tasks.py fabfile.py invoke.yaml README.md {CODE_DIR}/
-COPY mlperf/ {CODE_DIR}/mlperf/
-COPY object_detection/ {CODE_DIR}/object_detection/
+{code_lines}
 COPY etc-invoke.yaml /etc/invoke.yaml
 RUN {py} -m compileall -q {CODE_DIR}
 ENV PYTHONPATH={CODE_DIR}${{PYTHONPATH:+:${{PYTHONPATH}}}}
@@ -350,7 +348,7 @@ def default_tag(base: str) -> str:
     return f"mlperf-maskrcnn:{tag if repository and '/' not in tag else 'latest'}"
 
 
-def write_context(output: Path, dockerfile: str, project: Path = PROJECT_ROOT) -> None:
+def write_context(output: Path, dockerfile: str, source: Path = PROJECT_ROOT) -> None:
     """Write the build context into a temporary folder beside `output`, then rename it into place.
 
     An existing `output` is replaced only if this module made it (it holds MARKER): a mistyped
@@ -360,27 +358,20 @@ def write_context(output: Path, dockerfile: str, project: Path = PROJECT_ROOT) -
     if output.exists() and not (output / MARKER).is_file():
         raise UserError(f"{output} exists and is not a build context made by `invoke image`: "
                         f"choose another --output, or remove it yourself")
-    for name in (*PROJECT_FILES, *PROJECT_DIRS):
-        if not (project / name).exists():
-            raise UserError(f"{project / name} is missing: run `invoke image` from a complete checkout")
+    missing = project.missing_runtime(source)
+    if missing:
+        raise UserError(f"{source / missing[0]} is missing: run `invoke image` from a complete checkout")
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temporary_name(output)
     tmp.mkdir()
     try:
-        for name in PROJECT_FILES:
-            shutil.copy2(project / name, tmp / name)
-        for name in PROJECT_DIRS:
-            shutil.copytree(project / name, tmp / name,
-                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache"))
+        for relative in project.runtime_files(source):
+            (tmp / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source / relative, tmp / relative)
         (tmp / "etc-invoke.yaml").write_text(ETC_INVOKE_YAML)
         (tmp / "Dockerfile").write_text(dockerfile)
         (tmp / MARKER).write_text("written by `invoke image`; the folder is replaced on the next run\n")
-        old = output.with_name(f".{output.name}.old-{os.getpid()}")
-        if output.exists():
-            os.replace(output, old)
-        os.replace(tmp, output)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_tree(tmp, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -7,7 +7,7 @@ A job is a folder <results_dir>/jobs/<id>/ holding
 The wrapper (`python -m mlperf.jobs JOBDIR`) runs in its own session with stdin from /dev/null and
 its output in output.log, so no terminal or SSH channel holds it; it starts the step, waits, and
 records the exit code. No exitcode and no wrapper alive means the job was lost (killed, or the
-machine restarted). Only the standard library here: the wrapper imports this module.
+machine restarted). Only the standard library (and mlperf.files) here: the wrapper imports this module.
 """
 from __future__ import annotations
 
@@ -21,32 +21,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+from mlperf import PROJECT_ROOT
+from mlperf.errors import UserError
+from mlperf.files import atomic_write, write_json
+
 POLL_SECONDS = 0.3
-
-
-def task_argv(task: str, kwargs: dict, *, drop: tuple[str, ...] = (), defaults: dict | None = None) -> list[str]:
-    """The flags of `invoke <task> ...` for the arguments a user gave.
-
-    None and False mean "not given" and are left out, so the defaults of wherever the command runs
-    apply; True becomes a bare flag; names turn underscores into dashes. With the task's declared
-    `defaults`, values equal to them are left out too, and False for a default-True option
-    becomes --no-<flag> (which would otherwise be lost).
-    """
-    argv = [task]
-    for name, value in kwargs.items():
-        default = (defaults or {}).get(name)
-        if name in drop or value is None or (defaults and name in defaults and value == default):
-            continue
-        flag = "--" + name.strip("_").replace("_", "-")
-        if value is False:
-            if default is True:
-                argv.append("--no-" + flag[2:])
-        elif value is True:
-            argv.append(flag)
-        else:
-            argv.extend([flag, str(value)])
-    return argv
 
 
 @dataclass
@@ -105,14 +84,6 @@ def jobs_dir(results_dir: Path) -> Path:
     return Path(results_dir) / "jobs"
 
 
-def detach(c, task: str, kwargs: dict, defaults: dict | None = None) -> Job:
-    """Start `invoke <task> <flags>` (without --detach) in the background; print how to reattach."""
-    from mlperf.tasking import option
-
-    return start(task_argv(task, kwargs, drop=("detach",), defaults=defaults),
-                 jobs_dir(Path(option(c, None, "results_dir"))))
-
-
 def start(argv: list[str], folder: Path) -> Job:
     """Start `python -m invoke <argv>` as a job under `folder`; returns once it runs."""
     folder = Path(folder).resolve()
@@ -126,25 +97,19 @@ def start(argv: list[str], folder: Path) -> Job:
     env["PYTHONUNBUFFERED"] = "1"  # the log shows output as it happens
     info = {"id": job_id, "task": argv[0], "command": command, "cwd": os.getcwd(),
             "started": time.time()}
-    _write_json(job_dir / "job.json", info)
+    write_json(job_dir / "job.json", info)
     with open(job_dir / "output.log", "ab") as log:
         wrapper = subprocess.Popen(
             [sys.executable, "-m", "mlperf.jobs", str(job_dir)], stdin=subprocess.DEVNULL,
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env, close_fds=True,
         )
     info["pid"] = wrapper.pid
-    _write_json(job_dir / "job.json", info)
+    write_json(job_dir / "job.json", info)
     print(f"started job {job_id}: {shlex.join(['invoke', *argv])}")
     print(f"  output: {job_dir / 'output.log'}")
     print(f"  follow it: invoke logs --job {job_id} --follow   (through Fabric: fab -H HOST logs --job "
           f"{job_id} --follow); list jobs: invoke status")
     return Job(job_dir, info)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
 
 
 def all_jobs(folder: Path) -> list[Job]:
@@ -159,8 +124,6 @@ def all_jobs(folder: Path) -> list[Job]:
 
 
 def find(folder: Path, job_id: str | None) -> Job:
-    from mlperf.errors import UserError
-
     found = all_jobs(folder)
     if not found:
         raise UserError(f"no background jobs in {folder}: start one with --detach (e.g. invoke train --detach)")
@@ -192,8 +155,6 @@ def status(folder: Path) -> list[Job]:
 
 def logs(folder: Path, job_id: str | None = None, follow: bool = False) -> int:
     """Print a job's output; with follow, keep printing until it ends and return its exit code."""
-    from mlperf.errors import UserError
-
     job = find(folder, job_id)
     out = sys.stdout.buffer
     with open(job.log, "rb") as fh:
@@ -230,9 +191,7 @@ def _wrap(job_dir: Path) -> int:
         code = 127
     if code < 0:  # killed by a signal: record it the way a shell would
         code = 128 - code
-    tmp = job_dir / "exitcode.tmp"
-    tmp.write_text(f"{code}\n")
-    os.replace(tmp, job_dir / "exitcode")
+    atomic_write(job_dir / "exitcode", f"{code}\n")
     return code
 
 

@@ -9,71 +9,16 @@ import os
 import shlex
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
-from mlperf import PROJECT_ROOT
+from mlperf import PROJECT_ROOT, host
 from mlperf.errors import UserError
+from mlperf.host import Cluster
 
-DEFAULT_MASTER_PORT = 29500
 # Bytes one decoded training image with its masks takes in shared memory on its way from a worker:
 # 640x480 RGB plus about seven 640x480 uint8 masks, the COCO average.
 SHM_BYTES_PER_IMAGE = 640 * 480 * (3 + 7)
 PREFETCH_FACTOR = 2
-
-
-@dataclass(frozen=True)
-class Gpus:
-    count: int
-    model: str = ""
-    memory_gib: float = 0.0
-
-
-def detect_gpus() -> Gpus:
-    """GPUs this process can see, through torch (the same view the trainer will have)."""
-    try:
-        import torch
-    except ImportError:
-        return Gpus(0)
-    if not torch.cuda.is_available():
-        return Gpus(0)
-    props = torch.cuda.get_device_properties(0)
-    return Gpus(torch.cuda.device_count(), props.name, props.total_memory / 2**30)
-
-
-@dataclass(frozen=True)
-class Cluster:
-    """Where this host stands in a multi-node session."""
-    hosts: tuple[str, ...]
-    node_rank: int
-    master_addr: str
-    master_port: int
-
-    @property
-    def nnodes(self) -> int:
-        return len(self.hosts)
-
-
-def cluster_from_env(env=os.environ) -> Cluster | None:
-    """A Backend.AI cluster session from its BACKENDAI_CLUSTER_* variables; None on a single host.
-
-    Nothing in such a session sets MASTER_ADDR or RANK: the master is the first host
-    (main1), a node's rank is its position in BACKENDAI_CLUSTER_HOSTS. MLPERF_MASTER_ADDR and
-    MLPERF_MASTER_PORT override the address and port where host names do not resolve.
-    """
-    hosts = tuple(h for h in env.get("BACKENDAI_CLUSTER_HOSTS", "").split(",") if h)
-    if len(hosts) < 2:
-        return None
-    me = env.get("BACKENDAI_CLUSTER_HOST", "")
-    if me not in hosts:
-        raise UserError(f"BACKENDAI_CLUSTER_HOST={me!r} is not in BACKENDAI_CLUSTER_HOSTS={','.join(hosts)}: "
-                        "run from inside the cluster session")
-    size = env.get("BACKENDAI_CLUSTER_SIZE")
-    if size and int(size) != len(hosts):
-        raise UserError(f"BACKENDAI_CLUSTER_SIZE={size} but BACKENDAI_CLUSTER_HOSTS lists {len(hosts)} hosts")
-    return Cluster(hosts=hosts, node_rank=hosts.index(me),
-                   master_addr=env.get("MLPERF_MASTER_ADDR", hosts[0]),
-                   master_port=int(env.get("MLPERF_MASTER_PORT", DEFAULT_MASTER_PORT)))
 
 
 def torchrun_args(nproc: int, cluster: Cluster | None, node_rank: int | None = None) -> list[str]:
@@ -104,36 +49,45 @@ def describe_config(name: str) -> dict:
     return CONFIGS[name].as_dict()
 
 
-def choose_config(name: str | None, gpus: Gpus, dataset: str):
+def choose_config(name: str | None, gpus: list[host.Gpu], dataset: str):
     from object_detection.recipe import CONFIGS, pick_config
 
     if name is None:
-        return pick_config(gpus.count, gpus.model, dataset)
+        return pick_config(len(gpus), gpus[0].name if gpus else "", dataset)
     if name not in CONFIGS:
         raise UserError(f"unknown configuration {name!r}: choose one of {', '.join(CONFIGS)} "
                         "(see `invoke train --list-configs`)")
     return CONFIGS[name]
 
 
-def shm_free_bytes(path: str = "/dev/shm") -> int | None:
-    try:
-        st = os.statvfs(path)
-    except OSError:
+def shm_needed(processes: int, workers: int, batch: int, image_scale: float = 1.0) -> int:
+    """Bytes of /dev/shm the data-loader workers fill at most: every worker's prefetched batches."""
+    return int(processes * workers * PREFETCH_FACTOR * batch * SHM_BYTES_PER_IMAGE * image_scale)
+
+
+def image_scale(cfg) -> float:
+    """A configuration's images in shared memory, relative to COCO's (shapes' are a quarter at most)."""
+    from object_detection.recipe import CLOSED_PROFILE
+
+    return 1.0 if cfg.profile == CLOSED_PROFILE else 0.25
+
+
+def shm_problem(processes: int, workers: int, batch: int, image_scale: float = 1.0) -> str | None:
+    """Why the data-loader workers would run out of shared memory mid-epoch (None: they will not)."""
+    need = shm_needed(processes, workers, batch, image_scale)
+    shm = host.shm_bytes()
+    if not need or shm is None or shm[1] >= need:
         return None
-    return st.f_bavail * st.f_frsize
+    return (f"/dev/shm has {shm[1] / 2**20:.0f} MiB free but {processes} processes x {workers} data-loader "
+            f"workers need about {need / 2**20:.0f} MiB: on Backend.AI start the session with more shared "
+            f"memory (e.g. --resource-opts shmem={max(1, -(-need // 2**30))}g), or pass fewer workers")
 
 
 def check_shm(processes: int, workers: int, batch: int, image_scale: float = 1.0) -> None:
     """Refuse to start when data-loader workers would run out of shared memory mid-epoch."""
-    if workers == 0:
-        return
-    need = int(processes * workers * PREFETCH_FACTOR * batch * SHM_BYTES_PER_IMAGE * image_scale)
-    free = shm_free_bytes()
-    if free is not None and free < need:
-        raise UserError(
-            f"/dev/shm has {free / 2**20:.0f} MiB free but {processes} processes x {workers} data-loader "
-            f"workers need about {need / 2**20:.0f} MiB: on Backend.AI start the session with more shared "
-            f"memory (e.g. --resource-opts shmem={max(1, -(-need // 2**30))}g), or pass fewer workers")
+    problem = shm_problem(processes, workers, batch, image_scale)
+    if problem:
+        raise UserError(problem)
 
 
 def dataset_paths(ds, data_dir: Path):
@@ -144,7 +98,7 @@ def dataset_paths(ds, data_dir: Path):
     if not root.is_dir() or missing:
         raise UserError(f"dataset {dataset} not found at {root}: run `invoke fetch --dataset {dataset}` "
                         f"(and `invoke verify`), or point --data-dir at it")
-    from mlperf.verify import is_verified
+    from mlperf.datasets.verify import is_verified
 
     if not is_verified(ds, data_dir):
         raise UserError(f"dataset {dataset} at {root} is not verified: run `invoke verify --dataset {dataset}`")
@@ -152,15 +106,15 @@ def dataset_paths(ds, data_dir: Path):
 
 
 def trainer_args(*, ds, root: Path, cfg, log: Path, seed, max_epochs, resume: bool,
-                 device: str, platform: str) -> list[str]:
+                 device: str, ruleset: str | None = None) -> list[str]:
     """Arguments of `python -m object_detection.train` for a configuration."""
-    from object_detection.recipe import PROFILES
+    from object_detection.recipe import CLOSED_DATASET, CLOSED_PROFILE, PROFILES
 
     profile = cfg.profile
-    if ds.name == "coco2017" and profile != "coco":
-        raise UserError(f"configuration {cfg.name} is for the {profile} profile, not coco2017: pick another "
-                        "with --config (see --list-configs)")
-    if ds.name != "coco2017" and profile == "coco":
+    if ds.name == CLOSED_DATASET and profile != CLOSED_PROFILE:
+        raise UserError(f"configuration {cfg.name} is for the {profile} profile, not {CLOSED_DATASET}: pick "
+                        "another with --config (see --list-configs)")
+    if ds.name != CLOSED_DATASET and profile == CLOSED_PROFILE:
         profile = "shapes" if device == "cuda" else "shapes-cpu"
     args = ["-m", "object_detection.train", f"--data-root={root}", f"--dataset={ds.name}",
             f"--profile={profile}", f"--per-gpu-batch={cfg.per_gpu_batch}", f"--eval-batch={cfg.eval_batch}",
@@ -181,13 +135,13 @@ def trainer_args(*, ds, root: Path, cfg, log: Path, seed, max_epochs, resume: bo
         args.append(f"--max-epochs={int(max_epochs)}")
     if resume:
         args.append("--resume")
-    if platform:
-        args.append(f"--platform={platform}")
+    if ruleset:
+        args.append(f"--ruleset={ruleset}")
     return args
 
 
 def train(*, dataset, data_dir: Path, gpus=None, nodes=None, batch_size=None, config=None, seed=None,
-          max_epochs=None, resume=False, device=None, log: Path) -> int:
+          max_epochs=None, resume=False, device=None, log: Path, ruleset: str | None = None) -> int:
     """Start training; returns torchrun's exit code (0: the run ended, converged or aborted).
 
     `dataset` is a catalog name or a mlperf.datasets.Dataset (from a user's manifest).
@@ -195,24 +149,26 @@ def train(*, dataset, data_dir: Path, gpus=None, nodes=None, batch_size=None, co
     from mlperf.datasets import Dataset, resolve
 
     ds = dataset if isinstance(dataset, Dataset) else resolve(dataset)
-    # Detecting GPUs imports torch here (seconds); a run asked for on the CPU needs none of it.
-    detected = Gpus(0) if device == "cpu" else detect_gpus()
-    device = device or ("cuda" if detected.count else "cpu")
+    # A run asked for on the CPU needs no GPU detection (it can import torch: seconds).
+    detected = [] if device == "cpu" else host.gpus()
+    if detected and device is None and host.torch_cuda_devices() == 0:
+        detected = []  # GPUs this torch build cannot use: train on the CPU, as it would anyway
+    device = device or ("cuda" if detected else "cpu")
     if device not in ("cpu", "cuda"):
         raise UserError(f"--device must be cpu or cuda, not {device!r}")
-    if device == "cuda" and detected.count == 0:
+    if device == "cuda" and host.torch_cuda_devices() == 0:
         raise UserError("--device cuda asked but torch sees no GPU: check `nvidia-smi`, or use --device cpu")
-    cfg = choose_config(config, detected if device == "cuda" else Gpus(0), ds.name)
+    cfg = choose_config(config, detected if device == "cuda" else [], ds.name)
     if gpus is None:
-        nproc = detected.count if device == "cuda" else 1
+        nproc = len(detected) if device == "cuda" else 1
     else:
         nproc = int(gpus)
-        if device == "cuda" and nproc > detected.count:
-            raise UserError(f"--gpus {nproc} asked but only {detected.count} GPU(s) are visible: "
-                            f"use --gpus {detected.count} or fewer")
+        if device == "cuda" and nproc > len(detected):
+            raise UserError(f"--gpus {nproc} asked but only {len(detected)} GPU(s) are visible: "
+                            f"use --gpus {len(detected)} or fewer")
         if nproc < 1:
             raise UserError("--gpus must be at least 1 (use --device cpu to train on the CPU)")
-    cluster = cluster_from_env()
+    cluster = host.cluster_from_env()
     nnodes = cluster.nnodes if cluster else 1
     if nodes is not None:
         if nodes != "all":
@@ -228,12 +184,10 @@ def train(*, dataset, data_dir: Path, gpus=None, nodes=None, batch_size=None, co
 
         cfg = replace(cfg, per_gpu_batch=per)
     root = dataset_paths(ds, data_dir)
-    scale = 1.0 if cfg.profile == "coco" else 0.25
-    check_shm(nproc, cfg.workers, cfg.per_gpu_batch, scale)
+    check_shm(nproc, cfg.workers, cfg.per_gpu_batch, image_scale(cfg))
     log = Path(log).resolve()
-    platform = f"{nnodes * nproc}x{detected.model}" if device == "cuda" else ""
     trainer = trainer_args(ds=ds, root=root.resolve(), cfg=cfg, log=log, seed=seed, max_epochs=max_epochs,
-                           resume=resume, device=device, platform=platform)
+                           resume=resume, device=device, ruleset=ruleset)
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
     if device == "cpu":  # torchrun would pin every process to one thread
@@ -260,18 +214,18 @@ def run_on_all_nodes(cluster: Cluster, nproc: int, trainer: list[str], env: dict
                                   "NCCL_NVLS_ENABLE", "NCCL_DEBUG") if k in env}
     prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in passed.items())
     commands = {}
-    for rank, host in enumerate(cluster.hosts):
+    for rank, name in enumerate(cluster.hosts):
         cmd = torchrun_args(nproc, cluster, node_rank=rank) + trainer
-        commands[host] = f"cd {shlex.quote(str(PROJECT_ROOT))} && env {prefix} {shlex.join(cmd)}"
+        commands[name] = f"cd {shlex.quote(str(PROJECT_ROOT))} && env {prefix} {shlex.join(cmd)}"
     return remote.run_parallel(commands, ssh_config=os.environ.get("MLPERF_SSH_CONFIG"))
 
 
 def bench(*, gpus=None, batch_sizes="8,16,32", iterations=None, baseline=True, output=None) -> int:
-    """Run benchmarks/train_throughput.py: our training step against torchvision's stock loop."""
+    """Run `python -m benchmarks.train_throughput`: our training step against torchvision's."""
     if gpus is not None and int(gpus) > 1:
         raise UserError("the throughput benchmark runs on one GPU; multi-GPU scaling runs are not "
                         "implemented yet (see BENCHMARKS.md)")
-    cmd = [sys.executable, str(PROJECT_ROOT / "benchmarks" / "train_throughput.py"), f"--batch-sizes={batch_sizes}"]
+    cmd = [sys.executable, "-m", "benchmarks.train_throughput", f"--batch-sizes={batch_sizes}"]
     if iterations:
         cmd.append(f"--iterations={int(iterations)}")
     if not baseline:

@@ -15,22 +15,15 @@ import os
 import time
 from pathlib import Path
 
-from mlperf import PROJECT_ROOT
-from mlperf.tasking import option
+from mlperf.datasets.verify import hash_file
+from mlperf.files import read_json, write_json
+from mlperf.project import sources_digest
 
 STEPS = ("fetch", "verify", "image", "time")
 
 
 def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _file_sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _tree_fingerprint(root: Path) -> list | None:
@@ -66,14 +59,6 @@ def dataset_fingerprint(ds, data_dir: Path) -> dict | None:
     return fp
 
 
-def project_sources_digest() -> str:
-    """Hash of the code and requirements the image context is made from."""
-    patterns = ("tasks.py", "fabfile.py", "invoke.yaml", "requirements*.txt", "mlperf/**/*.py",
-                "mlperf/datasets/*.yaml", "object_detection/**/*.py")
-    files = sorted({p for pat in patterns for p in PROJECT_ROOT.glob(pat) if p.is_file()})
-    return _digest([(str(p.relative_to(PROJECT_ROOT)), _file_sha(p)) for p in files])
-
-
 class Stamps:
     """The .done files of one dataset's pipeline."""
 
@@ -84,43 +69,35 @@ class Stamps:
         return self.dir / f"{step}.done"
 
     def is_done(self, step: str, inputs: dict, outputs) -> bool:
-        p = self.path(step)
-        if not p.is_file():
-            return False
-        try:
-            stamp = json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError):
-            return False
+        stamp = read_json(self.path(step))  # a missing or damaged stamp: the step runs again
         return stamp.get("inputs") == _digest(inputs) and stamp.get("outputs") == _digest(outputs)
 
     def mark(self, step: str, inputs: dict, outputs) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        p = self.path(step)
-        tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps({"step": step, "inputs": _digest(inputs), "outputs": _digest(outputs),
-                                   "settings": inputs, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
-                                  indent=2, default=str) + "\n")
-        os.replace(tmp, p)
+        write_json(self.path(step), {"step": step, "inputs": _digest(inputs), "outputs": _digest(outputs),
+                                     "settings": inputs, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+                   indent=2)
 
 
 def _summary_outputs(root: Path) -> dict | None:
     summary = root / "summary.json"
-    return {"summary": _file_sha(summary)} if summary.is_file() else None
+    return {"summary": hash_file(summary, "sha256")} if summary.is_file() else None
 
 
-def run_all(c, *, dataset: str, data_dir: Path, results_dir: Path, runs: int, build: bool = False,
-            config: str | None = None, max_epochs=None) -> dict:
-    """The whole benchmark for one dataset, resuming where a previous call stopped; returns the summary."""
-    from mlperf import fetch as fetching
+def run_all(*, dataset: str, data_dir: Path, results_dir: Path, runs: int, ruleset: str, system: str | None,
+            jobs: int, image: dict, build: bool = False, config: str | None = None, max_epochs=None) -> dict:
+    """The whole benchmark for one dataset, resuming where a previous call stopped; returns the summary.
+
+    `image`: the image settings (base, output, tag, resources), as `invoke image` takes them."""
     from mlperf import image as imaging
-    from mlperf import results
-    from mlperf import verify as verifying
+    from mlperf.datasets import fetch as fetching
     from mlperf.datasets import resolve
+    from mlperf.datasets import verify as verifying
+    from mlperf.results import report, score, series as series_runs
 
     ds = resolve(dataset)
     data_dir, results_dir = Path(data_dir).resolve(), Path(results_dir).resolve()
     stamps = Stamps(results_dir, ds.name)
-    manifest = _file_sha(ds.source) if ds.source else ds.name
+    manifest = hash_file(ds.source, "sha256") if ds.source else ds.name
 
     def step(name: str, inputs: dict, outputs, work) -> None:
         """Run `work` unless the stamp says this step is done for these inputs and outputs."""
@@ -133,32 +110,30 @@ def run_all(c, *, dataset: str, data_dir: Path, results_dir: Path, runs: int, bu
 
     fetched = {"manifest": manifest, "data_dir": str(data_dir)}
     step("fetch", fetched, lambda: dataset_fingerprint(ds, data_dir),
-         lambda: fetching.fetch_dataset(ds, data_dir, mirror=None, source=None,
-                                        jobs=int(option(c, None, "jobs"))))
+         lambda: fetching.fetch_dataset(ds, data_dir, mirror=None, source=None, jobs=jobs))
     step("verify", fetched, lambda: dataset_fingerprint(ds, data_dir),
          lambda: verifying.verify_dataset(ds, data_dir, deep=False, force=False))
 
-    image_out = Path(option(c, None, "image.output")).resolve()
-    image_inputs = {"base": option(c, None, "image.base"), "output": str(image_out),
-                    "tag": option(c, None, "image.tag") or None, "build": build,
-                    "resources": dict(option(c, None, "image.resources")), "sources": project_sources_digest()}
+    image_out = Path(image["output"]).resolve()
+    image_inputs = {"base": image["base"], "output": str(image_out), "tag": image.get("tag") or None,
+                    "build": build, "resources": dict(image["resources"]), "sources": sources_digest()}
     step("image", image_inputs, lambda: _tree_fingerprint(image_out),
          lambda: imaging.make_image(base=image_inputs["base"], output=image_out, tag=image_inputs["tag"],
                                     build=build, push=False, resources=image_inputs["resources"]))
 
     time_inputs = {"dataset": ds.name, "manifest": manifest, "runs": runs, "config": config,
-                   "max_epochs": max_epochs, "ruleset": option(c, None, "ruleset"),
-                   "system": option(c, None, "system") or None, "data_dir": str(data_dir)}
+                   "max_epochs": max_epochs, "ruleset": ruleset, "system": system or None,
+                   "data_dir": str(data_dir)}
     series = f"all-{ds.name}-{_digest(time_inputs)[:8]}"
     series_root = results_dir / series
     if stamps.is_done("time", time_inputs, _summary_outputs(series_root)):
         print(f"==> time: series {series} finished earlier: skipped", flush=True)
         summary = json.loads((series_root / "summary.json").read_text())
-        runs_list = [results.RunResult(**r) for r in summary["runs"]]
-        results.report(runs_list, results.Score(**summary["score"]), series_root)
+        runs_list = [score.RunResult(**r) for r in summary["runs"]]
+        report.report(runs_list, score.Score(**summary["score"]), series_root)
         return summary
     print(f"==> time: series {series}", flush=True)
-    summary = results.time_series(
+    summary = series_runs.time_series(
         runs=runs, results_dir=results_dir, system=time_inputs["system"], ruleset=time_inputs["ruleset"],
         dataset=ds.name, data_dir=data_dir, config=config, max_epochs=max_epochs, series=series,
         finished_ok=True, resume_hint=" ".join(

@@ -21,24 +21,12 @@ import tempfile
 import threading
 from pathlib import Path
 
-from invoke.exceptions import Exit
-
-from mlperf.errors import UserError
-from mlperf.jobs import PROJECT_ROOT, task_argv
+from mlperf import PROJECT_ROOT
+from mlperf.errors import StepFailed, UserError
+from mlperf.project import NOT_PROJECT
 
 STAMP = ".mlperf-deploy.json"   # on the host, in the project folder: how it was deployed
 TAIL_LINES = 5
-# Never copied to the host: data and results stay where they are made, environments are per host.
-DEPLOY_EXCLUDES = ["/data/", "/results/", "/build/", "/.venv/", "/venv/", "/.whl/", "/image-context/",
-                   ".git/", "__pycache__/", "*.pyc", ".pytest_cache/", "*.egg-info/", STAMP]
-
-
-def require_host(c, task: str) -> None:
-    from mlperf.tasking import is_remote
-
-    if not is_remote(c):
-        raise UserError(f"{task} needs a host: run it through Fabric, e.g. "
-                        f"fab -H work@127.0.0.1:9922 -i id_container {task}")
 
 
 def describe(c) -> str:
@@ -46,10 +34,9 @@ def describe(c) -> str:
     return f"{c.user}@{c.host}:{c.port}"
 
 
-def remote_path(c, path: str | None = None) -> str:
+def remote_path(path: str) -> str:
     """The project folder on the host, as a shell word. Relative paths are relative to the login
     folder (commands start there), so '~/x' becomes 'x' and needs no tilde expansion."""
-    path = path or c.config.mlperf.remote.path
     if path == "~" or path.rstrip("/") == "":
         raise UserError(f"deploy path {path!r} would be the home or root folder itself: "
                         "give a project folder such as ~/mlperf-maskrcnn")
@@ -90,20 +77,17 @@ def read_stamp(c, path: str) -> dict | None:
         return None
 
 
-def forward(c, task: str, kwargs: dict, defaults: dict | None = None):
-    """Run `invoke <task> <the user's flags>` in the deployed project on the host, output streamed.
+def forward(c, argv: list[str], path: str):
+    """Run `invoke <argv>` in the project deployed at `path` on the host, output streamed.
 
-    A remote failure ends this process with the remote exit code and names the host. A step given
+    A remote failure raises StepFailed with the remote exit code, naming the host. A step given
     --detach detaches on the host (the flag is passed on), so this returns as soon as it started.
-    `defaults` (the task's declared defaults) lets a flag that turns off a default-on option
-    travel as --no-<flag>; without it, False means "not given".
     """
-    path = remote_path(c)
+    path = remote_path(path)
     stamp = read_stamp(c, path)
     if stamp is None:
         raise UserError(f"the project is not deployed on {describe(c)} (no {path}/{STAMP}): "
                         f"run `fab -H {describe(c)} deploy` first")
-    argv = task_argv(task, kwargs, defaults=defaults)
     command = (f"cd {shlex.quote(path)} && exec env PYTHONUNBUFFERED=1 {shlex.quote(stamp['python'])} "
                f"-m invoke {shlex.join(argv)}")
     # A pty: Ctrl-C here reaches the remote step as SIGINT and a dropped connection hangs it up,
@@ -112,8 +96,8 @@ def forward(c, task: str, kwargs: dict, defaults: dict | None = None):
     if result.exited != 0:
         lines = [line.strip() for line in result.stdout.replace("\r", "\n").splitlines() if line.strip()]
         tail = " | ".join(lines[-TAIL_LINES:]) or "(no output)"
-        raise Exit(f"error: {task} failed on {describe(c)} with exit code {result.exited}; "
-                   f"last lines: {tail}", code=result.exited if result.exited > 0 else 1)
+        raise StepFailed(f"{argv[0]} failed on {describe(c)} with exit code {result.exited}; "
+                         f"last lines: {tail}", result.exited)
     return result
 
 
@@ -188,7 +172,7 @@ def requirements_hash(root: Path = PROJECT_ROOT) -> str:
     return hashlib.sha256((root / "requirements.txt").read_bytes()).hexdigest()
 
 
-def deploy(c, path: str | None = None, python: str = "python3", venv: bool = True) -> dict:
+def deploy(c, path: str, python: str = "python3", venv: bool = True) -> dict:
     """Copy the project to the host and make its Python environment; cheap when nothing changed.
 
     With venv (default): `PY -m venv --system-site-packages .venv` and pip install -r
@@ -197,11 +181,10 @@ def deploy(c, path: str | None = None, python: str = "python3", venv: bool = Tru
     the steps and pip installs the missing requirements into its own environment.
     The install runs again only when requirements.txt, PY or the mode changed (a stamp on the host).
     """
-    require_host(c, "deploy")
-    path = remote_path(c, path)
+    path = remote_path(path)
     qpath = shlex.quote(path)
     _run(c, f"mkdir -p {qpath}", hide=True, in_stream=False)
-    excludes = [f"--exclude={pattern}" for pattern in DEPLOY_EXCLUDES]
+    excludes = [f"--exclude={pattern}" for pattern in (*NOT_PROJECT, STAMP)]
     stats = rsync(c, ["--partial", *excludes, f"{PROJECT_ROOT}/", _rsync_target(c, path) + "/"])
     print(f"deploy: {stats['files']} file(s) updated in {describe(c)}:{path} ({stats['sent']} bytes sent)")
 
@@ -236,10 +219,9 @@ def results_folder_name(c) -> str:
     return re.sub(r"[^\w.@-]", "_", name)
 
 
-def fetch_results(c, local_dir: Path, path: str | None = None) -> Path:
+def fetch_results(c, local_dir: Path, path: str) -> Path:
     """rsync the host's results folder into <local_dir>/<host>/: resumable, never deletes here."""
-    require_host(c, "results")
-    path = remote_path(c, path)
+    path = remote_path(path)
     remote_results = f"{path}/results"
     probe = _run(c, f"test -d {shlex.quote(remote_results)}", hide=True, warn=True, in_stream=False)
     if probe.exited != 0:

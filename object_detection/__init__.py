@@ -1,1 +1,1 @@
-"""The Mask R-CNN trainer (model, data, loop, COCO evaluation, synthetic shapes); imports torch."""
+"""The Mask R-CNN trainer (model, data, loop, COCO evaluation); imports torch, nothing from mlperf."""

@@ -1,5 +1,6 @@
-"""The training recipe in one place: learning-rate schedules by global batch size, input profiles,
-and the named system configurations. No torch import: the launcher reads this too.
+"""Every MLPerf fact the project uses, in one place: the benchmark, its quality targets, ruleset and
+run count, the division rule, learning-rate schedules by global batch size, input profiles, and
+the named system configurations. No torch import: the automation (mlperf/) reads this too.
 
 Schedules come from the MLCommons reference convergence points (RCPs) shipped in the installed
 mlperf-logging package, so they match what the RCP checker will judge a submission against.
@@ -11,9 +12,18 @@ import warnings
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 
-RCP_RULESET = "training_3.1.0"
-BBOX_TARGET = 0.377
-SEGM_TARGET = 0.339
+BENCHMARK = "maskrcnn"
+RULESET = "3.1.0"                # the last MLPerf Training ruleset with Mask R-CNN
+RUNS = 5                         # result files MLPerf requires for maskrcnn
+BBOX_TARGET = 0.377              # COCO val2017 box mAP
+SEGM_TARGET = 0.339              # and mask mAP, both reached at one evaluation
+QUALITY_TARGETS = {"BBOX": BBOX_TARGET, "SEGM": SEGM_TARGET}
+CLOSED_DATASET, CLOSED_PROFILE = "coco2017", "coco"
+
+
+def division(dataset: str, profile: str) -> str:
+    """The closed division is COCO 2017 with the reference recipe; anything else is open."""
+    return "closed" if dataset == CLOSED_DATASET and profile == CLOSED_PROFILE else "open"
 
 # The reference implementation's own 16-image recipe (maskrcnn-benchmark e2e_mask_rcnn_R_50_FPN_1x).
 REFERENCE_16 = dict(batch=16, lr=0.02, decay_steps=(60000, 80000), warmup_steps=500,
@@ -52,9 +62,9 @@ class Schedule:
                        source=f"linear scaling of {self.source} to batch {batch}", epochs_to_converge=())
 
 
-def reference_points() -> dict[int, Schedule]:
+def reference_points(ruleset: str = RULESET) -> dict[int, Schedule]:
     """RCP schedules by global batch size, read from mlperf-logging's rcps_maskrcnn.json."""
-    path = resources.files("mlperf_logging") / "rcp_checker" / RCP_RULESET / "rcps_maskrcnn.json"
+    path = resources.files("mlperf_logging") / "rcp_checker" / f"training_{ruleset}" / f"rcps_{BENCHMARK}.json"
     table = {}
     for name, entry in json.loads(path.read_text()).items():
         hp = entry["Hyperparams"]
@@ -64,15 +74,15 @@ def reference_points() -> dict[int, Schedule]:
             warmup_steps=int(hp["opt_learning_rate_warmup_steps"]),
             warmup_factor=float(hp["opt_learning_rate_warmup_factor"]),
             image_candidates=int(hp["num_image_candidates"]),
-            source=f"{RCP_RULESET} {name}",
+            source=f"training_{ruleset} {name}",
             epochs_to_converge=tuple(float(e) for e in entry.get("Epochs to converge", ())),
         )
     return table
 
 
-def schedule_for(global_batch: int) -> Schedule:
+def schedule_for(global_batch: int, ruleset: str = RULESET) -> Schedule:
     """The RCP schedule for a global batch size; the reference recipe at 16; else linear scaling."""
-    table = reference_points()
+    table = reference_points(ruleset)
     if global_batch in table:
         return table[global_batch]
     if global_batch == REFERENCE_16["batch"]:
@@ -103,10 +113,15 @@ class Profile:
     test_candidates: int = 1000      # RPN post-NMS proposals per image at test time
     detections_per_image: int = 100  # kept per image at test time (COCO's maximum)
 
+    def schedule_for(self, global_batch: int, ruleset: str = RULESET) -> Schedule:
+        """A profile's own schedule is written for its batch; other batches follow the linear
+        scaling rule. Without one: the reference convergence point of the global batch."""
+        return self.schedule.scaled_to(global_batch) if self.schedule else schedule_for(global_batch, ruleset)
+
 
 PROFILES = {
     # MLPerf closed division as the rules fix it.
-    "coco": Profile(name="coco"),
+    CLOSED_PROFILE: Profile(name=CLOSED_PROFILE),
     # Synthetic shapes, open division. Random init with trainable norm layers: no download needed.
     # Demonstration targets: reachable on one GPU in minutes; the CPU profile's are lower still.
     "shapes": Profile(
@@ -125,6 +140,10 @@ PROFILES = {
 }
 
 
+LOADER_WORKERS = 8               # data-loader workers per process, unless a configuration says otherwise
+EVAL_BATCH = 8                   # images per process per evaluation step, likewise
+
+
 @dataclass(frozen=True)
 class SystemConfig:
     """What one MLPerf submitter keeps per system: batch, workers, profile."""
@@ -133,9 +152,9 @@ class SystemConfig:
     per_gpu_batch: int
     gpus: int                        # GPUs per node this config is for (0: CPU)
     nodes: int = 1
-    workers: int = 8                 # data-loader workers per process
-    eval_batch: int = 8              # per process
-    profile: str = "coco"
+    workers: int = LOADER_WORKERS
+    eval_batch: int = EVAL_BATCH
+    profile: str = CLOSED_PROFILE
     gpu_match: tuple[str, ...] = field(default_factory=tuple)  # substrings of the GPU model name
 
     @property
@@ -168,12 +187,12 @@ def pick_config(gpu_count: int, gpu_model: str, dataset: str) -> SystemConfig:
     """The configuration for the detected hardware, the way submitters keep one per system."""
     if gpu_count == 0:
         return CONFIGS["shapes-cpu"]
-    if dataset != "coco2017":
+    if division(dataset, CLOSED_PROFILE) == "open":
         return CONFIGS["shapes-1xgpu"] if gpu_count == 1 else replace(
             CONFIGS["shapes-1xgpu"], name=f"shapes-{gpu_count}xgpu", gpus=gpu_count,
             description=f"shapes on {gpu_count} GPUs")
     for cfg in CONFIGS.values():
-        if cfg.gpus == gpu_count and cfg.profile == "coco" and any(m in gpu_model for m in cfg.gpu_match):
+        if cfg.gpus == gpu_count and cfg.profile == CLOSED_PROFILE and any(m in gpu_model for m in cfg.gpu_match):
             return cfg
     per_gpu = 16 if gpu_count == 1 else 12 if gpu_count >= 8 else 8
     return SystemConfig(f"{gpu_count}xgpu", f"{gpu_count}x {gpu_model or 'GPU'} (generic)",

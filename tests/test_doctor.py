@@ -5,7 +5,8 @@ import re
 
 from conftest import run_invoke
 from mlperf.datasets import load_manifest
-from mlperf.doctor import check_cluster, check_requirements, space_needed
+from mlperf.datasets.fetch import space_needed
+from mlperf.doctor import check_cluster, check_requirements
 
 HUGE = """\
 name: huge
@@ -51,11 +52,11 @@ def test_space_needed_counts_what_is_left(tmp_path):
     manifest = tmp_path / "m.yaml"
     manifest.write_text(HUGE.replace("1000000000000000000", "1000"))
     ds = load_manifest(manifest)
-    assert space_needed(ds, tmp_path / "data") == 2000   # download + unpacked copy
+    assert sum(space_needed(ds, tmp_path / "data")) == 2000   # download + unpacked copy
     downloads = ds.downloads(tmp_path / "data")
     downloads.mkdir(parents=True)
-    (downloads / "big.zip").write_bytes(b"x" * 400)     # a partial download resumes
-    assert space_needed(ds, tmp_path / "data") == 1600
+    (downloads / "big.zip.part").write_bytes(b"x" * 400)     # a partial download resumes
+    assert sum(space_needed(ds, tmp_path / "data")) == 1600
 
 
 def test_cluster_variables_are_reported_and_checked():

@@ -21,7 +21,7 @@ from pycocotools.cocoeval import COCOeval
 from object_detection import evaluate
 from object_detection.evaluate import (CocoEvaluator, _encode_tensors, detections_to_coco,
                                        evaluate_results, score_results)
-from object_detection.synthetic import make_shapes
+from mlperf.datasets.shapes import make_shapes
 
 # Contiguous labels to COCO ids, permuted on purpose so that a mapping left out would show.
 LABEL_TO_CATEGORY = {1: 3, 2: 1, 3: 2}

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from mlperf import extract as extracting
-from mlperf import fetch as fetching
+from mlperf.datasets import extract as extracting
+from mlperf.datasets import fetch as fetching
 from mlperf.errors import UserError
 from tests.conftest import ROOT, run_invoke
 from tests.http_server import Faults, FileServer, free_port, make_file

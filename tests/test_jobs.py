@@ -10,7 +10,7 @@ import time
 import pytest
 
 from conftest import ROOT, run_invoke
-from mlperf.jobs import task_argv
+from mlperf.tasking import task_argv
 from nap_step import make_harness
 
 

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from conftest import run_invoke
-from mlperf import launch
+from mlperf import host, launch
 from mlperf.errors import UserError
 from object_detection.recipe import schedule_for
 
@@ -37,34 +37,34 @@ CLUSTER = {"BACKENDAI_CLUSTER_HOSTS": "main1,sub1,sub2", "BACKENDAI_CLUSTER_HOST
 
 
 def test_cluster_variables_give_node_rank_master_and_node_count():
-    cluster = launch.cluster_from_env(CLUSTER)
+    cluster = host.cluster_from_env(CLUSTER)
     assert cluster.hosts == ("main1", "sub1", "sub2")
     assert (cluster.node_rank, cluster.nnodes, cluster.master_addr) == (1, 3, "main1")
-    assert cluster.master_port == launch.DEFAULT_MASTER_PORT
+    assert cluster.master_port == host.DEFAULT_MASTER_PORT
     assert launch.torchrun_args(8, cluster) == [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=8", "--nnodes=3", "--node-rank=1",
-        "--master-addr=main1", f"--master-port={launch.DEFAULT_MASTER_PORT}"]
+        "--master-addr=main1", f"--master-port={host.DEFAULT_MASTER_PORT}"]
     # --nodes all starts every host's torchrun from main1, each with its own rank
     assert "--node-rank=2" in launch.torchrun_args(8, cluster, node_rank=2)
 
 
 def test_master_address_and_port_can_be_overridden():
-    cluster = launch.cluster_from_env({**CLUSTER, "MLPERF_MASTER_ADDR": "10.0.0.5", "MLPERF_MASTER_PORT": "29600"})
+    cluster = host.cluster_from_env({**CLUSTER, "MLPERF_MASTER_ADDR": "10.0.0.5", "MLPERF_MASTER_PORT": "29600"})
     assert (cluster.master_addr, cluster.master_port) == ("10.0.0.5", 29600)
     assert "--master-addr=10.0.0.5" in launch.torchrun_args(1, cluster)
 
 
 def test_cluster_variables_that_contradict_each_other_are_user_errors():
     with pytest.raises(UserError, match="not in BACKENDAI_CLUSTER_HOSTS"):
-        launch.cluster_from_env({**CLUSTER, "BACKENDAI_CLUSTER_HOST": "elsewhere"})
+        host.cluster_from_env({**CLUSTER, "BACKENDAI_CLUSTER_HOST": "elsewhere"})
     with pytest.raises(UserError, match="BACKENDAI_CLUSTER_SIZE=4"):
-        launch.cluster_from_env({**CLUSTER, "BACKENDAI_CLUSTER_SIZE": "4"})
+        host.cluster_from_env({**CLUSTER, "BACKENDAI_CLUSTER_SIZE": "4"})
 
 
 @pytest.mark.parametrize("env", [{}, {"BACKENDAI_CLUSTER_HOSTS": "main1", "BACKENDAI_CLUSTER_HOST": "main1",
                                       "BACKENDAI_CLUSTER_SIZE": "1"}])
 def test_a_single_host_runs_standalone(env):
-    assert launch.cluster_from_env(env) is None
+    assert host.cluster_from_env(env) is None
     assert launch.torchrun_args(2, None) == [sys.executable, "-m", "torch.distributed.run",
                                              "--nproc-per-node=2", "--standalone"]
 
@@ -104,7 +104,7 @@ def test_an_unknown_config_is_one_error_line(tiny_shapes, tmp_path):
 
 def test_too_little_shared_memory_says_how_to_get_more_on_backend_ai(monkeypatch):
     # /dev/shm cannot be shrunk here: the free space is what Backend.AI's default (64 MB) leaves.
-    monkeypatch.setattr(launch, "shm_free_bytes", lambda path="/dev/shm": 64 * 2**20)
+    monkeypatch.setattr(host, "shm_bytes", lambda path="/dev/shm": (64 * 2**20, 64 * 2**20))
     with pytest.raises(UserError) as error:
         launch.check_shm(processes=8, workers=8, batch=12)
     message = str(error.value)

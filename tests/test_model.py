@@ -6,10 +6,13 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
 
-from object_detection import fused
-from object_detection.fused import bias_act
-from object_detection.model import (BatchedBalancedSampler, build_model, paste_masks, paste_masks_batch,
-                                    use_channels_last)
+from object_detection.fast import Options
+from object_detection.fast import bias_act as fused
+from object_detection.fast.bias_act import bias_act
+from object_detection.fast.channels_last import use_channels_last
+from object_detection.fast.sampler import BatchedBalancedSampler
+from object_detection.fast.transform import paste_masks, paste_masks_batch
+from object_detection.model import build_model
 
 
 def test_batched_mask_paste_matches_torchvision():
@@ -56,8 +59,8 @@ def test_masks_of_images_of_different_sizes_pasted_together_match_torchvision():
 def test_folded_frozen_batchnorm_is_the_same_function(tmp_path):
     weights = tmp_path / "resnet50.pth"
     torch.save(torchvision.models.resnet50().state_dict(), weights)
-    plain = build_model(81, backbone_weights=weights, min_size=96, max_size=128, fold_bn=False)
-    folded = build_model(81, backbone_weights=weights, min_size=96, max_size=128, fold_bn=True)
+    plain = build_model(81, backbone_weights=weights, min_size=96, max_size=128, speed=Options(fold_bn=False))
+    folded = build_model(81, backbone_weights=weights, min_size=96, max_size=128, speed=Options(fold_bn=True))
     g = torch.Generator().manual_seed(1)
     for m in plain.modules():  # statistics far from the identity, so a missed layer shows
         if isinstance(m, FrozenBatchNorm2d):
@@ -75,7 +78,7 @@ def test_folded_frozen_batchnorm_is_the_same_function(tmp_path):
         assert (a[level] - b[level]).norm() / a[level].norm() < 1e-10
         assert b[level].is_contiguous(memory_format=torch.channels_last)  # the RPN head takes them so
     # The same gradients too: folding keeps the parametrisation, the fused bias-ReLU's backward
-    # (object_detection.fused) is autograd's.
+    # (object_detection.fast.bias_act) is autograd's.
     sum((level * level.detach().sign()).mean() for level in a.values()).backward()
     sum((level * level.detach().sign()).mean() for level in b.values()).backward()
     theirs = dict(plain.backbone.named_parameters())
@@ -91,7 +94,7 @@ def test_folded_frozen_batchnorm_is_the_same_function(tmp_path):
 def test_evaluation_folds_once_and_never_with_stale_weights(tmp_path, monkeypatch):
     """Without autograd the folded weights are kept between batches; a training step (fused SGD,
     which leaves version counters alone) or load_state_dict is seen by the next evaluation."""
-    from object_detection import model as model_module
+    from object_detection.fast import fold_bn as model_module
 
     weights = tmp_path / "resnet50.pth"
     torch.save(torchvision.models.resnet50().state_dict(), weights)
@@ -209,3 +212,29 @@ def test_batched_sampler_draws_what_torchvision_draws():
         p, n = sampler(matched)
         drawn += p[0] + n[0]
     assert bool((drawn[matched[0] >= 0] > 0).all()) and bool((drawn[matched[0] < 0] == 0).all())
+
+
+def test_an_untested_torchvision_trains_with_the_stock_model(monkeypatch, capsys):
+    """The speed code patches private torchvision functions: outside the tested releases the model
+    stays torchvision's own, says so in one line, and still trains."""
+    from torchvision.models.detection import MaskRCNN
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+    from object_detection import fast
+
+    assert fast.torchvision_tested("0.26.0") and fast.torchvision_tested("0.29.1+cu130")
+    assert not fast.torchvision_tested("0.25.1") and not fast.torchvision_tested("0.30.0")
+    monkeypatch.setattr(torchvision, "__version__", "0.31.0")
+    monkeypatch.setattr(fast, "_warned", [])
+    models = [build_model(81, backbone_weights=None, min_size=64, max_size=96) for _ in range(2)]
+    warning = capsys.readouterr().err.strip().splitlines()
+    assert len(warning) == 1 and "torchvision 0.31.0 is outside the range" in warning[0]  # once, not per model
+    model = models[0]
+    assert type(model) is MaskRCNN and type(model.transform) is GeneralizedRCNNTransform
+    assert all(type(m).__module__.startswith(("torch.", "torchvision.")) for m in model.modules())
+    model.train()
+    images = [torch.rand(3, 64, 96, generator=torch.Generator().manual_seed(0))]
+    targets = [{"boxes": torch.tensor([[10.0, 10.0, 50.0, 40.0]]), "labels": torch.tensor([3]),
+                "masks": torch.zeros(1, 64, 96, dtype=torch.uint8)}]
+    losses = model(images, targets)
+    assert len(losses) == 5 and all(torch.isfinite(v) for v in losses.values())

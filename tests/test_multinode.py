@@ -90,7 +90,7 @@ def test_invoke_train_nodes_all_trains_across_two_hosts(cluster, tiny_shapes, tm
     """`invoke train --nodes all` on main1 of a (loopback) Backend.AI cluster session: torchrun on
     both hosts over SSH, node ranks 0 and 1, gloo, one tiny shapes training with world size 2."""
     from conftest import run_invoke
-    from mlperf.results import check_compliance, parse_log
+    from mlperf.results.logs import check_compliance, parse_log
 
     server, _ = cluster
     log = tmp_path / "result_0.txt"

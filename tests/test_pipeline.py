@@ -9,7 +9,7 @@ from pathlib import Path
 from PIL import Image
 
 from conftest import run_invoke
-from mlperf.results import check_compliance, parse_log
+from mlperf.results.logs import check_compliance, parse_log
 
 
 def _series(results_dir: Path) -> Path:

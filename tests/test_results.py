@@ -10,18 +10,22 @@ from PIL import Image
 
 from conftest import ROOT, run_invoke
 from mllog_writer import write_log
-from mlperf import results, system
-from mlperf.results import RunResult, score
+from mlperf import host
+from mlperf.errors import UserError
+from mlperf.results import system_desc
+from mlperf.results.logs import RunLog
+from mlperf.results.score import RunResult, run_result, score
+from mlperf.results.series import open_series
 
 REFERENCE = ROOT.parent / "shared" / "reference" / "nvidia-dgxh100-maskrcnn-v3.0"
 
 
 def run(index, minutes, status="success", compliant=True):
     """A RunResult as evaluate() makes it: dropped when not success or not compliant."""
-    return results.run_result(index, _FakeLog(minutes, status), (compliant, [] if compliant else ["rule"]))
+    return run_result(index, _FakeLog(minutes, status), (compliant, [] if compliant else ["rule"]))
 
 
-class _FakeLog(results.RunLog):
+class _FakeLog(RunLog):
     """A parsed log with a given duration and status (the scoring rules need nothing else)."""
 
     def __init__(self, minutes, status):
@@ -61,7 +65,7 @@ def test_checker_failure_is_dropped():
 
 
 def test_crashed_run_without_log_is_dropped():
-    r = results.run_result(3, None, None, crashed_rc=1)
+    r = run_result(3, None, None, crashed_rc=1)
     assert r.dropped and r.status == "crashed" and "exited 1" in r.reason
 
 
@@ -157,7 +161,7 @@ def test_finished_series_is_never_overwritten(tmp_path, sandbox):
     results_dir = Path(sandbox["INVOKE_MLPERF_RESULTS_DIR"])
     settings = {"runs": 2, "dataset": "shapes", "config": None, "max_epochs": None, "gpus": None,
                 "ruleset": "3.1.0", "system": "testbox"}
-    series = results.open_series(results_dir, "s1", settings)
+    series = open_series(results_dir, "s1", settings)
     assert len(set(series.settings["seeds"])) == 2               # distinct seeds, recorded up front
     finished = [write_log(series.log(i), minutes=3 + i) for i in range(2)]
     before = [(p.read_bytes(), p.stat().st_mtime_ns) for p in finished]
@@ -180,12 +184,12 @@ def test_finished_series_is_never_overwritten(tmp_path, sandbox):
 def test_resumed_series_keeps_seeds_and_refuses_other_settings(tmp_path):
     settings = {"runs": 3, "dataset": "shapes", "config": None, "max_epochs": None, "gpus": None,
                 "ruleset": "3.1.0", "system": "testbox"}
-    first = results.open_series(tmp_path, "s2", settings)
+    first = open_series(tmp_path, "s2", settings)
     write_log(first.log(0), minutes=3)
-    again = results.open_series(tmp_path, "s2", settings)
+    again = open_series(tmp_path, "s2", settings)
     assert again.settings["seeds"] == first.settings["seeds"] and list(again.finished()) == [0]
-    with pytest.raises(results.UserError, match="other settings.*runs=3"):
-        results.open_series(tmp_path, "s2", dict(settings, runs=5))
+    with pytest.raises(UserError, match="other settings.*runs=3"):
+        open_series(tmp_path, "s2", dict(settings, runs=5))
 
 
 # --- system description ----------------------------------------------------------------------
@@ -194,16 +198,16 @@ def test_resumed_series_keeps_seeds_and_refuses_other_settings(tmp_path):
 def test_detect_system_fields_and_types(tmp_path):
     from mlperf_logging.system_desc_checker.system_desc_checker import check_system_desc
 
-    desc = system.detect_system("testbox", submitter="tests", division="open", status="research")
-    assert tuple(desc) == system.SYSTEM_DESC_FIELDS
+    desc = system_desc.detect_system("testbox", submitter="tests", division="open", status="research")
+    assert tuple(desc) == system_desc.SYSTEM_DESC_FIELDS
     assert all(isinstance(v, str) for k, v in desc.items() if k != "other_software_stack")
     assert isinstance(desc["other_software_stack"], dict)
-    gpus = system.gpu_info()
+    gpus = host.gpus()
     assert desc["accelerators_per_node"] == str(len(gpus))
     if not gpus:            # this CPU machine, and CI: no accelerator, and nothing invented for one
         assert desc["accelerators_per_node"] == "0"
         assert desc["accelerator_model_name"] == "" and desc["accelerator_memory_capacity"] == ""
-    cpu = system.cpu_info()
+    cpu = host.cpu_info()
     assert desc["host_processor_model_name"] and int(desc["host_processor_vcpu_count"]) == cpu["vcpus"]
     assert desc["host_memory_capacity"].endswith(" GB") and desc["framework"].startswith("PyTorch ")
     assert desc["system_name"] == "testbox" and desc["number_of_nodes"] == "1"

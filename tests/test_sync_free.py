@@ -15,8 +15,10 @@ from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.ops import MultiScaleRoIAlign, nms
 from torchvision.ops import boxes as box_ops
 
-from object_detection import sync_free
-from object_detection.model import BatchedBalancedSampler, build_model
+from object_detection.fast import Options, sync_free
+from object_detection.fast import nms as fast_nms
+from object_detection.fast.sampler import BatchedBalancedSampler
+from object_detection.model import build_model
 
 
 def crowded_boxes(n: int, generator: torch.Generator, span: float = 200.0) -> torch.Tensor:
@@ -39,9 +41,9 @@ def test_fixed_point_nms_keeps_what_torchvision_nms_keeps(seed):
     scores = scores.gather(1, order)
     valid = torch.rand(groups, k, generator=g) > 0.2                  # small or low-scoring boxes
     threshold = [0.3, 0.5, 0.7][seed % 3]
-    keep = sync_free.fixed_point_nms(boxes, valid, threshold, passes_per_check=1 + seed % 2)
+    keep = fast_nms.fixed_point_nms(boxes, valid, threshold, passes_per_check=1 + seed % 2)
     assert keep.shape == valid.shape and keep.is_contiguous()  # 300 runs padded to 384, sliced back
-    assert torch.equal(sync_free.greedy_nms(boxes, valid, threshold), keep)  # the CPU path agrees
+    assert torch.equal(fast_nms.greedy_nms(boxes, valid, threshold), keep)  # the CPU path agrees
     for i in range(groups):
         idx = valid[i].nonzero()[:, 0]
         expected = idx[nms(boxes[i, idx], scores[i, idx], threshold)]
@@ -49,14 +51,14 @@ def test_fixed_point_nms_keeps_what_torchvision_nms_keeps(seed):
 
 
 def test_fixed_point_nms_handles_chunks_and_empty_groups(monkeypatch):
-    monkeypatch.setattr(sync_free, "NMS_CHUNK_ENTRIES", 2 * 128 * 128)  # two groups (50 padded to 128) a chunk
+    monkeypatch.setattr(fast_nms, "NMS_CHUNK_ENTRIES", 2 * 128 * 128)  # two groups (50 padded to 128) a chunk
     g = torch.Generator().manual_seed(7)
     boxes = torch.stack([crowded_boxes(50, g) for _ in range(5)])
     valid = torch.ones(5, 50, dtype=torch.bool)
     valid[3] = False                                                    # a level with nothing valid
-    keep = sync_free.fixed_point_nms(boxes, valid, 0.5)
+    keep = fast_nms.fixed_point_nms(boxes, valid, 0.5)
     assert keep.shape == (5, 50) and keep.is_contiguous()
-    assert torch.equal(sync_free.greedy_nms(boxes, valid, 0.5), keep)
+    assert torch.equal(fast_nms.greedy_nms(boxes, valid, 0.5), keep)
     assert not keep[3].any()
     for i in (0, 1, 2, 4):
         assert keep[i].tolist() == (torch.zeros(50, dtype=torch.bool).index_fill_(
@@ -135,7 +137,7 @@ def test_detections_match_torchvision_postprocessing(score_thresh):
     """Evaluation path: every (image, class) suppressed at once equals torchvision's per-image
     batched_nms, also when the threshold leaves few candidates per class (the groups are cut
     after the last valid one) or none."""
-    model = build_model(5, backbone_weights=None, min_size=96, max_size=128, sync_free=True).eval()
+    model = build_model(5, backbone_weights=None, min_size=96, max_size=128, speed=Options(sync_free=True)).eval()
     model.roi_heads.score_thresh = score_thresh
     stock_heads = copy.copy(model.roi_heads)
     stock_heads.__class__ = sync_free.RoIHeads
@@ -155,14 +157,14 @@ def test_detections_match_torchvision_postprocessing(score_thresh):
 def test_transform_scales_boxes_and_normalises_bit_for_bit_as_torchvision():
     from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 
-    from object_detection.model import DetectionTransform, scale_boxes
+    from object_detection.fast.transform import SyncFreeTransform, scale_boxes
 
     g = torch.Generator().manual_seed(4)
     boxes = crowded_boxes(50, g, span=400)
     for old, new in [((480, 640), (800, 1066)), ((427, 640), (800, 1199)), ((333, 500), (799, 1200))]:
         assert torch.equal(scale_boxes(boxes, old, new), resize_boxes(boxes, old, new))
     args = (800, 1333, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
-    ours, stock = DetectionTransform(*args), GeneralizedRCNNTransform(*args)
+    ours, stock = SyncFreeTransform(*args), GeneralizedRCNNTransform(*args)
     image = torch.rand(3, 60, 80, generator=g)
     assert torch.equal(ours.normalize(image), stock.normalize(image))
     target = {"boxes": boxes[:3].clamp(0, 60), "labels": torch.tensor([1, 2, 3]),
@@ -234,10 +236,10 @@ def test_nms_falls_back_to_eager_once_when_compiling_fails(capsys):
         calls.append(args)
         raise RuntimeError("no C compiler")
 
-    relax = sync_free._eager_if_compiling_fails(broken, sync_free._relax)
-    suppresses = sync_free._suppresses(crowded_boxes(16, torch.Generator().manual_seed(1))[None], 0.5)
+    relax = fast_nms._eager_if_compiling_fails(broken, fast_nms._relax)
+    suppresses = fast_nms._suppresses(crowded_boxes(16, torch.Generator().manual_seed(1))[None], 0.5)
     valid = torch.ones(1, 16, dtype=torch.bool)
-    expected = sync_free._relax(suppresses, valid, valid)
+    expected = fast_nms._relax(suppresses, valid, valid)
     assert torch.equal(relax(suppresses, valid, valid), expected)
     assert torch.equal(relax(suppresses, valid, valid), expected)
     assert len(calls) == 1 and "running it eagerly" in capsys.readouterr().err

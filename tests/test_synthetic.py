@@ -13,7 +13,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from mlperf.errors import UserError
-from object_detection.synthetic import STAMP_NAME, make_shapes
+from mlperf.datasets.shapes import STAMP_NAME, make_shapes
 
 ARGS = dict(train_images=24, val_images=8, image_size=96, seed=3)
 
@@ -135,7 +135,7 @@ def test_other_arguments_or_a_foreign_folder_are_user_errors(shapes, tmp_path):
 
 
 def test_a_failed_run_leaves_nothing_behind(tmp_path, monkeypatch):
-    import object_detection.synthetic as synthetic
+    import mlperf.datasets.shapes as synthetic
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from conftest import ROOT, run_invoke
-from mlperf.results import check_compliance
+from mlperf.results.logs import check_compliance
 from object_detection.data import GroupedBatchSampler
 
 RULESET = "3.1.0"
@@ -269,7 +269,8 @@ def test_our_model_computes_the_same_losses_as_torchvision_stock(tmp_path):
     from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
     from torchvision.ops import FrozenBatchNorm2d
 
-    from object_detection.model import build_model, use_batched_sampler
+    from object_detection.fast.sampler import use_batched_sampler
+    from object_detection.model import build_model
 
     weights = tmp_path / "resnet50.pth"
     random_backbone_weights(weights)

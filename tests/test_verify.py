@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mlperf import verify as verifying
+from mlperf.datasets import verify as verifying
 from mlperf.datasets import load_manifest
 from tests.conftest import run_invoke
 

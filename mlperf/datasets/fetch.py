@@ -1,8 +1,8 @@
 """`invoke fetch`: resumable, parallel, checksummed downloads and safe extraction of a dataset.
 
 Per file: stream into `<name>.part` while hashing the bytes as they arrive (no second pass), rename
-to `<name>` only when the checksum matches, then unpack it (mlperf.extract) if the manifest says so.
-Finished work is recorded in the state file shared with `invoke verify` (mlperf.verify), keyed by
+to `<name>` only when the checksum matches, then unpack it (mlperf.datasets.extract) if the manifest says so.
+Finished work is recorded in the state file shared with `invoke verify` (mlperf.datasets.verify), keyed by
 size and mtime, so a second run neither transfers, hashes nor extracts anything.
 """
 from __future__ import annotations
@@ -19,11 +19,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlperf import extract as extracting
 from mlperf.datasets import Dataset, FileSpec
+from mlperf.datasets import extract as extracting
+from mlperf.datasets.verify import (READ_SIZE, extracted_entries, hash_file, hasher_of, known_digest,
+                                    record_digest, record_extracted)
 from mlperf.errors import UserError
-from mlperf.verify import (READ_SIZE, extracted_entries, hash_file, hasher_of, known_digest, record_digest,
-                           record_extracted)
+from mlperf.files import human_size, rename
 
 CHUNK = 1 << 20                  # bytes per read from the socket
 CONNECT_TIMEOUT = 15             # seconds
@@ -56,14 +57,6 @@ class RetryPolicy:
     def delay(self, attempt: int, rng=random.random) -> float:
         full = min(self.cap, self.base * 2 ** max(0, attempt - 1))
         return full * (0.5 + 0.5 * rng())
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} PiB"
 
 
 def _duration(s: float) -> str:
@@ -139,9 +132,9 @@ class Progress:
         rate = self.done / max(now - self.started, 1e-6)
         pct = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
         eta = f", ETA {_duration((self.total - self.done) / rate)}" if self.total and rate > 0 else ""
-        running = ", ".join(f"{n} {100 * d / s:.0f}%" if s else f"{n} {_size(d)}"
+        running = ", ".join(f"{n} {100 * d / s:.0f}%" if s else f"{n} {human_size(d)}"
                             for n, (d, s, _) in self.files.items())
-        return (f"fetch: {_size(self.done)} of {_size(self.total)}{pct} at {_size(rate)}/s{eta}"
+        return (f"fetch: {human_size(self.done)} of {human_size(self.total)}{pct} at {human_size(rate)}/s{eta}"
                 + (f" [{running}]" if running else ""))
 
     def end(self, name: str) -> None:
@@ -207,7 +200,7 @@ class _Download:
         self.hasher = hasher_of(self.part, self.algo)
         self.offset = size
         self.progress.advance(self.spec.name, size)
-        self.progress.log(f"fetch: {self.spec.name}: resuming at {_size(size)}")
+        self.progress.log(f"fetch: {self.spec.name}: resuming at {human_size(size)}")
 
     def run(self) -> str:
         import requests
@@ -268,7 +261,7 @@ class _Download:
             expected_end = self.offset + int(length) if length and length.isdigit() else self.spec.size
             self._stream(resp, mode)
         if expected_end is not None and self.offset < expected_end:
-            raise _Transient(f"connection closed after {_size(self.offset)}")
+            raise _Transient(f"connection closed after {human_size(self.offset)}")
         return self.hasher.hexdigest()
 
     def _stream(self, resp, mode: str) -> None:
@@ -359,8 +352,7 @@ class _Fetcher:
         for attempt in (1, 2):
             digest = _Download(spec, url, part, self.progress, self.policy).run()
             if digest == expected:
-                os.replace(part, final)
-                record_digest(self.ds, self.data_dir, spec, digest)
+                self._commit(spec, part, final, digest)
                 self.progress.log(f"fetch: {spec.name}: done, {algo} ok")
                 return
             self.progress.advance(spec.name, -part.stat().st_size)
@@ -397,9 +389,13 @@ class _Fetcher:
             part.unlink()
             raise UserError(f"{src}: {algo} is {digest}, expected {expected}: it is not the file the "
                             "manifest names (damaged or another version)")
-        os.replace(part, final)
-        record_digest(self.ds, self.data_dir, spec, digest)
+        self._commit(spec, part, final, digest)
         self.progress.log(f"fetch: {spec.name}: {how} from {self.source}, {algo} ok")
+
+    def _commit(self, spec: FileSpec, part: Path, final: Path, digest: str) -> None:
+        """A `.part` whose checksum matched becomes the archive, and is recorded as checked."""
+        rename(part, final)
+        record_digest(self.ds, self.data_dir, spec, digest)
 
 
 def _ensure_writable(folder: Path, data_dir: Path) -> None:
@@ -413,8 +409,12 @@ def _ensure_writable(folder: Path, data_dir: Path) -> None:
                         "with a folder you can write to") from None
 
 
-def _plan(ds: Dataset, data_dir: Path) -> list[_Task]:
-    """What is left to do: files not yet fetched and checked, archives not yet unpacked."""
+def _plan(ds: Dataset, data_dir: Path, *, hash_unknown: bool = True) -> list[_Task]:
+    """What is left to do: files not yet fetched and checked, archives not yet unpacked.
+
+    An archive on disk that the state file does not know is hashed once (`hash_unknown`), or, for
+    an estimate that reads nothing (doctor), taken as fetched when its size is the manifest's.
+    """
     tasks = []
     for spec in ds.files:
         final = ds.downloads(data_dir) / spec.name
@@ -422,20 +422,23 @@ def _plan(ds: Dataset, data_dir: Path) -> list[_Task]:
         if spec.extract and not final.exists() and extracted_entries(ds, data_dir, spec) is not None:
             continue  # unpacked after its checksum matched, then deleted to save space: done
         digest = known_digest(ds, data_dir, spec)
-        if digest is None and final.is_file():  # there, but not recorded (state file lost): hash once
+        if digest is None and final.is_file() and hash_unknown:  # there, but not recorded: hash once
             digest = hash_file(final, algo)
             record_digest(ds, data_dir, spec, digest)
-        have = digest == expected
+        have = digest == expected or (digest is None and not hash_unknown and final.is_file()
+                                      and final.stat().st_size == spec.size)
         needs_extract = spec.extract and (not have or extracted_entries(ds, data_dir, spec) is None)
         if not have or needs_extract:
             tasks.append(_Task(spec, have, needs_extract))
     return tasks
 
 
-def _check_space(ds: Dataset, data_dir: Path, tasks: list[_Task]) -> int:
-    """Refuse to start without room for the downloads plus what they unpack to; returns bytes to fetch."""
+def space_needed(ds: Dataset, data_dir: Path, tasks: list[_Task] | None = None) -> tuple[int, int]:
+    """(bytes still to download, bytes still to unpack) for `tasks` (default: an estimate of the
+    plan that hashes nothing). A `.part` counts as downloaded as far as it goes; an archive unpacks
+    to its zip directory's total where it is here, else to about its own size."""
     download = unpack = 0
-    for task in tasks:
+    for task in _plan(ds, data_dir, hash_unknown=False) if tasks is None else tasks:
         spec = task.spec
         final = ds.downloads(data_dir) / spec.name
         if not task.have:
@@ -445,10 +448,16 @@ def _check_space(ds: Dataset, data_dir: Path, tasks: list[_Task]) -> int:
         if task.extract:
             exact = extracting.unpacked_size(final) if task.have else None
             unpack += exact if exact is not None else (spec.size or 0)  # the archive size as an estimate
+    return download, unpack
+
+
+def _check_space(ds: Dataset, data_dir: Path, tasks: list[_Task]) -> int:
+    """Refuse to start without room for the downloads plus what they unpack to; returns bytes to fetch."""
+    download, unpack = space_needed(ds, data_dir, tasks)
     free = shutil.disk_usage(ds.downloads(data_dir)).free
     if download + unpack > free:
-        raise UserError(f"not enough free disk space in {ds.root(data_dir)}: need {_size(download + unpack)} "
-                        f"({_size(download)} to download, {_size(unpack)} to unpack), free {_size(free)}; "
+        raise UserError(f"not enough free disk space in {ds.root(data_dir)}: need {human_size(download + unpack)} "
+                        f"({human_size(download)} to download, {human_size(unpack)} to unpack), free {human_size(free)}; "
                         "free some space or pass --data-dir on a larger disk")
     return download
 
@@ -456,7 +465,7 @@ def _check_space(ds: Dataset, data_dir: Path, tasks: list[_Task]) -> int:
 def _generate(ds: Dataset, data_dir: Path) -> None:
     if ds.generator != "shapes":
         raise UserError(f"manifest {ds.source}: unknown generator {ds.generator!r}; the one known is 'shapes'")
-    from object_detection.synthetic import make_shapes
+    from mlperf.datasets.shapes import make_shapes
 
     root = ds.root(data_dir)
     _ensure_writable(data_dir, data_dir)  # not root itself: make_shapes renames a finished set into it

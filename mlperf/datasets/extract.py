@@ -17,6 +17,7 @@ import zipfile
 from pathlib import Path
 
 from mlperf.errors import UserError
+from mlperf.files import replace_tree
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 COPY_BUFFER = 4 << 20
@@ -147,22 +148,7 @@ def extract(archive: Path, dest: Path) -> list[str]:
                             "`invoke fetch` again") from None
         names = sorted(os.listdir(tmp))
         for name in names:
-            _swap_into_place(tmp / name, dest / name)
+            replace_tree(tmp / name, dest / name)
         return names
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _swap_into_place(new: Path, target: Path) -> None:
-    """Rename a finished entry into place; an older copy is moved aside first, then removed."""
-    if target.is_dir() and not target.is_symlink():
-        old = target.with_name(f".old-{target.name}.tmp")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(target, old)
-        os.replace(new, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        if new.is_dir() and (target.exists() or target.is_symlink()):
-            target.unlink()  # a file or link where the archive now has a folder
-        os.replace(new, target)

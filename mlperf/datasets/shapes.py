@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
 from mlperf.errors import UserError
+from mlperf.files import rename
 
 # Bump when the drawing or the file layout changes, so an old folder is not taken as current.
 FORMAT_VERSION = 1
@@ -84,7 +85,7 @@ def make_shapes(root: Path, *, train_images: int, val_images: int, image_size: i
         if root.is_dir() and not any(root.iterdir()):
             root.rmdir()  # an empty folder (made by hand, or by a caller) holds nothing to keep
         try:
-            os.replace(tmp, root)
+            rename(tmp, root)
         except OSError:
             # Someone else finished the same set first: theirs is as good as ours.
             if _existing_is_complete(root, wanted):
@@ -258,7 +259,7 @@ def _coco_dict(split: str, drawn: list[tuple]) -> dict:
             annotations.append({"id": len(annotations) + 1, "image_id": image_id,
                                 "iscrowd": 0, **instance})
     return {
-        "info": {"description": f"synthetic shapes ({split}), made by object_detection/synthetic.py",
+        "info": {"description": f"synthetic shapes ({split}), made by mlperf/datasets/shapes.py",
                  "version": str(FORMAT_VERSION)},
         "licenses": [{"id": 1, "name": "public domain (synthetic)", "url": ""}],
         "images": images,

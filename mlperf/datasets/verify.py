@@ -1,7 +1,7 @@
 """`invoke verify`: archive checksums and the COCO structure of a dataset, as a table.
 
 Two small JSON files make repeated checks cheap, both written atomically:
-- <root>/downloads/.state.json (shared with mlperf.fetch): per archive, the size and mtime it had
+- <root>/downloads/.state.json (shared with mlperf.datasets.fetch): per archive, the size and mtime it had
   when its checksum was last computed, and that checksum. A file whose size and mtime are unchanged
   is not hashed again (unless --force); fetch uses the same record to skip finished downloads.
 - <root>/.verified.json: written only when every check passed; `is_verified` compares it with the
@@ -21,40 +21,13 @@ from pathlib import Path
 
 from mlperf.datasets import Dataset, FileSpec
 from mlperf.errors import UserError
+from mlperf.files import read_json, stat_key, write_json
 
 STATE_NAME = ".state.json"
 STAMP_NAME = ".verified.json"
 READ_SIZE = 8 << 20          # big reads: hashing runs at memory speed, syscalls stay rare
 HASH_STEP = 16 << 20         # bytes hashed between scheduling decisions (~30 ms of md5)
 _state_lock = threading.Lock()
-
-
-# ---------------------------------------------------------------- small shared helpers
-
-def write_json_atomic(path: Path, obj) -> None:
-    """Write JSON to a temporary name beside `path`, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
-
-
-def read_json(path: Path) -> dict:
-    """A JSON object from `path`, or {} when it is missing or damaged (it is only a cache)."""
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return doc if isinstance(doc, dict) else {}
-
-
-def stat_key(path: Path) -> list[int] | None:
-    """[size, mtime_ns] of a file, the cheap fingerprint records are keyed by; None if missing."""
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return [st.st_size, st.st_mtime_ns]
 
 
 class _FileHash:
@@ -205,7 +178,7 @@ def _update_state(ds: Dataset, data_dir: Path, section: str, name: str, value: d
             entries.pop(name, None)
         else:
             entries[name] = value
-        write_json_atomic(path, doc)
+        write_json(path, doc, sort_keys=True)
 
 
 def record_digest(ds: Dataset, data_dir: Path, spec: FileSpec, digest: str) -> None:
@@ -396,10 +369,10 @@ def verify_dataset(ds: Dataset, data_dir: Path, *, deep: bool = False, force: bo
     if table.failures:
         more = f" (and {len(table.failures) - 1} more failed checks above)" if len(table.failures) > 1 else ""
         raise UserError(table.failures[0] + more)
-    write_json_atomic(root / STAMP_NAME, {
+    write_json(root / STAMP_NAME, {
         "dataset": ds.name, "deep": deep, "manifest": _fingerprint(ds),
         "files": {str(p.relative_to(root)): stat_key(p) for p in watched},
-    })
+    }, sort_keys=True)
     print(f"all {len(table.rows)} checks passed")
 
 

@@ -9,15 +9,15 @@ of score ties) with a handful of synchronisations per step:
 - RPN proposal filtering: torchvision runs, per image, a `torch.where` for small boxes, one for
   the score threshold, then `batched_nms`, which above 5000 boxes falls back to a `torch.unique`
   plus one `torch.where` and one NMS per level: about 17 waits per image. Here every (image,
-  level) group is suppressed at once by `greedy_nms`, an exact greedy NMS computed as a fixed point
-  on the GPU, with one wait per batch.
+  level) group is suppressed at once by `greedy_nms` (fast.nms), an exact greedy NMS computed as a
+  fixed point on the GPU, with one wait per batch.
 - Matchers, label assignment, samplers and losses use masks and `torch.where(cond, a, b)` instead of
   index lists; the sampled RoIs of each image are ordered positives first, so the mask branch
   takes its positives as slices instead of one `torch.where` per image.
 - Multi-scale RoIAlign splits RoIs by level with one count per call instead of one `torch.where`
   per level; the box coder keeps its constants on the device instead of copying them there on
-  every call (each such copy also waits; object_detection.model.DetectionTransform does the same
-  for normalisation and box scaling).
+  every call (each such copy also waits; fast.transform does the same for normalisation and box
+  scaling).
 - Evaluation: detections of every (image, class) are suppressed at once by `greedy_nms` too,
   instead of torchvision's two `torch.where` per image and, above 5000 candidates, one NMS per class.
 
@@ -25,8 +25,6 @@ of score ties) with a handful of synchronisations per step:
 `benchmarks/train_throughput.py --check` checks the whole step on the GPU.
 """
 from __future__ import annotations
-
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -38,159 +36,18 @@ from torchvision.ops import boxes as box_ops
 from torchvision.ops import roi_align
 from torchvision.ops.poolers import MultiScaleRoIAlign, _convert_to_roi_format, _filter_input, _setup_scales
 
-# ---------------------------------------------------------------- greedy NMS as a fixed point
-
-NMS_CHUNK_ENTRIES = 1 << 29  # pairwise entries per chunk: 64 MiB of bits; a batch-16 step is 320M
-NMS_WIDTH_STEP = 128
-
-
-def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """[..., K] bool -> [..., ceil(K / 8)] uint8, bit b of byte q holding entry 8q + b."""
-    pad = (-mask.shape[-1]) % 8
-    if pad:
-        mask = F.pad(mask, (0, pad))
-    shifts = torch.arange(8, device=mask.device, dtype=torch.uint8)
-    return (mask.view(*mask.shape[:-1], -1, 8).to(torch.uint8) << shifts).sum(-1, dtype=torch.uint8)
-
-
-def _suppresses(boxes: torch.Tensor, iou_threshold: float) -> torch.Tensor:
-    """[G, K, K/8] bits: bit j of row (g, i) says box j, ranked before box i, overlaps it above the
-    threshold. IoU in fp32 with torchvision's CUDA formula (no +1, inter / (a + b - inter)).
-    Packed, each pass of the fixed point reads 40 MB instead of 320 MB at batch 16."""
-    x1, y1, x2, y2 = boxes.float().unbind(-1)
-    area = (x2 - x1) * (y2 - y1)
-    width = (torch.minimum(x2[:, :, None], x2[:, None, :]) - torch.maximum(x1[:, :, None], x1[:, None, :])).clamp(min=0)
-    height = (torch.minimum(y2[:, :, None], y2[:, None, :]) - torch.maximum(y1[:, :, None], y1[:, None, :])).clamp(min=0)
-    inter = width * height
-    iou = inter / (area[:, :, None] + area[:, None, :] - inter)
-    k = boxes.shape[1]
-    earlier = torch.ones(k, k, dtype=torch.bool, device=boxes.device).tril(-1)
-    return _pack_bits((iou > iou_threshold) & earlier)
-
-
-def _relax(suppresses: torch.Tensor, valid: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """One pass of: a box is kept iff it is valid and no kept box ranked before it suppresses it."""
-    hit = (suppresses & _pack_bits(keep)[:, None, :]).ne(0).any(dim=-1)
-    return valid & ~hit
-
-
-_compiled: dict = {}
-
-
-def _kernels(device: torch.device):
-    """The two dense steps, fused by torch.compile on CUDA (the [G, K, K] intermediates would
-    otherwise each be written to memory); plain eager functions elsewhere. Compiling happens at the
-    first call, so a missing toolchain shows there: the step then falls back to eager, once."""
-    if device.type != "cuda":
-        return _suppresses, _relax
-    if "cuda" not in _compiled:
-        # Widths are rounded up (fixed_point_nms) and the group count is marked dynamic, so a run
-        # compiles for a few widths (training 2000 -> 2048, evaluation 1024) and any count.
-        _compiled["cuda"] = (_eager_if_compiling_fails(torch.compile(_suppresses), _suppresses),
-                             _eager_if_compiling_fails(torch.compile(_relax), _relax))
-    return _compiled["cuda"]
-
-
-def _eager_if_compiling_fails(compiled, eager):
-    current = [compiled]
-
-    def call(*args):
-        try:
-            return current[0](*args)
-        except Exception as exc:
-            if current[0] is eager:
-                raise
-            print(f"warning: torch.compile of {eager.__name__} failed ({type(exc).__name__}: {exc}); "
-                  "running it eagerly: same result, slower NMS", file=sys.stderr)
-            current[0] = eager
-            return eager(*args)
-    return call
-
-
-def greedy_nms(boxes: torch.Tensor, valid: torch.Tensor, iou_threshold: float) -> torch.Tensor:
-    """Greedy NMS in each of G groups; boxes [G, K, 4] already sorted by score within a group.
-
-    Returns keep [G, K]: exactly what torchvision.ops.nms keeps of each group's valid boxes (invalid
-    ones neither survive nor suppress). On a GPU all groups at once (`fixed_point_nms`); on a CPU,
-    where waiting costs nothing, torchvision's NMS group by group, which does far less arithmetic.
-    """
-    if boxes.device.type == "cuda":
-        return fixed_point_nms(boxes, valid, iou_threshold)
-    keep = torch.zeros_like(valid)
-    rank = torch.arange(boxes.shape[1], 0, -1, dtype=torch.float32)  # the given order as scores
-    for group, (b, v) in enumerate(zip(boxes, valid)):
-        candidates = v.nonzero()[:, 0]
-        if len(candidates):
-            keep[group, candidates[box_ops.nms(b[candidates].float(), rank[candidates], iou_threshold)]] = True
-    return keep
-
-
-def fixed_point_nms(boxes: torch.Tensor, valid: torch.Tensor, iou_threshold: float,
-                    passes_per_check: int = 4) -> torch.Tensor:
-    """greedy_nms for all groups at once, with one wait for the host per block of passes.
-
-    Greedy NMS is the unique solution of "kept iff valid and not suppressed by a kept box ranked
-    before": the suppression relation is strictly triangular, so the solution is fixed rank by
-    rank. Iterating that equation from "all valid kept" makes the first t ranks right after t
-    passes and stops changing exactly at the solution, usually after a few passes. Passes run in
-    blocks; the only wait for the host is the check after each block.
-    """
-    suppress_fn, relax_fn = _kernels(boxes.device)
-    width = boxes.shape[1]
-    if width == 0:
-        return valid.clone()
-    # Widths rounded up to NMS_WIDTH_STEP, so that the compiled kernels see a few widths, not one per
-    # batch (evaluation's width is the most proposals any image of the batch kept). Padding boxes
-    # are invalid: they neither survive nor suppress.
-    padded = -(-width // NMS_WIDTH_STEP) * NMS_WIDTH_STEP
-    if padded != width:
-        boxes = F.pad(boxes, (0, 0, 0, padded - width))
-        valid = F.pad(valid, (0, padded - width))
-    per_chunk = max(1, NMS_CHUNK_ENTRIES // padded ** 2)  # bounds the [G, K, K] memory
-    suppresses = [suppress_fn(b, iou_threshold) for b in _any_count(boxes.split(per_chunk))]
-    valids = _any_count(valid.split(per_chunk))
-    keeps = list(valids)
-    while True:
-        for _ in range(passes_per_check):
-            keeps = [relax_fn(s, v, k) for s, v, k in zip(suppresses, valids, keeps)]
-        again = [relax_fn(s, v, k) for s, v, k in zip(suppresses, valids, keeps)]
-        changed = torch.stack([(a != k).any() for a, k in zip(again, keeps)]).any()
-        keeps = again
-        if not changed:  # the wait: one per block of passes
-            return torch.cat(keeps)[:, :width].contiguous()
-
-
-def _any_count(chunks: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """Tell torch.compile that the number of groups varies (batch size, the last chunk), so that
-    one kernel serves every count instead of one compilation each, up to its limit of 8 (after
-    which it ran eagerly: that happened in a benchmark run over three batch sizes)."""
-    for chunk in chunks:
-        torch._dynamo.maybe_mark_dynamic(chunk, 0)
-    return chunks
-
-
-# ---------------------------------------------------------------- constants on the device
-
-
-def on_device(owner, values, like: torch.Tensor) -> torch.Tensor:
-    """Python numbers as a tensor with `like`'s dtype and device, made once and kept on `owner`:
-    `torch.as_tensor(values, device=cuda)` copies them to the GPU, and every such copy makes the
-    host wait, so torchvision's per-call conversions cost one wait each."""
-    cache = owner.__dict__.setdefault("_constants_on_device", {})
-    key = (tuple(values), like.dtype, like.device)
-    if key not in cache:
-        cache[key] = torch.as_tensor(key[0], dtype=like.dtype, device=like.device)
-    return cache[key]
-
+from object_detection.fast.nms import greedy_nms
+from object_detection.fast.patch import DeviceConstants, swap
+from object_detection.fast.sampler import use_batched_sampler
 
 # ---------------------------------------------------------------- box coding
 
 
-class SyncFreeBoxCoder(BoxCoder):
+class SyncFreeBoxCoder(DeviceConstants, BoxCoder):
     """torchvision's BoxCoder without copying Python constants to the GPU on every call."""
 
     def encode_single(self, reference_boxes, proposals):
-        return encode_boxes(reference_boxes, proposals, on_device(self, self.weights, reference_boxes))
+        return encode_boxes(reference_boxes, proposals, self.on_device(self.weights, reference_boxes))
 
     def decode_single(self, rel_codes, boxes):
         boxes = boxes.to(rel_codes.dtype)
@@ -520,17 +377,15 @@ class SyncFreeMaskRCNN(MaskRCNN):
 
 def make_sync_free(model: MaskRCNN) -> MaskRCNN:
     """Swap in the classes above; parameters, buffers and state-dict keys stay as they are."""
-    from object_detection.model import use_batched_sampler
-
     use_batched_sampler(model)  # the heads above take its padded masks
-    model.__class__ = SyncFreeMaskRCNN
-    model.rpn.__class__ = SyncFreeRPN
-    model.roi_heads.__class__ = SyncFreeRoIHeads
+    swap(model, SyncFreeMaskRCNN)
+    swap(model.rpn, SyncFreeRPN)
+    swap(model.roi_heads, SyncFreeRoIHeads)
     for matcher in (model.rpn.proposal_matcher, model.roi_heads.proposal_matcher):
-        matcher.__class__ = SyncFreeMatcher
+        swap(matcher, SyncFreeMatcher)
     for coder in (model.rpn.box_coder, model.roi_heads.box_coder):
-        coder.__class__ = SyncFreeBoxCoder
+        swap(coder, SyncFreeBoxCoder)
     for pool in (model.roi_heads.box_roi_pool, model.roi_heads.mask_roi_pool):
         if pool is not None:
-            pool.__class__ = SyncFreeRoIAlign
+            swap(pool, SyncFreeRoIAlign)
     return model

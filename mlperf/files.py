@@ -1,0 +1,96 @@
+"""Files the automation writes: one way to put a file or a folder in place, JSON, stat keys.
+
+Every write that a reader could see half done goes to a hidden temporary name beside its target
+and is renamed over it (`atomic_write`, `replace_tree`): a killed step leaves the old content or the
+new, never a mix. `rename` is the one place a finished file or folder is moved into place.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from pathlib import Path
+
+
+def temporary_name(path: Path) -> Path:
+    """A hidden, unique name beside `path` (same folder, so a rename never crosses file systems).
+    Unique per writer, so two processes or threads writing one target never share a scratch file."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def rename(source: Path, target: Path) -> None:
+    """Move a finished file or folder to `target` in one step (replacing a file there)."""
+    os.replace(source, target)
+
+
+def atomic_write(path: Path, data: str | bytes, mode: int | None = None) -> None:
+    """Write `data` to `path` through a temporary name: readers see the old file or the new one.
+
+    `mode`: the file's permission bits (default: as a new file gets them)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_name(path)
+    try:
+        with open(tmp, "wb" if isinstance(data, bytes) else "w") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())  # the data is on disk before the rename makes it the file
+        if mode is not None:
+            os.chmod(tmp, mode)
+        rename(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj, *, indent: int | None = 1, sort_keys: bool = False) -> None:
+    """`obj` as JSON in `path`, atomically, ending in a newline."""
+    atomic_write(path, json.dumps(obj, indent=indent, sort_keys=sort_keys, default=str) + "\n")
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`, or {} when it is missing, damaged or not an object (for caches
+    and stamps, which are made again when unreadable)."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def stat_key(path: Path) -> list[int] | None:
+    """[size, mtime_ns] of a file, the cheap fingerprint records are keyed by; None if missing."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def human_size(n: float) -> str:
+    """Bytes as a person reads them: 512 B, 1.5 KiB, 20.3 GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def replace_tree(new: Path, target: Path) -> None:
+    """Put the finished folder (or file) `new` at `target`, replacing what is there.
+
+    A folder at `target` is moved aside first and removed after, so at every moment `target` is
+    the old tree or the new one. A file or link where a folder now goes is removed first.
+    """
+    new, target = Path(new), Path(target)
+    if target.is_dir() and not target.is_symlink():
+        old = temporary_name(target)
+        rename(target, old)
+        rename(new, target)
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    if new.is_dir() and (target.exists() or target.is_symlink()):
+        target.unlink()
+    rename(new, target)

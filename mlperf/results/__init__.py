@@ -1,0 +1,2 @@
+"""MLPerf results: reading logs (logs), scoring a series (score), showing it (report), running and
+keeping series of runs (series), and the system description (system_desc)."""

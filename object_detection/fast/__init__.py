@@ -1,0 +1,85 @@
+"""Speed code behind one switch: `apply(model, options)` makes a built Mask R-CNN compute the same
+function faster, each piece in a file of its own, all by one mechanism (`patch.swap`: a module's
+class becomes a subclass; parameters and state-dict keys stay):
+
+- fold_bn: frozen BatchNorm folded into the convolutions;
+- fuse_bias: then each backbone bias, residual and ReLU in one pass (bias_act's Triton kernel);
+- sync_free: detection heads without host synchronisations (nms, sampler);
+- transform: the input transform without synchronisations, and batched mask pasting;
+- channels_last: backbone and RPN head in channels_last (GPUs).
+
+Several pieces build on private torchvision functions, so `apply` checks the torchvision version
+against the range they were tested with; outside it the model stays stock (one warning line) and
+still trains, only slower.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+from torchvision.models.detection import MaskRCNN
+
+# torchvision releases the speed pieces were checked against: 0.26 (H200, the same-function checks
+# of benchmarks/train_throughput.py) and 0.29 (CPU, tests/test_model.py and tests/test_sync_free.py).
+TESTED_TORCHVISION = ((0, 26), (0, 29))
+
+
+@dataclass(frozen=True)
+class Options:
+    """Which speed pieces `apply` uses; `for_device` gives what the trainer runs."""
+    fold_bn: bool = True
+    fuse_bias: bool = True           # needs fold_bn
+    sync_free: bool = True           # implies batched_sampler
+    batched_sampler: bool = True
+    transform: bool = True
+    channels_last: bool = False      # pays on GPUs only (tensor cores); on a CPU it is slower
+    rpn_channels_last: bool = True   # with channels_last: the RPN head takes channels_last maps too
+
+    @classmethod
+    def for_device(cls, device_type: str) -> Options:
+        return cls(channels_last=device_type == "cuda")
+
+
+STOCK = Options(fold_bn=False, fuse_bias=False, sync_free=False, batched_sampler=False, transform=False,
+                channels_last=False)
+
+
+def torchvision_tested(version: str | None = None) -> bool:
+    import torchvision
+
+    release = tuple(int(part) for part in (version or torchvision.__version__).split("+")[0].split(".")[:2])
+    low, high = TESTED_TORCHVISION
+    return low <= release <= high
+
+
+_warned = []
+
+
+def apply(model: MaskRCNN, options: Options = Options()) -> MaskRCNN:
+    """The speed pieces `options` names, in the order they build on each other; `model` returned."""
+    if options != STOCK and not torchvision_tested():
+        if not _warned:
+            import torchvision
+
+            print(f"warning: torchvision {torchvision.__version__} is outside the range the speed code was "
+                  f"tested with ({'.'.join(map(str, TESTED_TORCHVISION[0]))} to "
+                  f"{'.'.join(map(str, TESTED_TORCHVISION[1]))}): training with torchvision's own "
+                  "(slower) model code", file=sys.stderr)
+            _warned.append(True)
+        return model
+    from object_detection.fast import fold_bn, fuse_bias, patch, sampler, sync_free, transform
+    from object_detection.fast.channels_last import use_channels_last
+
+    if options.fold_bn:
+        fold_bn.fold_frozen_batchnorm(model.backbone)
+        if options.fuse_bias:
+            fuse_bias.fuse_bias_relu(model.backbone)
+    if options.transform:
+        patch.swap(model.transform, transform.SyncFreeTransform)
+    if options.sync_free:
+        sync_free.make_sync_free(model)
+    elif options.batched_sampler:
+        sampler.use_batched_sampler(model)
+    if options.channels_last:
+        use_channels_last(model, rpn_channels_last=options.rpn_channels_last)
+    return model

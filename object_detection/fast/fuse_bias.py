@@ -1,0 +1,82 @@
+"""Each folded convolution's bias added together with what follows it (ReLU, residual) in one pass,
+in the ResNet bottlenecks and stem whose FrozenBatchNorm layers fold_bn folded.
+
+Same function, same parameters and state dict (fast.bias_act says why it is faster). The heads'
+convolutions (RPN, FPN, mask head) are left alone: fusing them too made a training step at batch
+16 on an H200 slower, not faster (BENCHMARKS.md).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models.resnet import Bottleneck, ResNet
+
+from object_detection.fast.bias_act import bias_act
+from object_detection.fast.fold_bn import FoldedConv2d, FoldedFrozenBatchNorm2d
+from object_detection.fast.patch import swap
+
+
+class FusedBottleneck(Bottleneck):
+    """conv1-relu, conv2-relu, conv3 + shortcut-relu, each bias added in the pass that follows."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = bias_act(*_unbiased(self.conv1, x))
+        out = bias_act(*_unbiased(self.conv2, out))
+        out, bias = _unbiased(self.conv3, out)
+        identity = x
+        if self.downsample is not None:
+            identity, shortcut_bias = _unbiased(self.downsample[0], x)
+            bias = bias + shortcut_bias
+        return bias_act(out, bias, identity)
+
+
+class FusedStemConv2d(FoldedConv2d):
+    """The stem's convolution with its bias and the stem's ReLU in one pass."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return bias_act(*_unbiased(self, x))
+
+
+class FusedReLU(nn.ReLU):
+    """The stem's own ReLU, applied by FusedStemConv2d before it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def _unbiased(conv: FoldedConv2d, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The folded convolution without its bias, and the bias."""
+    weight, bias = conv.folded()
+    return conv.conv(x, weight), bias
+
+
+def fuse_bias_relu(model: nn.Module) -> int:
+    """Swap in the fused classes wherever every norm of a bottleneck or stem was folded; returns
+    the number of modules changed."""
+    fused = 0
+    for module in model.modules():
+        if type(module) is Bottleneck and _all_folded(module):
+            swap(module, FusedBottleneck)
+            fused += 1
+        elif _is_stem(module) and _all_folded(module):
+            swap(module.conv1, FusedStemConv2d, bn=module.bn1)
+            swap(module.relu, FusedReLU)  # bottlenecks have ReLUs of their own
+            fused += 1
+    return fused
+
+
+def _all_folded(module: nn.Module) -> bool:
+    """Whether every BatchNorm directly in module (and its shortcut) was folded into a conv."""
+    if _is_stem(module):
+        return isinstance(module.bn1, FoldedFrozenBatchNorm2d)
+    norms = [module.bn1, module.bn2, module.bn3]
+    if module.downsample is not None:
+        norms.append(module.downsample[1])
+    return all(isinstance(bn, FoldedFrozenBatchNorm2d) for bn in norms)
+
+
+def _is_stem(module: nn.Module) -> bool:
+    """A ResNet, or the IntermediateLayerGetter the FPN backbone wraps it in: conv1, bn1, relu."""
+    return isinstance(module, (ResNet, IntermediateLayerGetter)) and all(
+        hasattr(module, name) for name in ("conv1", "bn1", "relu")) and type(module.relu) is nn.ReLU
