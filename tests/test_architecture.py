@@ -1,0 +1,108 @@
+"""The layout's promises, checked on the source: one-way imports, no cycles (imports inside
+functions count), the automation importable without torch, short functions, one place that moves
+finished files into place, and each MLPerf fact written once."""
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import ROOT
+
+PACKAGES = ("mlperf", "object_detection")
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            parts = list(path.relative_to(ROOT).with_suffix("").parts)
+            found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the project modules it imports, anywhere in its body."""
+    known = modules()
+    graph = {}
+    for name, path in known.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + [base]).strip(".")
+                targets = [base] + [f"{base}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            for target in targets:
+                while target and target not in known:
+                    target = target.rpartition(".")[0]
+                if target and target != name:
+                    edges.add(target)
+        graph[name] = edges
+    return graph
+
+
+def test_no_import_cycles_and_the_trainer_imports_nothing_of_the_automation():
+    graph = import_graph()
+    assert not [(a, b) for a, edges in graph.items() for b in edges
+                if a.startswith("object_detection") and b.startswith("mlperf")]
+    state: dict[str, str] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            assert state.get(nxt) != "open", f"import cycle: {' -> '.join(path + [node, nxt])}"
+            if nxt not in state:
+                visit(nxt, path + [node])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [])
+
+
+def test_the_automation_imports_without_torch():
+    names = sorted(name for name in modules() if name.startswith("mlperf"))
+    code = "import sys\n" + "".join(f"import {n}\n" for n in names) + \
+           "heavy = [m for m in ('torch', 'torchvision') if m in sys.modules]\nassert not heavy, heavy\n"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def source_files() -> list[Path]:
+    return sorted([*modules().values(), *(ROOT / "benchmarks").glob("*.py"), ROOT / "tasks.py", ROOT / "fabfile.py"])
+
+
+def test_no_function_is_longer_than_80_lines():
+    long = [f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for path in source_files() for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80]
+    assert not long, long
+
+
+def test_finished_files_are_moved_into_place_in_one_place_per_package():
+    renames = []
+    for path in source_files():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and (
+                    node.func.attr == "rename" or (node.func.attr in ("replace", "move")
+                                                   and ast.unparse(node.func.value) in ("os", "shutil"))):
+                renames.append(str(path.relative_to(ROOT)))
+    assert sorted(set(renames)) == ["mlperf/files.py", "object_detection/checkpoint.py"], renames
+
+
+def test_each_mlperf_fact_is_written_once():
+    facts = {r"\b0\.377\b": "box target", r"\b0\.339\b": "mask target", r"['\"]3\.1\.0['\"]": "ruleset",
+             r"^RUNS = 5\b|\bruns: 5\b": "run count",
+             r"Path\(__file__\)\.resolve\(\)\.parent\.parent|parents\[1\]": "project root"}
+    texts = {path: path.read_text() for path in [*source_files(), ROOT / "invoke.yaml"]}
+    for pattern, fact in facts.items():
+        homes = [str(p.relative_to(ROOT)) for p, text in texts.items() if re.search(pattern, text, re.M)]
+        assert len(homes) == 1, (fact, homes)
