@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # What one device session runs on the H200 (see BENCHMARKS.md): wheels, a GPU smoke run through
 # `invoke train`, the throughput benchmark, then the shapes-4k convergence run for the time left.
-# usage: bash benchmarks/gpu_session.sh PART...   (PART: smoke | bench | eval | converge)
-# BENCH_VARIANTS: train_throughput.py --variants (default: its own).
+# usage: bash benchmarks/gpu_session.sh PART...   (PART: smoke | bench | coco | layout | eval | converge)
+# BENCH_VARIANTS: train_throughput.py --variants (default: its own). `layout` times the tree in .old/
+# (an earlier commit: git archive COMMIT | tar -x -C .old) and this one on the same legacy batches.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
@@ -21,6 +22,20 @@ case "$part" in
     timeout ${BENCH_S:-330} python3 -m benchmarks.train_throughput --check --batch-sizes 8,16,32 --iterations 15 \
       ${BENCH_VARIANTS:+--variants "$BENCH_VARIANTS"} --output "$OUT/train_throughput.json" 2>&1 \
       | tee "$OUT/bench.txt" | grep -v '^{' | tail -20
+    ;;
+  coco)
+    timeout ${BENCH_S:-300} python3 -m benchmarks.train_throughput --check --batch-sizes 12 --iterations 15 \
+      --rounds 2 ${BENCH_VARIANTS:+--variants "$BENCH_VARIANTS"} --output "$OUT/train_throughput-coco.json" 2>&1 \
+      | tee "$OUT/coco.txt" | grep -v '^{' | tail -24
+    ;;
+  layout)
+    for bs in ${LAYOUT_BATCHES:-16}; do
+      (cd .old && PYTHONPATH=/tmp/site timeout 150 python3 benchmarks/train_throughput.py --batch-sizes $bs \
+        --iterations 15 --variants stock-fp16,ours-bf16-rpncl-fused --output "$OUT/before-$bs.json" 2>&1 | tail -4)
+      timeout 150 python3 -m benchmarks.train_throughput --shapes legacy --batches 3 --rounds 1 --batch-sizes $bs \
+        --iterations 15 --variants stock-fp16,ours-bf16-rpncl-fused --baseline stock-fp16 \
+        --output "$OUT/after-$bs.json" 2>&1 | tail -4
+    done
     ;;
   eval)
     timeout 300 python3 -m benchmarks.eval_loader --workers 8 --loader-images 256 --eval-images 256 \
