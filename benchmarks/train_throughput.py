@@ -1,22 +1,34 @@
-"""Training-step throughput: our step against torchvision's stock Mask R-CNN loop, side by side.
+"""Training-step throughput: our step against torchvision's Mask R-CNN, side by side.
 
-Same synthetic COCO-sized batches (480-640 x 640 images, 3-12 instances with masks, resized by the
-model to 800/1333) for every variant, in one process, so ratios are comparable on a shared machine.
+The same synthetic batches for every variant, in one process, the variants interleaved in rounds
+(median of the rounds' medians), so ratios are comparable on a shared machine. `--shapes coco`
+(the default) draws COCO train2017's image shapes: 640 on the long side, landscape 4:3, 3:2, 16:9
+and 5:4, a quarter of the batches portrait, one orientation per batch as the grouped sampler
+gives them, 1-20 instances with masks; after the 800/1333 resize such batches pad to 800x1024-1344.
+`--shapes legacy` draws the earlier 480-640 x 640 landscape images (3-12 instances).
 
-    python -m benchmarks.train_throughput --batch-sizes 8,16,32 --iterations 20
-    invoke bench   (the same, through torchrun on --gpus N)
+Baselines: `torchvision-bf16` / `torchvision-fp16` is torchvision's MaskRCNN with the MLPerf recipe
+(ImageNet ResNet-50 with FrozenBatchNorm2d, stem and layer1 frozen, 81 classes, 1000 proposals per
+image, SGD with the reference's parameter groups), which is the same work as ours; `stock-fp16` is
+maskrcnn_resnet50_fpn without pretrained weights (trainable BatchNorm, all five stages: more work).
+
+    python -m benchmarks.train_throughput --batch-sizes 12 --iterations 20 --rounds 2
+    invoke bench   (the same)
 
 Writes JSON to benchmarks/results/ and prints a table. `--check` also compares, in fp32 on the
-same weights and batch, the losses of our step and of the stock model (must agree within 1e-3).
+same weights and batch, the losses of our step and of torchvision's (must agree within 1e-3).
 """
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import json
 import platform
+import statistics
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -35,15 +47,28 @@ from object_detection.model import build_model
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def synthetic_batch(n: int, device, seed: int):
-    """COCO-sized images (uint8 like the loader gives) and targets with boxes, labels and masks."""
+# COCO train2017's landscape shapes (height, width) at 640 wide: 4:3 (the most common), 3:2, 5:4, 16:9,
+# with weights that approximate how often they occur; portrait images are the same turned.
+COCO_SHAPES = ((480, 640), (427, 640), (512, 640), (360, 640))
+COCO_WEIGHTS = (0.55, 0.25, 0.1, 0.1)
+PORTRAIT_SHARE = 0.25
+
+
+def synthetic_batch(n: int, device, seed: int, shapes: str = "coco"):
+    """A batch as the loader gives it (uint8 images) with targets: boxes, labels and masks."""
     g = torch.Generator().manual_seed(seed)
+    portrait = shapes == "coco" and torch.rand(1, generator=g).item() < PORTRAIT_SHARE
     images, targets = [], []
     for _ in range(n):
-        h = int(torch.randint(480, 641, (1,), generator=g))
-        w = 640
-        images.append(torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g))
-        k = int(torch.randint(3, 13, (1,), generator=g))
+        if shapes == "coco":
+            h, w = COCO_SHAPES[int(torch.multinomial(torch.tensor(COCO_WEIGHTS), 1, generator=g))]
+            h, w = (w, h) if portrait else (h, w)
+            k = int(torch.randint(1, 21, (1,), generator=g))
+            images.append(torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g))
+        else:  # drawn in the order the earlier benchmark drew them, so its batches come out again
+            h, w = int(torch.randint(480, 641, (1,), generator=g)), 640
+            images.append(torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g))
+            k = int(torch.randint(3, 13, (1,), generator=g))
         x0 = torch.rand(k, generator=g) * (w - 64)
         y0 = torch.rand(k, generator=g) * (h - 64)
         bw = 32 + torch.rand(k, generator=g) * (w - x0 - 32)
@@ -67,11 +92,20 @@ def stock_model(device):
     return maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, trainable_backbone_layers=3).to(device)
 
 
+def torchvision_model(backbone: Path):
+    """torchvision's MaskRCNN with the MLPerf recipe, as `maskrcnn_resnet50_fpn` builds it from an
+    ImageNet backbone: frozen BatchNorm, layer2-4 trainable, 81 classes, 1000 proposals per image."""
+    body = resnet50(norm_layer=FrozenBatchNorm2d)
+    body.load_state_dict(torch.load(backbone, weights_only=True))
+    return MaskRCNN(_resnet_fpn_extractor(body, 3), num_classes=81, rpn_post_nms_top_n_train=1000)
+
+
 def our_model(device, backbone: Path, channels_last: bool | str, fold_bn: bool = True, compile_backbone: bool = False,
-              batched_sampler: bool = True, sync_free: bool = True, fuse_bias: bool = True):
+              batched_sampler: bool = True, sync_free: bool = True, fuse_bias: bool = True, fixed_canvas: bool = False):
     """channels_last: "rpn" (what the trainer runs), True (backbone only), "all" (every module)."""
     speed = fast.Options(fold_bn=fold_bn, fuse_bias=fuse_bias, batched_sampler=batched_sampler, sync_free=sync_free,
-                         channels_last=channels_last in (True, "rpn"), rpn_channels_last=channels_last == "rpn")
+                         channels_last=channels_last in (True, "rpn"), rpn_channels_last=channels_last == "rpn",
+                         fixed_canvas=fixed_canvas)
     model = build_model(81, backbone_weights=backbone, image_candidates=1000, speed=speed).to(device)
     if channels_last == "all":
         model = model.to(memory_format=torch.channels_last)
@@ -81,13 +115,15 @@ def our_model(device, backbone: Path, channels_last: bool | str, fold_bn: bool =
 
 
 def time_steps(model, optimizer, batches, device, dtype, scaler, iterations: int, warmup: int) -> dict:
-    """Median and mean step time over `iterations` steps after `warmup`, with CUDA sync per step."""
+    """Mean and median step time over `iterations` steps (whole cycles of the batches) after `warmup`,
+    with a CUDA sync per step."""
     model.train()
     times = []
     autocast = ((lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None
                 else (lambda: torch.autocast(device.type, enabled=False)))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    iterations = -(-iterations // len(batches)) * len(batches)  # whole cycles: every batch as often
     for i in range(warmup + iterations):
         images, targets = batches[i % len(batches)]
         if device.type == "cuda":
@@ -99,11 +135,11 @@ def time_steps(model, optimizer, batches, device, dtype, scaler, iterations: int
             torch.cuda.synchronize(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    times.sort()
     n = len(batches[0][0])
-    median = times[len(times) // 2]
-    return {"step_ms": round(median * 1000, 1), "img_per_s": round(n / median, 1),
-            "mean_img_per_s": round(n * len(times) / sum(times), 1),
+    median = statistics.median(times)
+    # Throughput over whole cycles of the batches (they differ in size by design); the median step too.
+    return {"step_ms": round(sum(times) / len(times) * 1000, 1), "img_per_s": round(n * len(times) / sum(times), 1),
+            "median_step_ms": round(median * 1000, 1),
             "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None}
 
 
@@ -115,9 +151,7 @@ def check_same_function(device, backbone: Path) -> dict:
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     ours = our_model(device, backbone, channels_last=device.type == "cuda")
-    # What maskrcnn_resnet50_fpn builds from an ImageNet backbone: frozen BN, layer2-4 trainable.
-    body = resnet50(norm_layer=FrozenBatchNorm2d)
-    stock = MaskRCNN(_resnet_fpn_extractor(body, 3), num_classes=81, rpn_post_nms_top_n_train=1000).to(device)
+    stock = torchvision_model(backbone).to(device)
     # The sampler draws its random subsets differently (same distribution): give both the same one.
     use_batched_sampler(stock)
     stock.load_state_dict(ours.state_dict())
@@ -225,20 +259,108 @@ def check_bias_act(device) -> dict:
     return {"max_abs_diff": worst, "ok": all(v <= tolerance[k.split("-")[0]] for k, v in worst.items())}
 
 
+VARIANTS_HELP = (
+    "stock-fp16: maskrcnn_resnet50_fpn untrained (BatchNorm trains: more work); torchvision-bf16, "
+    "torchvision-fp16: torchvision's MaskRCNN with the MLPerf recipe (the same work as ours); ours-*: bf16 "
+    "autocast, -cl channels_last backbone with contiguous maps to all heads, -clall channels_last everywhere, "
+    "-rpncl channels_last backbone and RPN head, -fused fused SGD, -tvsampler torchvision's per-image sampler "
+    "(and its sync-heavy heads), -tvsync torchvision's heads with our batched sampler (no "
+    "object_detection.fast.sync_free), -nofold keeps FrozenBatchNorm as separate layers, -nofuse adds the "
+    "backbone's convolution biases separately (no object_detection.fast.fuse_bias), -compile torch.compile on "
+    "the backbone, -pad every batch padded to 800x1344 (fast.Options.fixed_canvas), -cudnnbench "
+    "cudnn.benchmark on, -nogc Python's garbage collector off while it runs")
+
+
+def make_variant(variant: str, device, backbone: Path):
+    """(model, optimizer, autocast dtype, grad scaler) for a variant name."""
+    if variant.startswith("stock"):
+        model = stock_model(device)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+        dtype = torch.float16 if device.type == "cuda" else None
+    elif variant.startswith("torchvision"):
+        model = torchvision_model(backbone).to(device)
+        optimizer = make_optimizer(model, lr=0.01)  # torch's default SGD (foreach), the reference's groups
+        dtype = amp_dtype("bf16" if "bf16" in variant else "fp16", device)
+    else:
+        cl = "all" if "-clall" in variant else "rpn" if "-rpncl" in variant else "-cl" in variant
+        model = our_model(device, backbone, channels_last=cl, fold_bn="-nofold" not in variant,
+                          compile_backbone="-compile" in variant, batched_sampler="-tvsampler" not in variant,
+                          sync_free="-tvsync" not in variant and "-tvsampler" not in variant,
+                          fuse_bias="-nofuse" not in variant, fixed_canvas="-pad" in variant)
+        optimizer = make_optimizer(model, lr=0.01, fused="-fused" in variant and device.type == "cuda")
+        dtype = amp_dtype("bf16" if "bf16" in variant else "fp16", device)
+    return model, optimizer, dtype, torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+
+
+@contextmanager
+def switches(variant: str):
+    """The process-wide settings a variant asks for, restored after it."""
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = "-cudnnbench" in variant
+    if "-nogc" in variant:
+        gc.disable()
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
+        gc.enable()
+
+
+def measure(batch_size: int, variants: list[str], args, device, backbone: Path) -> list[dict]:
+    """Every variant on the same batches, interleaved in rounds: the median of the rounds' medians."""
+    batches = [synthetic_batch(batch_size, "cpu", seed=s, shapes=args.shapes) for s in range(args.batches)]
+    if device.type == "cuda":
+        batches = [pinned(b) for b in batches]
+    built, rounds = {}, {v: [] for v in variants}
+    for variant in variants:
+        torch.manual_seed(0)
+        built[variant] = make_variant(variant, device, backbone)
+    for _ in range(args.rounds):
+        for variant in variants:
+            with switches(variant):
+                try:
+                    rounds[variant].append(time_steps(*built[variant][:2], batches, device, *built[variant][2:],
+                                                      args.iterations, args.warmup))
+                except torch.OutOfMemoryError:
+                    rounds[variant].append({"error": "out of memory"})
+    runs = []
+    for variant, measured in rounds.items():
+        ok = [m for m in measured if "error" not in m]
+        stats = {"error": "out of memory"} if not ok else {
+            "step_ms": statistics.median(m["step_ms"] for m in ok),
+            "img_per_s": round(statistics.median(m["img_per_s"] for m in ok), 1),
+            "rounds_img_per_s": [m["img_per_s"] for m in ok],
+            "peak_mem_gib": max((m["peak_mem_gib"] or 0) for m in ok) or None}
+        runs.append({**stats, "variant": variant, "batch": batch_size})
+        print(json.dumps(runs[-1]), flush=True)
+    del built
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return runs
+
+
+def print_table(runs: list[dict], baseline: str) -> None:
+    base = {r["batch"]: r.get("img_per_s") for r in runs if r["variant"] == baseline}
+    print(f"\n{'variant':<30} {'batch':>5} {'img/s':>8} {'step ms':>8} {'peak GiB':>8} {'vs ' + baseline:>20}")
+    for r in runs:
+        ratio = r.get("img_per_s", 0) / base[r["batch"]] if base.get(r["batch"]) else float("nan")
+        r[f"ratio_vs_{baseline}"] = round(ratio, 2)
+        print(f"{r['variant']:<30} {r['batch']:>5} {r.get('img_per_s', 0):>8} {r.get('step_ms', 0):>8} "
+              f"{str(r.get('peak_mem_gib')):>8} {ratio:>20.2f}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch-sizes", default="8,16,32")
+    p.add_argument("--batch-sizes", default="12")
     p.add_argument("--iterations", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--variants", default="stock-fp16,ours-bf16-rpncl-fused-tvsync,ours-bf16-rpncl-fused",
-                   help="stock-fp16: torchvision's loop; ours-*: bf16 autocast, -cl channels_last backbone "
-                        "with contiguous maps to all heads, -clall channels_last everywhere, -rpncl "
-                        "channels_last backbone and RPN head, -fused fused SGD, -tvsampler torchvision's "
-                        "per-image sampler (and its sync-heavy heads), -tvsync torchvision's heads with our "
-                        "batched sampler (no object_detection.sync_free), -nofold keeps FrozenBatchNorm as "
-                        "separate layers, -nofuse adds the backbone's convolution biases separately "
-                        "(no object_detection.fast.fuse_bias), -compile torch.compile on the backbone")
-    p.add_argument("--check", action="store_true", help="also check that our step computes the stock function")
+    p.add_argument("--rounds", type=int, default=2, help="times each variant is timed, interleaved")
+    p.add_argument("--batches", type=int, default=4, help="distinct synthetic batches cycled through")
+    p.add_argument("--shapes", choices=["coco", "legacy"], default="coco")
+    p.add_argument("--variants", default="stock-fp16,torchvision-bf16,torchvision-fp16,ours-bf16-rpncl-fused",
+                   help=VARIANTS_HELP)
+    p.add_argument("--baseline", default="torchvision-bf16", help="the variant ratios are given against")
+    p.add_argument("--check", action="store_true", help="also check that our step computes torchvision's function")
     p.add_argument("--output", type=Path)
     args = p.parse_args(argv)
 
@@ -249,55 +371,19 @@ def main(argv=None) -> int:
         torch.save(torchvision.models.resnet50().state_dict(), backbone)
     result = {"date": dt.datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "torchvision": torchvision.__version__, "runs": []}
+              "torch": torch.__version__, "torchvision": torchvision.__version__, "shapes": args.shapes,
+              "command": "python -m benchmarks.train_throughput " + " ".join(sys.argv[1:] if argv is None else argv),
+              "runs": []}
     if args.check:
-        result["check"] = check_same_function(device, backbone)
-        print("same-function check:", json.dumps(result["check"]), flush=True)
-        result["check_nms"] = check_greedy_nms(device)
-        print("greedy NMS check:", json.dumps(result["check_nms"]), flush=True)
-        result["check_bias_act"] = check_bias_act(device)
-        print("fused bias-ReLU check:", json.dumps(result["check_bias_act"]), flush=True)
-        result["check_fused_training"] = check_fused_training(device, backbone)
-        print("fused training step:", json.dumps(result["check_fused_training"]), flush=True)
-
+        for name, check in (("check", check_same_function), ("check_nms", check_greedy_nms),
+                            ("check_bias_act", check_bias_act), ("check_fused_training", check_fused_training)):
+            result[name] = check(device, backbone) if name in ("check", "check_fused_training") else check(device)
+            print(f"{name}:", json.dumps(result[name]), flush=True)
     for bs in [int(b) for b in args.batch_sizes.split(",")]:
-        batches = [synthetic_batch(bs, "cpu", seed=s) for s in range(3)]
-        if device.type == "cuda":
-            batches = [pinned(b) for b in batches]
-        for variant in args.variants.split(","):
-            torch.manual_seed(0)
-            if variant.startswith("stock"):
-                model = stock_model(device)
-                optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-                dtype = torch.float16 if device.type == "cuda" else None
-                scaler = torch.amp.GradScaler("cuda") if dtype is not None else None
-            else:
-                cl = "all" if "-clall" in variant else "rpn" if "-rpncl" in variant else "-cl" in variant
-                model = our_model(device, backbone, channels_last=cl, fold_bn="-nofold" not in variant,
-                                  compile_backbone="-compile" in variant, batched_sampler="-tvsampler" not in variant,
-                                  sync_free="-tvsync" not in variant and "-tvsampler" not in variant,
-                                  fuse_bias="-nofuse" not in variant)
-                optimizer = make_optimizer(model, lr=0.01, fused="-fused" in variant and device.type == "cuda")
-                dtype = amp_dtype("bf16" if "bf16" in variant else "fp16", device)
-                scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-            try:
-                stats = time_steps(model, optimizer, batches, device, dtype, scaler, args.iterations, args.warmup)
-            except torch.OutOfMemoryError:
-                stats = {"error": "out of memory"}
-            stats.update(variant=variant, batch=bs)
-            result["runs"].append(stats)
-            print(json.dumps(stats), flush=True)
-            del model, optimizer
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-
-    base = {r["batch"]: r.get("img_per_s") for r in result["runs"] if r["variant"].startswith("stock")}
-    print(f"\n{'variant':<22} {'batch':>5} {'img/s':>8} {'step ms':>8} {'peak GiB':>8} {'vs stock':>8}")
-    for r in result["runs"]:
-        ratio = r.get("img_per_s", 0) / base[r["batch"]] if base.get(r["batch"]) else float("nan")
-        r["ratio_vs_stock"] = round(ratio, 2)
-        print(f"{r['variant']:<22} {r['batch']:>5} {r.get('img_per_s', 0):>8} {r.get('step_ms', 0):>8} "
-              f"{str(r.get('peak_mem_gib')):>8} {ratio:>8.2f}")
+        result["runs"] += measure(bs, args.variants.split(","), args, device, backbone)
+    baseline = args.baseline if any(r["variant"] == args.baseline for r in result["runs"]) else \
+        result["runs"][0]["variant"]
+    print_table(result["runs"], baseline)
     out = args.output or RESULTS / f"train_throughput-{dt.date.today()}.json"
     save_result(result, out)
     print(f"wrote {out}")

@@ -238,3 +238,24 @@ def test_an_untested_torchvision_trains_with_the_stock_model(monkeypatch, capsys
                 "masks": torch.zeros(1, 64, 96, dtype=torch.uint8)}]
     losses = model(images, targets)
     assert len(losses) == 5 and all(torch.isfinite(v) for v in losses.values())
+
+
+def test_a_fixed_canvas_gives_one_input_shape_per_orientation_and_the_same_pixels():
+    from object_detection.fast.transform import SyncFreeTransform
+
+    ours = build_model(81, backbone_weights=None, min_size=96, max_size=160, speed=Options(fixed_canvas=True))
+    assert ours.transform.canvas == (96, 160)
+    stock = SyncFreeTransform(ours.transform.min_size, ours.transform.max_size, ours.transform.image_mean,
+                              ours.transform.image_std).eval()
+    ours.transform.eval()
+    g = torch.Generator().manual_seed(7)
+    for sizes, expected in [([(72, 96), (60, 96)], (96, 160)),   # landscape: the canvas
+                            ([(96, 72), (90, 60)], (160, 96))]:  # portrait: the canvas turned
+        images = [torch.rand(3, h, w, generator=g) for h, w in sizes]
+        batch, _ = ours.transform(images)
+        plain, _ = stock(images)
+        assert tuple(batch.tensors.shape[-2:]) == expected
+        h, w = plain.tensors.shape[-2:]
+        assert torch.equal(batch.tensors[..., :h, :w], plain.tensors)          # the same pixels
+        assert not batch.tensors[..., h:, :].any() and not batch.tensors[..., :, w:].any()  # zeros beyond
+        assert batch.image_sizes == plain.image_sizes

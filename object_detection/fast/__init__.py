@@ -5,7 +5,8 @@ class becomes a subclass; parameters and state-dict keys stay):
 - fold_bn: frozen BatchNorm folded into the convolutions;
 - fuse_bias: then each backbone bias, residual and ReLU in one pass (bias_act's Triton kernel);
 - sync_free: detection heads without host synchronisations (nms, sampler);
-- transform: the input transform without synchronisations, and batched mask pasting;
+- transform: the input transform without synchronisations, batched mask pasting, and (optionally)
+  one padded input shape per orientation;
 - channels_last: backbone and RPN head in channels_last (GPUs).
 
 Several pieces build on private torchvision functions, so `apply` checks the torchvision version
@@ -34,6 +35,7 @@ class Options:
     transform: bool = True
     channels_last: bool = False      # pays on GPUs only (tensor cores); on a CPU it is slower
     rpn_channels_last: bool = True   # with channels_last: the RPN head takes channels_last maps too
+    fixed_canvas: bool = False       # pad every batch to the largest input (800x1344): fixed shapes
 
     @classmethod
     def for_device(cls, device_type: str) -> Options:
@@ -75,7 +77,9 @@ def apply(model: MaskRCNN, options: Options = Options()) -> MaskRCNN:
         if options.fuse_bias:
             fuse_bias.fuse_bias_relu(model.backbone)
     if options.transform:
-        patch.swap(model.transform, transform.SyncFreeTransform)
+        size, divisible = max(model.transform.min_size), model.transform.size_divisible
+        canvas = (size, -(-model.transform.max_size // divisible) * divisible) if options.fixed_canvas else None
+        patch.swap(model.transform, transform.SyncFreeTransform, canvas=canvas)
     if options.sync_free:
         sync_free.make_sync_free(model)
     elif options.batched_sampler:

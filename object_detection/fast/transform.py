@@ -79,7 +79,28 @@ def scale_boxes(boxes: torch.Tensor, original_size, new_size) -> torch.Tensor:
 
 class SyncFreeTransform(DeviceConstants, GeneralizedRCNNTransform):
     """torchvision's transform without host synchronisations, and with batched mask pasting at the
-    original image size."""
+    original image size. With a `canvas` (height, width), every batch is padded to at least it
+    (turned for portrait batches), so a run sees one or two input shapes instead of one per
+    batch mix: what fixed-shape kernels (cudnn.benchmark, CUDA graphs) need."""
+
+    canvas: tuple[int, int] | None = None
+
+    def _adopt(self, canvas: tuple[int, int] | None = None) -> None:
+        self.canvas = canvas
+
+    def batch_images(self, images, size_divisible: int = 32):
+        if self.canvas is None:
+            return super().batch_images(images, size_divisible)
+        height, width = self.canvas
+        if all(image.shape[-2] > image.shape[-1] for image in images):
+            height, width = width, height
+        shape = [len(images), images[0].shape[0], max(height, max(i.shape[-2] for i in images)),
+                 max(width, max(i.shape[-1] for i in images))]
+        shape[2:] = [-(-side // size_divisible) * size_divisible for side in shape[2:]]
+        batch = images[0].new_zeros(shape)
+        for padded, image in zip(batch, images):
+            padded[:, :image.shape[-2], :image.shape[-1]].copy_(image)
+        return batch
 
     def normalize(self, image: torch.Tensor) -> torch.Tensor:
         """The same arithmetic with the mean and std kept on the device: torchvision copies them
