@@ -6,11 +6,43 @@ new, never a mix. `rename` is the one place a finished file or folder is moved i
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 import shutil
 from pathlib import Path
+
+
+class LockBusy(Exception):
+    """Another process holds the lock; `holder` is the pid it wrote in the lock file ("unknown")."""
+
+    def __init__(self, holder: str):
+        super().__init__(holder)
+        self.holder = holder
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path):
+    """Hold an exclusive flock on `path` (made if missing) while the block runs, or raise LockBusy
+    at once. The kernel releases it however the process ends; the file, holding the pid, stays.
+    OSError (a full disk, a read-only folder) is the caller's to explain."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LockBusy(os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown") from None
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:  # a full disk: the pid is for messages only, the lock holds without it
+            pass
+        yield
+    finally:
+        os.close(fd)
 
 
 def temporary_name(path: Path) -> Path:

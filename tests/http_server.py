@@ -2,7 +2,9 @@
 
 Serves the files of one folder. Per file name, `faults` can make it: answer given error statuses
 first (`statuses=[503, 503]`), drop the connection after N body bytes (`drop_after`, once per entry
-in a list), ignore Range requests (`ranges=False`), or send slowly (`rate` bytes/s). It counts
+in a list), ignore Range requests (`ranges=False`), send slowly (`rate` bytes/s, in blocks of a
+tenth of a second's worth: 2 B/s is a byte every 0.5 s), send no Content-Length and end the body
+by closing (`length=False`), or redirect (`redirect`: a Location, answered with 302). It counts
 requests and body bytes sent, so tests can assert what went over the wire. Without faults a body
 goes out with socket.sendfile, fast enough to benchmark clients against.
 """
@@ -23,6 +25,8 @@ class Faults:
     drop_after: list[int] = field(default_factory=list)   # per request, in turn: close after N bytes
     ranges: bool = True                                    # False: answer 200 to a Range request
     rate: float | None = None                              # bytes per second, None: as fast as possible
+    length: bool = True                                    # False: no Content-Length, close to end the body
+    redirect: str | None = None                            # answer 302 with this Location
 
 
 @dataclass
@@ -75,7 +79,7 @@ class FileServer:
         self.httpd.server_close()
 
     def _serve(self, h: BaseHTTPRequestHandler) -> None:
-        name = h.path.lstrip("/")
+        name = h.path.partition("?")[0].lstrip("/")  # a query (?token=...) names no other file
         fault = self.faults.get(name, Faults())
         rng = h.headers.get("Range")
         record = Request(path=name, range=rng, status=0)
@@ -84,6 +88,13 @@ class FileServer:
             status = fault.statuses.pop(0) if fault.statuses else None
             drop = fault.drop_after.pop(0) if fault.drop_after and status is None else None
         path = self.root / name
+        if fault.redirect is not None:
+            record.status = 302
+            h.send_response(302)
+            h.send_header("Location", fault.redirect)
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+            return
         if status is not None or not path.is_file() or "/" in name:
             record.status = status or 404
             h.send_error(record.status)
@@ -106,17 +117,21 @@ class FileServer:
         else:
             record.status = 200
             h.send_response(200)
-        h.send_header("Content-Length", str(size - start))
+        if fault.length:
+            h.send_header("Content-Length", str(size - start))
         h.send_header("Content-Type", "application/octet-stream")
         h.end_headers()
         h.wfile.flush()
         with open(path, "rb") as fh:
             if drop is None and fault.rate is None:
-                record.sent = h.connection.sendfile(fh, offset=start)
+                try:
+                    record.sent = h.connection.sendfile(fh, offset=start)
+                except OSError:  # the client hung up (it had what it wanted, or refused the rest)
+                    pass
                 return
             fh.seek(start)
             left = size - start if drop is None else min(size - start, drop)
-            block = 64 << 10
+            block = 64 << 10 if not fault.rate else max(1, min(64 << 10, int(fault.rate / 10)))
             began = time.perf_counter()
             while left > 0:
                 data = fh.read(min(block, left))

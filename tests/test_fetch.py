@@ -45,15 +45,36 @@ def fetch(manifest: Path, data: Path, *extra: str, env: dict | None = None):
                       env={**FAST_RETRY, **(env or {})})
 
 
-def zip_bytes(members: dict[str, bytes], links: dict[str, str] | None = None) -> bytes:
+class Link(str):
+    """An archive member that is a symbolic link to this target (in a zip: create_system 3, S_IFLNK)."""
+
+
+def zip_bytes(members: dict[str, bytes | Link], links: dict[str, str] | None = None) -> bytes:
+    """A zip of `members` in order (then `links`), as an attacker or a packer would write it."""
     buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for name, content in members.items():
-            zf.writestr(zipfile.ZipInfo(name), content)
-        for name, target in (links or {}).items():
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, content in {**members, **{n: Link(t) for n, t in (links or {}).items()}}.items():
             info = zipfile.ZipInfo(name)
-            info.external_attr = (stat.S_IFLNK | 0o777) << 16
-            zf.writestr(info, target)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            if isinstance(content, Link):
+                info.create_system = 3
+                info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            zf.writestr(info, content)
+    return buf.getvalue()
+
+
+def tar_bytes(members: dict[str, bytes | Link]) -> bytes:
+    """A tar of `members` in order; a Link is a symbolic link."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, content in members.items():
+            info = tarfile.TarInfo(name)
+            if isinstance(content, Link):
+                info.type, info.linkname = tarfile.SYMTYPE, str(content)
+                tf.addfile(info)
+            else:
+                info.size = len(content)
+                tf.addfile(info, io.BytesIO(content))
     return buf.getvalue()
 
 
@@ -311,6 +332,10 @@ def test_backoff_is_exponential_jittered_and_capped():
     ("a/link", "../b", None),                 # stays inside: a/../b is b
     ("a/link", "../../b", "outside"),
     ("link", "/etc", "absolute path"),
+    ("a/./b//c", None, None),                 # spelt oddly, still a/b/c
+    ("a/link", "x/../../b", "after a folder"),  # x may be a link: climbing after it is refused
+    ("a/link", "..", None),                   # the archive root itself
+    ("nul\0x", None, "NUL"),
 ])
 def test_unsafe_entries(name, target, reason):
     got = extracting.unsafe_reason(name, target)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -159,3 +160,92 @@ def test_parallel_hashing_matches_hashlib(tmp_path, workers):
     got = verifying.hash_files(jobs, workers=workers)
     assert got == [hashlib.new(a, p.read_bytes()).hexdigest() for p, a in jobs]
     assert verifying.hash_file(jobs[0][0]) == got[0]
+
+
+@pytest.fixture
+def read_only_view(tmp_path):
+    """`make(folder)` gives a view of `folder` that cannot be written, as a shared read-only vfolder:
+    a read-only bind mount as root (chmod stops no root process), the folder made a-w otherwise."""
+    mounted, locked = [], []
+
+    def make(folder: Path) -> Path:
+        if os.geteuid() != 0:
+            locked.extend(p for p in [folder, *folder.rglob("*")] if p.is_dir())
+            for p in locked:
+                p.chmod(0o555)
+            return folder
+        view = tmp_path / "read-only"
+        view.mkdir()
+        for cmd in (["mount", "--bind", str(folder), str(view)], ["mount", "-o", "remount,ro,bind", str(view)]):
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode:
+                pytest.skip(f"cannot make a read-only bind mount here: {proc.stderr.strip()}")
+            mounted[:] = [view]
+        return view
+
+    yield make
+    for view in mounted:
+        subprocess.run(["umount", "-l", str(view)], check=True)
+    for p in locked:
+        p.chmod(0o755)
+
+
+def test_read_only_dataset_verifies_with_its_records_in_the_cache(dataset, read_only_view, tmp_path,
+                                                                  monkeypatch):
+    root, manifest = dataset
+    view = read_only_view(root.parent) / root.name
+    cache = tmp_path / "cache"
+    env = {"XDG_CACHE_HOME": str(cache)}
+    args = ["verify", "--manifest", str(manifest), "--data-dir", str(view.parent)]
+    first = run_invoke(args, env=env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "is read-only, so the stamp is in" in first.stdout
+    assert not (root / ".verified.json").exists() and not (root / "downloads/.state.json").exists()
+    again = run_invoke(args, env=env)  # the digests recorded in the cache are used
+    assert again.returncode == 0 and again.stdout.count("(unchanged, not re-hashed)") == 2
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    ds = load_manifest(manifest)
+    assert verifying.is_verified(ds, view.parent)  # what `invoke train` asks
+    (root / "val2017/000000000001.jpg").unlink()  # changed underneath (the writable side)
+    assert not verifying.is_verified(ds, view.parent)
+
+
+def test_a_stamp_must_cover_what_it_claims(dataset):
+    root, manifest = dataset
+    assert verify(manifest, root).returncode == 0
+    ds = load_manifest(manifest)
+    stamp = json.loads((root / ".verified.json").read_text())
+    (root / ".verified.json").write_text(json.dumps({**stamp, "files": {}}))  # claims nothing to check
+    for image in (root / "val2017").iterdir():
+        image.unlink()
+    assert not verifying.is_verified(ds, root.parent)
+    (root / ".verified.json").write_text(json.dumps({**stamp, "files": []}))  # wrong shape: not trusted
+    assert not verifying.is_verified(ds, root.parent)
+
+
+def test_a_damaged_state_file_is_hashed_again(dataset):
+    root, manifest = dataset
+    assert verify(manifest, root).returncode == 0
+    (root / "downloads/.state.json").write_text('{"files": ["one.bin"], "extracted": []}')
+    proc = verify(manifest, root)
+    assert proc.returncode == 0, proc.stderr
+    assert "not re-hashed" not in proc.stdout  # nothing trusted from the damaged record
+    assert isinstance(json.loads((root / "downloads/.state.json").read_text())["files"], dict)
+
+
+def test_an_archive_never_unpacked_fails_verify(tmp_path):
+    """No splits to catch it: only the record of the extraction says the archive's files are there."""
+    import zipfile
+
+    downloads = tmp_path / "data/set/downloads"
+    downloads.mkdir(parents=True)
+    with zipfile.ZipFile(downloads / "set.zip", "w") as zf:
+        zf.writestr("files/a.txt", "a")
+    manifest = tmp_path / "set.yaml"
+    manifest.write_text(yaml.safe_dump({"name": "set", "files": [{
+        "name": "set.zip", "url": "http://127.0.0.1/set.zip", "extract": True,
+        "md5": hashlib.md5((downloads / "set.zip").read_bytes()).hexdigest()}]}))
+    proc = verify(manifest, tmp_path / "data/set")
+    assert proc.returncode == 1 and "set.zip is not unpacked" in proc.stderr and "Traceback" not in proc.stderr
+    assert not verifying.is_verified(load_manifest(manifest), tmp_path / "data")

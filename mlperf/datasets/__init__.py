@@ -19,6 +19,7 @@ A manifest is a YAML file (the format is public; README.md documents it):
 """
 from __future__ import annotations
 
+import errno
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from pathlib import Path
 import yaml
 
 from mlperf.errors import UserError
+from mlperf.files import human_size
 
 CATALOG_DIR = Path(__file__).resolve().parent
 _MD5 = re.compile(r"^[0-9a-f]{32}$")
@@ -92,21 +94,175 @@ def resolve(name: str | None = None, manifest: str | Path | None = None) -> Data
     return load_manifest(path)
 
 
-def load_manifest(path: Path) -> Dataset:
-    """Parse and validate a manifest; any problem is one UserError naming the file and field."""
-    if not path.is_file():
-        raise UserError(f"manifest {path} not found: check the path")
+def redact_url(text) -> str:
+    """`text` with the secrets of every URL in it hidden: `user:password@` becomes `***@` and each
+    query value `***` (`?token=abc&x=1` -> `?token=***&x=***`). For anything shown or logged: error
+    lines, progress, job records. Works on any string, well-formed URL or not."""
+    return _URL.sub(_redact_one, str(text))
+
+
+_URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]*")
+
+
+def _redact_one(match: re.Match) -> str:
+    url = match.group(0)
+    trail = len(url) - len(url.rstrip(".,:;)]"))  # sentence punctuation after the URL stays
+    url, after = (url[:-trail], url[-trail:]) if trail else (url, "")
+    scheme, _, rest = url.partition("://")
+    cut = min([i for i in (rest.find(c) for c in "/?#") if i >= 0], default=len(rest))
+    authority, tail = rest[:cut], rest[cut:]
+    if "@" in authority:
+        authority = "***@" + authority.rpartition("@")[2]
+    path, question, query = tail.partition("?")
+    if question:
+        query, hash_, fragment = query.partition("#")
+        hidden = [p.partition("=")[0] + "=***" if "=" in p else ("***" if p else "") for p in query.split("&")]
+        tail = f"{path}?{'&'.join(hidden)}{hash_}{fragment}"
+    return f"{scheme}://{authority}{tail}{after}"
+
+
+def write_error(exc: OSError, path, what: str, after: str = "", need: int | None = None) -> UserError:
+    """One line for a write that failed in a dataset folder (a full disk, a quota, a read-only or
+    broken file system): what was being written, where, why, what to do, and what was kept."""
+    why = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        todo = (f"free {'at least ' + human_size(need) if need else 'some space'} there, or pass --data-dir "
+                "on a larger disk")
+    else:
+        todo = "check that the folder is writable, or pass --data-dir with one that is"
+    return UserError(f"cannot write {path} while {what} ({why}): {todo}" + (f"; {after}" if after else ""))
+
+
+def url_problem(url) -> str | None:
+    """Why `url` cannot be downloaded from (None if it can): fetch speaks http and https only."""
+    from urllib.parse import urlsplit
+
+    if not isinstance(url, str) or not url:
+        return "is not a URL"
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):
+        return "contains spaces or control characters"
     try:
-        doc = yaml.safe_load(path.read_text())
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    except ValueError as exc:
+        return f"is malformed ({exc})"
+    if parts.scheme.lower() not in ("http", "https"):
+        return "is not an http:// or https:// URL"
+    if not parts.hostname:
+        return "has no host name"
+    return None
+
+
+def name_problem(name) -> str | None:
+    """Why `name` cannot be a file in downloads/ (None if it can). Names starting with '.' and
+    ending in '.part' are fetch's own (.state.json, .fetch.lock, <file>.part, temporary files)."""
+    if not isinstance(name, str) or not name:
+        return "must be a non-empty text"
+    if "/" in name or "\\" in name or name in (".", ".."):
+        return "must be a plain file name"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "contains a NUL or control character"
+    if len(name.encode("utf-8", "surrogateescape")) > 255:
+        return "is longer than a file name can be (255 bytes)"
+    if name.startswith(".") or name.endswith(".part"):
+        return "is reserved: names starting with '.' or ending in '.part' are fetch's own files"
+    return None
+
+
+def _relative_problem(path) -> str | None:
+    """Why a split's `images`/`annotations` path is not a plain path inside the dataset folder."""
+    if not isinstance(path, str) or not path:
+        return "must be a non-empty text"
+    if path.startswith("/") or "\\" in path or ".." in path.split("/") or "\0" in path:
+        return "must be a relative path inside the dataset folder (no '/' at the start, no '..')"
+    return None
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _read_doc(path: Path) -> dict:
+    """The manifest's YAML as a mapping; unreadable, non-UTF-8 or invalid YAML is one UserError."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"manifest {path} cannot be read ({exc.strerror or exc}): check the path") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"manifest {path} is not UTF-8 text (byte {exc.start}): save it as UTF-8") from None
+    try:
+        doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise UserError(f"manifest {path} is not valid YAML{where}: fix the file") from None
     if not isinstance(doc, dict):
         raise UserError(f"manifest {path} must be a mapping with 'name' and 'files'")
+    return doc
+
+
+def _parse_file(i: int, entry, bad) -> FileSpec:
+    """One `files` entry, every field checked for type and form."""
+    if not isinstance(entry, dict):
+        raise bad(f"files[{i}] must be a mapping")
+    fname = entry.get("name")
+    if fname is None:
+        raise bad(f"files[{i}] lacks 'name'")
+    if (problem := name_problem(fname)) is not None:
+        raise bad(f"files[{i}] name {fname!r} {problem}")
+    if entry.get("url") is None:
+        raise bad(f"files[{i}] lacks 'url'")
+    if (problem := url_problem(entry["url"])) is not None:
+        raise bad(f"files[{i}] ({fname}) url {entry['url']!r} {problem}: give an http(s) URL")
+    digests = {}
+    for algo, pattern, digits in (("md5", _MD5, 32), ("sha256", _SHA256, 64)):
+        value = entry.get(algo)
+        if value is None:
+            continue
+        if not isinstance(value, str) or not pattern.match(value.lower()):
+            raise bad(f"files[{i}] ({fname}) {algo} {value!r} is not {digits} hex digits "
+                      "(write it in quotes, so YAML does not read it as a number)")
+        digests[algo] = value.lower()
+    if not digests:
+        raise bad(f"files[{i}] lacks 'md5' (or 'sha256')")
+    size = entry.get("size")
+    if size is not None and not _is_count(size):
+        raise bad(f"files[{i}] ({fname}) size must be a whole number of bytes")
+    extract = entry.get("extract", False)
+    if not isinstance(extract, bool):
+        raise bad(f"files[{i}] ({fname}) extract must be true or false, not {extract!r}")
+    return FileSpec(name=fname, url=entry["url"], md5=digests.get("md5"), size=size, extract=extract,
+                    sha256=digests.get("sha256"))
+
+
+def _parse_splits(raw, bad) -> dict[str, Split]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise bad("'splits' must be a mapping of split name to {images, annotations, count}")
+    splits = {}
+    for split_name, s in raw.items():
+        if not isinstance(s, dict) or s.get("images") is None or s.get("annotations") is None:
+            raise bad(f"splits.{split_name} needs 'images' and 'annotations'")
+        for key in ("images", "annotations"):
+            if (problem := _relative_problem(s[key])) is not None:
+                raise bad(f"splits.{split_name}.{key} {s[key]!r} {problem}")
+        if s.get("count") is not None and not _is_count(s["count"]):
+            raise bad(f"splits.{split_name}.count must be a whole number of images")
+        splits[str(split_name)] = Split(images=s["images"], annotations=s["annotations"], count=s.get("count"))
+    return splits
+
+
+def load_manifest(path: Path) -> Dataset:
+    """Parse and validate a manifest; any problem is one UserError naming the file and field."""
+    if not path.is_file():
+        raise UserError(f"manifest {path} not found: check the path")
+    doc = _read_doc(path)
 
     def bad(what: str) -> UserError:
-        return UserError(f"manifest {path}: {what}")
+        return UserError(redact_url(f"manifest {path}: {what}"))
 
     name = doc.get("name")
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
@@ -116,42 +272,23 @@ def load_manifest(path: Path) -> Dataset:
         raise bad("'files' is missing")
     if not isinstance(raw_files or [], list):
         raise bad("'files' must be a list")
-    files = []
+    files = [_parse_file(i, entry, bad) for i, entry in enumerate(raw_files or [])]
     seen = set()
-    for i, entry in enumerate(raw_files or []):
-        if not isinstance(entry, dict):
-            raise bad(f"files[{i}] must be a mapping")
-        for key in ("name", "url"):
-            if not isinstance(entry.get(key), str) or not entry[key]:
-                raise bad(f"files[{i}] lacks '{key}'")
-        if not any(isinstance(entry.get(key), str) and entry[key] for key in ("md5", "sha256")):
-            raise bad(f"files[{i}] lacks 'md5' (or 'sha256')")
-        fname = entry["name"]
-        if "/" in fname or "\\" in fname or fname in (".", ".."):
-            raise bad(f"files[{i}] name {fname!r} must be a plain file name")
-        if fname in seen:
-            raise bad(f"file {fname!r} is listed twice")
-        seen.add(fname)
-        md5 = entry["md5"].lower() if entry.get("md5") else None
-        if md5 is not None and not _MD5.match(md5):
-            raise bad(f"files[{i}] ({fname}) md5 {entry['md5']!r} is not 32 hex digits")
-        sha256 = entry["sha256"].lower() if entry.get("sha256") else None
-        if sha256 is not None and not _SHA256.match(sha256):
-            raise bad(f"files[{i}] ({fname}) sha256 {entry['sha256']!r} is not 64 hex digits")
-        size = entry.get("size")
-        if size is not None and (not isinstance(size, int) or size < 0):
-            raise bad(f"files[{i}] ({fname}) size must be a whole number of bytes")
-        files.append(FileSpec(name=fname, url=entry["url"], md5=md5, size=size,
-                              extract=bool(entry.get("extract", False)), sha256=sha256))
-    if doc.get("backbone") is not None and doc["backbone"] not in seen:
-        raise bad(f"'backbone' names {doc['backbone']!r}, which is not one of the files")
-    splits = {}
-    for split_name, s in (doc.get("splits") or {}).items():
-        if not isinstance(s, dict) or not s.get("images") or not s.get("annotations"):
-            raise bad(f"splits.{split_name} needs 'images' and 'annotations'")
-        splits[split_name] = Split(images=s["images"], annotations=s["annotations"], count=s.get("count"))
+    for spec in files:
+        if spec.name in seen:
+            raise bad(f"file {spec.name!r} is listed twice")
+        seen.add(spec.name)
+    backbone = doc.get("backbone")
+    if backbone is not None and (not isinstance(backbone, str) or backbone not in seen):
+        raise bad(f"'backbone' names {backbone!r}, which is not one of the files")
+    categories = doc.get("categories")
+    if categories is not None and not _is_count(categories):
+        raise bad("'categories' must be a whole number")
+    for key, kind in (("generator", str), ("description", str), ("generator_options", dict)):
+        if doc.get(key) is not None and not isinstance(doc[key], kind):
+            raise bad(f"'{key}' must be a {'mapping' if kind is dict else 'text'}")
     return Dataset(
-        name=name, files=tuple(files), splits=splits, categories=doc.get("categories"),
+        name=name, files=tuple(files), splits=_parse_splits(doc.get("splits"), bad), categories=categories,
         generator=doc.get("generator"), generator_options=dict(doc.get("generator_options") or {}),
-        description=doc.get("description", ""), backbone=doc.get("backbone"), source=path,
+        description=doc.get("description") or "", backbone=backbone, source=path,
     )

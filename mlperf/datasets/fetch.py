@@ -4,10 +4,19 @@ Per file: stream into `<name>.part` while hashing the bytes as they arrive (no s
 to `<name>` only when the checksum matches, then unpack it (mlperf.datasets.extract) if the manifest says so.
 Finished work is recorded in the state file shared with `invoke verify` (mlperf.datasets.verify), keyed by
 size and mtime, so a second run neither transfers, hashes nor extracts anything.
+
+What a server sends is not trusted beyond the manifest: a body is read up to the manifest's size
+(or the Content-Length) and no further, a length that disagrees with the manifest fails at once,
+an attempt slower than MLPERF_FETCH_MIN_RATE over MLPERF_FETCH_RATE_WINDOW seconds is retried,
+redirects may lead to http(s) only, and nothing is kept that the checksum did not match. One
+fetch of a dataset runs at a time (a lock in downloads/). URLs are shown with their secrets hidden.
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import hashlib
+import math
 import os
 import queue
 import random
@@ -19,40 +28,58 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlperf.datasets import Dataset, FileSpec
+from mlperf.datasets import Dataset, FileSpec, redact_url, url_problem, write_error
 from mlperf.datasets import extract as extracting
 from mlperf.datasets.verify import (READ_SIZE, extracted_entries, hash_file, hasher_of, known_digest,
                                     record_digest, record_extracted)
 from mlperf.errors import UserError
-from mlperf.files import human_size, rename
+from mlperf.files import LockBusy, exclusive_lock, human_size, rename
 
 CHUNK = 1 << 20                  # bytes per read from the socket
 CONNECT_TIMEOUT = 15             # seconds
 READ_TIMEOUT = 60                # seconds without a byte before the attempt counts as failed
 PROGRESS_INTERVAL = 10.0         # seconds between plain progress lines when output is not a terminal
+LOCK_NAME = ".fetch.lock"        # in downloads/: held (flock) by the one fetch of a dataset running
+MAX_JOBS = 64
 _stop = threading.Event()        # set on Ctrl-C so worker threads end their transfers
 PERMANENT = {"name or service not known", "nodename nor servname provided, or not known"}
 
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Bounded exponential backoff: attempt n waits min(cap, base * 2**(n-1)), jittered to 50-100%.
+    """Bounded exponential backoff: attempt n waits min(cap, base * 2**(n-1)), jittered to 50-100%;
+    and the slowest an attempt may go: `min_rate` bytes/s averaged over `window` seconds (0: any).
 
-    MLPERF_FETCH_RETRIES and MLPERF_FETCH_BACKOFF (base seconds) override the defaults, e.g. for
-    a flaky link (more retries) or for tests (short waits).
+    MLPERF_FETCH_RETRIES, MLPERF_FETCH_BACKOFF (base seconds), MLPERF_FETCH_MIN_RATE and
+    MLPERF_FETCH_RATE_WINDOW override the defaults, e.g. for a flaky link (more retries) or for
+    tests (short waits).
     """
     retries: int = 6
     base: float = 1.0
     cap: float = 30.0
+    min_rate: float = 1024.0
+    window: float = 60.0
 
     @classmethod
     def from_env(cls) -> RetryPolicy:
-        try:
-            return cls(retries=int(os.environ.get("MLPERF_FETCH_RETRIES", cls.retries)),
-                       base=float(os.environ.get("MLPERF_FETCH_BACKOFF", cls.base)))
-        except ValueError:
-            raise UserError("MLPERF_FETCH_RETRIES must be a whole number and MLPERF_FETCH_BACKOFF "
-                            "a number of seconds") from None
+        def number(var: str, default, kind, positive: bool = False):
+            raw = os.environ.get(var, "").strip()
+            if not raw:
+                return default
+            try:
+                value = kind(raw)
+            except ValueError:
+                value = None
+            if value is None or not math.isfinite(value) or value < 0 or (positive and value == 0):
+                what = "a whole number" if kind is int else "a number of seconds" if "RATE" not in var \
+                    or "WINDOW" in var else "a number of bytes per second"
+                raise UserError(f"{var}={raw!r}: it must be {what}, {'above' if positive else 'at least'} 0")
+            return value
+
+        return cls(retries=number("MLPERF_FETCH_RETRIES", cls.retries, int),
+                   base=number("MLPERF_FETCH_BACKOFF", cls.base, float),
+                   min_rate=number("MLPERF_FETCH_MIN_RATE", cls.min_rate, float),
+                   window=number("MLPERF_FETCH_RATE_WINDOW", cls.window, float, positive=True))
 
     def delay(self, attempt: int, rng=random.random) -> float:
         full = min(self.cap, self.base * 2 ** max(0, attempt - 1))
@@ -86,6 +113,7 @@ class Progress:
                                   unit_divisor=1024, position=0, file=self.stream, dynamic_ncols=True)
 
     def log(self, message: str) -> None:
+        message = redact_url(message)
         with self.lock:
             if self.interactive:
                 self.tqdm.write(message, file=self.stream)
@@ -153,6 +181,36 @@ class _Transient(Exception):
     """A failure worth retrying: a 5xx, a short body."""
 
 
+class _TooSlow(_Transient):
+    """Slower than the minimum rate: retried, but the bytes it brought do not reset the count."""
+
+
+class _RateWatch:
+    """Fails an attempt that averages less than `min_rate` bytes/s over its last `window` seconds
+    (a trickle that READ_TIMEOUT never catches, because a byte arrives now and then)."""
+
+    def __init__(self, policy: RetryPolicy):
+        self.min_rate, self.window = policy.min_rate, policy.window
+        self.samples = collections.deque([(time.monotonic(), 0)])  # (time, bytes so far), ~20 kept
+
+    def check(self, received: int) -> None:
+        if not self.min_rate:
+            return
+        now = time.monotonic()
+        if now - self.samples[-1][0] >= self.window / 20:
+            self.samples.append((now, received))
+        while len(self.samples) > 1 and self.samples[1][0] <= now - self.window:
+            self.samples.popleft()
+        since, then = self.samples[0]
+        if now - since >= self.window and (received - then) / (now - since) < self.min_rate:
+            raise _TooSlow(f"slower than {human_size(self.min_rate)}/s over {self.window:g}s "
+                           "(MLPERF_FETCH_MIN_RATE)")
+
+
+class _TooLong(Exception):
+    """The server sent more bytes than the file has."""
+
+
 class _BackgroundHash:
     """Hash chunks on a second thread, so receiving and hashing overlap on two cores."""
 
@@ -174,6 +232,11 @@ class _BackgroundHash:
         self.thread.join()
 
 
+def _no_follow(path: str, flags: int) -> int:
+    """open()'s opener for a .part: never written through a link."""
+    return os.open(path, flags | os.O_NOFOLLOW, 0o666)
+
+
 class _Download:
     """One file from one URL into `<name>.part`, resumed and retried; returns the digest."""
 
@@ -183,6 +246,9 @@ class _Download:
         self.hasher = hashlib.new(self.algo)
         self.offset = 0
 
+    def _fail(self, why: str, todo: str = "check the URL (or --mirror)") -> UserError:
+        return UserError(f"cannot download {self.spec.name} from {self.url}: {why}: {todo}")
+
     def _restart(self) -> None:
         self.progress.advance(self.spec.name, -self.offset)
         self.part.unlink(missing_ok=True)
@@ -191,6 +257,8 @@ class _Download:
 
     def _resume_existing(self) -> None:
         """Continue from a `.part` a previous run left: hash the bytes it holds once."""
+        if self.part.is_symlink() or (self.part.exists() and not self.part.is_file()):
+            raise UserError(f"{self.part} is not a plain file: remove it and run `invoke fetch` again")
         if not self.part.is_file():
             return
         size = self.part.stat().st_size
@@ -209,6 +277,7 @@ class _Download:
         self._resume_existing()
         failures = 0
         with requests.Session() as session:
+            session.max_redirects = 10
             while True:
                 start = self.offset
                 try:
@@ -218,18 +287,22 @@ class _Download:
                     if _stop.is_set():
                         raise
                     if _reason(exc) in PERMANENT:  # waiting will not make an unknown host known
-                        raise UserError(f"cannot download {self.spec.name} from {self.url}: "
-                                        f"{_reason(exc)}: check the URL or --mirror") from None
-                    failures = 1 if self.offset > start else failures + 1  # progress resets the count
+                        raise self._fail(_reason(exc)) from None
+                    progressed = self.offset > start and not isinstance(exc, _TooSlow)
+                    failures = 1 if progressed else failures + 1  # progress resets the count
                     if failures > self.policy.retries:
-                        raise UserError(
-                            f"cannot download {self.spec.name} from {self.url}: {_reason(exc)} "
-                            f"({failures} attempts): check the URL and the network, or use --mirror "
-                            "or --source") from None
+                        raise self._fail(f"{_reason(exc)} ({failures} attempts)", "check the URL and the "
+                                         "network, or use --mirror or --source") from None
                     wait = self.policy.delay(failures)
                     self.progress.log(f"fetch: {self.spec.name}: {_reason(exc)}; retry {failures} of "
                                       f"{self.policy.retries} in {wait:.1f}s")
                     time.sleep(wait)
+                except (requests.RequestException, ValueError) as exc:  # a URL or redirect that cannot work
+                    raise self._fail(_reason(exc)) from None
+                except _TooLong:
+                    self._restart()
+                    raise self._fail(f"the server sent more than the manifest's {self.spec.size} bytes",
+                                     "check the URL (or --mirror) and the manifest's size") from None
 
     def _attempt(self, session) -> str:
         headers = {"Accept-Encoding": "identity"}  # the checksum is of the file's own bytes
@@ -253,32 +326,60 @@ class _Download:
                         raise _Transient(f"HTTP {code} to a range request")
                 mode = "wb"
             else:
-                raise UserError(f"cannot download {self.spec.name} from {self.url}: HTTP {code} "
-                                f"{resp.reason}: check the URL (or --mirror)")
-            length = resp.headers.get("Content-Length")
-            if self.spec.size is None and length and length.isdigit():
-                self.progress.set_size(self.spec.name, self.offset + int(length))
-            expected_end = self.offset + int(length) if length and length.isdigit() else self.spec.size
-            self._stream(resp, mode)
-        if expected_end is not None and self.offset < expected_end:
+                raise self._fail(f"HTTP {code} {resp.reason}")
+            length = resp.headers.get("Content-Length", "").strip()
+            end = self.offset + int(length) if length.isdigit() else None
+            if end is not None and self.spec.size is not None and end != self.spec.size:
+                raise self._fail(f"the server's file is {end} bytes (Content-Length), the manifest says "
+                                 f"{self.spec.size}", "check the URL (or --mirror) and the manifest's size")
+            if self.spec.size is None and end is not None:
+                self.progress.set_size(self.spec.name, end)
+            limit = self.spec.size if self.spec.size is not None else end
+            self._stream(resp, mode, limit)
+        if limit is not None and self.offset < limit:
             raise _Transient(f"connection closed after {human_size(self.offset)}")
         return self.hasher.hexdigest()
 
-    def _stream(self, resp, mode: str) -> None:
+    def _stream(self, resp, mode: str, limit: int | None) -> None:
+        """Append the body to the .part up to `limit` bytes in all; a byte more is _TooLong."""
         background = _BackgroundHash(self.hasher)
+        watch = _RateWatch(self.policy)
+        received = 0
         try:
-            with open(self.part, mode) as fh:
+            with self._writing(), open(self.part, mode, opener=_no_follow) as fh:
                 # read1 hands over what has arrived (up to CHUNK): a dropped connection loses nothing
                 # already received, unlike iter_content, which discards a partly filled chunk.
-                while chunk := resp.raw.read1(CHUNK, decode_content=False):
+                while True:
+                    want = CHUNK if limit is None else min(CHUNK, limit - self.offset)
+                    chunk = resp.raw.read1(max(want, 1), decode_content=False)
+                    if not chunk:
+                        return
+                    if want <= 0:
+                        raise _TooLong
                     if _stop.is_set():
                         raise KeyboardInterrupt
                     fh.write(chunk)
                     background.update(chunk)
                     self.offset += len(chunk)
+                    received += len(chunk)
                     self.progress.advance(self.spec.name, len(chunk))
+                    watch.check(received)
         finally:
             background.finish()  # hasher and .part hold the same bytes, even after a failure
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """A failed write into the .part (a full disk, a quota) is one line; the bytes written are
+        kept, and the next fetch resumes from them."""
+        try:
+            yield
+        except OSError as exc:
+            if exc.errno is None:
+                raise
+            left = (self.spec.size - self.offset) if self.spec.size else None
+            raise write_error(exc, self.part, f"downloading {self.spec.name}", f"the {human_size(self.offset)} "
+                              "downloaded so far are kept, and the next `invoke fetch` resumes there",
+                              need=left) from None
 
 
 def _range_start(resp) -> int | None:
@@ -290,7 +391,7 @@ def _range_start(resp) -> int | None:
 
 
 def _reason(exc: BaseException) -> str:
-    """A short, one-line reason from requests' long nested exception texts."""
+    """A short, one-line reason from requests' long nested exception texts (URLs redacted)."""
     import requests
     import urllib3
 
@@ -298,6 +399,14 @@ def _reason(exc: BaseException) -> str:
         return "timed out"
     if isinstance(exc, (requests.exceptions.ChunkedEncodingError, urllib3.exceptions.ProtocolError)):
         return "connection broken mid-transfer"
+    if isinstance(exc, requests.exceptions.InvalidSchema):
+        return "redirected to a URL that is not http(s)"  # file://, ftp://: never followed
+    if isinstance(exc, requests.TooManyRedirects):
+        return "too many redirects (a redirect loop?)"
+    if isinstance(exc, (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema, ValueError)):
+        return "the URL (or one it redirected to) is malformed"
+    if isinstance(exc, requests.exceptions.SSLError):
+        return "TLS error (certificate or protocol)"
     if isinstance(exc, requests.ConnectionError):
         text = str(exc)
         for known in ("Connection refused", "Name or service not known", "No route to host",
@@ -307,7 +416,9 @@ def _reason(exc: BaseException) -> str:
             if known in text:
                 return known.lower()
         return "connection failed"
-    return str(exc).splitlines()[0][:200]
+    if isinstance(exc, _Transient):
+        return str(exc)
+    return redact_url(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}" if str(exc) else type(exc).__name__)
 
 
 @dataclass
@@ -323,9 +434,29 @@ class _Fetcher:
         self.ds, self.data_dir, self.mirror, self.source, self.progress = ds, data_dir, mirror, source, progress
         self.downloads = ds.downloads(data_dir)
         self.policy = RetryPolicy.from_env()
+        self.claimed: dict[str, str] = {}   # top-level name -> the archive unpacked to it in this run
+        self.claim_lock = threading.Lock()
 
     def url(self, spec: FileSpec) -> str:
         return f"{self.mirror.rstrip('/')}/{spec.name}" if self.mirror else spec.url
+
+    def claim(self, spec: FileSpec, names: list[str]) -> None:
+        """Reserve the top-level names an archive unpacks to, or refuse them when another archive
+        of the dataset unpacked (or is unpacking) to one: its files would be replaced, and a
+        second fetch or verify could not tell. COCO's archives share none."""
+        with self.claim_lock:
+            owners = dict(self.claimed)
+            for other in self.ds.files:
+                if other.extract and other.name != spec.name:
+                    for name in extracted_entries(self.ds, self.data_dir, other, present=False) or []:
+                        owners.setdefault(name, other.name)
+            for name in names:
+                if owners.get(name, spec.name) != spec.name:
+                    raise UserError(f"{spec.name} and {owners[name]} both unpack to {name!r} in "
+                                    f"{self.ds.root(self.data_dir)}: one would replace the other's files, so "
+                                    f"{spec.name} was not unpacked; give each archive its own top-level folder "
+                                    "(or unpack them by hand with `extract: false`)")
+            self.claimed.update(dict.fromkeys(names, spec.name))
 
     def run(self, task: _Task) -> None:
         spec = task.spec
@@ -341,7 +472,8 @@ class _Fetcher:
                 self.progress.end(spec.name)
         if task.extract:
             self.progress.log(f"fetch: {spec.name}: extracting into {self.ds.root(self.data_dir)}")
-            entries = extracting.extract(self.downloads / spec.name, self.ds.root(self.data_dir))
+            entries = extracting.extract(self.downloads / spec.name, self.ds.root(self.data_dir),
+                                         claim=lambda names: self.claim(spec, names))
             record_extracted(self.ds, self.data_dir, spec, entries)
             self.progress.log(f"fetch: {spec.name}: extracted {', '.join(entries) or 'nothing'}")
 
@@ -377,11 +509,16 @@ class _Fetcher:
             digest = hash_file(part, algo)
             how = "linked"
         except OSError:  # another file system, or links not allowed: copy, hashing on the way
+            part.unlink(missing_ok=True)
             hasher = hashlib.new(algo)
-            with open(src, "rb") as fin, open(part, "wb") as fout:
-                while block := fin.read(READ_SIZE):
-                    fout.write(block)
-                    hasher.update(block)
+            try:
+                with open(src, "rb") as fin, open(part, "wb", opener=_no_follow) as fout:
+                    while block := fin.read(READ_SIZE):
+                        fout.write(block)
+                        hasher.update(block)
+            except OSError as exc:
+                part.unlink(missing_ok=True)
+                raise write_error(exc, part, f"copying {spec.name} from --source", need=src.stat().st_size) from None
             digest = hasher.hexdigest()
             how = "copied"
         self.progress.advance(spec.name, part.stat().st_size)
@@ -478,29 +615,71 @@ def _generate(ds: Dataset, data_dir: Path) -> None:
     print(f"fetch: {ds.name} ready in {root}", flush=True)
 
 
+def parse_jobs(value) -> int:
+    """--jobs as a number of parallel downloads, 1 to MAX_JOBS; anything else is one UserError."""
+    try:
+        jobs = int(str(value).strip()) if not isinstance(value, bool) else None
+    except ValueError:
+        jobs = None
+    if jobs is None or not 1 <= jobs <= MAX_JOBS:
+        raise UserError(f"--jobs {value!r} is not a number of parallel downloads: give a whole number "
+                        f"from 1 to {MAX_JOBS}")
+    return jobs
+
+
+@contextlib.contextmanager
+def _locked(ds: Dataset, data_dir: Path):
+    """Hold the dataset's fetch lock (downloads/.fetch.lock) for the whole fetch, so a second fetch
+    of it stops at once instead of writing the same .part files."""
+    path = ds.downloads(data_dir) / LOCK_NAME
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(exclusive_lock(path))
+        except LockBusy as busy:
+            raise UserError(f"another fetch of {ds.name} is running (pid {busy.holder}) in {ds.root(data_dir)}: "
+                            "wait for it to finish, or stop it, and run `invoke fetch` again") from None
+        except OSError as exc:
+            raise write_error(exc, path, "taking the fetch lock") from None
+        yield
+
+
 def fetch_dataset(ds: Dataset, data_dir: Path, *, mirror: str | None = None, source: str | Path | None = None,
-                  jobs: int = 4) -> None:
-    """Fetch (or make) a dataset into <data_dir>/<name>: the body of `invoke fetch`."""
-    data_dir = Path(data_dir)
+                  jobs: int | str = 4) -> None:
+    """Fetch (or make) a dataset into <data_dir>/<name>: the body of `invoke fetch`.
+
+    Every error line has the secrets of the URLs in it hidden (redact_url)."""
+    try:
+        _fetch_dataset(ds, Path(data_dir), mirror, source, parse_jobs(jobs))
+    except UserError as exc:
+        exc.args = (redact_url(str(exc)),)
+        raise
+
+
+def _fetch_dataset(ds: Dataset, data_dir: Path, mirror: str | None, source: str | Path | None, jobs: int) -> None:
     if ds.generator:
         _generate(ds, data_dir)
         return
-    if mirror is not None and not mirror.startswith(("http://", "https://")):
-        raise UserError(f"--mirror {mirror!r} is not an http(s) URL")
+    if mirror is not None and (problem := url_problem(mirror)) is not None:
+        raise UserError(f"--mirror {mirror!r} {problem}: give the http(s) URL of a folder with the same file names")
     if source is not None:
         source = Path(source)
         if not source.is_dir():
             raise UserError(f"--source {source} is not a folder")
     _ensure_writable(ds.downloads(data_dir), data_dir)
-    tasks = _plan(ds, data_dir)
-    if not tasks:
-        print(f"fetch: {ds.name}: all {len(ds.files)} files present and checked; nothing to do", flush=True)
-        return
-    total = _check_space(ds, data_dir, tasks)
-    progress = Progress(total, max(1, jobs))
-    fetcher = _Fetcher(ds, data_dir, mirror, source, progress)
+    with _locked(ds, data_dir):
+        tasks = _plan(ds, data_dir)
+        if not tasks:
+            print(f"fetch: {ds.name}: all {len(ds.files)} files present and checked; nothing to do", flush=True)
+            return
+        total = _check_space(ds, data_dir, tasks)
+        _run_tasks(_Fetcher(ds, data_dir, mirror, source, Progress(total, jobs)), tasks, jobs)
+    print(f"fetch: {ds.name} ready in {ds.root(data_dir)}", flush=True)
+
+
+def _run_tasks(fetcher: _Fetcher, tasks: list[_Task], jobs: int) -> None:
+    """Every task on `jobs` threads; the first failure is the error, with how many more failed."""
     errors: list[BaseException] = []
-    pool = ThreadPoolExecutor(max_workers=max(1, jobs))
+    pool = ThreadPoolExecutor(max_workers=jobs)
     try:
         futures = [pool.submit(fetcher.run, task) for task in tasks]
         for future in futures:
@@ -513,8 +692,7 @@ def fetch_dataset(ds: Dataset, data_dir: Path, *, mirror: str | None = None, sou
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-        progress.close()
+        fetcher.progress.close()
     if errors:
         more = f" ({len(errors) - 1} more files failed)" if len(errors) > 1 else ""
         raise UserError(f"{errors[0]}{more}")
-    print(f"fetch: {ds.name} ready in {ds.root(data_dir)}", flush=True)

@@ -6,10 +6,14 @@ Two small JSON files make repeated checks cheap, both written atomically:
   is not hashed again (unless --force); fetch uses the same record to skip finished downloads.
 - <root>/.verified.json: written only when every check passed; `is_verified` compares it with the
   files' size/mtime, so the trainer's launcher can refuse an unverified dataset without re-hashing.
+Where the dataset folder is read-only (a shared vfolder), both go to the user's cache instead
+(`cache_dir()`, keyed by the folder's real path) and are read from there. A record that is damaged
+or of the wrong shape counts as missing: the file is checked again, never trusted.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -19,7 +23,7 @@ import threading
 from collections import Counter
 from pathlib import Path
 
-from mlperf.datasets import Dataset, FileSpec
+from mlperf.datasets import Dataset, FileSpec, redact_url, write_error
 from mlperf.errors import UserError
 from mlperf.files import read_json, stat_key, write_json
 
@@ -153,32 +157,78 @@ def hash_files(jobs: list[tuple[Path, str]], workers: int | None = None) -> list
 
 # ---------------------------------------------------------------- the state file (shared with fetch)
 
+def cache_dir() -> Path:
+    """The user's cache for this tool: $XDG_CACHE_HOME/mlperf-maskrcnn, else ~/.cache/mlperf-maskrcnn."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")) / "mlperf-maskrcnn"
+
+
+def _elsewhere(ds: Dataset, data_dir: Path, name: str) -> Path:
+    """Where a record of a dataset folder that cannot be written goes (a shared read-only vfolder):
+    the user's cache, keyed by the folder's real path, so every mount of it finds the same record."""
+    real = os.path.realpath(ds.root(data_dir))
+    key = hashlib.sha256(real.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return cache_dir() / "datasets" / f"{ds.name}-{key}" / name
+
+
 def state_path(ds: Dataset, data_dir: Path) -> Path:
     return ds.downloads(data_dir) / STATE_NAME
 
 
+def _state_files(ds: Dataset, data_dir: Path) -> list[Path]:
+    return [state_path(ds, data_dir), _elsewhere(ds, data_dir, STATE_NAME)]
+
+
+def _section(doc: dict, section: str) -> dict:
+    """A section of a state file, {} when it is missing or of the wrong shape (a damaged file is
+    not trusted, only re-checked)."""
+    value = doc.get(section)
+    return value if isinstance(value, dict) else {}
+
+
+def _records(ds: Dataset, data_dir: Path, section: str, name: str) -> list[dict]:
+    """The well-formed records of `name`, from the dataset's state file, then from the cache's."""
+    found = [_section(read_json(path), section).get(name) for path in _state_files(ds, data_dir)]
+    return [entry for entry in found if isinstance(entry, dict)]
+
+
+def _write_first(paths: list[Path], make_doc, what: str) -> Path:
+    """Write JSON to the first of `paths` that can be written (`make_doc(path)` gives its content):
+    the dataset folder, else, where it is read-only, the user's cache. Returns the one written."""
+    for path in paths:
+        try:
+            write_json(path, make_doc(path), sort_keys=True)
+            return path
+        except OSError as exc:
+            if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and path != paths[-1]:
+                continue
+            raise write_error(exc, path, what) from None
+    raise AssertionError("no paths")
+
+
 def known_digest(ds: Dataset, data_dir: Path, spec: FileSpec) -> str | None:
     """The digest recorded for this archive if it is unchanged (same size and mtime) since, else None."""
-    path = ds.downloads(data_dir) / spec.name
-    entry = read_json(state_path(ds, data_dir)).get("files", {}).get(spec.name)
+    key = stat_key(ds.downloads(data_dir) / spec.name)
     algo, _ = spec.checksum
-    if not entry or entry.get("algo") != algo:
-        return None
-    key = stat_key(path)
-    return entry.get("digest") if key is not None and key == entry.get("stat") else None
+    for entry in _records(ds, data_dir, "files", spec.name):
+        if key is not None and entry.get("algo") == algo and entry.get("stat") == key \
+                and isinstance(entry.get("digest"), str):
+            return entry["digest"]
+    return None
 
 
 def _update_state(ds: Dataset, data_dir: Path, section: str, name: str, value: dict | None) -> None:
     """Read-modify-write one entry of the state file under a lock (downloads finish concurrently)."""
-    path = state_path(ds, data_dir)
-    with _state_lock:
+    def updated(path: Path) -> dict:
         doc = read_json(path)
-        entries = doc.setdefault(section, {})
+        entries = doc[section] = _section(doc, section)
         if value is None:
             entries.pop(name, None)
         else:
             entries[name] = value
-        write_json(path, doc, sort_keys=True)
+        return doc
+
+    with _state_lock:
+        _write_first(_state_files(ds, data_dir), updated, "recording what was checked")
 
 
 def record_digest(ds: Dataset, data_dir: Path, spec: FileSpec, digest: str) -> None:
@@ -188,14 +238,18 @@ def record_digest(ds: Dataset, data_dir: Path, spec: FileSpec, digest: str) -> N
                   {"algo": spec.checksum[0], "digest": digest, "stat": stat_key(path)})
 
 
-def extracted_entries(ds: Dataset, data_dir: Path, spec: FileSpec) -> list[str] | None:
-    """Top-level names an archive was unpacked into, if that was this very archive and they still exist."""
-    entry = read_json(state_path(ds, data_dir)).get("extracted", {}).get(spec.name)
-    if not entry or entry.get("digest") != spec.checksum[1]:
-        return None
+def extracted_entries(ds: Dataset, data_dir: Path, spec: FileSpec, *, present: bool = True) -> list[str] | None:
+    """Top-level names an archive was unpacked into, if that was this very archive and (`present`)
+    they still exist."""
     root = ds.root(data_dir)
-    names = entry.get("entries") or []
-    return names if all((root / n).exists() or (root / n).is_symlink() for n in names) else None
+    for entry in _records(ds, data_dir, "extracted", spec.name):
+        names = entry.get("entries")
+        if entry.get("digest") != spec.checksum[1] or not isinstance(names, list) \
+                or not all(isinstance(n, str) and n and "/" not in n and n not in (".", "..") for n in names):
+            continue
+        if not present or all((root / n).exists() or (root / n).is_symlink() for n in names):
+            return names
+    return None
 
 
 def record_extracted(ds: Dataset, data_dir: Path, spec: FileSpec, entries: list[str]) -> None:
@@ -278,8 +332,8 @@ def _decode_image(args: tuple[str, int, int]) -> str | None:
     return None
 
 
-def _check_split(ds: Dataset, root: Path, name: str, table: _Table, deep: bool) -> list[Path]:
-    """COCO checks of one split with pycocotools; returns the files its result depends on."""
+def _check_split(ds: Dataset, root: Path, name: str, table: _Table, deep: bool) -> None:
+    """COCO checks of one split with pycocotools (what the stamp then watches: `_watched`)."""
     from pycocotools.coco import COCO
 
     split = ds.splits[name]
@@ -288,17 +342,19 @@ def _check_split(ds: Dataset, root: Path, name: str, table: _Table, deep: bool) 
     if not ann_path.is_file():
         table.add(f"{name} annotations", split.annotations, "missing", False,
                   f"{ann_path} is missing: run `invoke fetch`")
-        return []
+        return
     try:
         doc = json.loads(ann_path.read_bytes())
+        if not isinstance(doc, dict):
+            raise ValueError("not a JSON object")
         coco = COCO()
         coco.dataset = doc
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
             coco.createIndex()
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         table.add(f"{name} annotations", "COCO instances JSON", "unreadable", False,
                   f"{ann_path} is not a COCO instances file ({exc}): run `invoke fetch` again")
-        return []
+        return
     images = doc.get("images", [])
     anns = doc.get("annotations", [])
     if split.count is not None:
@@ -339,7 +395,6 @@ def _check_split(ds: Dataset, root: Path, name: str, table: _Table, deep: bool) 
             errors = [e for e in ex.map(_decode_image, work, chunksize=max(1, len(work) // 64)) if e]
         table.add(f"{name} images decode", f"{len(images)}", f"{len(errors)} do not" if errors else
                   f"{len(images)}", not errors, errors[0] if errors else "")
-    return [ann_path, images_dir]
 
 
 def _fingerprint(ds: Dataset) -> dict:
@@ -351,6 +406,40 @@ def _fingerprint(ds: Dataset) -> dict:
     }
 
 
+def _check_unpacked(ds: Dataset, data_dir: Path, table: _Table) -> None:
+    """Every `extract: true` archive was unpacked by fetch (its record names folders that exist).
+    Without a record, a manifest's splits are the evidence (checked below, e.g. unpacked by hand);
+    with no splits nothing else would notice an archive never unpacked."""
+    for spec in ds.files:
+        if not spec.extract:
+            continue
+        entries = extracted_entries(ds, data_dir, spec)
+        if entries is not None:
+            table.add(f"unpacked {spec.name}", "by fetch", ", ".join(entries) or "nothing", True)
+        elif ds.splits:
+            table.add(f"unpacked {spec.name}", "by fetch", "no record; checked by the splits below", True)
+        else:
+            table.add(f"unpacked {spec.name}", "by fetch", "not unpacked", False,
+                      f"{spec.name} is not unpacked in {ds.root(data_dir)} (or what it unpacked to is gone): "
+                      "run `invoke fetch`")
+
+
+def _watched(ds: Dataset, data_dir: Path) -> list[Path]:
+    """What a stamp must cover, from the manifest alone: the archives, what they were unpacked to,
+    each split's annotations and image folder (a folder's mtime changes when files come or go)."""
+    root = ds.root(data_dir)
+    paths = [ds.downloads(data_dir) / f.name for f in ds.files]
+    for spec in ds.files:
+        paths += [root / n for n in (extracted_entries(ds, data_dir, spec) or []) if spec.extract]
+    for split in ds.splits.values():
+        paths += [root / split.annotations, root / split.images]
+    return sorted(set(paths))
+
+
+def _stamp_files(ds: Dataset, data_dir: Path) -> list[Path]:
+    return [ds.root(data_dir) / STAMP_NAME, _elsewhere(ds, data_dir, STAMP_NAME)]
+
+
 def verify_dataset(ds: Dataset, data_dir: Path, *, deep: bool = False, force: bool = False) -> None:
     """Run every check, print the table, and write the stamp only when all pass (else UserError)."""
     root = ds.root(data_dir)
@@ -359,34 +448,40 @@ def verify_dataset(ds: Dataset, data_dir: Path, *, deep: bool = False, force: bo
                         "(or pass the right --data-dir)")
     table = _Table()
     _check_archives(ds, data_dir, table, force)
-    watched: list[Path] = [ds.downloads(data_dir) / f.name for f in ds.files]
+    _check_unpacked(ds, data_dir, table)
     for name in ds.splits:
-        watched += _check_split(ds, root, name, table, deep)
+        _check_split(ds, root, name, table, deep)
     if not table.rows:
         table.add("dataset folder", "present", "present", True)
     print(f"verify {ds.name} in {root}")
     print(table.render())
     if table.failures:
         more = f" (and {len(table.failures) - 1} more failed checks above)" if len(table.failures) > 1 else ""
-        raise UserError(table.failures[0] + more)
-    write_json(root / STAMP_NAME, {
-        "dataset": ds.name, "deep": deep, "manifest": _fingerprint(ds),
-        "files": {str(p.relative_to(root)): stat_key(p) for p in watched},
-    }, sort_keys=True)
-    print(f"all {len(table.rows)} checks passed")
+        raise UserError(redact_url(table.failures[0] + more))
+    stamp = {"dataset": ds.name, "deep": deep, "manifest": _fingerprint(ds), "root": os.path.realpath(root),
+             "files": {str(p.relative_to(root)): stat_key(p) for p in _watched(ds, data_dir)}}
+    written = _write_first(_stamp_files(ds, data_dir), lambda _: stamp, "recording that the checks passed")
+    print(f"all {len(table.rows)} checks passed" +
+          ("" if written.parent == root else f"; {root} is read-only, so the stamp is in {written}"))
+
+
+def _stamp_holds(stamp: dict, ds: Dataset, root: Path, expected: set[str]) -> bool:
+    """A stamp made for this manifest that covers exactly what it must, all unchanged since."""
+    if stamp.get("dataset") != ds.name or stamp.get("manifest") != _fingerprint(ds):
+        return False
+    files = stamp.get("files")
+    if not isinstance(files, dict) or set(files) != expected:
+        return False
+    return all(stat_key(root / rel) == key for rel, key in files.items())
 
 
 def is_verified(ds: Dataset, data_dir: Path) -> bool:
     """True if `invoke verify` passed for this manifest and nothing it checked has changed since.
 
     Cheap: a stat per archive, annotation file and image folder (a folder's mtime changes when
-    files are added or removed in it), no hashing.
+    files are added or removed in it), no hashing. The stamp is in the dataset folder, or in the
+    user's cache where that folder is read-only.
     """
-    stamp = read_json(ds.root(data_dir) / STAMP_NAME)
-    if stamp.get("dataset") != ds.name or stamp.get("manifest") != _fingerprint(ds):
-        return False
-    files = stamp.get("files")
-    if not isinstance(files, dict):
-        return False
     root = ds.root(data_dir)
-    return all(stat_key(root / rel) == key for rel, key in files.items())
+    expected = {str(p.relative_to(root)) for p in _watched(ds, data_dir)}
+    return any(_stamp_holds(read_json(path), ds, root, expected) for path in _stamp_files(ds, data_dir))
