@@ -357,12 +357,12 @@ def score_results(coco_gt: COCO, results: Sequence[dict] | CocoResults,
         iou_types = tuple(t for t in iou_types if t != "segm")
     if not len(results) or not iou_types:
         return zeros
-    if workers > 1 and not _workers_failed(coco_gt, backend, workers):
+    if workers > 1 and not _workers_failed(backend, workers):
         from concurrent.futures.process import BrokenProcessPool
         try:
             return zeros | _score_in_workers(coco_gt, results, iou_types, image_ids, backend, workers)
         except BrokenProcessPool as exc:  # not worth losing a run over: score here, from now on
-            _POOLS[coco_gt][(backend, workers)] = None
+            _POOLS[(backend, workers)] = None
             log.warning("scoring in worker processes failed (%s); scoring in this process instead. A script "
                         "that scores COCO results must keep its code under `if __name__ == \"__main__\":` "
                         "(workers start by importing it again)", exc)
@@ -408,7 +408,8 @@ def _score_in_workers(coco_gt: COCO, results: CocoResults, iou_types: tuple[str,
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is not one of {BACKENDS}")
     started = time.perf_counter()
-    pool = _scoring_pool(coco_gt, backend, workers)
+    pool = _scoring_pool(backend, workers)
+    path = _ground_truth_file(coco_gt)
     category_ids = sorted(coco_gt.getCatIds())
     detections = collections.Counter(dict(zip(*np.unique(results.category_ids, return_counts=True))))
     weight = {c: detections[c] + len(coco_gt.catToImgs.get(c, ())) for c in category_ids}
@@ -417,8 +418,8 @@ def _score_in_workers(coco_gt: COCO, results: CocoResults, iou_types: tuple[str,
     for share, members in enumerate(shares):
         share_of[members] = share
     share_of_result = share_of[results.category_ids]
-    futures = [pool.submit(_score_share, results.subset(share_of_result == share), iou_types, image_ids, members)
-               for share, members in enumerate(shares)]
+    futures = [pool.submit(_score_share, path, results.subset(share_of_result == share), iou_types, image_ids,
+                           members) for share, members in enumerate(shares)]
     submitted = time.perf_counter()
     merged, busy = {}, []
     for members, future in zip(shares, futures):
@@ -459,31 +460,42 @@ def _balanced_shares(items: list[int], weight: Callable[[int], int], shares: int
 _WORKER: dict = {}
 
 
-def _start_worker(ground_truth: str, backend: str) -> None:
-    """A worker's ground truth (the pickled COCO dataset at path `ground_truth`), indexed once, in
+def _start_worker(backend: str) -> None:
+    """A worker starts without data (it may start before run_start, when nothing of the dataset
+    may be read); its ground truth arrives with its first task (`_ground_truth`)."""
+    _WORKER["backend"], _WORKER["path"], _WORKER["gt"] = backend, None, None
+
+
+def _ground_truth(path: str):
+    """This worker's ground truth (the pickled COCO dataset at `path`), loaded and indexed once, in
     the form its backend reads."""
     import pickle
 
-    with open(ground_truth, "rb") as file:
-        gt = COCO()
-        gt.dataset = pickle.load(file)
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt.createIndex()
-        _backend(backend, gt)  # builds and keeps faster_coco_eval's index when that is the backend
-    _WORKER["gt"], _WORKER["backend"] = gt, backend
+    if _WORKER["path"] != path:
+        with open(path, "rb") as file:
+            gt = COCO()
+            gt.dataset = pickle.load(file)
+        with contextlib.redirect_stdout(io.StringIO()):
+            gt.createIndex()
+            _backend(_WORKER["backend"], gt)  # builds and keeps faster_coco_eval's index when that is the backend
+        _WORKER["path"], _WORKER["gt"] = path, gt
+    return _WORKER["gt"]
 
 
-def _started() -> float:
-    """A task that makes a worker start (and index its ground truth) before scoring needs it."""
+def _started(path: str | None = None) -> float:
+    """A task that makes a worker start (and, given `path`, index that ground truth) before scoring
+    needs it."""
+    if path is not None:
+        _ground_truth(path)
     return time.time()
 
 
-def _score_share(results: CocoResults, iou_types: tuple[str, ...], image_ids: list[int] | None,
+def _score_share(path: str, results: CocoResults, iou_types: tuple[str, ...], image_ids: list[int] | None,
                  category_ids: list[int]) -> tuple[dict[str, dict[str, np.ndarray]], float]:
     """In a worker: evaluate and accumulate these categories; per IoU type precision, recall and
     scores, and the seconds it took."""
     started = time.perf_counter()
-    evaluator_class, gt = _backend(_WORKER["backend"], _WORKER["gt"])
+    evaluator_class, gt = _backend(_WORKER["backend"], _ground_truth(path))
     accumulated = {}
     for iou_type in iou_types:
         with contextlib.redirect_stdout(io.StringIO()):
@@ -493,31 +505,34 @@ def _score_share(results: CocoResults, iou_types: tuple[str, ...], image_ids: li
     return accumulated, time.perf_counter() - started
 
 
-def start_scoring_workers(coco_gt: COCO, backend: str = "auto", workers: int | None = None) -> list:
+def start_scoring_workers(coco_gt: COCO | None = None, backend: str = "auto", workers: int | None = None) -> list:
     """Start score_results' worker processes now, without waiting for them: a trainer calls this
-    before its first epoch so that the first evaluation does not wait for processes to start.
-    Returns futures that are done once the workers are up."""
+    in initialisation (no `coco_gt`: nothing of the dataset is read before run_start), and again
+    with the ground truth once the run has started, so that the workers index it while the first
+    epoch trains. Returns futures that are done once the workers are up (and hold `coco_gt`)."""
     workers = workers or default_workers()
-    if _workers_failed(coco_gt, backend, workers):
-        return []  # score_results scores in-process for this ground truth
-    pool = _scoring_pool(coco_gt, backend, workers)
-    return [pool.submit(_started) for _ in range(workers)]
+    if _workers_failed(backend, workers):
+        return []  # score_results scores in-process from now on
+    pool = _scoring_pool(backend, workers)
+    path = None if coco_gt is None else _ground_truth_file(coco_gt)
+    return [pool.submit(_started, path) for _ in range(workers)]
 
 
 def default_workers() -> int:
     return min(len(os.sched_getaffinity(0)), 8)
 
 
-_POOLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_POOLS: dict = {}                                               # (backend, workers) -> pool; None: broken
+_GROUND_TRUTH_FILES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # coco_gt -> its pickle
 
 
-def _workers_failed(coco_gt: COCO, backend: str, workers: int) -> bool:
+def _workers_failed(backend: str, workers: int) -> bool:
     """Whether these workers broke before (score_results then marks their pool None)."""
-    return coco_gt in _POOLS and _POOLS[coco_gt].get((backend, workers), True) is None
+    return _POOLS.get((backend, workers), True) is None
 
 
-def _scoring_pool(coco_gt: COCO, backend: str, workers: int):
-    """Worker processes holding this ground truth, kept for the next evaluation of the run.
+def _scoring_pool(backend: str, workers: int):
+    """Worker processes, kept for the next evaluation of the run.
 
     forkserver, not fork: the trainer has CUDA and loader threads that a forked child must not
     inherit. The ground truth reaches the workers through a file, not their start arguments:
@@ -525,25 +540,30 @@ def _scoring_pool(coco_gt: COCO, backend: str, workers: int):
     caller for seconds per process (8.5 s measured for one late start)."""
     from concurrent.futures import ProcessPoolExecutor
     import multiprocessing
+
+    key = (backend, workers)
+    if key not in _POOLS:
+        method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+        _POOLS[key] = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
+                                          initializer=_start_worker, initargs=(backend,))
+    return _POOLS[key]
+
+
+def _ground_truth_file(coco_gt: COCO) -> str:
+    """The pickled ground truth the workers load, written once per COCO object (removed with it)."""
     import pickle
     import tempfile
 
-    key = (backend, workers)
-    pools = _POOLS.setdefault(coco_gt, {})
-    if key not in pools:
+    if coco_gt not in _GROUND_TRUTH_FILES:
         descriptor, path = tempfile.mkstemp(prefix="coco-ground-truth-", suffix=".pickle")
         with os.fdopen(descriptor, "wb") as file:
             pickle.dump(coco_gt.dataset, file, protocol=pickle.HIGHEST_PROTOCOL)
-        method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
-                                   initializer=_start_worker, initargs=(path, backend))
-        pools[key] = pool
-        weakref.finalize(coco_gt, _close_pool, pool, path)
-    return pools[key]
+        _GROUND_TRUTH_FILES[coco_gt] = path
+        weakref.finalize(coco_gt, _remove, path)
+    return _GROUND_TRUTH_FILES[coco_gt]
 
 
-def _close_pool(pool, path: str) -> None:
-    pool.shutdown(wait=False, cancel_futures=True)
+def _remove(path: str) -> None:
     with contextlib.suppress(OSError):
         os.unlink(path)
 

@@ -1,4 +1,5 @@
-"""The run's MLPerf log (mlperf_logging.mllog): written by rank 0 only, to stdout and the result file.
+"""The run's MLPerf log (mlperf_logging.mllog): written by rank 0 only, to the result file (and to
+stdout with `echo`: --verbose, or MLPERF_LOG_ECHO=1).
 
 `MLLogger` holds the calls the loop makes (event, start, end) and the fixed records of a run: the
 submission, the recipe's hyperparameters, and the two records the compliance checker ignores but
@@ -6,6 +7,7 @@ submission, the recipe's hyperparameters, and the two records the compliance che
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from mlperf_logging import mllog
@@ -19,10 +21,14 @@ PACKAGE_DIR = Path(__file__).resolve().parent   # log records name the trainer's
 class MLLogger:
     """mllog for rank 0 (`enabled`); every other rank's calls do nothing."""
 
-    def __init__(self, path: Path, enabled: bool):
+    def __init__(self, path: Path, enabled: bool, echo: bool = False):
         self.enabled = enabled
         self._logger = mllog.get_mllogger()
         if enabled:
+            if not echo:  # mllog's default logger prints every record to stdout: the file holds them
+                for handler in list(self._logger.logger.handlers):
+                    if type(handler) is logging.StreamHandler:
+                        self._logger.logger.removeHandler(handler)
             # stack offset 2: the record names the caller of these methods, not this file
             mllog.config(filename=str(path), root_dir=str(PACKAGE_DIR), default_stack_offset=2)
         else:
@@ -47,12 +53,12 @@ class MLLogger:
         self.event(C.SUBMISSION_STATUS, status)
         self.event(C.SUBMISSION_PLATFORM, platform)
 
-    def hyperparameters(self, *, seed: int, global_batch: int, schedule: Schedule, profile: Profile,
-                        targets: dict[str, float], config_name: str) -> None:
+    def hyperparameters(self, *, seed: int, global_batch: int, per_gpu_batch: int, schedule: Schedule,
+                        profile: Profile, targets: dict[str, float], config_name: str) -> None:
         self.event(C.SEED, seed)
         self.event(C.GLOBAL_BATCH_SIZE, global_batch)
         self.event(C.GRADIENT_ACCUMULATION_STEPS, 1)
-        self.event(C.NUM_IMAGE_CANDIDATES, schedule.image_candidates)
+        self.event(C.NUM_IMAGE_CANDIDATES, profile.logged_image_candidates(per_gpu_batch))
         self.event(C.OPT_NAME, "sgd_with_momentum")
         self.event(C.OPT_BASE_LR, schedule.lr)
         self.event(C.OPT_LR_WARMUP_STEPS, schedule.warmup_steps)

@@ -38,7 +38,7 @@ class Schedule:
     decay_steps: tuple[int, int]
     warmup_steps: int
     warmup_factor: float
-    image_candidates: int            # RPN post-NMS proposals per image in training
+    image_candidates: int            # the RCP's num_image_candidates (per GPU batch: see proposals_per_image)
     source: str                      # where it came from, for the log and the system description
     epochs_to_converge: tuple[float, ...] = ()
 
@@ -80,6 +80,38 @@ def reference_points(ruleset: str = RULESET) -> dict[int, Schedule]:
     return table
 
 
+def rulesets() -> list[str]:
+    """MLPerf Training rulesets with Mask R-CNN, as the installed mlperf-logging knows them (an RCP
+    table and closed-division compliance rules for it), oldest first."""
+    root = resources.files("mlperf_logging")
+    found = []
+    for folder in (root / "rcp_checker").iterdir():
+        version = folder.name.removeprefix("training_")
+        if (folder.name.startswith("training_") and (folder / f"rcps_{BENCHMARK}.json").is_file()
+                and (root / "compliance_checker" / folder.name / f"closed_{BENCHMARK}.yaml").is_file()):
+            found.append(version)
+    return sorted(found, key=lambda v: tuple(int(part) for part in v.split(".")))
+
+
+def rcp_position(global_batch: int, ruleset: str = RULESET) -> tuple[str, str]:
+    """Where a global batch stands among the reference convergence points (RCPs) the RCP checker
+    judges a closed-division result by: ("rcp" | "interpolated" | "below" | "outside", in words)."""
+    batches = sorted(reference_points(ruleset))
+    if global_batch in batches:
+        return "rcp", f"the RCP at global batch {global_batch}"
+    below = [b for b in batches if b < global_batch]
+    above = [b for b in batches if b > global_batch]
+    if below and above:
+        return "interpolated", f"interpolated between the RCPs at {below[-1]} and {above[0]}"
+    if above:
+        return "below", (f"global batch {global_batch} is below MLPerf's smallest reference convergence point "
+                         f"for {BENCHMARK} ({batches[0]}, ruleset {ruleset}): the RCP checker accepts a "
+                         f"closed-division result only if it converges in no fewer epochs than that one")
+    return "outside", (f"global batch {global_batch} is above MLPerf's reference convergence points for "
+                       f"{BENCHMARK} ({batches[0]}-{batches[-1]}, ruleset {ruleset}): the RCP checker will not "
+                       f"accept a closed-division result at it without a new RCP")
+
+
 def schedule_for(global_batch: int, ruleset: str = RULESET) -> Schedule:
     """The RCP schedule for a global batch size; the reference recipe at 16; else linear scaling."""
     table = reference_points(ruleset)
@@ -109,9 +141,20 @@ class Profile:
     max_epochs: int = 40
     pretrained: bool = True          # start from the ImageNet backbone (frozen BN); False: random init
     schedule: Schedule | None = None  # None: the RCP schedule of the global batch size
+    proposals_per_image: int = 1000  # RPN post-NMS proposals per image in training, at every batch size
     rois_per_image: int = 512        # RoI-head samples per image (the reference's 512)
     test_candidates: int = 1000      # RPN post-NMS proposals per image at test time
     detections_per_image: int = 100  # kept per image at test time (COCO's maximum)
+
+    def logged_image_candidates(self, per_gpu_batch: int) -> int:
+        """num_image_candidates as the log states it. The rules allow "1000 or 1000 x batches per
+        chip": the RCP table's 6000 at global batch 48-272 is the reference's 6 images per GPU x
+        1000, each image getting 1000. Logged per GPU batch, as NVIDIA's v3.0 logs do (12000 at 12)."""
+        return self.proposals_per_image * per_gpu_batch
+
+    def targets(self, bbox: float | None = None, segm: float | None = None) -> dict[str, float]:
+        """The quality targets of a run: the profile's, unless given."""
+        return {"BBOX": self.bbox_target if bbox is None else bbox, "SEGM": self.segm_target if segm is None else segm}
 
     def schedule_for(self, global_batch: int, ruleset: str = RULESET) -> Schedule:
         """A profile's own schedule is written for its batch; other batches follow the linear
@@ -134,7 +177,7 @@ PROFILES = {
         # detections, since the mask head's cost grows with them and dominates on a CPU. At 2 s an
         # iteration (R50-FPN, 96-128 px, batch 4, 2 cores) this shows every step working, not learning.
         name="shapes-cpu", min_size=96, max_size=128, bbox_target=0.05, segm_target=0.05, max_epochs=2,
-        pretrained=False, rois_per_image=32, test_candidates=100, detections_per_image=20,
+        pretrained=False, proposals_per_image=200, rois_per_image=32, test_candidates=100, detections_per_image=20,
         schedule=Schedule(batch=4, lr=0.02, decay_steps=(400, 600), warmup_steps=20,
                           warmup_factor=0.01, image_candidates=200, source="shapes CPU profile")),
 }

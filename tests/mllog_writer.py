@@ -19,21 +19,24 @@ def _line(key, value=None, t=0, event="POINT_IN_TIME", **metadata) -> str:
 
 def write_log(path: Path, *, minutes: float, status: str = "success", epochs: int = 4,
               final=(0.38, 0.345), division: str = "closed", targets: dict | None = None,
-              break_rule: bool = False, seed: int = 1) -> Path:
+              break_rule: bool = False, seed: int = 1, benchmark: str = "maskrcnn", batch: int = 16,
+              v07: bool = False, org: str = "tests") -> Path:
     """A run of `epochs` epochs taking `minutes` from run_start to run_stop, accuracy rising to `final`.
 
     break_rule: log global_batch_size twice, which the checker's EXACTLY_ONE rule rejects.
     targets: log them as a `quality_target` record, as an open-division run states its own.
+    v07: without gradient_accumulation_steps, as MLPerf v0.7 logs are (rulesets from 1.0.0 want it).
     """
     ms = minutes * 60000
     start = 60_000
     lines = [
-        _line("submission_benchmark", "maskrcnn"), _line("submission_org", "tests"),
+        _line("submission_benchmark", benchmark), _line("submission_org", org),
         _line("submission_division", division), _line("submission_status", "research"),
         _line("submission_platform", "1xCPU"), _line("cache_clear", True),
         _line("init_start", t=1000, event="INTERVAL_START"),
-        _line("seed", seed, t=1001), _line("global_batch_size", 16, t=1002),
-        _line("gradient_accumulation_steps", 1, t=1003), _line("opt_base_learning_rate", 0.02, t=1004),
+        _line("seed", seed, t=1001), _line("global_batch_size", batch, t=1002),
+        *([] if v07 else [_line("gradient_accumulation_steps", 1, t=1003)]),
+        _line("opt_base_learning_rate", 0.02 * batch / 16, t=1004),
         _line("opt_learning_rate_warmup_steps", 500, t=1005),
         _line("opt_learning_rate_warmup_factor", 0.333, t=1006),
         _line("num_image_candidates", 1000, t=1007), _line("opt_learning_rate_decay_factor", 0.1, t=1008),

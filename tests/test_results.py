@@ -13,11 +13,11 @@ from mllog_writer import write_log
 from mlperf import host
 from mlperf.errors import UserError
 from mlperf.results import system_desc
-from mlperf.results.logs import RunLog
+from mlperf.results.logs import RunLog, parse_log
 from mlperf.results.score import RunResult, run_result, score
 from mlperf.results.series import open_series
 
-REFERENCE = ROOT.parent / "shared" / "reference" / "nvidia-dgxh100-maskrcnn-v3.0"
+REFERENCE = ROOT / "tests" / "data" / "nvidia-dgxh100-maskrcnn-v3.0"  # tests/data/README.md: source
 
 
 def run(index, minutes, status="success", compliant=True):
@@ -132,8 +132,7 @@ def test_open_division_targets_come_from_the_log(tmp_path, sandbox):
 
 
 def test_reference_nvidia_dgxh100_scores_19_18(sandbox):
-    assert REFERENCE.is_dir(), (f"NVIDIA's reference logs are expected at {REFERENCE} (shared/ beside the "
-                                "clone); without them this check cannot run")
+    assert REFERENCE.is_dir(), f"NVIDIA's published logs belong in {REFERENCE} (tests/data/README.md)"
     proc = run_invoke(["time", "--from-logs", str(REFERENCE), "--ruleset", "3.0.0"], env=sandbox, check=True)
     assert "score: 19.18 minutes" in proc.stdout
     summary = _summary(Path(sandbox["INVOKE_MLPERF_RESULTS_DIR"]), REFERENCE.name)
@@ -145,7 +144,8 @@ def test_reference_nvidia_dgxh100_scores_19_18(sandbox):
     assert runs[2]["compliant"] is False
     assert len(runs[2]["messages"]) == 1 and "BBOX'] >= 0.377" in runs[2]["messages"][0]
     assert summary["score"] == {"minutes": pytest.approx(19.18, abs=0.005), "kind": "mlperf",
-                                "note": summary["score"]["note"], "used": [1, 3, 4], "dropped": [2]}
+                                "note": summary["score"]["note"], "used": [1, 3, 4], "dropped": [2],
+                                "rcp": "RCP Interpolation, RCP test PASSED"}  # closed division: RCPs judge it
 
 
 def test_from_logs_without_logs_is_one_line(tmp_path, sandbox):
@@ -215,3 +215,160 @@ def test_detect_system_fields_and_types(tmp_path):
     path.write_text(json.dumps(desc))
     valid, name, *_ = check_system_desc(str(path), "training", "3.1.0")
     assert valid and name == "testbox"
+
+
+# --- scoring guards -------------------------------------------------------------------------
+
+
+def one_error_line(proc) -> str:
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    return lines[0]
+
+
+def test_logs_of_another_benchmark_are_refused(tmp_path, sandbox):
+    logs = tmp_path / "ssd"
+    for i in range(5):
+        write_log(logs / f"result_{i}.txt", minutes=10 + i, benchmark="ssd", seed=i + 1)
+    line = one_error_line(run_invoke(["time", "--from-logs", str(logs)], env=sandbox))
+    assert "submission_benchmark ssd" in line and "not maskrcnn" in line
+
+
+@pytest.mark.parametrize("ruleset", ["3.1", "9.9.9", "4.0.0"])
+def test_an_unknown_ruleset_is_one_line_listing_the_known_ones(ruleset, tmp_path, sandbox):
+    logs = tmp_path / "published"
+    write_log(logs / "result_0.txt", minutes=10)
+    line = one_error_line(run_invoke(["time", "--from-logs", str(logs), "--ruleset", ruleset], env=sandbox))
+    assert f"--ruleset {ruleset!r} has no maskrcnn rules" in line and "3.0.0" in line and "3.1.0" in line
+    line = one_error_line(run_invoke(["train", "--dataset", "shapes", "--data-dir", str(tmp_path), "--ruleset",
+                                      ruleset, "--dry-run"], env=sandbox))  # the schedules come from it too
+    assert "has no maskrcnn rules" in line
+
+
+def test_logs_that_fail_the_ruleset_but_pass_an_older_one_say_which(tmp_path, sandbox):
+    logs = tmp_path / "v0.7"
+    for i in range(5):
+        write_log(logs / f"result_{i}.txt", minutes=10 + i, v07=True, seed=i + 1)
+    proc = run_invoke(["time", "--from-logs", str(logs)], env=sandbox)
+    assert "every run fails ruleset 3.1.0, and they pass 0.7.0: score them with --ruleset 0.7.0" in proc.stdout
+    again = run_invoke(["time", "--from-logs", str(logs), "--ruleset", "0.7.0"], env=sandbox, check=True)
+    assert "score: 12.00 minutes" in again.stdout
+
+
+def test_two_logs_folders_of_one_name_keep_their_own_summaries(tmp_path, sandbox):
+    results_dir = Path(sandbox["INVOKE_MLPERF_RESULTS_DIR"])
+    first, second = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    for folder, minutes in ((first, 10), (second, 20)):
+        write_log(folder / "result_0.txt", minutes=minutes)
+        run_invoke(["time", "--from-logs", str(folder)], env=sandbox, check=True)
+    a, b = _summary(results_dir, "run"), _summary(results_dir, "run-2")
+    assert a["logs"] == str(first.resolve()) and a["score"]["minutes"] == pytest.approx(10)
+    assert b["logs"] == str(second.resolve()) and b["score"]["minutes"] == pytest.approx(20)
+    run_invoke(["time", "--from-logs", str(first)], env=sandbox, check=True)  # the same logs: rescored in place
+    assert sorted(p.name for p in (results_dir / "scores").iterdir()) == ["run", "run-2"]
+
+
+def test_a_closed_series_without_a_reference_convergence_point_is_no_mlperf_score(tmp_path, sandbox):
+    logs = tmp_path / "batch-1024"
+    for i in range(5):
+        write_log(logs / f"result_{i}.txt", minutes=10 + i, batch=1024, epochs=14, seed=i + 1)
+    proc = run_invoke(["time", "--from-logs", str(logs)], env=sandbox)
+    summary = _summary(Path(sandbox["INVOKE_MLPERF_RESULTS_DIR"]), "batch-1024")
+    assert all(r["compliant"] for r in summary["runs"])             # the compliance checker is satisfied
+    assert summary["score"]["kind"] == "olympic" and "Missing RCP" in summary["score"]["rcp"]
+    assert "MLPerf score;" not in proc.stdout and "not an MLPerf score (the RCP check failed" in proc.stdout
+
+
+def test_non_numeric_accuracy_or_time_is_one_line(tmp_path, sandbox):
+    logs = tmp_path / "edited"
+    path = write_log(logs / "result_0.txt", minutes=10)
+    text = path.read_text().replace('"BBOX": 0.38,', '"BBOX": "0.38",', 1)
+    path.write_text(text)
+    line = one_error_line(run_invoke(["time", "--from-logs", str(logs)], env=sandbox))
+    assert "result_0.txt line" in line and "'eval_accuracy' record" in line and "not a number" in line
+
+
+# --- invoke package ---------------------------------------------------------------------------
+
+
+def nvidia_series(results_dir: Path, name: str = "dgxh100-v3.0") -> Path:
+    """A series folder as `invoke time` lays one out, holding NVIDIA's published closed-division logs and
+    system description (no COCO run is possible here; tests/data/README.md says where they come from)."""
+    root = results_dir / name
+    logs = root / "results" / "dgxh100" / "maskrcnn"
+    logs.mkdir(parents=True)
+    for i in range(5):
+        (logs / f"result_{i}.txt").write_bytes((REFERENCE / f"result_{i}.txt").read_bytes())
+    desc = json.loads((REFERENCE / "system_desc.json").read_text())
+    desc["system_name"] = "dgxh100"
+    (root / "systems").mkdir()
+    (root / "systems" / "dgxh100.json").write_text(json.dumps(desc, indent=4))
+    (root / "series.json").write_text(json.dumps({"name": name, "runs": 5, "dataset": "coco2017", "system": "dgxh100",
+                                                  "ruleset": "3.0.0", "seeds": [1, 2, 3, 4, 5]}))
+    return root
+
+
+def test_package_of_a_closed_series_passes_the_package_checker(tmp_path, sandbox):
+    results_dir = Path(sandbox["INVOKE_MLPERF_RESULTS_DIR"])
+    root = nvidia_series(results_dir)
+    proc = run_invoke(["package", "--series", root.name, "--ruleset", "3.0.0", "--output", str(tmp_path / "out")],
+                      env=sandbox, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr
+    tree = tmp_path / "out" / "NVIDIA"
+    assert sorted(p.name for p in tree.iterdir()) == ["benchmarks", "results", "systems"]
+    results = tree / "results" / "dgxh100" / "maskrcnn"
+    assert sorted(p.name for p in results.iterdir()) == [f"result_{i}.txt" for i in range(5)]
+    assert all((results / f"result_{i}.txt").read_bytes() == (REFERENCE / f"result_{i}.txt").read_bytes()
+               for i in range(5))                                   # the logs exactly as they were
+    impl = tree / "benchmarks" / "maskrcnn" / "implementations" / "backendai-pytorch"
+    for part in ("object_detection/train.py", "mlperf/launch.py", "tasks.py", "requirements.txt", "Dockerfile",
+                 "README.md", "config_dgxh100.json"):
+        assert (impl / part).is_file(), part
+    assert not list(tree.rglob("series.json")) and not list(tree.rglob("summary*")) and not list(tree.rglob("*.png"))
+    assert "PACKAGE CHECKER FOUND NO ERRORS" in (tmp_path / "out" / "package_checker.log").read_text()
+    [row] = json.loads((tmp_path / "out" / "result_summary_detailed.json").read_text())
+    assert row["maskrcnn:time_to_train"] == pytest.approx(19.18, abs=0.005) and row["maskrcnn:RCP"] == "Pass"
+    assert "19.18 minutes" in proc.stdout and "passes the package checker" in proc.stdout
+    again = run_invoke(["package", "--series", root.name, "--ruleset", "3.0.0", "--output", str(tmp_path / "out")],
+                       env=sandbox, timeout=600)
+    assert again.returncode == 0, again.stderr  # its own tree is replaced whole
+
+
+def test_package_refuses_what_is_not_a_submission(tmp_path, sandbox):
+    results_dir = Path(sandbox["INVOKE_MLPERF_RESULTS_DIR"])
+    root = nvidia_series(results_dir)
+    line = one_error_line(run_invoke(["package", "--series", root.name, "--submitter", "Someone Else",
+                                      "--ruleset", "3.0.0"], env=sandbox))
+    assert "the logs say submission_org 'NVIDIA'" in line
+    (root / "results" / "dgxh100" / "maskrcnn" / "result_4.txt").unlink()
+    line = one_error_line(run_invoke(["package", "--series", root.name, "--ruleset", "3.0.0"], env=sandbox))
+    assert "has runs [0, 1, 2, 3]" in line
+    line = one_error_line(run_invoke(["package", "--series", "nothing-here"], env=sandbox))
+    assert "is not a result series" in line
+
+
+def test_one_process_at_a_time_runs_a_series(tiny_shapes, tmp_path, sandbox):
+    import subprocess
+    import sys
+    import time
+
+    results = tmp_path / "results"
+    args = ["time", *tiny_shapes["args"], "--runs", "1", "--max-epochs", "1", "--results-dir", str(results),
+            "--series", "once"]
+    env = {**__import__("os").environ, **sandbox, "BACKENDAI_CLUSTER_HOSTS": "", "PYTHONUNBUFFERED": "1"}
+    first = subprocess.Popen([sys.executable, "-m", "invoke", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(results.glob("once/results/*/maskrcnn/result_0.txt.partial")):
+            assert first.poll() is None and time.monotonic() < deadline, first.stdout.read() if first.stdout else ""
+            time.sleep(0.1)
+        second = run_invoke(args, env={**sandbox, "BACKENDAI_CLUSTER_HOSTS": ""})
+        line = one_error_line(second)
+        assert f"series once is being run by another process (pid {first.pid})" in line
+    finally:
+        out, _ = first.communicate(timeout=600)
+    assert "run 0/1:" in out and "crashed" not in out, out
+    [log] = results.glob("once/results/*/maskrcnn/result_0.txt")
+    assert parse_log(log).status in ("success", "aborted")

@@ -29,41 +29,63 @@ def format_table(runs: list[RunResult]) -> str:
 
 
 def format_score(s: Score) -> str:
+    rcp = f"\nRCP: {s.rcp}" if s.rcp else ""
     if s.minutes is None:
-        return f"score: none: {s.note}"
-    return f"score: {s.minutes:.2f} minutes ({s.note}; runs {', '.join(map(str, s.used))})"
+        return f"score: none: {s.note}{rcp}"
+    return f"score: {s.minutes:.2f} minutes ({s.note}; runs {', '.join(map(str, s.used))}){rcp}"
 
 
-def plot(parsed: dict[int, RunLog], path: Path, title: str) -> None:
-    """Eval accuracy against minutes since run_start, a colour per run: BBOX solid, SEGM dashed, targets."""
+def plot(parsed: dict[int, RunLog], path: Path, title: str, dropped: set[int] = frozenset()) -> None:
+    """Eval accuracy against minutes since run_start, BBOX and SEGM side by side, each with its
+    target: a colour per run, dropped runs grey and dashed, each run's first evaluation that met
+    both targets marked, the y axis zoomed to where the runs approach and cross the targets, the
+    legend outside the axes."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     targets = next((log.targets for log in parsed.values() if log.targets_from_log), QUALITY_TARGETS)
-    for n, (i, log) in enumerate(sorted(parsed.items())):
-        if not log.evals or log.run_start_ms is None:
-            continue
-        c = colours[n % len(colours)]
-        xs = [(t - log.run_start_ms) / 60000 for t, *_ in log.evals]
-        ax.plot(xs, [e[2] for e in log.evals], "-", color=c, marker=".", label=f"run {i} BBOX")
-        ax.plot(xs, [e[3] for e in log.evals], "--", color=c, marker=".", label=f"run {i} SEGM")
-    ax.axhline(targets["BBOX"], color="black", linestyle="-", linewidth=1,
-               label=f"BBOX target {targets['BBOX']:g}")
-    ax.axhline(targets["SEGM"], color="black", linestyle="--", linewidth=1,
-               label=f"SEGM target {targets['SEGM']:g}")
-    ax.set_xlabel("minutes since run_start")
-    ax.set_ylabel("eval accuracy (COCO mAP)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2, loc="lower right")
-    fig.tight_layout()
+    runs = [(i, log) for i, log in sorted(parsed.items()) if log.evals and log.run_start_ms is not None]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), dpi=100, sharex=True)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for column, (ax, metric) in enumerate(zip(axes, ("BBOX", "SEGM"))):
+        for n, (i, log) in enumerate(runs):
+            xs = [(t - log.run_start_ms) / 60000 for t, *_ in log.evals]
+            ys = [e[2 + column] for e in log.evals]
+            style = dict(color="0.6", linestyle="--") if i in dropped else dict(color=colours[n % len(colours)])
+            ax.plot(xs, ys, marker=".", label=f"run {i}" + (" (dropped)" if i in dropped else ""), **style)
+            crossed = next((k for k, e in enumerate(log.evals)
+                            if e[2] >= targets["BBOX"] and e[3] >= targets["SEGM"]), None)
+            if crossed is not None:
+                ax.plot(xs[crossed], ys[crossed], marker="*", markersize=13, color=style["color"],
+                        markeredgecolor="black", linestyle="none")
+        ax.axhline(targets[metric], color="black", linewidth=1, label=f"target {targets[metric]:g}")
+        ax.set_ylim(*_zoom([e[2 + column] for _, log in runs for e in log.evals], targets[metric]))
+        ax.set(title=f"{metric} (COCO mAP)", xlabel="minutes since run_start")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("eval accuracy")
+    handles, labels = axes[0].get_legend_handles_labels()
+    handles.append(plt.Line2D([], [], marker="*", markersize=11, color="white", markerfacecolor="0.5",
+                              markeredgecolor="black"))
+    labels.append("targets met")
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(0.86, 0.5), fontsize=8, frameon=False)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0, 0.85, 1))
     png = io.BytesIO()
     fig.savefig(png, format="png")
     plt.close(fig)
     atomic_write(path, png.getvalue())
+
+
+def _zoom(values: list[float], target: float) -> tuple[float, float]:
+    """The y band where runs approach and cross `target`: from about 60% of it (or the lowest late
+    value, when runs end below that) to just above the best value."""
+    if not values:
+        return 0.0, max(target * 1.2, 1e-3)
+    top = max(max(values), target) * 1.06
+    late = sorted(values)[len(values) // 2:]  # the upper half: where the curves approach the target
+    bottom = min(target * 0.6, min(late) * 0.95)
+    return max(0.0, bottom), max(top, bottom + 1e-3)
 
 
 def write_summary(out_dir: Path, *, name: str, runs: list[RunResult], parsed: dict[int, RunLog],
@@ -92,15 +114,17 @@ def write_summary(out_dir: Path, *, name: str, runs: list[RunResult], parsed: di
         md += ["Dropped runs:", "", *reasons, ""]
     md += ["![eval accuracy against time](plot.png)", ""]
     atomic_write(out_dir / "summary.md", "\n".join(md))
-    plot(parsed, out_dir / "plot.png", f"{BENCHMARK} {name}: eval accuracy")
+    plot(parsed, out_dir / "plot.png", f"{BENCHMARK} {name}: eval accuracy", {r.index for r in runs if r.dropped})
     return summary
 
 
-def report(runs: list[RunResult], sc: Score, out_dir: Path) -> None:
+def report(runs: list[RunResult], sc: Score, out_dir: Path, hint: str | None = None) -> None:
     print(format_table(runs))
     for r in runs:
         if r.dropped:
             detail = f": {r.messages[0]}" if r.messages else ""
             print(f"run {r.index} dropped: {r.reason}{detail}")
+    if hint:
+        print(hint)
     print(format_score(sc))
     print(f"summary: {out_dir / 'summary.md'}, {out_dir / 'summary.json'}, plot {out_dir / 'plot.png'}")

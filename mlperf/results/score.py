@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlperf.results.logs import RunLog, check_compliance, parse_log
+from mlperf.results.logs import RunLog, check_compliance, check_rcp, compliance_rulesets, parse_log
 from object_detection.recipe import RUNS
 
 
@@ -25,7 +25,7 @@ class RunResult:
     status: str                     # success, aborted, crashed (no run_stop), missing
     compliant: bool | None          # None: not checked (no log)
     messages: list[str]
-    epochs: float | None            # epoch at which the targets were met
+    epochs: float | None            # epoch at which the targets were met (a run that did not: epochs run)
     bbox: float | None              # last evaluation
     segm: float | None
     seed: int | None = None
@@ -36,10 +36,11 @@ class RunResult:
 @dataclass
 class Score:
     minutes: float | None           # None: no score
-    kind: str                       # "mlperf", "olympic" (N != 5), "mean" (N < 3), "none"
+    kind: str                       # "mlperf", "olympic" (N != 5, or RCP failed), "mean" (N < 3), "none"
     note: str                       # one sentence a person reads
     used: list[int]                 # run indices averaged
     dropped: list[int]
+    rcp: str = ""                   # the RCP checker's verdict (closed division), or why it was not run
 
 
 def run_result(index: int, log: RunLog | None, compliance: tuple[bool, list[str]] | None,
@@ -54,7 +55,7 @@ def run_result(index: int, log: RunLog | None, compliance: tuple[bool, list[str]
     status = log.status or "crashed"
     result = RunResult(
         index=index, path=str(log.path), minutes=log.minutes, status=status, compliant=ok,
-        messages=messages, epochs=log.converged_epoch if status == "success" else None,
+        messages=messages, epochs=log.converged_epoch if status == "success" else log.epochs_run,
         bbox=last[2] if last else None, segm=last[3] if last else None, seed=log.seed)
     if status != "success":
         result.dropped, result.reason = True, f"run_stop status {status}" if log.status else "no run_stop"
@@ -95,6 +96,33 @@ def score(runs: list[RunResult]) -> Score:
         return Score(mean, "mlperf", f"{what}: MLPerf score", used, dropped)
     return Score(mean, "olympic", f"{what}: not an MLPerf score (MLPerf scores {RUNS} runs)",
                  used, dropped)
+
+
+def judge_convergence(sc: Score, parsed: dict[int, RunLog], folder: Path, ruleset: str) -> Score:
+    """A closed-division score is an MLPerf score only if the RCP checker accepts the runs'
+    convergence (mlperf-logging's own check, as the package checker makes it)."""
+    divisions = {log.submission.get("division") for log in parsed.values()}
+    if divisions != {"closed"}:
+        sc.rcp = "not checked: open division (RCPs judge closed-division runs only)"
+        return sc
+    ok, verdict = check_rcp(folder, ruleset)
+    sc.rcp = verdict
+    if sc.kind == "mlperf" and not ok:
+        sc.kind = "olympic"
+        sc.note = sc.note.replace(": MLPerf score", f": not an MLPerf score (the RCP check failed: {verdict})")
+    return sc
+
+
+def suggest_ruleset(runs: list[RunResult], parsed: dict[int, RunLog], ruleset: str) -> str | None:
+    """When every run fails `ruleset`'s compliance checker, another ruleset their logs pass (an
+    older round's logs, say), in words; None when some pass or none does."""
+    if not runs or any(r.compliant is not False for r in runs):
+        return None
+    first = parsed[min(parsed)].path
+    for other in compliance_rulesets():
+        if other != ruleset and check_compliance(first, other)[0]:
+            return f"every run fails ruleset {ruleset}, and they pass {other}: score them with --ruleset {other}"
+    return None
 
 
 def evaluate(logs: dict[int, Path], ruleset: str, *, crashed: dict[int, int] | None = None,

@@ -15,6 +15,7 @@ recorded for them. `score_logs` scores a folder of logs someone else wrote (--fr
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import re
@@ -23,10 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlperf.errors import UserError
-from mlperf.files import rename, write_json
-from mlperf.results.logs import RESULT_NAME, RunLog, parse_log, result_files
+from mlperf.files import LockBusy, exclusive_lock, read_json, rename, write_json
+from mlperf.results.logs import RESULT_NAME, RunLog, check_ruleset, parse_log, result_files
 from mlperf.results.report import report, write_summary
-from mlperf.results.score import evaluate, score
+from mlperf.results.score import evaluate, judge_convergence, score, suggest_ruleset
 from object_detection.recipe import BENCHMARK, RUNS
 
 
@@ -50,16 +51,32 @@ def score_logs(folder: Path, *, ruleset: str, results_dir: Path) -> dict:
     The input folder is never written to (it may be someone's published submission, and root ignores
     permission bits, so "writable" proves nothing): the summary goes to <results_dir>/scores/<name>/.
     """
+    check_ruleset(ruleset, for_training=False)
     folder = _find_logs_folder(Path(folder))
     logs = result_files(folder)
     runs, parsed = evaluate(logs, ruleset)
-    sc = score(runs)
+    other = {str(log.benchmark) for log in parsed.values() if log.benchmark != BENCHMARK}
+    if other:
+        raise UserError(f"{folder} holds logs of another benchmark (submission_benchmark {', '.join(sorted(other))}), "
+                        f"not {BENCHMARK}: give the folder of a {BENCHMARK} result")
+    sc = judge_convergence(score(runs), parsed, folder, ruleset)
     name = folder.name if folder.name != BENCHMARK else f"{folder.parent.name}-{BENCHMARK}"
-    out_dir = Path(results_dir) / "scores" / name
-    summary = write_summary(out_dir, name=name, runs=runs, parsed=parsed, sc=sc, ruleset=ruleset,
+    out_dir = _scores_folder(Path(results_dir) / "scores", name, folder)
+    summary = write_summary(out_dir, name=out_dir.name, runs=runs, parsed=parsed, sc=sc, ruleset=ruleset,
                             extra={"logs": str(folder.resolve())})
-    report(runs, sc, out_dir)
+    report(runs, sc, out_dir, hint=suggest_ruleset(runs, parsed, ruleset))
     return summary
+
+
+def _scores_folder(scores: Path, name: str, logs: Path) -> Path:
+    """scores/<name>/ for these logs: the folder they were scored into before, else a free name
+    (name-2, ...): two logs folders of one name never overwrite each other's summary."""
+    candidate, k = scores / name, 1
+    while (candidate / "summary.json").is_file() and read_json(candidate / "summary.json").get("logs") != \
+            str(logs.resolve()):
+        k += 1
+        candidate = scores / f"{name}-{k}"
+    return candidate
 
 
 
@@ -97,11 +114,12 @@ def _new_series_name(results_dir: Path, dataset: str) -> str:
 
 
 def open_series(results_dir: Path, series: str | None, settings: dict, *,
-                finished_ok: bool = False) -> Series:
+                finished_ok: bool = False, create: bool = True) -> Series | None:
     """Create a new series, or reopen an unfinished one with the same settings.
 
     A finished series is refused (UserError) unless finished_ok (invoke all, which then only rescores).
-    Seeds are drawn once here and kept in series.json, so a resumed series reuses them.
+    Seeds are drawn once here and kept in series.json, so a resumed series reuses them. With
+    `create` False nothing is written: the refusals are checked, and a new series is None.
     """
     results_dir = Path(results_dir)
     name = series or _new_series_name(results_dir, settings["dataset"])
@@ -110,9 +128,11 @@ def open_series(results_dir: Path, series: str | None, settings: dict, *,
     root = results_dir / name
     meta = root / "series.json"
     if meta.is_file():
-        recorded = json.loads(meta.read_text())
-        wanted = {k: v for k, v in settings.items() if v is not None}
-        differ = [k for k, v in wanted.items() if k != "system" and recorded.get(k) != v]
+        recorded = _recorded_settings(meta)
+        # What a series records of its runs must match; a setting it predates (not in series.json)
+        # cannot be compared, and the system and node count are found, not chosen.
+        wanted = {k: v for k, v in settings.items() if v is not None and k in recorded}
+        differ = [k for k, v in wanted.items() if k not in ("system", "nodes_count") and recorded[k] != v]
         if differ:
             raise UserError(f"series {name} was started with other settings "
                             f"({', '.join(f'{k}={recorded.get(k)!r}' for k in differ)}): "
@@ -126,6 +146,8 @@ def open_series(results_dir: Path, series: str | None, settings: dict, *,
     if root.exists() and any(root.rglob("result_*.txt")):
         raise UserError(f"{root} holds result files that are not a series of this tool; they are left "
                         "untouched: choose another --series name or --results-dir")
+    if not create:
+        return None
     if not settings.get("system"):
         from mlperf.results.system_desc import default_system_name
 
@@ -135,6 +157,17 @@ def open_series(results_dir: Path, series: str | None, settings: dict, *,
                     created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     write_json(meta, recorded, indent=2)
     return Series(root, recorded)
+
+
+def _recorded_settings(meta: Path) -> dict:
+    """series.json as this tool wrote it; a damaged one is a UserError (its seeds are the series')."""
+    recorded = read_json(meta)
+    seeds = recorded.get("seeds")
+    if not (isinstance(recorded.get("runs"), int) and isinstance(seeds, list) and len(seeds) == recorded["runs"]
+            and all(isinstance(x, int) for x in seeds) and isinstance(recorded.get("system"), str)):
+        raise UserError(f"{meta} is damaged (not the settings and seeds this tool writes): restore it, or start "
+                        "a new series with another --series name")
+    return recorded
 
 
 def config_note(name: str | None) -> str:
@@ -157,56 +190,107 @@ def write_system_desc(s: Series, parsed: dict[int, RunLog] | None = None) -> Pat
     logs = list((parsed or {}).values())
     sub = next((log.submission for log in logs if log.submission), {})
     config = s.settings.get("config") or next((log.config for log in logs if log.config), None)
+    nodes = s.settings.get("nodes_count") or 1
     desc = system_desc.detect_system(
-        s.system, submitter=sub.get("org", ""), division=sub.get("division", ""),
-        status=sub.get("status", ""), sw_notes=config_note(config))
+        s.system, submitter=sub.get("org", s.settings.get("submitter") or ""), division=sub.get("division", ""),
+        status=sub.get("status", s.settings.get("status") or ""), nodes=nodes, sw_notes=config_note(config))
     path = s.root / "systems" / f"{s.system}.json"
     write_json(path, desc, indent=4)
     return path
 
 
-def time_series(*, runs: int, results_dir: Path, system: str | None, ruleset: str, dataset: str,
-                data_dir: Path, config: str | None = None, gpus=None, max_epochs=None,
-                series: str | None = None, finished_ok: bool = False,
-                resume_hint: str | None = None) -> dict:
+def time_series(*, runs: int, results_dir: Path, system: str | None, ruleset: str, dataset: str | None,
+                data_dir: Path, manifest: str | None = None, config: str | None = None, gpus=None, max_epochs=None, nodes=None,
+                submitter: str | None = None, status: str | None = None, series: str | None = None,
+                finished_ok: bool = False, resume_hint: str | None = None, dry_run: bool = False) -> dict:
     """Train `runs` times with distinct seeds into an MLPerf results tree, then check and score it.
 
-    A run whose trainer fails keeps the series going and counts as dropped; its partial log is moved
+    The first run is planned before anything is written, so bad input or a host that lacks what
+    the runs need is one line with no series folder left behind (`dry_run`: print that plan). A
+    run whose trainer fails keeps the series going and counts as dropped; its partial log is moved
     to attempts/ so that a later resume runs it again rather than treating it as finished. After the
     summary is written, crashed runs end the call with a UserError that says how to resume.
     """
+    from mlperf import launch
+
     if runs < 1:
         raise UserError(f"--runs must be at least 1 (got {runs}); MLPerf scores {RUNS}")
-    settings = {"runs": runs, "dataset": dataset, "config": config, "max_epochs": max_epochs,
-                "gpus": gpus, "ruleset": ruleset, "system": system}
+    check_ruleset(ruleset)
+    from mlperf.datasets import resolve
+
+    ds = resolve(dataset, manifest)
+    settings = {"runs": runs, "dataset": ds.name, "manifest": manifest, "config": config, "max_epochs": max_epochs,
+                "gpus": gpus, "nodes": nodes, "ruleset": ruleset, "system": system, "submitter": submitter,
+                "status": status}
+    first = launch.plan(**_run_arguments(settings, data_dir, seed=None, log=Path(results_dir) / "result_0.txt"),
+                        dry_run=True)
+    if dry_run:
+        print(json.dumps({"series": {"runs": runs, "results_dir": str(results_dir), "name": series},
+                          "run": first.describe()}, indent=2))
+        return {}
+    settings["nodes_count"] = first.nnodes  # for the system description
+    open_series(Path(results_dir), series, settings, finished_ok=finished_ok, create=False)  # refusals first
+    if first.missing:
+        raise UserError(first.missing[0])
     s = open_series(Path(results_dir), series, settings, finished_ok=finished_ok)
     print(f"series {s.settings['name']}: {s.root}")
     resume_hint = resume_hint or f"invoke time --series {s.settings['name']} --results-dir {results_dir}"
-    write_system_desc(s)
-    crashed: dict[int, int] = {}
-    done = s.finished()
-    for i in range(s.settings["runs"]):
-        if i in done:
-            print(f"run {i}: finished earlier, kept ({s.log(i)})")
-            continue
-        crashed_rc = _train_one(s, i, data_dir)
-        if crashed_rc is not None:
-            crashed[i] = crashed_rc
-    logs = {i: p for i, p in s.finished().items()}
-    run_list, parsed = evaluate(logs, s.settings["ruleset"], crashed=crashed, expected=s.settings["runs"])
-    sc = score(run_list)
-    write_system_desc(s, parsed)
-    summary = write_summary(s.root, name=s.settings["name"], runs=run_list, parsed=parsed, sc=sc,
-                            ruleset=s.settings["ruleset"],
-                            extra={"system": s.system, "seeds": s.settings["seeds"],
-                                   "dataset": s.settings["dataset"], "config": s.settings.get("config")})
-    report(run_list, sc, s.root)
+    with _only_runner(s):
+        write_system_desc(s)
+        crashed: dict[int, int] = {}
+        done = s.finished()
+        for i in range(s.settings["runs"]):
+            if i in done:
+                print(f"run {i}: finished earlier, kept ({s.log(i)})")
+                continue
+            crashed_rc = _train_one(s, i, data_dir)
+            if crashed_rc is not None:
+                crashed[i] = crashed_rc
+        summary = score_series(s, crashed)
     if crashed:
         codes = ", ".join(f"run {i} exit {rc}" for i, rc in sorted(crashed.items()))
         raise UserError(f"{len(crashed)} run(s) of series {s.settings['name']} crashed ({codes}; output above, "
                         f"partial logs in {s.root / 'attempts'}): fix the cause, then run `{resume_hint}` "
                         "to run them again (finished runs are kept)")
     return summary
+
+
+@contextlib.contextmanager
+def _only_runner(s: Series):
+    """One process at a time trains a series (a lock in its folder): a second `invoke time --series`
+    of it stops at once instead of training the same runs into the same .partial logs."""
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(exclusive_lock(s.root / ".lock"))
+        except LockBusy as busy:
+            raise UserError(f"series {s.settings['name']} is being run by another process (pid {busy.holder}): "
+                            "wait for it, or stop it, and run the same command again to resume") from None
+        yield
+
+
+def score_series(s: Series, crashed: dict[int, int]) -> dict:
+    """Check and score a series' finished runs; write the system description, summary and plot."""
+    logs = {i: p for i, p in s.finished().items()}
+    run_list, parsed = evaluate(logs, s.settings["ruleset"], crashed=crashed, expected=s.settings["runs"])
+    sc = judge_convergence(score(run_list), parsed, s.logs_dir, s.settings["ruleset"])
+    write_system_desc(s, parsed)
+    summary = write_summary(s.root, name=s.settings["name"], runs=run_list, parsed=parsed, sc=sc,
+                            ruleset=s.settings["ruleset"],
+                            extra={"system": s.system, "seeds": s.settings["seeds"],
+                                   "dataset": s.settings["dataset"], "config": s.settings.get("config")})
+    report(run_list, sc, s.root, hint=suggest_ruleset(run_list, parsed, s.settings["ruleset"]))
+    return summary
+
+
+def _run_arguments(settings: dict, data_dir: Path, *, seed: int | None, log: Path) -> dict:
+    """launch.plan's arguments for one run of a series with these settings."""
+    from mlperf.datasets import resolve
+
+    ds = resolve(None, settings["manifest"]) if settings.get("manifest") else resolve(settings["dataset"])
+    return dict(dataset=ds, data_dir=Path(data_dir), gpus=settings.get("gpus"),
+                nodes=settings.get("nodes"), batch_size=None, config=settings.get("config"), seed=seed,
+                max_epochs=settings.get("max_epochs"), resume=False, device=None, log=log,
+                ruleset=settings["ruleset"], submitter=settings.get("submitter"), status=settings.get("status"))
 
 
 def _train_one(s: Series, i: int, data_dir: Path) -> int | None:
@@ -220,20 +304,26 @@ def _train_one(s: Series, i: int, data_dir: Path) -> int | None:
         _set_aside(s, partial, i, "interrupted")
     seed = s.settings["seeds"][i]
     print(f"run {i}/{s.settings['runs']}: seed {seed}, log {final}", flush=True)
-    rc = launch.train(dataset=s.settings["dataset"], data_dir=Path(data_dir), gpus=s.settings.get("gpus"),
-                      nodes=None, batch_size=None, config=s.settings.get("config"), seed=seed,
-                      max_epochs=s.settings.get("max_epochs"), resume=False, device=None, log=partial,
-                      ruleset=s.settings["ruleset"])
-    finished = partial.exists() and parse_log(partial).status is not None
-    if finished:
+    rc = launch.train(**_run_arguments(s.settings, data_dir, seed=seed, log=partial))
+    log = parse_log(partial) if partial.exists() else None
+    if log is not None and log.status is not None:
         rename(partial, final)
         if rc != 0:
             print(f"run {i}: trainer exited {rc} after run_stop; the log is kept as it ends")
+        print(run_line(i, s.settings["runs"], log), flush=True)
         return None
     print(f"run {i}: trainer exited {rc} without run_stop: dropped; the series continues")
     if partial.exists():
         _set_aside(s, partial, i, f"rc{rc}")
     return rc if rc != 0 else -1
+
+
+def run_line(i: int, runs: int, log: RunLog) -> str:
+    """One line for a finished run: its place in the series, time, epochs, last accuracy, status."""
+    last = log.evals[-1] if log.evals else (None, None, float("nan"), float("nan"))
+    epochs = log.converged_epoch if log.status == "success" else log.epochs_run
+    return (f"run {i}/{runs}: {log.minutes or 0:.2f} minutes, {epochs if epochs is not None else '-'} epochs, "
+            f"BBOX {last[2]:.4f}, SEGM {last[3]:.4f}: {log.status}")
 
 
 def _set_aside(s: Series, partial: Path, i: int, why: str) -> None:

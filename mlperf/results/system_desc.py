@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 
 from mlperf import host
+from mlperf.errors import UserError
 
 # Every field of MLPerf Training's system_desc JSON, in the order published files use.
 SYSTEM_DESC_FIELDS = (
@@ -22,6 +23,25 @@ SYSTEM_DESC_FIELDS = (
     "accelerator_memory_capacity", "accelerator_interconnect", "accelerator_interconnect_topology",
     "cooling", "hw_notes", "framework", "other_software_stack", "operating_system", "sw_notes",
 )
+
+
+# submission_status as the logs carry it -> "status" as the system-description checker accepts it
+# (mlperf_logging.system_desc_checker, checked from ruleset 4.0.0 on; published trees use these words).
+AVAILABILITY = {"onprem": "Available on-premise", "cloud": "Available cloud", "preview": "Preview",
+                "research": "Research, Development, or Internal (RDI)"}
+
+
+def check_submission(submitter, status) -> dict:
+    """{"submitter": ..., "status": ...} after checking them: the organisation names a folder of
+    the submission tree, and the status is one the compliance checker accepts."""
+    submitter, status = str(submitter or "").strip(), str(status or "").strip()
+    if not submitter or "/" in submitter or "\\" in submitter or submitter in (".", ".."):
+        raise UserError(f"--submitter {submitter!r} must be your organisation's name (it names the submission "
+                        "folder): set mlperf.submitter in invoke.yaml or pass --submitter ORG")
+    if status not in AVAILABILITY:
+        raise UserError(f"--status {status!r} is not one of {', '.join(AVAILABILITY)} (submission_status in "
+                        "MLPerf logs): set mlperf.status in invoke.yaml or pass --status")
+    return {"submitter": submitter, "status": status}
 
 
 def _gib(n_bytes: int | None) -> str:
@@ -56,7 +76,7 @@ def detect_system(system_name: str | None = None, *, submitter: str = "", divisi
     desc.update({
         "submitter": submitter,
         "division": division,
-        "status": status,
+        "status": AVAILABILITY.get(status, status),
         "system_name": system_name or default_system_name(),
         "number_of_nodes": str(nodes),
         "host_processors_per_node": str(cpu["sockets"] or ""),

@@ -140,3 +140,17 @@ def _any_count(chunks: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     for chunk in chunks:
         torch._dynamo.maybe_mark_dynamic(chunk, 0)
     return chunks
+
+
+def precompile(device: torch.device, widths=range(NMS_WIDTH_STEP, 1024 + 1, NMS_WIDTH_STEP)) -> None:
+    """Compile the kernels for every padded width evaluation meets (up to 1000 candidates per
+    group), on random boxes, so that no compilation falls inside a timed run; training's width
+    (2000 -> 2048) compiles in the warm-up's training passes."""
+    if device.type != "cuda":
+        return
+    generator = torch.Generator(device=device).manual_seed(0)
+    for width in widths:
+        corners = torch.rand(2, width, 2, device=device, generator=generator) * 500
+        boxes = torch.cat([corners, corners + 10 + torch.rand(2, width, 2, device=device, generator=generator) * 90],
+                          dim=-1)
+        fixed_point_nms(boxes, torch.ones(2, width, dtype=torch.bool, device=device), 0.5)
