@@ -3,6 +3,7 @@
 Each task is a thin step over the mlperf/ library; defaults come from invoke.yaml (`mlperf.*`).
 Run `invoke --list`, or `fab -H work@127.0.0.1:9922 -i id_container <task>` for a Backend.AI host.
 """
+import os
 from pathlib import Path
 
 import yaml
@@ -16,6 +17,11 @@ DATASET_HELP = "dataset name from the catalog: shapes (synthetic) or coco2017 (d
 MANIFEST_HELP = "a dataset manifest YAML file instead of a built-in dataset"
 DATA_DIR_HELP = "folder that holds datasets, one subfolder each (default: data)"
 DETACH_HELP = "run in the background in its own session, output to a log; see `status` and `logs`"
+SUBMITTER_HELP = "submission_org in the logs: your organisation as MLCommons knows it (default: invoke.yaml)"
+STATUS_HELP = "submission_status in the logs: onprem, cloud, preview or research (default: invoke.yaml)"
+VERBOSE_HELP = "also print every MLPerf log record (they always go to the result file); MLPERF_LOG_ECHO=1 too"
+DRY_RUN_HELP = "print the resolved run (config, batch, schedule, RCP, proposals, threads, ...) as JSON and " \
+               "what this host lacks for it, then exit without starting anything"
 
 
 @task(help={
@@ -35,7 +41,7 @@ def fetch(c, dataset=None, manifest=None, data_dir=None, mirror=None, source=Non
 
     ds = dataset_of(c, dataset, manifest)
     fetching.fetch_dataset(ds, Path(option(c, data_dir, "data_dir")), mirror=mirror, source=source,
-                           jobs=int(option(c, jobs, "jobs")))
+                           jobs=option(c, jobs, "jobs"))  # checked there: --jobs abc or 0 is one error line
 
 
 @task(help={
@@ -94,15 +100,21 @@ def image(c, base=None, output=None, tag=None, build=False, push=False, check=No
     "resume": "continue from the last checkpoint of this log's run",
     "device": "cpu or cuda (default: cuda when a GPU is present)",
     "log": "MLPerf result log file (default: <results_dir>/train/result_0.txt)",
+    "ruleset": f"MLPerf Training ruleset whose reference convergence points give the schedule (default {RULESET})",
+    "submitter": SUBMITTER_HELP,
+    "status": STATUS_HELP,
+    "dry_run": DRY_RUN_HELP,
+    "verbose": VERBOSE_HELP,
     "detach": DETACH_HELP,
 })
 @step
 def train(c, dataset=None, manifest=None, data_dir=None, gpus=None, nodes=None, batch_size=None, config=None,
-          list_configs=False, seed=None, max_epochs=None, resume=False, device=None, log=None,
-          detach=False):
+          list_configs=False, seed=None, max_epochs=None, resume=False, device=None, log=None, ruleset=None,
+          submitter=None, status=None, dry_run=False, verbose=False, detach=False):
     """Train Mask R-CNN with torchrun until the quality target (logs in MLPerf format)."""
     from mlperf import launch
 
+    echo_mlperf_records(verbose)
     if list_configs:
         launch.print_configs()
         return
@@ -111,7 +123,8 @@ def train(c, dataset=None, manifest=None, data_dir=None, gpus=None, nodes=None, 
     code = launch.train(
         dataset=ds, data_dir=Path(option(c, data_dir, "data_dir")), gpus=gpus, nodes=nodes,
         batch_size=batch_size, config=config, seed=seed, max_epochs=max_epochs, resume=resume,
-        device=device, log=log,
+        device=device, log=log, ruleset=option(c, ruleset, "ruleset"), dry_run=dry_run,
+        **submission(c, submitter, status),
     )
     if code:
         raise Exit(f"error: training exited with code {code}; its output is above, the log is {log}", code=code)
@@ -127,18 +140,26 @@ def train(c, dataset=None, manifest=None, data_dir=None, gpus=None, nodes=None, 
     "from_logs": "score an existing folder of result_*.txt instead of training; the summary goes to "
                  "<results_dir>/scores/<folder name>/",
     "dataset": DATASET_HELP,
+    "manifest": MANIFEST_HELP,
     "data_dir": DATA_DIR_HELP,
     "config": "named system configuration for the runs",
     "gpus": "GPUs per node (default: all detected)",
+    "nodes": "'all': every run on every host of a Backend.AI cluster session (from main1)",
     "max_epochs": "epoch cap per run",
+    "submitter": SUBMITTER_HELP,
+    "status": STATUS_HELP,
+    "dry_run": DRY_RUN_HELP + " (the series' first run; no series folder is made)",
+    "verbose": VERBOSE_HELP,
     "detach": DETACH_HELP,
 })
 @step
 def time_(c, runs=None, results_dir=None, series=None, system=None, ruleset=None, from_logs=None,
-          dataset=None, data_dir=None, config=None, gpus=None, max_epochs=None, detach=False):
+          dataset=None, manifest=None, data_dir=None, config=None, gpus=None, nodes=None, max_epochs=None, submitter=None,
+          status=None, dry_run=False, verbose=False, detach=False):
     """Run the training N times as an MLPerf submission and score it (run_and_time)."""
     from mlperf.results import series as result_series
 
+    echo_mlperf_records(verbose)
     ruleset = option(c, ruleset, "ruleset")
     results_dir = Path(option(c, results_dir, "results_dir"))
     if from_logs:
@@ -147,8 +168,11 @@ def time_(c, runs=None, results_dir=None, series=None, system=None, ruleset=None
     result_series.time_series(
         runs=int(option(c, runs, "runs")), results_dir=results_dir, series=series,
         system=option(c, system, "system") or None, ruleset=ruleset,
-        dataset=option(c, dataset, "dataset"), data_dir=Path(option(c, data_dir, "data_dir")),
-        config=config, gpus=gpus, max_epochs=max_epochs,
+        dataset=option(c, dataset, "dataset") if manifest is None else None,
+        manifest=None if manifest is None else str(Path(manifest).resolve()),
+        data_dir=Path(option(c, data_dir, "data_dir")),
+        config=config, gpus=gpus, nodes=nodes, max_epochs=max_epochs, dry_run=dry_run,
+        **submission(c, submitter, status),
     )
 
 
@@ -159,22 +183,45 @@ def time_(c, runs=None, results_dir=None, series=None, system=None, ruleset=None
     "runs": f"training runs (default {RUNS}, as MLPerf requires)",
     "build": "also build the image (needs Docker); otherwise only its context is written",
     "config": "named system configuration for the runs",
+    "nodes": "'all': every run on every host of a Backend.AI cluster session (from main1)",
     "max_epochs": "epoch cap per run",
+    "submitter": SUBMITTER_HELP,
+    "status": STATUS_HELP,
+    "verbose": VERBOSE_HELP,
     "detach": DETACH_HELP,
 })
 @step
-def all_(c, dataset=None, data_dir=None, results_dir=None, runs=None, build=False, config=None,
-         max_epochs=None, detach=False):
+def all_(c, dataset=None, data_dir=None, results_dir=None, runs=None, build=False, config=None, nodes=None,
+         max_epochs=None, submitter=None, status=None, verbose=False, detach=False):
     """fetch, verify, image, time: the whole benchmark, resuming where it stopped."""
     from mlperf import pipeline
 
+    echo_mlperf_records(verbose)
     pipeline.run_all(
         dataset=option(c, dataset, "dataset"), data_dir=Path(option(c, data_dir, "data_dir")),
         results_dir=Path(option(c, results_dir, "results_dir")), runs=int(option(c, runs, "runs")),
         ruleset=option(c, None, "ruleset"), system=option(c, None, "system") or None,
         jobs=int(option(c, None, "jobs")), image=dict(option(c, None, "image")),
-        build=build, config=config, max_epochs=max_epochs,
+        build=build, config=config, nodes=nodes, max_epochs=max_epochs, **submission(c, submitter, status),
     )
+
+
+@task(iterable=["series"], help={
+    "series": "a finished series of five runs under --results-dir (one per system; repeat for more)",
+    "results_dir": "folder that holds the series (default: results)",
+    "output": "folder for the tree: <output>/<org>/ and the checkers' logs (default: <results_dir>/package)",
+    "submitter": "the organisation the logs name (checked; the tree is filed under it)",
+    "ruleset": f"MLPerf Training ruleset to check against (default {RULESET})",
+})
+@step
+def package(c, series=None, results_dir=None, output=None, submitter=None, ruleset=None):
+    """Assemble series into MLCommons' submission tree and run the package checker and summarizer."""
+    from mlperf.results import package as packaging
+
+    results_dir = Path(option(c, results_dir, "results_dir"))
+    packaging.package(results_dir=results_dir, series=list(series or []), submitter=submitter,
+                      output=Path(output) if output else results_dir / "package",
+                      ruleset=option(c, ruleset, "ruleset"), image=dict(option(c, None, "image")))
 
 
 @task(help={
@@ -252,6 +299,20 @@ def results(c, results_dir=None):
                          path=option(c, None, "remote.path"))
 
 
+def echo_mlperf_records(verbose: bool) -> None:
+    """--verbose: the trainers print every MLPerf record too (they read MLPERF_LOG_ECHO)."""
+    if verbose:
+        os.environ["MLPERF_LOG_ECHO"] = "1"
+
+
+def submission(c, submitter, status) -> dict:
+    """Who submits, from the flags or invoke.yaml (mlperf.submitter, mlperf.status), checked once here:
+    MLPerf logs may not be edited afterwards, so a wrong value would cost the whole series."""
+    from mlperf.results.system_desc import check_submission
+
+    return check_submission(option(c, submitter, "submitter"), option(c, status, "status"))
+
+
 def _project_defaults() -> dict:
     """invoke.yaml as collection defaults, so `fab` (which reads fabric.yaml, not invoke.yaml) has them
     too; the MLPerf facts (ruleset, run count) come from the recipe unless invoke.yaml overrides them."""
@@ -262,5 +323,5 @@ def _project_defaults() -> dict:
     return defaults
 
 
-ns = Collection(fetch, verify, image, train, time_, all_, bench, doctor, status, logs, deploy, results)
+ns = Collection(fetch, verify, image, train, time_, all_, package, bench, doctor, status, logs, deploy, results)
 ns.configure(_project_defaults())

@@ -106,7 +106,7 @@ def our_model(device, backbone: Path, channels_last: bool | str, fold_bn: bool =
     speed = fast.Options(fold_bn=fold_bn, fuse_bias=fuse_bias, batched_sampler=batched_sampler, sync_free=sync_free,
                          channels_last=channels_last in (True, "rpn"), rpn_channels_last=channels_last == "rpn",
                          fixed_canvas=fixed_canvas)
-    model = build_model(81, backbone_weights=backbone, image_candidates=1000, speed=speed).to(device)
+    model = build_model(81, backbone_weights=backbone, proposals_per_image=1000, speed=speed).to(device)
     if channels_last == "all":
         model = model.to(memory_format=torch.channels_last)
     if compile_backbone:

@@ -35,6 +35,12 @@ class Gpu:
     name: str
     memory_mib: int | None = None
     driver: str = ""
+    capability: tuple[int, int] | None = None   # CUDA compute capability, e.g. (9, 0); None: unknown
+
+    @property
+    def has_bf16(self) -> bool | None:
+        """Whether the GPU computes in bfloat16 (compute capability 8.0 and later); None: unknown."""
+        return None if self.capability is None else self.capability >= (8, 0)
 
 
 def gpus() -> list[Gpu]:
@@ -59,7 +65,7 @@ def _gpus(visible: str | None) -> tuple[Gpu, ...]:
         return ()
     if not torch.cuda.is_available():
         return ()
-    return tuple(Gpu(props.name, props.total_memory // 2**20)
+    return tuple(Gpu(props.name, props.total_memory // 2**20, capability=(props.major, props.minor))
                  for props in map(torch.cuda.get_device_properties, range(torch.cuda.device_count())))
 
 
@@ -68,14 +74,17 @@ def _nvidia_smi_gpus(visible: str | None) -> tuple[Gpu, ...] | None:
     smi = shutil.which("nvidia-smi")
     if not smi:
         return None
-    try:
-        out = subprocess.run(
-            [smi, "--query-gpu=index,uuid,name,memory.total,driver_version", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=30, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    rows = [[part.strip() for part in line.split(",")] for line in out.splitlines()]
-    rows = [row for row in rows if len(row) == 5 and row[2]]
+    fields = ["index", "uuid", "name", "memory.total", "driver_version", "compute_cap"]
+    out = None
+    for query in (fields, fields[:-1]):  # drivers before 510 do not know compute_cap
+        try:
+            out = subprocess.run([smi, f"--query-gpu={','.join(query)}", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, timeout=30, check=True).stdout
+            break
+        except (OSError, subprocess.SubprocessError):
+            continue
+    rows = [[part.strip() for part in line.split(",")] for line in (out or "").splitlines()]
+    rows = [row + [""] * (len(fields) - len(row)) for row in rows if len(row) >= 5 and row[2]]
     if not rows:
         return None
     if visible is not None:
@@ -88,8 +97,13 @@ def _nvidia_smi_gpus(visible: str | None) -> tuple[Gpu, ...] | None:
                 break
             chosen.append(match[0])
         rows = chosen
-    return tuple(Gpu(name, int(memory) if memory.isdigit() else None, driver)
-                 for _, _, name, memory, driver in rows)
+    return tuple(Gpu(name, int(memory) if memory.isdigit() else None, driver, _capability(cap))
+                 for _, _, name, memory, driver, cap in rows)
+
+
+def _capability(text: str) -> tuple[int, int] | None:
+    match = re.fullmatch(r"(\d+)\.(\d+)", text.strip())
+    return (int(match.group(1)), int(match.group(2))) if match else None
 
 
 def torch_cuda_devices() -> int:
@@ -146,11 +160,19 @@ def cpu_info() -> dict:
 
 
 def usable_cores() -> int:
-    """CPU cores this process may run on (a container's cpuset or affinity, not the whole host)."""
+    """CPU cores this process may use: its affinity (a container's cpuset), or fewer where a
+    cgroup CPU quota caps it (Backend.AI sessions get -r cpu=N either way), not the whole host."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]  # cgroup v2
+        if quota != "max":
+            cores = min(cores, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
 
 
 def memory_info() -> dict:

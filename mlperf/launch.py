@@ -5,10 +5,12 @@ Pre-flight checks turn the usual mistakes (no dataset, not verified, too many GP
 """
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
 import sys
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from mlperf import PROJECT_ROOT, host
@@ -90,116 +92,284 @@ def check_shm(processes: int, workers: int, batch: int, image_scale: float = 1.0
         raise UserError(problem)
 
 
-def dataset_paths(ds, data_dir: Path):
-    """The dataset's root, after checking it was fetched and verified."""
-    dataset = ds.name
-    root = ds.root(data_dir)
+def dataset_problem(ds, data_dir: Path) -> str | None:
+    """Why the dataset cannot be trained on yet (not fetched, not verified), or None."""
+    dataset, root = ds.name, ds.root(data_dir)
     missing = [s.annotations for s in ds.splits.values() if not (root / s.annotations).is_file()]
     if not root.is_dir() or missing:
-        raise UserError(f"dataset {dataset} not found at {root}: run `invoke fetch --dataset {dataset}` "
-                        f"(and `invoke verify`), or point --data-dir at it")
+        return (f"dataset {dataset} not found at {root}: run `invoke fetch --dataset {dataset}` "
+                f"(and `invoke verify`), or point --data-dir at it")
     from mlperf.datasets.verify import is_verified
 
     if not is_verified(ds, data_dir):
-        raise UserError(f"dataset {dataset} at {root} is not verified: run `invoke verify --dataset {dataset}`")
-    return root
+        return f"dataset {dataset} at {root} is not verified: run `invoke verify --dataset {dataset}`"
+    return None
 
 
-def trainer_args(*, ds, root: Path, cfg, log: Path, seed, max_epochs, resume: bool,
-                 device: str, ruleset: str | None = None) -> list[str]:
-    """Arguments of `python -m object_detection.train` for a configuration."""
-    from object_detection.recipe import CLOSED_DATASET, CLOSED_PROFILE, PROFILES
+@dataclass
+class Plan:
+    """A training run resolved before anything starts: what `--dry-run` prints and `train` runs.
 
-    profile = cfg.profile
-    if ds.name == CLOSED_DATASET and profile != CLOSED_PROFILE:
-        raise UserError(f"configuration {cfg.name} is for the {profile} profile, not {CLOSED_DATASET}: pick "
-                        "another with --config (see --list-configs)")
-    if ds.name != CLOSED_DATASET and profile == CLOSED_PROFILE:
-        profile = "shapes" if device == "cuda" else "shapes-cpu"
-    args = ["-m", "object_detection.train", f"--data-root={root}", f"--dataset={ds.name}",
-            f"--profile={profile}", f"--per-gpu-batch={cfg.per_gpu_batch}", f"--eval-batch={cfg.eval_batch}",
-            f"--workers={cfg.workers}", f"--result-log={log}", f"--config-name={cfg.name}", f"--device={device}"]
-    for split, prefix in (("train", "train"), ("val", "val")):
-        s = ds.splits[split]
-        args += [f"--{prefix}-images={s.images}", f"--{prefix}-annotations={s.annotations}"]
-    if PROFILES[profile].pretrained:
-        if not ds.backbone:
-            raise UserError(f"dataset {ds.name} names no backbone weights file: add `backbone:` to its manifest")
-        weights = ds.downloads(root.parent) / ds.backbone
-        if not weights.is_file():
-            raise UserError(f"backbone weights {weights} missing: run `invoke fetch --dataset {ds.name}`")
-        args.append(f"--backbone={weights}")
-    if seed is not None:
-        args.append(f"--seed={int(seed)}")
-    if max_epochs is not None:
-        args.append(f"--max-epochs={int(max_epochs)}")
-    if resume:
-        args.append("--resume")
-    if ruleset:
-        args.append(f"--ruleset={ruleset}")
-    return args
-
-
-def train(*, dataset, data_dir: Path, gpus=None, nodes=None, batch_size=None, config=None, seed=None,
-          max_epochs=None, resume=False, device=None, log: Path, ruleset: str | None = None) -> int:
-    """Start training; returns torchrun's exit code (0: the run ended, converged or aborted).
-
-    `dataset` is a catalog name or a mlperf.datasets.Dataset (from a user's manifest).
+    `missing` lists what this host lacks for it (GPUs, the dataset, the backbone, shared memory);
+    a real run refuses to start while it is not empty, a dry run only reports it.
     """
+    ds: object
+    data_dir: Path
+    cfg: object
+    profile: str
+    device: str
+    nproc: int
+    cluster: Cluster | None
+    all_nodes: bool
+    log: Path
+    options: dict                     # seed, max_epochs, resume, ruleset, submitter, status
+    gpu_model: str = ""
+    gpu_bf16: bool | None = None
+    missing: list[str] = field(default_factory=list)
+
+    @property
+    def nnodes(self) -> int:
+        return self.cluster.nnodes if self.cluster else 1
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.per_gpu_batch * self.nproc * self.nnodes
+
+    @property
+    def threads(self) -> int:
+        """CPU threads per training process: this host's cores shared by its processes.
+        MLPERF_THREADS_PER_PROCESS overrides; Backend.AI's corecount label sets OMP_NUM_THREADS to
+        every core of the session, which torchrun would keep for each of its processes."""
+        given = os.environ.get("MLPERF_THREADS_PER_PROCESS", "")
+        if given:
+            if not given.isdigit() or int(given) < 1:
+                raise UserError(f"MLPERF_THREADS_PER_PROCESS={given!r} is not a whole number >= 1")
+            return int(given)
+        return max(1, host.usable_cores() // self.nproc)
+
+    @property
+    def workers(self) -> int:
+        """Data-loader workers per process: the configuration's, at most the process's cores but one."""
+        return 0 if self.cfg.workers == 0 else min(self.cfg.workers, max(1, self.threads - 1))
+
+    @property
+    def amp(self) -> str:
+        if self.device == "cpu":
+            return "off (CPU)"
+        if self.gpu_bf16 is None:
+            return "bf16 where the GPUs have it (compute capability 8.0+), else fp16"
+        return "bf16" if self.gpu_bf16 else "fp16 with a gradient scaler"
+
+    def trainer_args(self) -> list[str]:
+        """Arguments of `python -m object_detection.train` for this run."""
+        from object_detection.recipe import PROFILES
+
+        ds, cfg, o, root = self.ds, self.cfg, self.options, self.ds.root(self.data_dir).resolve()
+        args = ["-m", "object_detection.train", f"--data-root={root}", f"--dataset={ds.name}",
+                f"--profile={self.profile}", f"--per-gpu-batch={cfg.per_gpu_batch}", f"--eval-batch={cfg.eval_batch}",
+                f"--workers={self.workers}", f"--result-log={self.log}", f"--config-name={cfg.name}",
+                f"--device={self.device}", f"--num-classes={ds.categories + 1}"]
+        for split in ("train", "val"):
+            args += [f"--{split}-images={ds.splits[split].images}", f"--{split}-annotations={ds.splits[split].annotations}"]
+        if ds.splits["val"].count is not None:
+            args.append(f"--eval-images={ds.splits['val'].count}")
+        if PROFILES[self.profile].pretrained:
+            args.append(f"--backbone={ds.downloads(root.parent) / ds.backbone}")
+        for flag in ("seed", "max_epochs", "ruleset", "submitter", "status"):
+            if o.get(flag) is not None:
+                args.append(f"--{flag.replace('_', '-')}={o[flag]}")
+        return args + (["--resume"] if o.get("resume") else [])
+
+    def describe(self) -> dict:
+        """The resolved run, as `invoke train --dry-run` prints it."""
+        from object_detection.recipe import PROFILES, RULESET, division, rcp_position
+
+        profile = PROFILES[self.profile]
+        ruleset = self.options.get("ruleset") or RULESET
+        schedule = profile.schedule_for(self.global_batch, ruleset)
+        closed = division(self.ds.name, self.profile) == "closed"
+        return {
+            "config": self.cfg.name, "dataset": self.ds.name, "division": division(self.ds.name, self.profile),
+            "profile": self.profile, "device": self.device, "gpu": self.gpu_model or None,
+            "nodes": self.nnodes, "processes_per_node": self.nproc, "per_gpu_batch": self.cfg.per_gpu_batch,
+            "global_batch": self.global_batch,
+            "schedule": {"lr": schedule.lr, "warmup_steps": schedule.warmup_steps,
+                         "warmup_factor": schedule.warmup_factor, "decay_steps": list(schedule.decay_steps),
+                         "from": schedule.source},
+            "rcp": rcp_position(self.global_batch, ruleset)[1] if closed else "open division: not judged by RCPs",
+            "proposals_per_image": profile.proposals_per_image,
+            "num_image_candidates_logged": profile.logged_image_candidates(self.cfg.per_gpu_batch),
+            "amp": self.amp, "loader_workers_per_process": self.workers, "threads_per_process": self.threads,
+            "submitter": self.options.get("submitter"), "status": self.options.get("status"), "ruleset": ruleset,
+            "log": str(self.log), "missing": self.missing,
+        }
+
+
+def plan(*, dataset, data_dir: Path, gpus=None, nodes=None, batch_size=None, config=None, seed=None,
+         max_epochs=None, resume=False, device=None, log: Path, ruleset: str | None = None,
+         submitter: str | None = None, status: str | None = None, dry_run: bool = False) -> Plan:
+    """Resolve a run. Bad input is a UserError at once; what the host lacks is collected in
+    `missing`, which is a UserError (its first line) once planning is done, unless `dry_run`,
+    which only reports it (a user checks an 8-GPU run before spending it)."""
     from mlperf.datasets import Dataset, resolve
 
-    ds = dataset if isinstance(dataset, Dataset) else resolve(dataset)
-    # A run asked for on the CPU needs no GPU detection (it can import torch: seconds).
-    detected = [] if device == "cpu" else host.gpus()
-    if detected and device is None and host.torch_cuda_devices() == 0:
-        detected = []  # GPUs this torch build cannot use: train on the CPU, as it would anyway
-    device = device or ("cuda" if detected else "cpu")
-    if device not in ("cpu", "cuda"):
-        raise UserError(f"--device must be cpu or cuda, not {device!r}")
-    if device == "cuda" and host.torch_cuda_devices() == 0:
-        raise UserError("--device cuda asked but torch sees no GPU: check `nvidia-smi`, or use --device cpu")
-    cfg = choose_config(config, detected if device == "cuda" else [], ds.name)
-    if gpus is None:
-        nproc = len(detected) if device == "cuda" else 1
-    else:
-        nproc = int(gpus)
-        if device == "cuda" and nproc > len(detected):
-            raise UserError(f"--gpus {nproc} asked but only {len(detected)} GPU(s) are visible: "
-                            f"use --gpus {len(detected)} or fewer")
-        if nproc < 1:
-            raise UserError("--gpus must be at least 1 (use --device cpu to train on the CPU)")
-    cluster = host.cluster_from_env()
-    nnodes = cluster.nnodes if cluster else 1
-    if nodes is not None:
-        if nodes != "all":
-            raise UserError(f"--nodes takes 'all', not {nodes!r}")
-        if cluster is None:
-            raise UserError("--nodes all needs a Backend.AI cluster session (BACKENDAI_CLUSTER_HOSTS lists "
-                            "fewer than two hosts): run plain `invoke train` on a single host")
-    if batch_size is not None:
-        per, rest = divmod(int(batch_size), nproc * nnodes)
-        if rest or per == 0:
-            raise UserError(f"global batch {batch_size} does not split evenly over {nproc * nnodes} processes")
-        from dataclasses import replace
+    from mlperf.results.logs import check_ruleset
 
+    ds = dataset if isinstance(dataset, Dataset) else resolve(dataset)
+    if ruleset is not None:
+        check_ruleset(ruleset)
+    missing: list[str] = []
+    lacking = missing.append
+
+    if device not in (None, "cpu", "cuda"):
+        raise UserError(f"--device must be cpu or cuda, not {device!r}")
+    detected = [] if device == "cpu" else host.gpus()  # a CPU run needs no detection (torch: seconds)
+    usable = host.torch_cuda_devices() if detected else 0
+    cfg = choose_config(config, detected if usable and device != "cpu" else [], ds.name)
+    device = device or ("cuda" if usable or (config is not None and cfg.gpus > 0) else "cpu")
+    if device == "cuda" and usable == 0:
+        lacking("--device cuda asked but torch sees no GPU: check `nvidia-smi`, or use --device cpu"
+                if config is None or cfg.gpus == 0 else
+                f"configuration {cfg.name} is for {cfg.gpus} GPU(s), but torch sees none here: run it on a "
+                "GPU host, or pick another with --config")
+    nproc = _processes(gpus, config, cfg, device, usable, lacking)
+    cluster = host.cluster_from_env()
+    if nodes is not None and nodes != "all":
+        raise UserError(f"--nodes takes 'all', not {nodes!r}")
+    if nodes is not None and cluster is None:
+        raise UserError("--nodes all needs a Backend.AI cluster session (BACKENDAI_CLUSTER_HOSTS lists "
+                        "fewer than two hosts): run plain `invoke train` on a single host")
+    if batch_size is not None:
+        per, rest = divmod(int(batch_size), nproc * (cluster.nnodes if cluster else 1))
+        if rest or per == 0:
+            raise UserError(f"global batch {batch_size} does not split evenly over "
+                            f"{nproc * (cluster.nnodes if cluster else 1)} processes")
         cfg = replace(cfg, per_gpu_batch=per)
-    root = dataset_paths(ds, data_dir)
-    check_shm(nproc, cfg.workers, cfg.per_gpu_batch, image_scale(cfg))
-    log = Path(log).resolve()
-    trainer = trainer_args(ds=ds, root=root.resolve(), cfg=cfg, log=log, seed=seed, max_epochs=max_epochs,
-                           resume=resume, device=device, ruleset=ruleset)
+    profile = _profile(ds, cfg, device)
+    if not dry_run:  # dry runs show it in "rcp"
+        _warn_without_rcp(ds, profile, cfg.per_gpu_batch * nproc * (cluster.nnodes if cluster else 1), ruleset)
+    result = Plan(ds=ds, data_dir=Path(data_dir), cfg=cfg, profile=profile, device=device,
+                  nproc=nproc, cluster=cluster, all_nodes=nodes is not None, log=Path(log).resolve(),
+                  options={"seed": None if seed is None else int(seed), "resume": resume, "ruleset": ruleset,
+                           "max_epochs": None if max_epochs is None else int(max_epochs),
+                           "submitter": submitter, "status": status},
+                  gpu_model=detected[0].name if detected else "", missing=missing,
+                  gpu_bf16=detected[0].has_bf16 if detected else _config_bf16(cfg))
+    _check_resources(result, lacking)
+    if missing and not dry_run:
+        raise UserError(missing[0])
+    return result
+
+
+def _warn_without_rcp(ds, profile: str, global_batch: int, ruleset: str | None) -> None:
+    """One line before a closed-division run whose global batch the RCP checker cannot judge."""
+    from object_detection.recipe import RULESET, division, rcp_position
+
+    if division(ds.name, profile) == "closed":
+        where, text = rcp_position(global_batch, ruleset or RULESET)
+        if where in ("below", "outside"):
+            print(f"warning: {text}", file=sys.stderr, flush=True)
+
+
+def _processes(gpus, config, cfg, device: str, usable: int, lacking) -> int:
+    """Training processes on this host: --gpus, else the named configuration's GPUs, else every GPU."""
+    if gpus is None:
+        return (cfg.gpus if config is not None and cfg.gpus else usable or 1) if device == "cuda" else 1
+    if not str(gpus).isdigit() or int(gpus) < 1:
+        raise UserError(f"--gpus must be a whole number of at least 1, not {gpus!r} (use --device cpu to train "
+                        "on the CPU)")
+    nproc = int(gpus)
+    if device == "cuda" and nproc > usable:
+        lacking(f"--gpus {nproc} asked but only {usable} GPU(s) are visible: use --gpus {usable} or fewer")
+    if device == "cpu" and nproc > host.usable_cores():
+        raise UserError(f"--gpus {nproc} on the CPU means {nproc} training processes, but this host has "
+                        f"{host.usable_cores()} core(s): use --gpus {host.usable_cores()} or fewer")
+    return nproc
+
+
+def _profile(ds, cfg, device: str) -> str:
+    from object_detection.recipe import CLOSED_DATASET, CLOSED_PROFILE
+
+    if ds.name == CLOSED_DATASET and cfg.profile != CLOSED_PROFILE:
+        raise UserError(f"configuration {cfg.name} is for the {cfg.profile} profile, not {CLOSED_DATASET}: pick "
+                        "another with --config (see --list-configs)")
+    if ds.name != CLOSED_DATASET and cfg.profile == CLOSED_PROFILE:
+        return "shapes" if device == "cuda" else "shapes-cpu"
+    return cfg.profile
+
+
+def _config_bf16(cfg) -> bool | None:
+    """bf16 on the GPUs a configuration names, where they say (V100: no)."""
+    if not cfg.gpu_match:
+        return None
+    return not any(name in ("V100", "T4", "P100") for name in cfg.gpu_match)
+
+
+def _check_resources(p: Plan, lacking) -> None:
+    """The dataset, its categories and backbone, and shared memory for the loaders."""
+    from object_detection.recipe import PROFILES
+
+    problem = dataset_problem(p.ds, p.data_dir)
+    if problem:
+        lacking(problem)
+    checkpoint = p.log.with_name(p.log.name + ".ckpt")
+    if p.options.get("resume") and checkpoint.exists() and not _whole_checkpoint(checkpoint):
+        raise UserError(f"checkpoint {checkpoint} is damaged (not a complete torch checkpoint): delete it to "
+                        "train the run from its start, or resume from a copy of it")
+    if p.ds.categories is None:
+        raise UserError(f"manifest of {p.ds.name} does not say how many categories it has (the model is built "
+                        "before any data is read): add `categories: N` to it")
+    if PROFILES[p.profile].pretrained:
+        if not p.ds.backbone:
+            raise UserError(f"dataset {p.ds.name} names no backbone weights file: add `backbone:` to its manifest")
+        weights = p.ds.downloads(p.data_dir) / p.ds.backbone
+        if not weights.is_file():
+            lacking(f"backbone weights {weights} missing: run `invoke fetch --dataset {p.ds.name}`")
+    problem = shm_problem(p.nproc, p.workers, p.cfg.per_gpu_batch, image_scale(p.cfg))
+    if problem:
+        lacking(problem)
+
+
+def _whole_checkpoint(path: Path) -> bool:
+    """Whether a torch.save file is complete: its zip directory reads and every member's CRC matches
+    (a torch-free check; a cut-off or overwritten file fails it)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None
+    except (OSError, zipfile.BadZipFile, EOFError):
+        return False
+
+
+def train(*, dry_run: bool = False, **arguments) -> int:
+    """Start training (see `plan` for the arguments); returns torchrun's exit code (0: the run
+    ended, converged or aborted). `dry_run`: print the resolved run as JSON and return 0."""
+    p = plan(dry_run=dry_run, **arguments)
+    if dry_run:
+        print(json.dumps(p.describe(), indent=2))
+        return 0
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
-    if device == "cpu":  # torchrun would pin every process to one thread
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    env["OMP_NUM_THREADS"] = str(p.threads)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
-    print(f"config {cfg.name}: {nnodes} node(s) x {nproc} {device} process(es), "
-          f"{cfg.per_gpu_batch} images each; log {log}", flush=True)
+    print(f"config {p.cfg.name}: {p.nnodes} node(s) x {p.nproc} {p.device} process(es), "
+          f"{p.cfg.per_gpu_batch} images each; log {p.log}", flush=True)
+    if p.all_nodes:
+        return run_on_all_nodes(p.cluster, p.nproc, p.trainer_args(), env)
+    return subprocess.call(torchrun_args(p.nproc, p.cluster) + p.trainer_args(), env=env, cwd=PROJECT_ROOT,
+                           preexec_fn=_terminated_with_parent)
 
-    if nodes is not None:
-        return run_on_all_nodes(cluster, nproc, trainer, env)
-    cmd = torchrun_args(nproc, cluster) + trainer
-    return subprocess.call(cmd, env=env, cwd=PROJECT_ROOT)
+
+def _terminated_with_parent() -> None:
+    """In torchrun's process, before it starts: SIGTERM when this launcher dies (Linux), however it
+    dies (kill -9 too), so that torchrun stops its trainers (each gets SIGKILL when torchrun goes:
+    object_detection.train.die_with_launcher) and nothing keeps the GPUs or writes the log on."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def run_on_all_nodes(cluster: Cluster, nproc: int, trainer: list[str], env: dict) -> int:

@@ -84,7 +84,8 @@ def _summary_outputs(root: Path) -> dict | None:
 
 
 def run_all(*, dataset: str, data_dir: Path, results_dir: Path, runs: int, ruleset: str, system: str | None,
-            jobs: int, image: dict, build: bool = False, config: str | None = None, max_epochs=None) -> dict:
+            jobs: int, image: dict, submitter: str, status: str, build: bool = False, config: str | None = None,
+            max_epochs=None, nodes=None) -> dict:
     """The whole benchmark for one dataset, resuming where a previous call stopped; returns the summary.
 
     `image`: the image settings (base, output, tag, resources), as `invoke image` takes them."""
@@ -123,7 +124,7 @@ def run_all(*, dataset: str, data_dir: Path, results_dir: Path, runs: int, rules
 
     time_inputs = {"dataset": ds.name, "manifest": manifest, "runs": runs, "config": config,
                    "max_epochs": max_epochs, "ruleset": ruleset, "system": system or None,
-                   "data_dir": str(data_dir)}
+                   "data_dir": str(data_dir), "submitter": submitter, "status": status, "nodes": nodes}
     series = f"all-{ds.name}-{_digest(time_inputs)[:8]}"
     series_root = results_dir / series
     if stamps.is_done("time", time_inputs, _summary_outputs(series_root)):
@@ -135,8 +136,8 @@ def run_all(*, dataset: str, data_dir: Path, results_dir: Path, runs: int, rules
     print(f"==> time: series {series}", flush=True)
     summary = series_runs.time_series(
         runs=runs, results_dir=results_dir, system=time_inputs["system"], ruleset=time_inputs["ruleset"],
-        dataset=ds.name, data_dir=data_dir, config=config, max_epochs=max_epochs, series=series,
-        finished_ok=True, resume_hint=" ".join(
+        dataset=ds.name, data_dir=data_dir, config=config, max_epochs=max_epochs, nodes=nodes, submitter=submitter,
+        status=status, series=series, finished_ok=True, resume_hint=" ".join(
             [f"invoke all --dataset {ds.name} --runs {runs}"] + ([f"--config {config}"] if config else [])
             + ([f"--max-epochs {max_epochs}"] if max_epochs is not None else [])))
     stamps.mark("time", time_inputs, _summary_outputs(series_root))

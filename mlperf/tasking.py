@@ -68,6 +68,9 @@ def task_argv(task: str, kwargs: dict, *, drop: tuple[str, ...] = (), defaults: 
                 argv.append("--no-" + flag[2:])
         elif value is True:
             argv.append(flag)
+        elif isinstance(value, (list, tuple)):  # an iterable option: the flag once per value
+            for item in value:
+                argv.extend([flag, str(item)])
         else:
             argv.extend([flag, str(value)])
     return argv

@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
+from object_detection.console import Console
 from object_detection.evaluate import CocoEvaluator
 from object_detection.recipe import Schedule
 
@@ -70,7 +70,7 @@ def to_device(images, targets, device: torch.device):
 @dataclass
 class Trainer:
     """What every step of a run uses: the model (DDP-wrapped where several processes train), its
-    optimizer and scaler, the schedule, autocast, and where and how often to report."""
+    optimizer and scaler, the schedule, autocast, and what rank 0 shows of it (the console)."""
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scaler: object
@@ -78,34 +78,64 @@ class Trainer:
     autocast: object
     device: torch.device
     world_size: int
-    main: bool
-    print_freq: int
+    console: Console
 
 
 def train_one_epoch(t: Trainer, loader, epoch: int, iteration: int) -> int:
-    """Train on every batch of the loader; returns the iteration count after the epoch.
-
-    Every print_freq iterations, and at the epoch's last, rank 0 reads the loss (the one host
-    synchronisation) and prints it; a non-finite loss stops the run."""
+    """Train on every batch of the loader; returns the iteration count after the epoch. The
+    console reads the loss (the one host synchronisation) only when it shows it; a non-finite
+    loss stops the run."""
     t.model.train()
-    started, seen, steps = time.time(), 0, len(loader)
+    steps = len(loader)
+    t.console.epoch_start(epoch, steps, loader.batch_sampler.batch_size * t.world_size)
     for step, (images, targets) in enumerate(loader, start=1):
         set_lr(t.optimizer, t.schedule.lr_at(iteration))
         images, targets = to_device(images, targets, t.device)
         loss, losses = train_step(t.model, t.optimizer, t.scaler, images, targets, t.autocast)
         iteration += 1
-        seen += len(images) * t.world_size
-        if t.main and (iteration % t.print_freq == 0 or step == steps):
-            value = loss.item()
-            if not np.isfinite(value):
-                raise FloatingPointError(f"loss is {value} at iteration {iteration}")
-            parts = " ".join(f"{k}={v.item():.4f}" for k, v in losses.items())
-            print(f"epoch {epoch} iter {iteration} loss={value:.4f} {parts} "
-                  f"lr={t.schedule.lr_at(iteration):.5f} {seen / (time.time() - started):.1f} img/s", flush=True)
-    if t.main:
-        elapsed = time.time() - started
-        print(f"epoch {epoch}: {seen} images in {elapsed:.1f} s ({seen / elapsed:.1f} img/s)", flush=True)
+        t.console.step(iteration, step, loss, losses, t.schedule.lr_at(iteration))
+    t.console.epoch_end()
     return iteration
+
+
+def synthetic_batch(batch: int, size: tuple[int, int], classes: int, device: torch.device, portrait: bool):
+    """Random images of a run's largest input size (turned for portrait) with a few random
+    instances each: the shapes a run meets, none of its data."""
+    height, width = size[::-1] if portrait else size
+    images = [torch.rand(3, height, width, device=device) for _ in range(batch)]
+    targets = []
+    for _ in range(batch):
+        corner = torch.rand(3, 2, device=device) * torch.tensor([width / 2, height / 2], device=device)
+        boxes = torch.cat([corner, corner + torch.tensor([width / 3, height / 3], device=device)], dim=1)
+        masks = torch.zeros(3, height, width, dtype=torch.uint8, device=device)
+        for mask, (x0, y0, x1, y1) in zip(masks, boxes.round().int().tolist()):
+            mask[y0:y1, x0:x1] = 1
+        targets.append({"boxes": boxes, "labels": torch.randint(1, classes, (3,), device=device), "masks": masks})
+    return images, targets
+
+
+def warm_up(model, autocast, *, batch: int, eval_batch: int, size: tuple[int, int], device: torch.device) -> float:
+    """Training and evaluation passes on synthetic batches of the run's shapes, both orientations,
+    before run_start (MLPerf lets initialisation compile and warm up on synthetic data): the NMS
+    kernels compile and cuDNN and the allocator settle outside the timed run. Gradients are
+    dropped and no optimizer steps: the weights stay as they are. Returns the seconds it took."""
+    from object_detection.fast.nms import precompile
+
+    started = time.time()
+    classes = model.roi_heads.box_predictor.cls_score.out_features
+    for portrait in (False, True):
+        images, targets = synthetic_batch(batch, size, classes, device, portrait)
+        model.train()
+        with autocast():
+            losses = model(images, targets)
+        sum(losses.values()).backward()
+        model.zero_grad(set_to_none=True)
+        model.eval()
+        with torch.no_grad(), autocast():
+            model(images[:eval_batch])
+    precompile(device)
+    model.train()
+    return time.time() - started
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ import random
 import secrets
 import signal
 import sys
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -24,11 +25,12 @@ from mlperf_logging.mllog import constants as C
 
 from object_detection import checkpoint, fast
 from object_detection import data as D
-from object_detection.engine import Trainer, amp_dtype, evaluate, make_optimizer, train_one_epoch
+from object_detection.console import Console
+from object_detection.engine import Trainer, amp_dtype, evaluate, make_optimizer, train_one_epoch, warm_up
 from object_detection.evaluate import (PARALLEL_MIN_RESULTS, CocoEvaluator, default_workers,
                                        start_scoring_workers)
 from object_detection.mllog import MLLogger
-from object_detection.model import build_model
+from object_detection.model import NUM_CLASSES_COCO, build_model
 from object_detection.recipe import EVAL_BATCH, LOADER_WORKERS, PROFILES, RULESET, Profile, division
 
 
@@ -41,6 +43,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--val-images", default="val2017")
     p.add_argument("--val-annotations", default="annotations/instances_val2017.json")
     p.add_argument("--backbone", type=Path, help="ImageNet ResNet-50 state dict; none: random init")
+    p.add_argument("--num-classes", type=int, default=NUM_CLASSES_COCO,
+                   help="categories + 1 (background): the model is built before the run reads any data")
+    p.add_argument("--eval-images", type=int, help="validation images, as the manifest counts them (without "
+                                                   "reading the data): decides whether scoring starts workers")
     p.add_argument("--profile", default="coco", choices=sorted(PROFILES))
     p.add_argument("--per-gpu-batch", type=int, default=2, help="images per process per step")
     p.add_argument("--eval-batch", type=int, default=EVAL_BATCH, help="images per process per evaluation step")
@@ -59,7 +65,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--platform", default="", help="submission_platform (default: from the hardware)")
     p.add_argument("--submitter", default="Backend.AI MLPerf", help="submission_org")
     p.add_argument("--status", default="cloud", choices=["cloud", "onprem", "preview", "research"])
-    p.add_argument("--print-freq", type=int, default=20, help="iterations between loss lines")
+    p.add_argument("--print-freq", type=int, default=20,
+                   help="iterations between loss readings for the progress bar (a terminal)")
+    p.add_argument("--verbose", action="store_true", default=os.environ.get("MLPERF_LOG_ECHO") == "1",
+                   help="also print every MLPerf log record (MLPERF_LOG_ECHO=1 does the same)")
     p.add_argument("--ruleset", default=RULESET, help="MLPerf Training ruleset whose reference convergence "
                                                       "points give the schedule")
     return p.parse_args(argv)
@@ -125,12 +134,16 @@ def die_with_launcher() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def data_loaders(args, run: Run, master_seed: int, profile: Profile):
-    """The training set, its loader and sampler; the validation set and this rank's shard of it."""
+def data_loaders(args, run: Run, master_seed: int):
+    """The training set, its loader and sampler; the validation set and this rank's shard of it.
+    Reads the dataset: called after run_start."""
     train_set = D.CocoDetection(args.data_root / args.train_images, args.data_root / args.train_annotations,
                                 train=True)
     val_set = D.CocoDetection(args.data_root / args.val_images, args.data_root / args.val_annotations,
                               train=False)
+    if len(train_set.label_to_category) != args.num_classes:
+        raise ValueError(f"{args.train_annotations} has {len(train_set.label_to_category) - 1} categories, but the "
+                         f"model was built for {args.num_classes - 1} (--num-classes {args.num_classes})")
     sampler = D.GroupedBatchSampler(train_set.aspect_groups(), args.per_gpu_batch, rank=run.rank,
                                     world_size=run.world_size, seed=master_seed)
     loader_kw = dict(collate_fn=D.collate, pin_memory=run.device.type == "cuda", num_workers=args.workers)
@@ -138,30 +151,56 @@ def data_loaders(args, run: Run, master_seed: int, profile: Profile):
     train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler,
                                                worker_init_fn=D.WorkerInit(master_seed, run.rank, sampler),
                                                **loader_kw)
-    if (run.main and len(val_set) * profile.detections_per_image >= PARALLEL_MIN_RESULTS
-            and default_workers() > 1):  # COCO: scoring in processes, up while the first epoch trains
-        start_scoring_workers(val_set.coco)
     val_shard = torch.utils.data.Subset(val_set, D.shard_indices(len(val_set), run.rank, run.world_size))
     val_loader = torch.utils.data.DataLoader(val_shard, batch_size=args.eval_batch, shuffle=False, **loader_kw)
     return train_set, val_set, sampler, train_loader, val_loader
 
 
-def trainer_for(args, run: Run, profile: Profile, schedule, num_classes: int) -> Trainer:
-    """The model (with the speed code for this device), its optimizer, scaler and autocast."""
-    model = build_model(num_classes, backbone_weights=args.backbone if profile.pretrained else None,
+def scores_in_workers(args, run: Run, profile: Profile) -> bool:
+    """Whether rank 0 scores in worker processes (COCO: 500k results): decided from the manifest's
+    count, before any data is read, so that the workers can start in initialisation."""
+    return (run.main and default_workers() > 1 and args.eval_images is not None
+            and args.eval_images * profile.detections_per_image >= PARALLEL_MIN_RESULTS)
+
+
+def trainer_for(args, run: Run, profile: Profile, schedule) -> Trainer:
+    """The model (with the speed code for this device), warmed up on synthetic batches of the run's
+    shapes where there is something to compile (GPUs), its optimizer, scaler and autocast."""
+    model = build_model(args.num_classes, backbone_weights=args.backbone if profile.pretrained else None,
                         min_size=profile.min_size, max_size=profile.max_size,
-                        image_candidates=schedule.image_candidates, rois_per_image=profile.rois_per_image,
+                        proposals_per_image=profile.proposals_per_image, rois_per_image=profile.rois_per_image,
                         test_candidates=profile.test_candidates, detections_per_image=profile.detections_per_image,
                         speed=fast.Options.for_device(run.device.type)).to(run.device)
     dtype = amp_dtype(args.amp, run.device)
+    autocast = (lambda: torch.autocast("cuda", dtype=dtype)) if dtype else nullcontext
+    if run.device.type == "cuda":
+        torch.backends.cudnn.benchmark = False  # detection shapes vary every step: re-tuning costs more
+        seconds = warm_up(model, autocast, batch=args.per_gpu_batch, eval_batch=args.eval_batch,
+                          size=(profile.min_size, profile.max_size), device=run.device)
+        if run.main:
+            print(f"warmed up in {seconds:.1f} s (synthetic batches; compiled the NMS kernels)", flush=True)
     ddp_model = model
     if run.world_size > 1:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[run.local_rank] if run.device.type == "cuda" else None, gradient_as_bucket_view=True)
     return Trainer(model=ddp_model, optimizer=make_optimizer(model, schedule.lr, fused=run.device.type == "cuda"),
                    scaler=torch.amp.GradScaler("cuda") if dtype == torch.float16 else None, schedule=schedule,
-                   autocast=(lambda: torch.autocast("cuda", dtype=dtype)) if dtype else nullcontext,
-                   device=run.device, world_size=run.world_size, main=run.main, print_freq=args.print_freq)
+                   autocast=autocast, device=run.device, world_size=run.world_size,
+                   console=Console(run.main, refresh_every=args.print_freq))
+
+
+def master_seed_of(args, run: Run, resume_state: dict | None) -> int:
+    """The run's master seed: the resumed run's, the one given, or one drawn by rank 0 for all."""
+    seed = resume_state["seed"] if resume_state else args.seed
+    return run.broadcast(secrets.randbelow(2**31) if run.main else None) if seed is None else seed
+
+
+def announce(args, run: Run, schedule) -> None:
+    """One JSON line of what runs (configuration, schedule, precision, processes), from rank 0."""
+    if run.main:
+        print(json.dumps({"config": args.config_name, "schedule": schedule.source,
+                          "amp": str(amp_dtype(args.amp, run.device)), "world_size": run.world_size,
+                          "device": str(run.device)}), flush=True)
 
 
 def main(argv=None) -> int:
@@ -172,28 +211,23 @@ def main(argv=None) -> int:
     global_batch = args.per_gpu_batch * run.world_size
     schedule = profile.schedule_for(global_batch, args.ruleset)
     max_epochs = args.max_epochs or profile.max_epochs
-    targets = {"BBOX": profile.bbox_target if args.bbox_target is None else args.bbox_target,
-               "SEGM": profile.segm_target if args.segm_target is None else args.segm_target}
+    targets = profile.targets(args.bbox_target, args.segm_target)
     checkpoint_path = args.checkpoint or args.log.with_name(args.log.name + ".ckpt")
     resume_state = checkpoint.load(checkpoint_path) if args.resume else None
     if run.main:
         checkpoint.prepare_log(args.log, resume_state)
-    log = MLLogger(args.log, run.main)
+    log = MLLogger(args.log, run.main, echo=args.verbose)
     if resume_state is None:
         log.event(C.CACHE_CLEAR, True)
         log.start(C.INIT_START)
         log.submission(org=args.submitter, division=division(args.dataset, args.profile), status=args.status,
                        platform=args.platform or platform_name(run))
-    master_seed = resume_state["seed"] if resume_state else args.seed
-    if master_seed is None:
-        master_seed = run.broadcast(secrets.randbelow(2**31) if run.main else None)
+    master_seed = master_seed_of(args, run, resume_state)
     seed_everything(master_seed, run.rank, 0)  # model initialisation
-    if run.device.type == "cuda":
-        torch.backends.cudnn.benchmark = False  # detection shapes vary every step: re-tuning costs more
-
-    train_set, val_set, sampler, train_loader, val_loader = data_loaders(args, run, master_seed, profile)
-    trainer = trainer_for(args, run, profile, schedule, len(train_set.label_to_category))
+    trainer = trainer_for(args, run, profile, schedule)
     model = trainer.model.module if run.world_size > 1 else trainer.model
+    if scores_in_workers(args, run, profile):
+        start_scoring_workers()  # the processes only: they may not read the ground truth yet
     first_epoch, iteration = 1, 0
     if resume_state is not None:
         first_epoch, iteration = checkpoint.restore(resume_state, model=model, optimizer=trainer.optimizer,
@@ -202,16 +236,18 @@ def main(argv=None) -> int:
             print(f"resuming after epoch {first_epoch - 1} (iteration {iteration})", flush=True)
     else:
         log.hyperparameters(seed=master_seed, global_batch=global_batch, schedule=schedule, profile=profile,
-                            targets=targets, config_name=args.config_name)
-        if run.main:
-            print(json.dumps({"config": args.config_name, "schedule": schedule.source,
-                              "amp": str(amp_dtype(args.amp, run.device)), "world_size": run.world_size,
-                              "device": str(run.device)}), flush=True)
+                            per_gpu_batch=args.per_gpu_batch, targets=targets, config_name=args.config_name)
+        announce(args, run, schedule)
         log.end(C.INIT_STOP)
         run.barrier()
         log.start(C.RUN_START)
+    # The timed run: from here on the dataset is read (MLPerf: nothing of it before run_start).
+    train_set, val_set, sampler, train_loader, val_loader = data_loaders(args, run, master_seed)
+    if resume_state is None:
         log.event(C.TRAIN_SAMPLES, len(train_set))
         log.event(C.EVAL_SAMPLES, len(val_set))
+    if scores_in_workers(args, run, profile):
+        start_scoring_workers(val_set.coco)  # the workers index the ground truth while epoch 1 trains
 
     status = C.ABORTED
     for epoch in range(first_epoch, max_epochs + 1):
@@ -222,9 +258,11 @@ def main(argv=None) -> int:
         iteration = train_one_epoch(trainer, train_loader, epoch, iteration)
         log.end(C.EPOCH_STOP, epoch_num=epoch)
         log.start(C.EVAL_START, epoch_num=epoch)
+        started = time.time()
         evaluator = CocoEvaluator(val_set.coco, val_set.label_to_category)
         scores = run.broadcast(evaluate(model, val_loader, evaluator, run.device, trainer.autocast, run.main))
         log.end(C.EVAL_STOP, epoch_num=epoch)
+        trainer.console.evaluation(epoch, scores, targets, time.time() - started)
         log.event(C.EVAL_ACCURACY, {"BBOX": scores["bbox"], "SEGM": scores["segm"]}, epoch_num=epoch)
         log.end(C.BLOCK_STOP, first_epoch_num=epoch)
         if scores["bbox"] >= targets["BBOX"] and scores["segm"] >= targets["SEGM"]:

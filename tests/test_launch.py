@@ -155,3 +155,23 @@ def test_list_configs_prints_the_system_configurations():
     assert rows["dgx8-h100"][1:4] == ["8", "12", "96"]
     assert rows["dgx8-v100-16g"][1:4] == ["8", "6", "48"]
     assert rows["shapes-cpu"][1:4] == ["0", "4", "4"]
+
+
+@pytest.mark.parametrize("gpus, message", [("99", "but this host has"), ("abc", "must be a whole number"),
+                                           ("0", "must be a whole number of at least 1")])
+def test_more_cpu_processes_than_cores_or_a_bad_count_is_one_error_line(tiny_shapes, tmp_path, gpus, message):
+    proc = run_invoke(["train", *tiny_shapes["args"], "--gpus", gpus, "--device", "cpu",
+                       "--log", str(tmp_path / "log.txt")], env=NO_CLUSTER)
+    assert_one_error_line(proc, message)
+    assert not (tmp_path / "log.txt").exists()
+
+
+def test_a_damaged_checkpoint_on_resume_is_one_line_naming_it(tiny_shapes, tmp_path):
+    log = tmp_path / "result_0.txt"
+    log.write_text("")
+    checkpoint = tmp_path / "result_0.txt.ckpt"
+    checkpoint.write_bytes(b"PK\x03\x04 cut off in the middle of a write")
+    proc = run_invoke(["train", *tiny_shapes["args"], "--log", str(log), "--resume", "--device", "cpu"],
+                      env=NO_CLUSTER)
+    assert_one_error_line(proc, f"checkpoint {checkpoint} is damaged")
+    assert checkpoint.read_bytes().startswith(b"PK")  # left for the user to look at

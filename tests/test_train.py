@@ -101,6 +101,12 @@ def test_one_process_run_logs_a_compliant_open_division_result(single_run):
     assert "run_stop: aborted" in proc.stdout  # the shapes-cpu target is out of reach in one step
 
 
+def test_the_console_shows_progress_and_evaluations_not_the_mlperf_records(single_run):
+    proc, log = single_run
+    assert ":::MLLOG" not in proc.stdout and ":::MLLOG" in log.read_text()  # --verbose shows them (below)
+    assert re.search(r"^epoch 1 evaluation: BBOX \d\.\d{4} \(target 0\.\d+\), SEGM .* in \d+\.\d s", proc.stdout, re.M)
+
+
 def test_one_process_run_prints_finite_losses(single_run):
     proc, _ = single_run
     losses = loss_lines(proc.stdout)
@@ -115,7 +121,8 @@ def test_one_process_run_prints_finite_losses(single_run):
 def test_two_gloo_processes_train_and_gather_one_evaluation(tiny_shapes, tmp_path):
     log = tmp_path / "result_0.txt"
     # --batch-size 4: 2 images a process, so 4 training images still make one global step
-    proc = train(tiny_shapes, log, "--max-epochs", "1", "--device", "cpu", "--gpus", "2", "--batch-size", "4")
+    proc = train(tiny_shapes, log, "--max-epochs", "1", "--device", "cpu", "--gpus", "2", "--batch-size", "4",
+                 "--verbose")  # the MLPerf records on the console too: only rank 0's
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     config = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"config"')]
     assert len(config) == 1 and config[0]["world_size"] == 2, proc.stdout  # rank 0 prints it, once
@@ -187,6 +194,32 @@ def test_a_run_killed_mid_epoch_resumes_to_one_complete_log(tiny_shapes, tmp_pat
     losses = loss_lines(proc.stdout)
     assert losses and all(math.isfinite(v) for line in losses for v in line.values())
     assert not Path(f"{log}.ckpt").exists()  # a finished run keeps no checkpoint
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killing_the_launcher_alone_takes_torchrun_and_the_trainers_down(tiny_shapes, tmp_path, sig):
+    """Not the process group: only `invoke train` itself, as a job manager or a careless kill does."""
+    log = tmp_path / "result_0.txt"
+    args = [sys.executable, "-m", "invoke", "train", *tiny_shapes["args"], "--log", str(log), "--seed", SEED,
+            "--max-epochs", "3", "--device", "cpu"]
+    env = {**os.environ, **NO_CLUSTER, "PYTHONUNBUFFERED": "1"}
+    with open(tmp_path / "out", "w") as out:
+        process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        try:
+            wait_for_epoch_start(process, log, epoch=1, timeout=300)
+            assert len(processes_naming(str(log))) >= 2  # torchrun and the trainer, at least
+            os.kill(process.pid, sig)
+            process.wait(timeout=30)
+            deadline = time.monotonic() + 30
+            while processes_naming(str(log)) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            left = processes_naming(str(log))
+        finally:
+            os.killpg(process.pid, signal.SIGKILL) if process.poll() is None else None
+            for pid in processes_naming(str(log)):
+                os.kill(pid, signal.SIGKILL)
+    assert not left, left
 
 
 # -- the grouped batch sampler --------------------------------------------------------------------
@@ -274,7 +307,7 @@ def test_our_model_computes_the_same_losses_as_torchvision_stock(tmp_path):
 
     weights = tmp_path / "resnet50.pth"
     random_backbone_weights(weights)
-    ours = build_model(81, backbone_weights=weights, image_candidates=1000, min_size=128, max_size=160)
+    ours = build_model(81, backbone_weights=weights, proposals_per_image=1000, min_size=128, max_size=160)
     ours = ours.to(memory_format=torch.channels_last).train()
 
     body = resnet50(norm_layer=FrozenBatchNorm2d)
