@@ -32,6 +32,10 @@ RESERVED_PORTS = {2000, 2001, 2002, 2003, 2200, 7681}   # the kernel runner, ssh
 _SIZE = re.compile(r"^\d+(\.\d+)?([kmgtpe](i?b)?)?$", re.IGNORECASE)   # Backend.AI BinarySize: 8g, 512m
 _DISTRO = re.compile(r"^[a-z]+(-[a-z]+)?(\d+(\.\d+)*)?$")               # ubuntu22.04, centos7.6, static-gnu
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# An image reference: [registry[:port]/]path[:tag][@digest], as docker's reference grammar spells it.
+_IMAGE_REFERENCE = re.compile(r"(?:[A-Za-z0-9.-]+(?::[0-9]+)?/)?[a-z0-9]+(?:[._-]+[a-z0-9]+)*"
+                              r"(?:/[a-z0-9]+(?:[._-]+[a-z0-9]+)*)*(?::[\w][\w.-]{0,127})?(?:@sha256:[0-9a-f]{64})?")
+_ABSOLUTE_PATH = re.compile(r"/[\w./+-]+")
 # One service-ports entry, as Backend.AI parses it: name:proto:port or name:proto:[port,port,...]
 _SERVICE_PORT = re.compile(r"^(?P<name>[\w-]+):(?P<proto>\w+):(?P<ports>\[\d+(?:,\d+)*\]|\d+)$")
 
@@ -173,11 +177,30 @@ def validate_labels(labels: dict[str, str]) -> list[Problem]:
 
 
 def dockerfile_labels(text: str) -> dict[str, str]:
-    """The final stage's LABELs, parsed by dockerfile-parse (quoting, continuations, ARG/ENV)."""
+    """The final stage's LABELs, parsed by dockerfile-parse (quoting, continuations), with ARG and
+    ENV values substituted the way docker does, `${VAR:-default}` and `${VAR:+alternative}` too
+    (dockerfile-parse alone leaves ':-4}' of `${X:-4}`)."""
     from dockerfile_parse import DockerfileParser
 
-    parser = DockerfileParser(fileobj=io.BytesIO(text.encode()))
-    return dict(parser.labels)
+    parser = DockerfileParser(fileobj=io.BytesIO(text.encode()), env_replace=False)
+    known = {**parser.args, **parser.envs}
+    return {_substitute(name, known): _substitute(value, known) for name, value in parser.labels.items()}
+
+
+_VARIABLE = re.compile(r"\$(?:\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-+])(?P<word>[^}]*))?\}"
+                       r"|(?P<bare>[A-Za-z_][A-Za-z0-9_]*))")
+
+
+def _substitute(text: str, known: dict[str, str]) -> str:
+    def one(match: re.Match) -> str:
+        name = match["name"] or match["bare"]
+        value, op = known.get(name), match["op"]
+        if op in ("-", ":-"):
+            return value if value is not None and (value or op == "-") else match["word"]
+        if op in ("+", ":+"):
+            return match["word"] if value is not None and (value or op == "+") else ""
+        return value or ""
+    return _VARIABLE.sub(one, str(text))
 
 
 def check_dockerfile(path: Path) -> None:
@@ -187,7 +210,11 @@ def check_dockerfile(path: Path) -> None:
         path = path / "Dockerfile"
     if not path.is_file():
         raise UserError(f"{path}: no such Dockerfile; give the path of a Dockerfile to --check")
-    problems = validate_labels(dockerfile_labels(path.read_text()))
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not a text file (not UTF-8): give the path of a Dockerfile to --check") from None
+    problems = validate_labels(dockerfile_labels(text))
     if problems:
         for problem in problems:
             print(f"{path}: {problem}")
@@ -245,6 +272,11 @@ def resolve_base(base: str, distro: str | None = None, python: str | None = None
     An unknown base is an error rather than a guess: a base-distro newer than the image's real one
     makes Backend.AI mount binaries its glibc cannot run, and the session then fails far from here.
     """
+    for flag, value, pattern in (("--base", base, _IMAGE_REFERENCE), ("--distro", distro, _DISTRO),
+                                 ("--python", python, _ABSOLUTE_PATH)):
+        if value is not None and not pattern.fullmatch(value):
+            raise UserError(f"{flag} {value!r} is not a valid {flag[2:]} (it goes into the Dockerfile as it is: "
+                            "no spaces, newlines or quotes)")
     profile = known_base(base)
     if profile is None and distro is None:
         raise UserError(
@@ -407,6 +439,19 @@ def registration_steps(tag: str) -> list[str]:
     ]
 
 
+def dockerfile_for(base: str, distro: str | None = None, python: str | None = None,
+                   resources: Resources | dict | None = None) -> tuple[str, BaseProfile]:
+    """The Dockerfile for `base`, its labels validated like any --check; and the base's profile."""
+    if isinstance(resources, dict):
+        resources = Resources(**{k: v for k, v in resources.items() if v is not None})
+    profile = resolve_base(base, distro, python)
+    dockerfile = render_dockerfile(base, profile, image_labels(profile, resources or Resources()))
+    problems = validate_labels(dockerfile_labels(dockerfile))
+    if problems:   # the overrides (--distro, --python, image.resources) are the only way in
+        raise UserError("the image's labels are invalid: " + "; ".join(map(str, problems)))
+    return dockerfile, profile
+
+
 def make_image(base: str, output: Path, tag: str | None = None, build: bool = False, push: bool = False,
                distro: str | None = None, python: str | None = None,
                resources: Resources | dict | None = None) -> Path:
@@ -415,15 +460,7 @@ def make_image(base: str, output: Path, tag: str | None = None, build: bool = Fa
     The generated Dockerfile's labels are validated like any --check; without a daemon, build/push
     print the commands to run elsewhere and fail (the user asked for a build that did not happen).
     """
-    if isinstance(resources, dict):
-        resources = Resources(**{k: v for k, v in resources.items() if v is not None})
-    resources = resources or Resources()
-    profile = resolve_base(base, distro, python)
-    labels = image_labels(profile, resources)
-    dockerfile = render_dockerfile(base, profile, labels)
-    problems = validate_labels(dockerfile_labels(dockerfile))
-    if problems:   # the overrides (--distro, --python, image.resources) are the only way in
-        raise UserError("the image's labels are invalid: " + "; ".join(map(str, problems)))
+    dockerfile, profile = dockerfile_for(base, distro, python, resources)
     output = Path(output)
     write_context(output, dockerfile)
     tag = tag or default_tag(base)

@@ -53,31 +53,47 @@ class Job:
         pid = self.info.get("pid")
         if not pid:  # job.json is written again with the pid right after the wrapper starts
             return time.time() - self.info.get("started", 0) < 10
+        return _alive(pid, str(self.folder))
+
+    def step_alive(self) -> bool:
+        """Is the step itself still running (its wrapper may have been killed on its own)? Its
+        command line is `python -m invoke <task> ...`, which guards against a recycled pid."""
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+            pid = int((self.folder / "step.pid").read_text())
+        except (OSError, ValueError):
             return False
-        except PermissionError:
-            return True
-        cmdline = Path(f"/proc/{pid}/cmdline")
-        if cmdline.exists():
-            try:
-                return str(self.folder) in cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                return False
-        return True
+        return _alive(pid, "invoke")
 
     def state(self) -> str:
+        if self.info.get("damaged"):
+            return "damaged"
         code = self.exit_code()
         if code is not None:
             return "finished" if code == 0 else "failed"
-        if self.wrapper_alive():
+        if self.wrapper_alive() or self.step_alive():  # a step without its wrapper: no exit code to come
             return "running"
         # The wrapper may have written exitcode between the two checks.
         code = self.exit_code()
         if code is not None:
             return "finished" if code == 0 else "failed"
         return "lost"
+
+
+def _alive(pid: int, marker: str) -> bool:
+    """Whether process `pid` runs and its command line holds `marker` (/proc, where there is one)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if cmdline.exists():
+        try:
+            return marker in cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            return False
+    return True
 
 
 def jobs_dir(results_dir: Path) -> Path:
@@ -89,13 +105,17 @@ def start(argv: list[str], folder: Path) -> Job:
     folder = Path(folder).resolve()
     job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{argv[0]}-{secrets.token_hex(2)}"
     job_dir = folder / job_id
-    job_dir.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    job_dir.mkdir(mode=0o700)  # output.log may hold what a step prints of the user's paths and hosts
     command = [sys.executable, "-m", "invoke", *argv]
     env = dict(os.environ)
     # The wrapper imports mlperf.jobs: make the project importable wherever the user stands.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"  # the log shows output as it happens
-    info = {"id": job_id, "task": argv[0], "command": command, "cwd": os.getcwd(),
+    from mlperf.datasets import redact_url
+
+    env["MLPERF_JOB_COMMAND"] = json.dumps(command)  # the real one, for the wrapper alone
+    info = {"id": job_id, "task": argv[0], "command": [redact_url(word) for word in command], "cwd": os.getcwd(),
             "started": time.time()}
     write_json(job_dir / "job.json", info)
     with open(job_dir / "output.log", "ab") as log:
@@ -105,7 +125,7 @@ def start(argv: list[str], folder: Path) -> Job:
         )
     info["pid"] = wrapper.pid
     write_json(job_dir / "job.json", info)
-    print(f"started job {job_id}: {shlex.join(['invoke', *argv])}")
+    print(f"started job {job_id}: {redact_url(shlex.join(['invoke', *argv]))}")
     print(f"  output: {job_dir / 'output.log'}")
     print(f"  follow it: invoke logs --job {job_id} --follow   (through Fabric: fab -H HOST logs --job "
           f"{job_id} --follow); list jobs: invoke status")
@@ -117,9 +137,15 @@ def all_jobs(folder: Path) -> list[Job]:
     found = []
     for info_file in Path(folder).resolve().glob("*/job.json"):
         try:
-            found.append(Job(info_file.parent, json.loads(info_file.read_text())))
-        except (OSError, ValueError):
-            continue  # a job folder being created right now
+            info = json.loads(info_file.read_text())
+        except OSError:
+            continue  # a job folder being removed right now
+        except ValueError:
+            info = None
+        if not (isinstance(info, dict) and isinstance(info.get("id"), str)
+                and isinstance(info.get("started", 0), (int, float))):
+            info = {"id": info_file.parent.name, "task": "?", "started": 0, "damaged": True}
+        found.append(Job(info_file.parent, info))
     return sorted(found, key=lambda job: (job.info.get("started", 0), job.id))
 
 
@@ -182,13 +208,18 @@ def logs(folder: Path, job_id: str | None = None, follow: bool = False) -> int:
 
 
 def _wrap(job_dir: Path) -> int:
-    """The wrapper's body: run the step, then record its exit code atomically."""
+    """The wrapper's body: run the step (its command comes in MLPERF_JOB_COMMAND, not from job.json,
+    which shows it with any secret in a URL hidden), note its pid, then record its exit code."""
     info = json.loads((job_dir / "job.json").read_text())
+    command = json.loads(os.environ.pop("MLPERF_JOB_COMMAND"))
     try:
-        code = subprocess.call(info["command"], cwd=info["cwd"], stdin=subprocess.DEVNULL)
+        step = subprocess.Popen(command, cwd=info["cwd"], stdin=subprocess.DEVNULL)
     except OSError as exc:
-        print(f"error: could not start {info['command'][0]}: {exc}", flush=True)
+        print(f"error: could not start {command[0]}: {exc}", flush=True)
         code = 127
+    else:
+        atomic_write(job_dir / "step.pid", str(step.pid))  # job.json is the starter's to write
+        code = step.wait()
     if code < 0:  # killed by a signal: record it the way a shell would
         code = 128 - code
     atomic_write(job_dir / "exitcode", f"{code}\n")

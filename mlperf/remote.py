@@ -17,7 +17,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 from pathlib import Path
 
@@ -49,7 +48,97 @@ def _connection_errors() -> tuple:
     return (paramiko.SSHException, socket.error, OSError, EOFError)
 
 
+# --- host keys: checked the way ssh checks them ------------------------------------------------
+
+
+def known_hosts_file(c) -> Path:
+    """The known-hosts file for this host: its ssh config's UserKnownHostsFile, else ~/.ssh/known_hosts."""
+    configured = c.ssh_config.get("userknownhostsfile") if hasattr(c, "ssh_config") else None
+    if isinstance(configured, (list, tuple)):  # paramiko gives a string; be lenient about lists
+        configured = configured[0] if configured else None
+    first = configured.split()[0] if configured and configured.split() else "~/.ssh/known_hosts"
+    return Path(os.path.expanduser(first))
+
+
+def accept_new_host_keys(c) -> bool:
+    """mlperf.remote.accept_new_host_keys (FABRIC_MLPERF_REMOTE_ACCEPT_NEW_HOST_KEYS=1): the opt-in
+    for hosts whose key this machine has not seen (a new Backend.AI session behind 127.0.0.1:9922);
+    an ssh config's StrictHostKeyChecking accept-new says the same for its hosts."""
+    value = c.config.get("mlperf", {}).get("remote", {}).get("accept_new_host_keys", False)
+    return str(value).lower() in ("1", "true", "yes", "on") or _strict_checking(c) == "accept-new"
+
+
+def _strict_checking(c) -> str:
+    return (c.ssh_config.get("stricthostkeychecking") or "yes").lower() if hasattr(c, "ssh_config") else "yes"
+
+
+def check_host_keys(c) -> None:
+    """Make the Connection check host keys against the known-hosts file: Fabric itself accepts any
+    key. An unknown key is refused, unless accept_new_host_keys, which saves it there."""
+    import paramiko
+
+    if getattr(c, "_mlperf_host_keys", False):
+        return
+    _check_port(c)
+    path = known_hosts_file(c)
+    if path.is_file():
+        c.client.load_host_keys(str(path))
+    if _strict_checking(c) in ("no", "off"):  # the host's ssh config trusts any key (a cluster's own hosts)
+        c.client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+    elif accept_new_host_keys(c):
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.touch(mode=0o600, exist_ok=True)
+        c.client.load_host_keys(str(path))  # save_host_keys writes every loaded key back to this file
+        c.client.set_missing_host_key_policy(_SaveNewKey(path))
+    else:
+        c.client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    c._mlperf_host_keys = True
+
+
+class _SaveNewKey:
+    """paramiko's MissingHostKeyPolicy: add the key and write it to the known-hosts file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def missing_host_key(self, client, hostname, key):
+        client.get_host_keys().add(hostname, key.get_name(), key)
+        client.save_host_keys(str(self.path))
+
+
+def _check_port(c) -> None:
+    """A port out of range is one line (paramiko would wrap 99999 around to 34463 and try that)."""
+    if not isinstance(c.port, int) or not 0 < c.port < 65536:
+        raise UserError(f"port {c.port} of {c.user}@{c.host} is not a port number (1-65535): check -H")
+
+
+def _host_key_problem(c, exc: Exception) -> UserError | None:
+    """One line for a refused host key (unknown or changed), None for other failures."""
+    import paramiko
+
+    if isinstance(exc, paramiko.BadHostKeyException):
+        return _host_key_line(c, changed=True)
+    if isinstance(exc, paramiko.SSHException) and "not found in known_hosts" in str(exc):
+        return _host_key_line(c, changed=False)
+    return None
+
+
+def _host_key_line(c, changed: bool) -> UserError:
+    name = f"[{c.host}]:{c.port}" if c.port != 22 else c.host
+    where = known_hosts_file(c)
+    if changed:
+        return UserError(f"the host key of {describe(c)} has CHANGED from the one in {where}: if this is a new "
+                         f"session behind the same address, remove the old key (ssh-keygen -R '{name}' -f {where}) "
+                         "and connect again; otherwise someone may be in the middle")
+    return UserError(f"the host key of {describe(c)} is not known here ({where}): check it and add it "
+                     f"(ssh-keyscan -p {c.port} {c.host} >> {where}), or accept new keys with "
+                     "FABRIC_MLPERF_REMOTE_ACCEPT_NEW_HOST_KEYS=1 (a new Backend.AI session has a new key)")
+
+
 def _unreachable(c, exc: Exception) -> UserError:
+    refused = _host_key_problem(c, exc)
+    if refused is not None:
+        return refused
     reason = re.sub(r"^\[Errno [^\]]*\]\s*", "", str(exc).strip()).rstrip(".") or type(exc).__name__
     return UserError(
         f"cannot connect to {describe(c)}: {reason}; check the host and port, the key (-i), and that "
@@ -57,9 +146,10 @@ def _unreachable(c, exc: Exception) -> UserError:
 
 
 def _run(c, command: str, **kwargs):
-    """c.run with connection problems turned into one line."""
+    """c.run with host keys checked and connection problems turned into one line."""
     if c.connect_timeout is None:
         c.connect_timeout = 20  # an unroutable host should not hang for minutes
+    check_host_keys(c)
     try:
         return c.run(command, **kwargs)
     except _connection_errors() as exc:
@@ -104,18 +194,16 @@ def forward(c, argv: list[str], path: str):
 # --- rsync over the Connection's SSH settings -------------------------------------------------
 
 
-def ssh_command(c, known_hosts_scratch: Path) -> list[str]:
-    """The `ssh` command (for rsync -e) that matches the Fabric Connection.
-
-    Host keys: like Fabric (which checks keys it knows and accepts new ones without saving them),
-    keys in ~/.ssh/known_hosts are checked and new ones go to a scratch file only. Backend.AI
-    sessions get a new host key each time behind the same 127.0.0.1:9922.
-    """
+def ssh_command(c) -> list[str]:
+    """The `ssh` command (for rsync -e) that matches the Fabric Connection, host keys included:
+    the same known-hosts file, unknown keys refused unless accept_new_host_keys."""
     if shutil.which("ssh") is None:
         raise UserError("ssh not found here: install openssh-client (apt-get install openssh-client)")
+    _check_port(c)
+    strict = "no" if _strict_checking(c) in ("no", "off") else "accept-new" if accept_new_host_keys(c) else "yes"
     command = ["ssh", "-p", str(c.port), "-l", c.user, "-o", "BatchMode=yes",
-               "-o", "StrictHostKeyChecking=accept-new", "-o", "LogLevel=ERROR",
-               "-o", f"UserKnownHostsFile={known_hosts_scratch} ~/.ssh/known_hosts"]
+               "-o", f"StrictHostKeyChecking={strict}", "-o", "LogLevel=ERROR",
+               "-o", f"UserKnownHostsFile={known_hosts_file(c)}"]
     if c.connect_timeout:
         command += ["-o", f"ConnectTimeout={int(c.connect_timeout)}"]
     ssh_config = getattr(c.config, "_runtime_ssh_path", None) or c.config.get("ssh_config_path")
@@ -133,14 +221,15 @@ def rsync(c, args: list[str]) -> dict:
         raise UserError("rsync not found here: install it (apt-get install rsync, brew install rsync)")
     if c.connect_timeout is None:
         c.connect_timeout = 20
-    with tempfile.TemporaryDirectory() as scratch:
-        ssh = ssh_command(c, Path(scratch) / "known_hosts")
-        # rsync splits -e on spaces and honours quotes (not backslashes): quote each word.
-        command = ["rsync", "-a", "--stats", "-e", " ".join(_rsync_quote(w) for w in ssh), *args]
-        proc = subprocess.run(command, capture_output=True, text=True)
+    ssh = ssh_command(c)
+    # rsync splits -e on spaces and honours quotes (not backslashes): quote each word.
+    command = ["rsync", "-a", "--stats", "-e", " ".join(_rsync_quote(w) for w in ssh), *args]
+    proc = subprocess.run(command, capture_output=True, text=True)
     if proc.returncode != 0:
         err = proc.stderr.strip().splitlines()
         last = err[-1] if err else f"exit code {proc.returncode}"
+        if "REMOTE HOST IDENTIFICATION HAS CHANGED" in proc.stderr or "Host key verification failed" in proc.stderr:
+            raise _host_key_line(c, changed="HAS CHANGED" in proc.stderr)
         if proc.returncode == 255 or "connection" in proc.stderr.lower() or "permission denied" in proc.stderr.lower():
             raise _unreachable(c, RuntimeError(last))
         if "command not found" in proc.stderr or proc.returncode == 127:
@@ -293,11 +382,12 @@ def run_parallel(commands: dict[str, str], *, ssh_config: str | None = None,
         # The shell reports its pid, which leads the process group of everything it starts.
         wrapped = f"echo {_PGID_MARK} $$; exec sh -c {shlex.quote(commands[host])}"
         try:
+            check_host_keys(conns[host])
             result = conns[host].run(wrapped, pty=True, warn=True, in_stream=False, hide=False,
                                      out_stream=writers[host], err_stream=writers[host])
             code = result.exited if result.exited > 0 else (0 if result.exited == 0 else 1)
         except _connection_errors() as exc:
-            writers[host]._emit(f"error: cannot run on {host}: {exc}")
+            writers[host]._emit(f"error: {_unreachable(conns[host], exc)}")
             code = 255
         except Exception as exc:  # noqa: BLE001 - a dying channel after a stop: report, don't hang
             writers[host]._emit(f"error: {type(exc).__name__}: {exc}")
@@ -341,6 +431,7 @@ def _stop(conns: dict, writers: dict, threads: dict, config, grace: float) -> No
         def kill(host=host):
             try:
                 with Connection(host, config=config, connect_timeout=20) as killer:
+                    check_host_keys(killer)
                     killer.run(script.format(pg=writers[host].pgid, ticks=int(grace * 2)),
                                hide=True, warn=True, in_stream=False)
             except _connection_errors():

