@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import time
 from pathlib import Path
 
@@ -85,8 +86,9 @@ def _summary_outputs(root: Path) -> dict | None:
 
 def run_all(*, dataset: str, data_dir: Path, results_dir: Path, runs: int, ruleset: str, system: str | None,
             jobs: int, image: dict, submitter: str, status: str, build: bool = False, config: str | None = None,
-            max_epochs=None, nodes=None) -> dict:
-    """The whole benchmark for one dataset, resuming where a previous call stopped; returns the summary.
+            max_epochs=None, nodes=None, manifest: str | None = None) -> dict:
+    """The whole benchmark for one dataset (built in, or a `manifest` file's), resuming where a previous
+    call stopped; returns the summary.
 
     `image`: the image settings (base, output, tag, resources), as `invoke image` takes them."""
     from mlperf import image as imaging
@@ -95,10 +97,11 @@ def run_all(*, dataset: str, data_dir: Path, results_dir: Path, runs: int, rules
     from mlperf.datasets import verify as verifying
     from mlperf.results import report, score, series as series_runs
 
-    ds = resolve(dataset)
+    manifest = None if manifest is None else str(Path(manifest).resolve())
+    ds = resolve(dataset, manifest)
     data_dir, results_dir = Path(data_dir).resolve(), Path(results_dir).resolve()
     stamps = Stamps(results_dir, ds.name)
-    manifest = hash_file(ds.source, "sha256") if ds.source else ds.name
+    manifest_digest = hash_file(ds.source, "sha256") if ds.source else ds.name
 
     def step(name: str, inputs: dict, outputs, work) -> None:
         """Run `work` unless the stamp says this step is done for these inputs and outputs."""
@@ -109,7 +112,7 @@ def run_all(*, dataset: str, data_dir: Path, results_dir: Path, runs: int, rules
         work()
         stamps.mark(name, inputs, outputs())
 
-    fetched = {"manifest": manifest, "data_dir": str(data_dir)}
+    fetched = {"manifest": manifest_digest, "data_dir": str(data_dir)}
     step("fetch", fetched, lambda: dataset_fingerprint(ds, data_dir),
          lambda: fetching.fetch_dataset(ds, data_dir, mirror=None, source=None, jobs=jobs))
     step("verify", fetched, lambda: dataset_fingerprint(ds, data_dir),
@@ -117,12 +120,14 @@ def run_all(*, dataset: str, data_dir: Path, results_dir: Path, runs: int, rules
 
     image_out = Path(image["output"]).resolve()
     image_inputs = {"base": image["base"], "output": str(image_out), "tag": image.get("tag") or None,
-                    "build": build, "resources": dict(image["resources"]), "sources": sources_digest()}
+                    "build": build, "resources": dict(image["resources"]), "sources": sources_digest(),
+                    "gpu_arch": image.get("gpu_arch") or None}
     step("image", image_inputs, lambda: _tree_fingerprint(image_out),
          lambda: imaging.make_image(base=image_inputs["base"], output=image_out, tag=image_inputs["tag"],
-                                    build=build, push=False, resources=image_inputs["resources"]))
+                                    build=build, push=False, resources=image_inputs["resources"],
+                                    gpu_arch=image_inputs["gpu_arch"]))
 
-    time_inputs = {"dataset": ds.name, "manifest": manifest, "runs": runs, "config": config,
+    time_inputs = {"dataset": ds.name, "manifest": manifest_digest, "runs": runs, "config": config,
                    "max_epochs": max_epochs, "ruleset": ruleset, "system": system or None,
                    "data_dir": str(data_dir), "submitter": submitter, "status": status, "nodes": nodes}
     series = f"all-{ds.name}-{_digest(time_inputs)[:8]}"
@@ -131,14 +136,17 @@ def run_all(*, dataset: str, data_dir: Path, results_dir: Path, runs: int, rules
         print(f"==> time: series {series} finished earlier: skipped", flush=True)
         summary = json.loads((series_root / "summary.json").read_text())
         runs_list = [score.RunResult(**r) for r in summary["runs"]]
-        report.report(runs_list, score.Score(**summary["score"]), series_root)
+        report.report(runs_list, score.Score(**summary["score"]), series_root, model=summary.get("model", ""))
+        series_runs.require_score(summary, series_root)
         return summary
     print(f"==> time: series {series}", flush=True)
+    what = f"--manifest {shlex.quote(manifest)}" if manifest else f"--dataset {ds.name}"
+    resume_hint = " ".join([f"invoke all {what} --runs {runs}"] + ([f"--config {config}"] if config else [])
+                           + ([f"--max-epochs {max_epochs}"] if max_epochs is not None else []))
     summary = series_runs.time_series(
         runs=runs, results_dir=results_dir, system=time_inputs["system"], ruleset=time_inputs["ruleset"],
-        dataset=ds.name, data_dir=data_dir, config=config, max_epochs=max_epochs, nodes=nodes, submitter=submitter,
-        status=status, series=series, finished_ok=True, resume_hint=" ".join(
-            [f"invoke all --dataset {ds.name} --runs {runs}"] + ([f"--config {config}"] if config else [])
-            + ([f"--max-epochs {max_epochs}"] if max_epochs is not None else [])))
+        dataset=None if manifest else ds.name, manifest=manifest, data_dir=data_dir, config=config,
+        max_epochs=max_epochs, nodes=nodes, submitter=submitter, status=status, series=series, finished_ok=True,
+        resume_hint=resume_hint)
     stamps.mark("time", time_inputs, _summary_outputs(series_root))
     return summary

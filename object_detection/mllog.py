@@ -3,7 +3,7 @@ stdout with `echo`: --verbose, or MLPERF_LOG_ECHO=1).
 
 `MLLogger` holds the calls the loop makes (event, start, end) and the fixed records of a run: the
 submission, the recipe's hyperparameters, and the two records the compliance checker ignores but
-`invoke time` reads (the quality targets and the configuration name).
+`invoke time` reads (the quality targets, the configuration name and the model).
 """
 from __future__ import annotations
 
@@ -70,3 +70,4 @@ class MLLogger:
         # Not MLPerf keys (the checker ignores them): what `invoke time` plots and describes.
         self.event("quality_target", targets)
         self.event("config_name", config_name)
+        self.event("model", profile.model)

@@ -1,5 +1,6 @@
 """Mask R-CNN R50-FPN as the MLPerf rules fix it, built from torchvision's public detection parts,
-then made faster by object_detection.fast (same function, one switch)."""
+then made faster by object_detection.fast (same function, one switch); and the small Mask R-CNN the
+CPU demonstration trains (MODELS)."""
 from __future__ import annotations
 
 from functools import partial
@@ -7,15 +8,22 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision.models import resnet50
+from torchvision.models import resnet18, resnet50
 from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from object_detection import fast
 
 NUM_CLASSES_COCO = 81  # 80 categories + background
+# "r50-fpn": MLPerf's Mask R-CNN, every GPU profile's. "r18-fpn-slim": a small one from the same parts
+# (ResNet-18 body, 64-channel FPN, slim heads, anchors for 100-pixel images) that learns the shapes
+# set in a minute on two CPU cores, where the MLPerf model runs 1 image/s and cannot; open division.
+MODELS = ("r50-fpn", "r18-fpn-slim")
 
 
 def resnet_fpn(body: nn.Module, trainable_layers: int, norm_layer=None, out_channels: int = 256) -> BackboneWithFPN:
@@ -45,10 +53,22 @@ def imagenet_resnet50(weights: Path) -> nn.Module:
     return body
 
 
+def slim_parts(num_classes: int) -> dict:
+    """The small model's backbone and heads, as MaskRCNN's keyword arguments."""
+    group_norm = partial(nn.GroupNorm, 32)
+    backbone = resnet_fpn(resnet18(norm_layer=group_norm, zero_init_residual=True), 5, group_norm,
+                          out_channels=64)
+    sizes = ((8,), (16,), (32,), (64,), (128,))  # the shapes set's objects are 10-60 px across
+    return {"backbone": backbone, "rpn_anchor_generator": AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes)),
+            "box_head": TwoMLPHead(64 * 7 * 7, 256), "box_predictor": FastRCNNPredictor(256, num_classes),
+            "mask_head": MaskRCNNHeads(64, (64, 64), 1), "mask_predictor": MaskRCNNPredictor(64, 64, num_classes),
+            "num_classes": None}
+
+
 def build_model(num_classes: int = NUM_CLASSES_COCO, *, backbone_weights: Path | None,
-                min_size: int = 800, max_size: int = 1333, image_candidates: int = 1000,
+                min_size: int = 800, max_size: int = 1333, proposals_per_image: int = 1000,
                 rois_per_image: int = 512, test_candidates: int = 1000, detections_per_image: int = 100,
-                speed: fast.Options = fast.Options()) -> MaskRCNN:
+                speed: fast.Options = fast.Options(), model: str = "r50-fpn") -> MaskRCNN:
     """Mask R-CNN with the reference's hyperparameters, then `fast.apply(model, speed)`.
 
     With `backbone_weights` (a torchvision-format ImageNet ResNet-50 state dict) BatchNorm is frozen
@@ -56,20 +76,24 @@ def build_model(num_classes: int = NUM_CLASSES_COCO, *, backbone_weights: Path |
     no download), the backbone starts from random weights with trainable GroupNorm: small per-GPU
     batches make BatchNorm statistics too noisy to train from scratch.
     """
-    if backbone_weights is not None:
-        backbone = resnet_fpn(imagenet_resnet50(backbone_weights), 3)  # layer2..layer4 train
+    if model not in MODELS:
+        raise ValueError(f"model {model!r} is not one of {MODELS}")
+    if model == "r18-fpn-slim":
+        parts = slim_parts(num_classes)
+    elif backbone_weights is not None:
+        parts = {"backbone": resnet_fpn(imagenet_resnet50(backbone_weights), 3)}  # layer2..layer4 train
     else:
         # Training from scratch as in He et al., "Rethinking ImageNet Pre-training": GroupNorm in the
         # backbone and FPN, residual branches starting at zero so activations don't grow with depth.
         group_norm = partial(nn.GroupNorm, 32)
-        backbone = resnet_fpn(resnet50(norm_layer=group_norm, zero_init_residual=True), 5, group_norm)
-    model = MaskRCNN(
-        backbone, num_classes=num_classes,
+        parts = {"backbone": resnet_fpn(resnet50(norm_layer=group_norm, zero_init_residual=True), 5, group_norm)}
+    built = MaskRCNN(
+        **{"num_classes": num_classes, **parts},
         min_size=min_size, max_size=max_size,  # GeneralizedRCNNTransform pads to a multiple of 32
-        rpn_pre_nms_top_n_train=2000, rpn_post_nms_top_n_train=image_candidates,
+        rpn_pre_nms_top_n_train=2000, rpn_post_nms_top_n_train=proposals_per_image,
         rpn_pre_nms_top_n_test=1000, rpn_post_nms_top_n_test=test_candidates,
         rpn_nms_thresh=0.7, rpn_batch_size_per_image=256, rpn_positive_fraction=0.5,
         box_batch_size_per_image=rois_per_image, box_positive_fraction=0.25,
         box_score_thresh=0.05, box_detections_per_img=detections_per_image,
     )
-    return fast.apply(model, speed)
+    return fast.apply(built, speed)

@@ -170,7 +170,7 @@ def trainer_for(args, run: Run, profile: Profile, schedule) -> Trainer:
                         min_size=profile.min_size, max_size=profile.max_size,
                         proposals_per_image=profile.proposals_per_image, rois_per_image=profile.rois_per_image,
                         test_candidates=profile.test_candidates, detections_per_image=profile.detections_per_image,
-                        speed=fast.Options.for_device(run.device.type)).to(run.device)
+                        speed=fast.Options.for_device(run.device.type), model=profile.model).to(run.device)
     dtype = amp_dtype(args.amp, run.device)
     autocast = (lambda: torch.autocast("cuda", dtype=dtype)) if dtype else nullcontext
     if run.device.type == "cuda":

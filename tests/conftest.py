@@ -23,6 +23,17 @@ def run_invoke(args: list[str], *, env: dict | None = None, cwd: Path = ROOT, ti
     return proc
 
 
+def one_error_line(proc, *fragments: str) -> str:
+    """Exit 1 with stderr exactly one `error:` line (beside any `warning:` lines; no traceback
+    anywhere), holding each fragment; returns that line. The promise every task makes about bad input."""
+    lines = [line for line in proc.stderr.strip().splitlines() if not line.startswith("warning: ")]
+    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stdout + proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
 @pytest.fixture
 def sandbox(tmp_path) -> dict:
     """Environment that points the project's data and results folders into tmp_path."""
@@ -35,10 +46,10 @@ def sandbox(tmp_path) -> dict:
 TINY_SHAPES_MANIFEST = """\
 name: tiny
 generator: shapes
-generator_options: {train_images: 4, val_images: 2, image_size: 96, seed: 0}
+generator_options: {train_images: 8, val_images: 2, image_size: 96, seed: 0}
 categories: 3
 splits:
-  train: {images: train2017, annotations: annotations/instances_train2017.json, count: 4}
+  train: {images: train2017, annotations: annotations/instances_train2017.json, count: 8}
   val: {images: val2017, annotations: annotations/instances_val2017.json, count: 2}
 files: []
 """
@@ -46,7 +57,7 @@ files: []
 
 @pytest.fixture(scope="session")
 def tiny_shapes(tmp_path_factory) -> dict:
-    """The smallest shapes set a CPU training run needs (4 train, 2 val images), made and verified
+    """The smallest shapes set a CPU training run needs (8 train, one CPU batch; 2 val images), made and verified
     once per session through `invoke fetch` and `invoke verify`. Keys: manifest, data_dir, args."""
     folder = tmp_path_factory.mktemp("tiny-shapes")
     manifest = folder / "tiny.yaml"

@@ -18,18 +18,10 @@ from mlperf.datasets import fetch as fetching
 from mlperf.datasets import load_manifest, redact_url
 from mlperf.errors import UserError
 from test_fetch import SIZE, Link, entry, fetch, md5, tar_bytes, write_manifest, zip_bytes
-from tests.conftest import ROOT, run_invoke
+from conftest import ROOT, one_error_line, run_invoke
 from tests.http_server import Faults, FileServer, make_file
 
 DEEP = "/".join(f"d{i}" for i in range(1, 13))  # d1/d2/.../d12
-
-
-def one_error_line(proc) -> str:
-    """The single `error:` line of a failed run (asserting there is exactly that, and exit 1)."""
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    err = proc.stderr.strip()
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, proc.stderr
-    return err
 
 
 def links_under(folder: Path) -> list[Path]:

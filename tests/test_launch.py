@@ -10,24 +10,13 @@ import sys
 
 import pytest
 
-from conftest import run_invoke
+from conftest import one_error_line as assert_one_error_line, run_invoke
 from mlperf import host, launch
 from mlperf.errors import UserError
 from object_detection.recipe import schedule_for
 
 # A host's own BACKENDAI_CLUSTER_* must not leak into what the tests expect of a single host.
 NO_CLUSTER = {"BACKENDAI_CLUSTER_HOSTS": "", "BACKENDAI_CLUSTER_HOST": "", "BACKENDAI_CLUSTER_SIZE": ""}
-
-
-def assert_one_error_line(proc, *fragments: str) -> str:
-    """Exit 1 with exactly one `error:` line on stderr, no traceback; returns that line."""
-    assert proc.returncode == 1, (proc.stdout, proc.stderr)
-    assert "Traceback" not in proc.stderr + proc.stdout
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, proc.stderr
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-    return errors[0]
 
 
 # -- Backend.AI cluster -> torchrun ---------------------------------------------------------------
@@ -154,7 +143,7 @@ def test_list_configs_prints_the_system_configurations():
     rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()[1:] if line.strip()}
     assert rows["dgx8-h100"][1:4] == ["8", "12", "96"]
     assert rows["dgx8-v100-16g"][1:4] == ["8", "6", "48"]
-    assert rows["shapes-cpu"][1:4] == ["0", "4", "4"]
+    assert rows["shapes-cpu"][1:4] == ["0", "8", "8"]
 
 
 @pytest.mark.parametrize("gpus, message", [("99", "but this host has"), ("abc", "must be a whole number"),

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import ROOT, run_invoke
+from conftest import ROOT, one_error_line, run_invoke
 from mllog_writer import write_log
 from mlperf import host
 from mlperf.errors import UserError
@@ -131,6 +131,18 @@ def test_open_division_targets_come_from_the_log(tmp_path, sandbox):
     assert summary["score"]["kind"] == "mean" and "not an MLPerf score" in proc.stdout
 
 
+def test_a_series_without_a_score_fails_after_writing_its_summary(tmp_path, sandbox):
+    logs = tmp_path / "two-aborted"
+    for i in range(5):
+        aborted = {"status": "aborted", "final": (0.2, 0.2)} if i < 2 else {}
+        write_log(logs / f"result_{i}.txt", minutes=30 + i, seed=i + 1, **aborted)
+    proc = run_invoke(["time", "--from-logs", str(logs)], env=sandbox)
+    line = one_error_line(proc, "2 runs dropped (0, 1): no score (MLPerf allows one)", "summary.md")
+    assert "| 0 | 30.00 |" in proc.stdout                      # the table still shows each run
+    summary = _summary(Path(sandbox["INVOKE_MLPERF_RESULTS_DIR"]), "two-aborted")
+    assert summary["score"]["minutes"] is None and str(tmp_path) not in line.split("each run's reason")[0]
+
+
 def test_reference_nvidia_dgxh100_scores_19_18(sandbox):
     assert REFERENCE.is_dir(), f"NVIDIA's published logs belong in {REFERENCE} (tests/data/README.md)"
     proc = run_invoke(["time", "--from-logs", str(REFERENCE), "--ruleset", "3.0.0"], env=sandbox, check=True)
@@ -218,13 +230,6 @@ def test_detect_system_fields_and_types(tmp_path):
 
 
 # --- scoring guards -------------------------------------------------------------------------
-
-
-def one_error_line(proc) -> str:
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    assert "Traceback" not in proc.stdout + proc.stderr
-    return lines[0]
 
 
 def test_logs_of_another_benchmark_are_refused(tmp_path, sandbox):

@@ -96,8 +96,9 @@ def test_one_process_run_logs_a_compliant_open_division_result(single_run):
     assert_passes_checker(log)
     assert_complete_run(events, epochs=1)
     assert values(events, "seed") == [int(SEED)]
-    assert values(events, "global_batch_size") == [4]
-    assert values(events, "train_samples") == [4] and values(events, "eval_samples") == [2]
+    assert values(events, "global_batch_size") == [8]
+    assert values(events, "train_samples") == [8] and values(events, "eval_samples") == [2]
+    assert values(events, "model") == ["r18-fpn-slim"]  # the CPU demo's small model, said in the log
     assert "run_stop: aborted" in proc.stdout  # the shapes-cpu target is out of reach in one step
 
 
@@ -120,7 +121,7 @@ def test_one_process_run_prints_finite_losses(single_run):
 
 def test_two_gloo_processes_train_and_gather_one_evaluation(tiny_shapes, tmp_path):
     log = tmp_path / "result_0.txt"
-    # --batch-size 4: 2 images a process, so 4 training images still make one global step
+    # --batch-size 4: 2 images a process, so the 8 training images make two global steps
     proc = train(tiny_shapes, log, "--max-epochs", "1", "--device", "cpu", "--gpus", "2", "--batch-size", "4",
                  "--verbose")  # the MLPerf records on the console too: only rank 0's
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

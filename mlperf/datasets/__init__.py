@@ -67,6 +67,8 @@ class Dataset:
     description: str = ""
     backbone: str | None = None  # file name in downloads/ with the ImageNet-pretrained backbone
     source: Path | None = None   # the manifest file it came from
+    targets: dict[str, float] | None = None  # open division: the quality targets runs on it must reach
+    profile: str | None = None   # the trainer's input profile for it (object_detection.recipe.PROFILES)
 
     def root(self, data_dir: Path) -> Path:
         """The dataset's own folder: <data_dir>/<name>."""
@@ -279,8 +281,16 @@ def load_manifest(path: Path) -> Dataset:
             raise bad(f"file {spec.name!r} is listed twice")
         seen.add(spec.name)
     backbone = doc.get("backbone")
-    if backbone is not None and (not isinstance(backbone, str) or backbone not in seen):
+    # A generated set's backbone is the user's own file, put in downloads/ (the launcher checks it).
+    if backbone is not None and (not isinstance(backbone, str) or (backbone not in seen and not doc.get("generator"))
+                                 or "/" in backbone):
         raise bad(f"'backbone' names {backbone!r}, which is not one of the files")
+    profile = doc.get("profile")
+    if profile is not None:
+        from object_detection.recipe import PROFILES
+
+        if profile not in PROFILES:
+            raise bad(f"'profile' must be one of {', '.join(sorted(PROFILES))}, not {profile!r}")
     categories = doc.get("categories")
     if categories is not None and not _is_count(categories):
         raise bad("'categories' must be a whole number")
@@ -291,4 +301,17 @@ def load_manifest(path: Path) -> Dataset:
         name=name, files=tuple(files), splits=_parse_splits(doc.get("splits"), bad), categories=categories,
         generator=doc.get("generator"), generator_options=dict(doc.get("generator_options") or {}),
         description=doc.get("description") or "", backbone=backbone, source=path,
+        targets=_parse_targets(doc.get("targets"), bad), profile=profile,
     )
+
+
+def _parse_targets(raw, bad) -> dict[str, float] | None:
+    """`targets: {BBOX: 0.1, SEGM: 0.1}`: both mAPs, each a number from 0 to 1."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or set(raw) != {"BBOX", "SEGM"}:
+        raise bad("'targets' must map exactly BBOX and SEGM to an mAP each, e.g. {BBOX: 0.1, SEGM: 0.1}")
+    for key, value in raw.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise bad(f"targets {key} must be an mAP from 0 to 1, not {value!r}")
+    return {key: float(value) for key, value in raw.items()}

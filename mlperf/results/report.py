@@ -88,17 +88,28 @@ def _zoom(values: list[float], target: float) -> tuple[float, float]:
     return max(0.0, bottom), max(top, bottom + 1e-3)
 
 
+# Said beside the model's name wherever a summary names it: a reader must not take a demo for MLPerf's.
+_MODEL_NOTES = {"r50-fpn": " (MLPerf's Mask R-CNN R50-FPN)",
+                "r18-fpn-slim": " (the CPU demo's small Mask R-CNN, not MLPerf's R50-FPN: open division only)"}
+
+
+def model_line(model: str) -> str:
+    return f"Model {model}{_MODEL_NOTES.get(model, '')}"
+
+
 def write_summary(out_dir: Path, *, name: str, runs: list[RunResult], parsed: dict[int, RunLog],
                   sc: Score, ruleset: str, extra: dict | None = None) -> dict:
     """summary.json, summary.md and plot.png in out_dir; returns the summary mapping."""
     targets = next((log.targets for log in parsed.values() if log.targets_from_log), QUALITY_TARGETS)
     first = next(iter(parsed.values()), None)
+    model = (first.model if first else None) or ""
     summary = {
         "name": name,
         "benchmark": BENCHMARK,
         "ruleset": ruleset,
         "division": first.submission.get("division", "") if first else "",
         "platform": first.submission.get("platform", "") if first else "",
+        "model": model,
         "targets": targets,
         "score": asdict(sc),
         "runs": [asdict(r) for r in runs],
@@ -106,7 +117,8 @@ def write_summary(out_dir: Path, *, name: str, runs: list[RunResult], parsed: di
     }
     atomic_write(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     md = [f"# {BENCHMARK} result series `{name}`", "",
-          f"Ruleset {ruleset}; quality targets BBOX {targets['BBOX']:g}, SEGM {targets['SEGM']:g}.", "",
+          f"Ruleset {ruleset}; quality targets BBOX {targets['BBOX']:g}, SEGM {targets['SEGM']:g}."
+          + (f" {model_line(model)}." if model else ""), "",
           format_table(runs), "", format_score(sc), ""]
     reasons = [f"- run {r.index}: {r.reason}" + (f": {r.messages[0]}" if r.messages else "")
                for r in runs if r.dropped]
@@ -118,8 +130,10 @@ def write_summary(out_dir: Path, *, name: str, runs: list[RunResult], parsed: di
     return summary
 
 
-def report(runs: list[RunResult], sc: Score, out_dir: Path, hint: str | None = None) -> None:
+def report(runs: list[RunResult], sc: Score, out_dir: Path, hint: str | None = None, model: str = "") -> None:
     print(format_table(runs))
+    if model:
+        print(model_line(model))
     for r in runs:
         if r.dropped:
             detail = f": {r.messages[0]}" if r.messages else ""

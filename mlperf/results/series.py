@@ -64,7 +64,8 @@ def score_logs(folder: Path, *, ruleset: str, results_dir: Path) -> dict:
     out_dir = _scores_folder(Path(results_dir) / "scores", name, folder)
     summary = write_summary(out_dir, name=out_dir.name, runs=runs, parsed=parsed, sc=sc, ruleset=ruleset,
                             extra={"logs": str(folder.resolve())})
-    report(runs, sc, out_dir, hint=suggest_ruleset(runs, parsed, ruleset))
+    report(runs, sc, out_dir, hint=suggest_ruleset(runs, parsed, ruleset), model=summary["model"])
+    require_score(summary, out_dir)
     return summary
 
 
@@ -252,7 +253,14 @@ def time_series(*, runs: int, results_dir: Path, system: str | None, ruleset: st
         raise UserError(f"{len(crashed)} run(s) of series {s.settings['name']} crashed ({codes}; output above, "
                         f"partial logs in {s.root / 'attempts'}): fix the cause, then run `{resume_hint}` "
                         "to run them again (finished runs are kept)")
+    require_score(summary, s.root)
     return summary
+
+
+def require_score(summary: dict, where: Path) -> None:
+    """A series without a score is a failed command (exit 1), not a result: say why, once."""
+    if summary["score"]["minutes"] is None:
+        raise UserError(f"{summary['score']['note']}; each run's reason: {where / 'summary.md'}")
 
 
 @contextlib.contextmanager
@@ -278,7 +286,7 @@ def score_series(s: Series, crashed: dict[int, int]) -> dict:
                             ruleset=s.settings["ruleset"],
                             extra={"system": s.system, "seeds": s.settings["seeds"],
                                    "dataset": s.settings["dataset"], "config": s.settings.get("config")})
-    report(run_list, sc, s.root, hint=suggest_ruleset(run_list, parsed, s.settings["ruleset"]))
+    report(run_list, sc, s.root, hint=suggest_ruleset(run_list, parsed, s.settings["ruleset"]), model=summary["model"])
     return summary
 
 
