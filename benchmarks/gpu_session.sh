@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What one device session runs on the H200 (see BENCHMARKS.md): wheels, a GPU smoke run through
 # `invoke train`, the throughput benchmark, then the shapes-4k convergence run for the time left.
-# usage: bash benchmarks/gpu_session.sh PART...   (PART: smoke | bench | coco | layout | eval | converge)
+# usage: bash benchmarks/gpu_session.sh PART...   (PART: smoke | doctor | bench | coco | epoch | parts | layout | eval | converge)
 # BENCH_VARIANTS: train_throughput.py --variants (default: its own). `layout` times the tree in .old/
 # (an earlier commit: git archive COMMIT | tar -x -C .old) and this one on the same legacy batches.
 set -uo pipefail
@@ -17,6 +17,19 @@ case "$part" in
     python3 -m invoke fetch --dataset shapes && python3 -m invoke verify --dataset shapes || exit 1
     timeout 120 python3 -m invoke train --dataset shapes --max-epochs 1 --log "$OUT/smoke.txt" 2>&1 | tail -15
     python3 -m mlperf_logging.compliance_checker --usage training --ruleset 3.1.0 "$OUT/smoke.txt" 2>&1 | tail -3
+    ;;
+  doctor)
+    python3 -m invoke doctor --dataset shapes 2>&1 | tee "$OUT/doctor.txt" | tail -30
+    ;;
+  epoch)
+    timeout ${EPOCH_S:-420} python3 -m benchmarks.epoch_level --train-images ${EPOCH_TRAIN:-6000} --val-images 5000 \
+      --epochs ${EPOCH_N:-2} --output "$OUT/epoch_level.json" > "$OUT/epoch.txt" 2>&1
+    echo "epoch_level exit $?"; grep -E "img/s\)|evaluation|warmed|run_stop|error|Error" "$OUT/epoch.txt" | cut -c1-200 | tail -20
+    ;;
+  parts)
+    timeout ${PARTS_S:-300} python3 -m benchmarks.epoch_parts --steps ${PARTS_STEPS:-100} \
+      --output "$OUT/epoch_parts.json" > "$OUT/parts.txt" 2>&1
+    echo "epoch_parts exit $?"; grep -v "^epoch 1 iter" "$OUT/parts.txt" | tail -22
     ;;
   bench)
     timeout ${BENCH_S:-330} python3 -m benchmarks.train_throughput --check --batch-sizes 8,16,32 --iterations 15 \

@@ -42,16 +42,12 @@ from benchmarks import save_result
 from object_detection import fast
 from object_detection.engine import amp_dtype, make_optimizer, to_device, train_step
 from object_detection.fast.sampler import use_batched_sampler
+from mlperf.datasets.shapes import COCO_SHAPES, COCO_WEIGHTS, PORTRAIT_SHARE  # COCO's image shapes
 from object_detection.model import build_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-# COCO train2017's landscape shapes (height, width) at 640 wide: 4:3 (the most common), 3:2, 5:4, 16:9,
-# with weights that approximate how often they occur; portrait images are the same turned.
-COCO_SHAPES = ((480, 640), (427, 640), (512, 640), (360, 640))
-COCO_WEIGHTS = (0.55, 0.25, 0.1, 0.1)
-PORTRAIT_SHARE = 0.25
 
 
 def synthetic_batch(n: int, device, seed: int, shapes: str = "coco"):

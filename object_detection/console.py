@@ -71,6 +71,8 @@ class Console:
         met = scores["bbox"] >= targets["BBOX"] and scores["segm"] >= targets["SEGM"]
         self.line(f"epoch {epoch} evaluation: BBOX {scores['bbox']:.4f} (target {targets['BBOX']:g}), "
                   f"SEGM {scores['segm']:.4f} (target {targets['SEGM']:g}) in {seconds:.1f} s"
+                  + (" (inference {inference:.1f} s, scoring {scoring:.1f} s)".format(**scores["seconds"])
+                     if "seconds" in scores else "")
                   + (": target reached" if met else ""))
 
 

@@ -69,14 +69,17 @@ class CocoDetection(torch.utils.data.Dataset):
         boxes[:, 0::2].clamp_(0, w)
         boxes[:, 1::2].clamp_(0, h)
         labels = torch.tensor([self.category_to_label[a["category_id"]] for a in anns], dtype=torch.int64)
+        flip = self.train and random.random() < 0.5  # random is seeded per worker in worker_init
         if anns:
-            rles = [self._rle(a["segmentation"], h, w) for a in anns]
-            masks = torch.from_numpy(mask_utils.decode(rles)).permute(2, 0, 1).contiguous()
+            # decode gives H x W x N in column-major order: flip and turn it to N x H x W in numpy,
+            # in one copy (torch's strided copy and flip of the same took ~6x longer: a loader
+            # worker's largest cost at COCO's 20 instances, BENCHMARKS.md)
+            decoded = mask_utils.decode([self._rle(a["segmentation"], h, w) for a in anns])
+            masks = torch.from_numpy(np.ascontiguousarray((decoded[:, ::-1] if flip else decoded).transpose(2, 0, 1)))
         else:
             masks = torch.zeros((0, h, w), dtype=torch.uint8)
-        if self.train and random.random() < 0.5:  # random is seeded per worker in worker_init
+        if flip:
             image = image.flip(-1)
-            masks = masks.flip(-1)
             boxes = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], dim=1)
         target = {"boxes": boxes, "labels": labels, "masks": masks, "image_id": image_id,
                   "orig_size": (h, w)}

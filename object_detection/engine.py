@@ -2,6 +2,7 @@
 references/detection/engine.py keeps them: the loop a reader looks for, in one place)."""
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import dataclass
 
@@ -81,6 +82,9 @@ class Trainer:
     console: Console
 
 
+GC_EVERY = 100                   # training steps between full garbage collections
+
+
 def train_one_epoch(t: Trainer, loader, epoch: int, iteration: int) -> int:
     """Train on every batch of the loader; returns the iteration count after the epoch. The
     console reads the loss (the one host synchronisation) only when it shows it; a non-finite
@@ -88,12 +92,21 @@ def train_one_epoch(t: Trainer, loader, epoch: int, iteration: int) -> int:
     t.model.train()
     steps = len(loader)
     t.console.epoch_start(epoch, steps, loader.batch_sampler.batch_size * t.world_size)
-    for step, (images, targets) in enumerate(loader, start=1):
-        set_lr(t.optimizer, t.schedule.lr_at(iteration))
-        images, targets = to_device(images, targets, t.device)
-        loss, losses = train_step(t.model, t.optimizer, t.scaler, images, targets, t.autocast)
-        iteration += 1
-        t.console.step(iteration, step, loss, losses, t.schedule.lr_at(iteration))
+    # The cyclic garbage collector's automatic passes cost ~10% of a GPU step fed by the loader
+    # (BENCHMARKS.md): off for the epoch, with one full collection every GC_EVERY steps instead, so
+    # whatever cycles a step leaves (and the device memory they hold) stay bounded.
+    gc.disable()
+    try:
+        for step, (images, targets) in enumerate(loader, start=1):
+            set_lr(t.optimizer, t.schedule.lr_at(iteration))
+            images, targets = to_device(images, targets, t.device)
+            loss, losses = train_step(t.model, t.optimizer, t.scaler, images, targets, t.autocast)
+            iteration += 1
+            t.console.step(iteration, step, loss, losses, t.schedule.lr_at(iteration))
+            if step % GC_EVERY == 0:
+                gc.collect()
+    finally:
+        gc.enable()
     t.console.epoch_end()
     return iteration
 
@@ -140,8 +153,10 @@ def warm_up(model, autocast, *, batch: int, eval_batch: int, size: tuple[int, in
 
 @torch.no_grad()
 def evaluate(model, loader, evaluator: CocoEvaluator, device: torch.device, autocast, main: bool) -> dict | None:
-    """Every rank runs its shard; rank 0 gathers and scores. Masks leave the GPU as RLE text."""
+    """Every rank runs its shard; rank 0 gathers and scores. Masks leave the GPU as RLE text.
+    Rank 0's scores carry "seconds": {"inference": ..., "scoring": ...} (the log has only the sum)."""
     model.eval()
+    started = time.perf_counter()
     for images, targets in loader:
         images = [img.to(device, non_blocking=True).float().div_(255) for img in images]
         with autocast():
@@ -149,4 +164,8 @@ def evaluate(model, loader, evaluator: CocoEvaluator, device: torch.device, auto
         # The evaluator copies boxes and scores off the device and writes the masks' RLE text there.
         evaluator.update(outputs, [t["image_id"] for t in targets])
     evaluator.gather()
-    return evaluator.summarize() if main else None
+    if not main:
+        return None
+    inferred = time.perf_counter()
+    scores = evaluator.summarize()
+    return {**scores, "seconds": {"inference": inferred - started, "scoring": time.perf_counter() - inferred}}

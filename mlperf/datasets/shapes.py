@@ -36,6 +36,20 @@ CATEGORIES = [
 ]
 SPLITS = {"train": ("train2017", 0), "val": ("val2017", 1)}  # name -> (folder, seed stream)
 
+# layout "coco": COCO 2017's image shapes and category ids, for measuring speed where the shapes of
+# the real data decide it (padding, the loader, evaluation at 5000 images). COCO's train images are
+# 640 on the long side: (height, width) landscape 4:3 (the most common), 3:2, 5:4, 16:9, with weights
+# that approximate how often they occur; a quarter are portrait, the same turned.
+COCO_SHAPES = ((480, 640), (427, 640), (512, 640), (360, 640))
+COCO_WEIGHTS = (0.55, 0.25, 0.1, 0.1)
+PORTRAIT_SHARE = 0.25
+COCO_INSTANCES = (1, 20)
+# COCO's 80 category ids: 1-90 less the ten its papers list but the data never uses.
+COCO_CATEGORY_IDS = tuple(i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83))
+COCO_CATEGORIES = [{"id": i, "name": f"{('circle', 'square', 'triangle')[n % 3]}-{i}", "supercategory": "shape"}
+                   for n, i in enumerate(COCO_CATEGORY_IDS)]
+LAYOUTS = ("square", "coco")
+
 MAX_INSTANCES = 6
 SIZE_RANGE = (0.08, 0.45)        # shape extent (diameter of its circumscribed circle) / image side
 SIDE_RANGE = (0.75, 1.0)         # width and height, each, / image_size
@@ -47,7 +61,7 @@ IMAGES_PER_WORKER = 128          # below this a process pool costs more than it 
 
 
 def make_shapes(root: Path, *, train_images: int, val_images: int, image_size: int, seed: int,
-                workers: int | None = None) -> None:
+                workers: int | None = None, layout: str = "square") -> None:
     """Write the shapes dataset to `root` in the COCO 2017 layout, unless it is already there.
 
     root/train2017/*.jpg, root/val2017/*.jpg, root/annotations/instances_{train,val}2017.json and
@@ -55,14 +69,20 @@ def make_shapes(root: Path, *, train_images: int, val_images: int, image_size: i
     and renamed into place, so `root` is either absent or complete. A complete `root` made with
     the same arguments is left as it is; one made with other arguments is a UserError.
     `workers`: processes to draw with (default: the CPU count, for large sets only).
+    `layout`: "square" (the demo: three categories, near-square images of `image_size`) or "coco"
+    (COCO's image shapes with `image_size` the long side, its 80 category ids, 1-20 instances).
     """
     root = Path(root)
     for name, value, least in (("train_images", train_images, 1), ("val_images", val_images, 1),
                                ("image_size", image_size, 32), ("seed", seed, 0)):
         if not isinstance(value, int) or value < least:
             raise UserError(f"shapes dataset: {name} must be an integer >= {least}, not {value!r}")
+    if layout not in LAYOUTS:
+        raise UserError(f"shapes dataset: layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
     wanted = {"generator": "shapes", "format": FORMAT_VERSION, "train_images": train_images,
               "val_images": val_images, "image_size": image_size, "seed": seed}
+    if layout != "square":  # stamps of the square sets made before layouts existed stay valid
+        wanted["layout"] = layout
     if _existing_is_complete(root, wanted):
         return
 
@@ -75,12 +95,12 @@ def make_shapes(root: Path, *, train_images: int, val_images: int, image_size: i
         jobs = []  # both splits in one pool: a pool costs a second or so to start
         for split, (folder, stream) in SPLITS.items():
             (tmp / folder).mkdir()
-            jobs += [(str(tmp / folder), seed, stream, index, image_size)
+            jobs += [(str(tmp / folder), seed, stream, index, image_size, layout)
                      for index in range(counts[split])]
         drawn = _run_all(jobs, workers)
         for split, (folder, _) in SPLITS.items():
             mine, drawn = drawn[:counts[split]], drawn[counts[split]:]
-            _write_json(tmp / "annotations" / f"instances_{folder}.json", _coco_dict(split, mine))
+            _write_json(tmp / "annotations" / f"instances_{folder}.json", _coco_dict(split, mine, layout))
         _write_json(tmp / STAMP_NAME, wanted)
         if root.is_dir() and not any(root.iterdir()):
             root.rmdir()  # an empty folder (made by hand, or by a caller) holds nothing to keep
@@ -133,29 +153,43 @@ def _draw_and_save_job(job: tuple) -> tuple:
     return _draw_and_save(*job)
 
 
-def _draw_and_save(folder: str, seed: int, stream: int, index: int, image_size: int) -> tuple:
+def _draw_and_save(folder: str, seed: int, stream: int, index: int, image_size: int,
+                   layout: str = "square") -> tuple:
     """Draw image `index` of a split, write its JPEG, return (id, name, width, height, instances)."""
     image_id = index + 1
     file_name = f"{image_id:012d}.jpg"
     rng = np.random.default_rng([seed, stream, index])
-    pixels, instances = draw_image(rng, image_size)
+    pixels, instances = draw_image(rng, image_size, layout)
     Image.fromarray(pixels).save(os.path.join(folder, file_name), quality=JPEG_QUALITY)
     height, width = pixels.shape[:2]
     return image_id, file_name, width, height, instances
 
 
-def draw_image(rng: np.random.Generator, image_size: int) -> tuple[np.ndarray, list[dict]]:
-    """One image (uint8 HxWx3) and its instances: category_id, RLE segmentation, area, bbox."""
+def _image_plan(rng: np.random.Generator, image_size: int, layout: str) -> tuple[int, int, int, list[int]]:
+    """(width, height, instances, category ids) of one image in `layout`."""
+    if layout == "coco":
+        height, width = COCO_SHAPES[int(rng.choice(len(COCO_SHAPES), p=COCO_WEIGHTS))]
+        height, width = round(height * image_size / 640), round(width * image_size / 640)
+        if rng.random() < PORTRAIT_SHARE:
+            height, width = width, height
+        return width, height, int(rng.integers(COCO_INSTANCES[0], COCO_INSTANCES[1] + 1)), list(COCO_CATEGORY_IDS)
     width, height = (int(round(rng.uniform(*SIDE_RANGE) * image_size)) for _ in range(2))
+    return width, height, int(rng.integers(1, MAX_INSTANCES + 1)), [c["id"] for c in CATEGORIES]
+
+
+def draw_image(rng: np.random.Generator, image_size: int, layout: str = "square") -> tuple[np.ndarray, list[dict]]:
+    """One image (uint8 HxWx3) and its instances: category_id, RLE segmentation, area, bbox."""
+    width, height, count, category_ids = _image_plan(rng, image_size, layout)
     background = _background(rng, width, height)
     side = min(width, height)
 
     shapes = []  # (category_id, full mask, colour) in drawing order: later ones cover earlier
-    for _ in range(int(rng.integers(1, MAX_INSTANCES + 1))):
-        category_id = int(rng.integers(1, len(CATEGORIES) + 1))
+    for _ in range(count):
+        pick = int(rng.integers(0, len(category_ids)))
+        category_id = category_ids[pick]
         radius = rng.uniform(*SIZE_RANGE) * side / 2
         centre = (rng.uniform(radius, width - radius), rng.uniform(radius, height - radius))
-        full = _shape_mask(rng, category_id, centre, radius, width, height)
+        full = _shape_mask(rng, pick % 3 + 1, centre, radius, width, height)
         if not full.any():
             continue
         under = background[int(centre[1]), int(centre[0])]  # gradients are smooth: centre will do
@@ -208,16 +242,17 @@ def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray
     return first + along[..., None] * (second - first)
 
 
-def _shape_mask(rng: np.random.Generator, category_id: int, centre: tuple[float, float],
+def _shape_mask(rng: np.random.Generator, kind: int, centre: tuple[float, float],
                 radius: float, width: int, height: int) -> np.ndarray:
-    """bool HxW of one filled shape inscribed in the circle (centre, radius), randomly turned."""
+    """bool HxW of one filled shape (kind 1 circle, 2 square, 3 triangle) inscribed in the circle
+    (centre, radius), randomly turned."""
     canvas = Image.new("L", (width, height), 0)
     draw = ImageDraw.Draw(canvas)
     cx, cy = centre
-    if category_id == 1:
+    if kind == 1:
         draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=1)
     else:
-        corners = 4 if category_id == 2 else 3
+        corners = 4 if kind == 2 else 3
         turn = rng.uniform(0, 2 * np.pi)
         angles = turn + 2 * np.pi * np.arange(corners) / corners
         if corners == 3:  # varied triangles, not only equilateral ones
@@ -249,7 +284,7 @@ def _label_map(shapes: list[tuple], width: int, height: int) -> np.ndarray:
     return label
 
 
-def _coco_dict(split: str, drawn: list[tuple]) -> dict:
+def _coco_dict(split: str, drawn: list[tuple], layout: str = "square") -> dict:
     """The instances_*.json content; annotation ids run 1.. over the whole file."""
     images, annotations = [], []
     for image_id, file_name, width, height, instances in drawn:
@@ -264,7 +299,7 @@ def _coco_dict(split: str, drawn: list[tuple]) -> dict:
         "licenses": [{"id": 1, "name": "public domain (synthetic)", "url": ""}],
         "images": images,
         "annotations": annotations,
-        "categories": CATEGORIES,
+        "categories": COCO_CATEGORIES if layout == "coco" else CATEGORIES,
     }
 
 
