@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -110,6 +111,74 @@ def check_gpus(dataset: Dataset) -> list[Check]:
     return rows
 
 
+def _driver_cuda() -> tuple[int, int] | None:
+    """The newest CUDA that the libcuda this process loads supports (cuDriverGetVersion, no cuInit
+    needed): the driver's own, or the forward-compat one LD_LIBRARY_PATH finds first; None without."""
+    import ctypes
+
+    try:
+        version = ctypes.c_int()
+        if ctypes.CDLL("libcuda.so.1").cuDriverGetVersion(ctypes.byref(version)) != 0:
+            return None
+    except (OSError, AttributeError):
+        return None
+    return version.value // 1000, version.value % 1000 // 10
+
+
+def _compat_libcuda_row(driver: str, ld_library_path: str) -> list[Check]:
+    """A FAIL row when the libcuda the loader takes first from LD_LIBRARY_PATH is a CUDA
+    forward-compat one older than the kernel driver: CUDA then fails with error 803 ("unsupported
+    display driver / cuda driver combination"; seen with compat 580.95.05 before driver 580.159.04).
+    The image puts /usr/local/cuda/compat/lib first, as NGC and Lablup's images do, for the opposite
+    case, a driver older than the image's CUDA."""
+    def version(text: str) -> tuple[int, ...]:
+        return tuple(int(p) for p in re.findall(r"\d+", text))
+
+    for folder in filter(None, ld_library_path.split(":")):
+        lib = Path(folder) / "libcuda.so.1"
+        if not lib.exists():
+            continue
+        real = lib.resolve().name.removeprefix("libcuda.so.")
+        if "compat" not in folder or not driver or version(real) >= version(driver):
+            return []
+        return [Check("CUDA compat", "FAIL", f"libcuda {real} from {folder} before driver {driver}",
+                      f"CUDA fails with error 803: take {folder} off LD_LIBRARY_PATH "
+                      f"(export LD_LIBRARY_PATH=${{LD_LIBRARY_PATH#{folder}:}})")]
+    return []
+
+
+def check_gpu_arch() -> list[Check]:
+    """Kernels in this torch (get_arch_list) for every GPU's compute capability, and the driver's
+    CUDA for torch's: a V100 (sm_70) with a CUDA 13 torch passes every other row, then fails at the
+    first kernel with "no kernel image is available for execution on the device"."""
+    from mlperf import image
+
+    gpus = host.gpus()
+    try:
+        import torch
+    except ImportError:
+        return []                        # check_gpus reports it
+    if not gpus or torch.version.cuda is None:
+        return []                        # no GPUs, or a CPU/ROCm build: check_gpus covers it
+    compat = _compat_libcuda_row(gpus[0].driver, os.environ.get("LD_LIBRARY_PATH", ""))
+    caps = [g.capability for g in gpus]
+    if None in caps and torch.cuda.is_available():   # drivers before 510: nvidia-smi has no compute_cap
+        caps = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+    # torch 2.11 answers [] when CUDA fails to start (seen with error 803); the build's flags need no GPU
+    flags = getattr(torch._C, "_cuda_getArchFlags", lambda: None)()
+    arch, driver = torch.cuda.get_arch_list() or (flags or "").split(), _driver_cuda()
+    found = (f"GPUs {' '.join(sorted({image.sm(c) for c in caps if c})) or 'of unknown capability'}; "
+             f"torch {torch.__version__} (CUDA {torch.version.cuda}) has {' '.join(arch) or 'no arch list'}"
+             + (f"; driver CUDA {driver[0]}.{driver[1]}" if driver else ""))
+    problem = image.gpu_arch_problem(arch, caps, torch.version.cuda, driver)
+    if problem:
+        return compat + [Check("GPU arch", "FAIL", found, problem)]
+    if not arch or None in caps:
+        return compat + [Check("GPU arch", "warn", found, "cannot compare: run python -c \"import torch; "
+                                                          "print(torch.cuda.get_arch_list())\" on the GPU host")]
+    return compat + [Check("GPU arch", "ok", found)]
+
+
 def check_shm(ds: Dataset) -> Check:
     """The launcher's own check (mlperf.launch.shm_problem), for the configuration this host gets."""
     from mlperf import launch
@@ -186,12 +255,97 @@ def check_cluster(env: dict | None = None) -> list[Check]:
     return [Check("Backend.AI cluster", "ok", found)]
 
 
-def run_checks(ds: Dataset, data_dir: Path, requirements: Path = PROJECT_ROOT / "requirements.txt") -> list[Check]:
+def check_session(data_dir: Path, results_dir: Path, env: dict | None = None) -> list[Check]:
+    """Inside a Backend.AI session: the vfolders, whether each folder a run writes outlives the session
+    (FAIL for each on scratch or read-only, naming the vfolder to use), and the idle checkers."""
+    from mlperf import storage
+
+    env = os.environ if env is None else env
+    if not storage.in_session(env):
+        return []
+    mounts = storage.persistent_mounts(env)
+    listed = ", ".join(f"{m.path}{' (ro)' if m.read_only else ''}" for m in reversed(mounts)) or "none"
+    rows = [Check("Backend.AI session", "ok" if storage.writable(mounts) else "FAIL", f"vfolders: {listed}",
+                  "" if storage.writable(mounts) else storage.advice("results", "--results-dir", mounts))]
+    results = Path(results_dir)
+    for role, path, flag in (("data", Path(data_dir), "--data-dir"), ("results", results, "--results-dir"),
+                             ("checkpoints", results, "--results-dir"), ("jobs", results / "jobs", "--results-dir")):
+        problem = storage.scratch_problem(role, path, mounts, flag, env)
+        rows.append(Check(f"storage {role}", "FAIL" if problem else "ok",
+                          f"{path.absolute()}: {storage.describe(path, mounts, env)}",
+                          problem.split(": ", 1)[1] if problem else ""))
+    if not storage.batch_mode(env):
+        rows.append(Check("session type", "warn", "interactive (or not known)",
+                          "idle checkers (network_timeout: often 10 minutes without an app connection) end "
+                          "interactive sessions, and a --detach'ed run does not count as activity: run long "
+                          "series in a batch session (invoke session.create)"))
+    return rows
+
+
+def check_interconnect(env: dict | None = None, devices: Path = Path("/dev/infiniband"),
+                       adapters: Path = Path("/sys/class/infiniband")) -> list[Check]:
+    """InfiniBand, the NCCL variables the run uses (`--nodes all` passes every NCCL_* to each host),
+    and in a cluster session whether each other host's SSH port answers. Without InfiniBand and
+    without NCCL_SOCKET_IFNAME, multi-node NCCL runs over TCP on an interface it guesses."""
+    env = os.environ if env is None else env
+    found_devices = sorted(p.name for p in devices.iterdir()) if devices.is_dir() else []
+    found_adapters = sorted(p.name for p in adapters.iterdir()) if adapters.is_dir() else []
+    nccl = {k: v for k, v in sorted(env.items()) if k.startswith("NCCL_")}
+    try:
+        cluster = host.cluster_from_env(env)
+    except UserError:
+        cluster = None                  # check_cluster says what is wrong with the variables
+    size = env.get("BACKENDAI_CLUSTER_SIZE", "1")
+    multi = cluster is not None or (size.isdigit() and int(size) > 1)
+    if found_devices:
+        found = f"{', '.join(found_adapters) or 'adapters unknown'} ({', '.join(found_devices)} in {devices})"
+        row = (Check("InfiniBand", "warn", found, "NCCL_IB_DISABLE=1 makes NCCL use TCP sockets: unset it")
+               if nccl.get("NCCL_IB_DISABLE") == "1" else Check("InfiniBand", "ok", found))
+    elif nccl.get("NCCL_NET", "").upper() == "IB":
+        row = Check("InfiniBand", "FAIL", f"none ({devices} missing), NCCL_NET=IB",
+                    "NCCL will not find an IB network: unset NCCL_NET (or NCCL_NET=Socket), or start the session "
+                    "where the GPUs have RDMA (the resource group's InfiniBand devices)")
+    elif multi and "NCCL_SOCKET_IFNAME" not in nccl:
+        row = Check("InfiniBand", "warn", f"none ({devices} missing), no NCCL_SOCKET_IFNAME",
+                    "multi-node NCCL then runs over TCP on an interface it guesses: set NCCL_SOCKET_IFNAME to the "
+                    "cluster network's interface (ip -br addr; e.g. eth0)")
+    else:
+        row = Check("InfiniBand", "ok", f"none ({devices} missing)"
+                    + (f"; NCCL uses TCP over {nccl['NCCL_SOCKET_IFNAME']}" if multi else "; one host: not needed"))
+    rows = [row, Check("NCCL variables", "ok", ", ".join(f"{k}={v}" for k, v in nccl.items())
+                       or "none set (NCCL picks the network and interface itself)",
+                       "--nodes all passes them to every host" if multi and nccl else "")]
+    if cluster is not None:
+        rows.append(_cluster_ssh(cluster, env.get("MLPERF_SSH_CONFIG") or None))
+    return rows
+
+
+def _cluster_ssh(cluster, ssh_config: str | None) -> Check:
+    """Whether `--nodes all` can reach the other hosts: host networking read, each SSH port tried."""
+    from mlperf.cluster import host_network_problem, ssh_config_name, ssh_reachability
+
+    problem = host_network_problem(cluster, ssh_config)
+    if problem:
+        return Check("cluster SSH", "warn", "host networking", problem)
+    others = [h for i, h in enumerate(cluster.hosts) if i != cluster.node_rank]
+    down = {h: why for h, why in ssh_reachability(others, ssh_config).items() if why}
+    if down:
+        return Check("cluster SSH", "warn", "; ".join(f"{h}: {why}" for h, why in down.items()),
+                     f"invoke train --nodes all cannot reach them: check {ssh_config_name(ssh_config)} (Backend.AI "
+                     "writes Host main*/sub*, port 2200) and that the session's containers are all running")
+    return Check("cluster SSH", "ok", f"{', '.join(others)} answer ({ssh_config_name(ssh_config)})")
+
+
+def run_checks(ds: Dataset, data_dir: Path, requirements: Path = PROJECT_ROOT / "requirements.txt",
+               results_dir: Path = Path("results")) -> list[Check]:
     rows = [check_python()]
     rows += check_requirements(requirements.read_text().splitlines())
     rows += check_gpus(ds)
+    rows += check_gpu_arch()
     rows += [check_shm(ds), check_disk(ds, data_dir), check_dataset(ds, data_dir), check_docker()]
     rows += check_cluster()
+    rows += check_interconnect()
+    rows += check_session(data_dir, results_dir)
     return rows
 
 
@@ -202,9 +356,9 @@ def render(rows: list[Check]) -> str:
                      for row in table).rstrip()
 
 
-def doctor(ds: Dataset, data_dir: Path) -> list[Check]:
+def doctor(ds: Dataset, data_dir: Path, results_dir: Path = Path("results")) -> list[Check]:
     """Print the table; raise UserError naming what is missing when a row FAILs."""
-    rows = run_checks(ds, Path(data_dir))
+    rows = run_checks(ds, Path(data_dir), results_dir=Path(results_dir))
     print(render(rows))
     failed = [r for r in rows if r.level == "FAIL"]
     if failed:

@@ -1,4 +1,5 @@
-"""A Backend.AI-ready image: build context (Dockerfile, requirements, code), label schema, docker.
+"""A Backend.AI-ready image: build context (Dockerfile, requirements, code), labels as Backend.AI reads
+them, base images (distribution, python, GPU kernels), docker.
 
 Backend.AI sessions cannot run Docker, so the image is built elsewhere from the context written
 here, pushed to a registry the Backend.AI domain allows, and registered with
@@ -22,13 +23,33 @@ from mlperf.errors import UserError
 from mlperf.files import replace_tree, temporary_name
 
 CODE_DIR = "/opt/mlperf"                 # outside /home/work, which Backend.AI mounts per session
+PLATFORM = "linux/amd64"                 # Backend.AI agents here are x86-64; docker builds the host's otherwise
 MARKER = ".invoke-image-context"         # marks a folder this module wrote, so it may replace it
 
 # --- label schema ------------------------------------------------------------------------------
-
-KNOWN_FEATURES = {"batch", "query", "uid-match", "user-input", "operation"}
-SERVICE_PROTOCOLS = ("tcp", "http", "pty", "preopen")
-RESERVED_PORTS = {2000, 2001, 2002, 2003, 2200, 7681}   # the kernel runner, sshd and ttyd use them
+# As Backend.AI 23.09 to 26.8 reads the labels (lablup/backend.ai c0032c47 = 26.8.1, and the release
+# tags 23.09.11 ... 26.4.3 where they differ). Two places decide:
+#   * `admin image rescan`: common/docker.py validate_image_labels(). An image it rejects is skipped,
+#     with only a warning in the manager's log (manager/container_registry/base.py _read_manifest).
+#   * session start: the agent parses ai.backend.service-ports again, as one string
+#     (common/service_ports.py), and the kernel runner starts `runtime-type`. Either failing fails
+#     every session of an image that registered fine.
+# A Problem is an error when some release in that range rejects the labels at one of the two, and a
+# warning when Backend.AI takes them but drops or ignores part, or only newer releases take them.
+BACKENDAI_RELEASES = "23.09 to 26.8"
+FEATURES = {"uid-match", "user-input", "batch", "query", "tty", "operation", "private"}  # KernelFeatures
+SERVICE_PROTOCOLS = ("tcp", "http", "preopen")             # every release
+NEWER_PROTOCOLS = {"vnc": "26.2.0", "rdp": "26.2.0"}       # commit 7f965811 (#8431); 26.1 and older reject
+DROPPED_PROTOCOLS = ("pty",)                               # service_ports.py: "unsupported, skip"
+RESERVED_PORTS = {2000, 2001, 2002, 2003, 2200, 7681}      # the kernel runner, sshd and ttyd use them
+RUNTIME_TYPES = {"app", "python", "vendor.aws_polly", "vendor.h2o"}   # kernel/__init__.py lang_map
+REMOVED_RUNTIME_TYPES = {"c", "cpp", "golang", "rust", "java", "haskell", "julia", "lua", "nodejs",
+                         "octave", "php", "r", "scheme", "git"}       # gone from 25.19.0 (02fbdac2)
+ROLES = ("COMPUTE", "INFERENCE", "SYSTEM")
+# Missing, 23.09 and 24.03 skip the image at rescan; 24.09 and later use these defaults.
+REQUIRED_DEFAULTS = {"ai.backend.kernelspec": "1", "ai.backend.features": "uid-match",
+                     "ai.backend.base-distro": "None", "ai.backend.runtime-type": "app",
+                     "ai.backend.runtime-path": "/bin/true"}
 _SIZE = re.compile(r"^\d+(\.\d+)?([kmgtpe](i?b)?)?$", re.IGNORECASE)   # Backend.AI BinarySize: 8g, 512m
 _DISTRO = re.compile(r"^[a-z]+(-[a-z]+)?(\d+(\.\d+)*)?$")               # ubuntu22.04, centos7.6, static-gnu
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -36,17 +57,21 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _IMAGE_REFERENCE = re.compile(r"(?:[A-Za-z0-9.-]+(?::[0-9]+)?/)?[a-z0-9]+(?:[._-]+[a-z0-9]+)*"
                               r"(?:/[a-z0-9]+(?:[._-]+[a-z0-9]+)*)*(?::[\w][\w.-]{0,127})?(?:@sha256:[0-9a-f]{64})?")
 _ABSOLUTE_PATH = re.compile(r"/[\w./+-]+")
-# One service-ports entry, as Backend.AI parses it: name:proto:port or name:proto:[port,port,...]
-_SERVICE_PORT = re.compile(r"^(?P<name>[\w-]+):(?P<proto>\w+):(?P<ports>\[\d+(?:,\d+)*\]|\d+)$")
+# Backend.AI's own pattern for one service-ports entry (common/service_ports.py), Unicode \w and \d
+# and `$` before a final newline included: name:proto:port or name:proto:[port,port,...]
+_SERVICE_PORT = re.compile(r"^(?P<name>[\w-]+):(?P<proto>\w+):(?P<ports>\[\d+(?:,\d+)*\]|\d+)(?:,|$)")
+
+WARN = True    # the first item of a check's (warning, message) notes
 
 
 @dataclass(frozen=True)
 class Problem:
     label: str
     message: str
+    warning: bool = False   # Backend.AI accepts it, but not as its author probably meant
 
     def __str__(self) -> str:
-        return f"{self.label}: {self.message}"
+        return f"{self.label}: {'warning: ' if self.warning else ''}{self.message}"
 
 
 def _int(value: str, minimum: int) -> str | None:
@@ -68,31 +93,56 @@ def _size(value: str) -> str | None:
 
 
 def _kernelspec(value: str) -> str | None:
-    return None if value.strip() == "1" else f"{value!r} must be \"1\""
+    """t.ToInt(gte=1, lte=1): what Python's int() reads, and only 1."""
+    try:
+        number = int(value)
+    except ValueError:
+        return f"{value!r} is not a whole number (Backend.AI accepts only 1)"
+    return None if number == 1 else f"{value!r}: Backend.AI accepts only kernelspec 1"
 
 
-def _features(value: str) -> str | None:
+def _features(value: str) -> list[tuple[bool, str]] | str:
+    """Rescan splits on single spaces and rejects an empty item; the agent then uses .split()."""
+    if "" in value.split(" "):
+        return (f"{value!r} has an empty item: separate features by single spaces, none before or after "
+                f"(Backend.AI's rescan rejects it)")
     features = value.split()
-    unknown = sorted(set(features) - KNOWN_FEATURES)
+    notes = []
+    unknown = sorted(set(features) - FEATURES)
     if unknown:
-        return f"unknown feature(s) {', '.join(unknown)} (known: {', '.join(sorted(KNOWN_FEATURES))})"
+        notes.append((WARN, f"Backend.AI ignores unknown feature(s) {', '.join(unknown)} "
+                            f"(it knows {', '.join(sorted(FEATURES))})"))
     if "uid-match" not in features:
-        return "must include uid-match, so files written to mounted folders belong to the user"
-    return None
+        notes.append((WARN, "no uid-match: sessions run as uid 9001, not the agent's user, so files "
+                            "written to mounted vfolders get an owner the storage does not expect"))
+    return notes
 
 
-def _distro(value: str) -> str | None:
-    return None if _DISTRO.match(value) else f"{value!r} is not a distribution like ubuntu22.04"
+def _distro(value: str) -> list[tuple[bool, str]] | str | None:
+    if not value:
+        return "is empty (Backend.AI's rescan rejects a blank base-distro)"
+    return None if _DISTRO.match(value) else [(WARN, f"{value!r} is not a distribution like ubuntu22.04: "
+                                                     "the agent may mount the wrong krunner binaries")]
 
 
-def _runtime_type(value: str) -> str | None:
-    if re.fullmatch(r"[a-z][a-z0-9_-]*", value):
+def _runtime_type(value: str) -> list[tuple[bool, str]] | str | None:
+    if value in RUNTIME_TYPES:
         return None
-    return f"{value!r} is not a runtime type like python"
+    if value in REMOVED_RUNTIME_TYPES:
+        return [(WARN, f"{value!r}: Backend.AI 25.19 and newer have no kernel runner for it "
+                       f"(left: {', '.join(sorted(RUNTIME_TYPES))})")]
+    return (f"{value!r} is not a kernel runner Backend.AI has ({', '.join(sorted(RUNTIME_TYPES))}): "
+            f"the image registers but every session fails to start")
 
 
-def _absolute_path(value: str) -> str | None:
-    return None if value.startswith("/") and " " not in value else f"{value!r} is not an absolute path"
+def _runtime_path(value: str) -> list[tuple[bool, str]] | None:
+    if value.startswith("/") and " " not in value:
+        return None
+    return [(WARN, f"{value!r} is not an absolute path: the kernel runner runs it as given")]
+
+
+def _role(value: str) -> str | None:
+    return None if value in ROLES else f"{value!r} is not one of {', '.join(ROLES)} (case matters)"
 
 
 def _accelerators(value: str) -> str | None:
@@ -106,32 +156,50 @@ def _corecount(value: str) -> str | None:
     return f"{', '.join(map(repr, bad))} not environment variable name(s)" if bad else None
 
 
-def _service_ports(value: str) -> str | None:
-    """Backend.AI's syntax: comma-separated name:proto:port, where port may be [p1,p2,...]."""
-    if not value:
-        return None
-    entries = re.findall(r"[^,\[]+(?:\[[^\]]*\])?", value)   # split on commas outside brackets
-    if ",".join(entries) != value:
-        return f"{value!r} is not a comma-separated list of name:proto:port"
-    messages, seen = [], set()
-    for entry in entries:
-        m = _SERVICE_PORT.match(entry)
-        if not m:
-            messages.append(f"{entry!r} is not name:proto:port (or name:proto:[port,...])")
+def parse_service_ports(value: str) -> tuple[dict[str, str], list[tuple[bool, str]]]:
+    """The agent's parse of the label string at session start (common/service_ports.py), message
+    by message: {name: protocol} of the entries kept, and the (warning, message) notes.
+
+    Backend.AI stops at the first error; this goes on where it can, to list them all. At rescan the
+    label is first split on every comma, so a malformed entry or a [port,port] list is not checked
+    there: the image registers, and the agent's parse then fails each session."""
+    ports, notes, used, rest = {}, [], set(), value
+    while rest:
+        m = _SERVICE_PORT.match(rest)
+        if not m:   # Backend.AI stops here; skip to the next entry to report the rest too
+            piece = re.match(r"[^,\[]*(?:\[[^\]]*\]?)?[^,]*,?", rest)[0] or rest
+            notes.append((False, f"{piece.rstrip(',')!r} is not name:proto:port or name:proto:[port,...] "
+                                 f"(Backend.AI: 'Invalid service-ports format'; commas alone between entries)"))
+            rest = rest[len(piece):]
             continue
-        if m["proto"] not in SERVICE_PROTOCOLS:
-            messages.append(f"{entry!r}: protocol {m['proto']!r} is not one of "
-                            f"{', '.join(SERVICE_PROTOCOLS)}")
+        rest, entry, proto = rest[len(m[0]):], m[0].rstrip(","), m["proto"]
+        if proto in DROPPED_PROTOCOLS:
+            notes.append((WARN, f"{entry!r}: Backend.AI drops {proto} entries without a word (no app "
+                                f"appears): use http or tcp"))
+            continue
+        if proto in NEWER_PROTOCOLS:
+            notes.append((WARN, f"{entry!r}: {proto} needs Backend.AI {NEWER_PROTOCOLS[proto]} or newer; "
+                                f"older managers skip the whole image at rescan"))
+        elif proto not in SERVICE_PROTOCOLS:
+            notes.append((False, f"{entry!r}: protocol {proto!r} is not one of "
+                                 f"{', '.join(SERVICE_PROTOCOLS + tuple(NEWER_PROTOCOLS))}"))
+            continue
         for port in map(int, m["ports"].strip("[]").split(",")):
-            if port in RESERVED_PORTS:
-                messages.append(f"{entry!r}: port {port} is reserved by Backend.AI "
-                                f"(2000-2003, 2200, 7681)")
+            if port in used:
+                notes.append((False, f"{entry!r}: port {port} is already used by another service port"))
             elif not 1024 < port < 65535:
-                messages.append(f"{entry!r}: port {port} must be between 1025 and 65534 (no root)")
-            elif port in seen:
-                messages.append(f"{entry!r}: port {port} is already used by another service")
-            seen.add(port)
-    return "; ".join(messages) or None
+                notes.append((False, f"{entry!r}: port {port} must be between 1025 and 65534 (no root)"))
+            elif port in RESERVED_PORTS:
+                notes.append((False, f"{entry!r}: port {port} is reserved by Backend.AI (2000-2003, 2200, 7681)"))
+            used.add(port)
+        if m["name"] in ports:   # the agent keys its port map by name: the later entry replaces it
+            notes.append((WARN, f"{entry!r}: the name {m['name']!r} is used twice; Backend.AI keeps only the last"))
+        ports[m["name"]] = proto
+    return ports, notes
+
+
+def _service_ports(value: str) -> list[tuple[bool, str]]:
+    return parse_service_ports(value)[1]
 
 
 # label -> (required, check). Other ai.backend.* labels are left alone: Backend.AI has more of them.
@@ -140,9 +208,10 @@ LABEL_SCHEMA: dict[str, tuple[bool, object]] = {
     "ai.backend.features": (True, _features),
     "ai.backend.base-distro": (True, _distro),
     "ai.backend.runtime-type": (True, _runtime_type),
-    "ai.backend.runtime-path": (True, _absolute_path),
-    "ai.backend.resource.min.cpu": (True, lambda v: _int(v, 1)),
-    "ai.backend.resource.min.mem": (True, _size),
+    "ai.backend.runtime-path": (True, _runtime_path),
+    "ai.backend.role": (False, _role),
+    "ai.backend.resource.min.cpu": (False, lambda v: _int(v, 1)),
+    "ai.backend.resource.min.mem": (False, _size),
     "ai.backend.resource.min.cuda.device": (False, lambda v: _int(v, 0)),
     "ai.backend.resource.min.cuda.shares": (False, _number),
     "ai.backend.resource.preferred.shmem": (False, _size),
@@ -150,19 +219,38 @@ LABEL_SCHEMA: dict[str, tuple[bool, object]] = {
     "ai.backend.envs.corecount": (False, _corecount),
     "ai.backend.service-ports": (False, _service_ports),
 }
+# Not required by Backend.AI, but without them a session may get less than training needs.
+RECOMMENDED = ("ai.backend.resource.min.cpu", "ai.backend.resource.min.mem")
+
+
+def _notes(result) -> list[tuple[bool, str]]:
+    return [] if not result else [(False, result)] if isinstance(result, str) else list(result)
+
+
+def _inference_problems(labels: dict[str, str]) -> list[Problem]:
+    """role INFERENCE: three more labels, and each endpoint port a preopen service port."""
+    missing = [Problem(k, "missing (required for role INFERENCE)") for k in
+               ("ai.backend.endpoint-ports", "ai.backend.model-path", "ai.backend.model-format") if k not in labels]
+    if missing:
+        return missing
+    ports = parse_service_ports(labels.get("ai.backend.service-ports", ""))[0]
+    return [Problem("ai.backend.endpoint-ports", f"{name!r} is not a preopen service port")
+            for name in labels["ai.backend.endpoint-ports"].split(",") if ports.get(name) != "preopen"]
 
 
 def validate_labels(labels: dict[str, str]) -> list[Problem]:
-    """Every problem with a Dockerfile's Backend.AI labels: missing required ones, malformed values."""
+    """Every problem with a Dockerfile's Backend.AI labels (BACKENDAI_RELEASES), errors and warnings."""
     problems = []
     for name, (required, check) in LABEL_SCHEMA.items():
         if name not in labels:
             if required:
-                problems.append(Problem(name, "missing (required by Backend.AI)"))
+                problems.append(Problem(name, f"missing (Backend.AI 23.09 and 24.03 skip the image at rescan; "
+                                              f"24.09 and later use {REQUIRED_DEFAULTS[name]!r})"))
+            elif name in RECOMMENDED:
+                problems.append(Problem(name, "missing: Backend.AI then starts sessions with less than "
+                                              "training needs (23.09 defaults to 1 core, 1g)", WARN))
             continue
-        message = check(str(labels[name]))
-        if message:
-            problems.append(Problem(name, message))
+        problems += [Problem(name, message, warning) for warning, message in _notes(check(str(labels[name])))]
     for name, value in labels.items():
         is_resource = name.startswith(("ai.backend.resource.min.", "ai.backend.resource.max."))
         if is_resource and name not in LABEL_SCHEMA:
@@ -173,7 +261,13 @@ def validate_labels(labels: dict[str, str]) -> list[Problem]:
                       for k in labels)
     if gpu_minimum and "cuda" not in labels.get("ai.backend.accelerators", "").split(","):
         problems.append(Problem("ai.backend.accelerators", "must list cuda when a cuda minimum is set"))
+    if labels.get("ai.backend.role") == "INFERENCE":
+        problems += _inference_problems(labels)
     return problems
+
+
+def errors(problems: list[Problem]) -> list[Problem]:
+    return [p for p in problems if not p.warning]
 
 
 def dockerfile_labels(text: str) -> dict[str, str]:
@@ -204,7 +298,7 @@ def _substitute(text: str, known: dict[str, str]) -> str:
 
 
 def check_dockerfile(path: Path) -> None:
-    """`invoke image --check FILE`: print each label problem and exit 1, or one "ok" line."""
+    """`invoke image --check FILE`: print each label problem; exit 1 on errors, else one "ok" line."""
     path = Path(path)
     if path.is_dir():
         path = path / "Dockerfile"
@@ -215,12 +309,14 @@ def check_dockerfile(path: Path) -> None:
     except UnicodeDecodeError:
         raise UserError(f"{path} is not a text file (not UTF-8): give the path of a Dockerfile to --check") from None
     problems = validate_labels(dockerfile_labels(text))
-    if problems:
-        for problem in problems:
-            print(f"{path}: {problem}")
-        raise UserError(f"{path}: {len(problems)} Backend.AI label problem(s), listed above; fix them and "
+    for problem in problems:
+        print(f"{path}: {problem}")
+    failed = errors(problems)
+    if failed:
+        raise UserError(f"{path}: {len(failed)} Backend.AI label problem(s), listed above; fix them and "
                         f"run `invoke image --check {path}` again")
-    print(f"ok: {path}: Backend.AI labels are complete and well-formed")
+    warned = f" ({len(problems)} warning(s) above)" if problems else ""
+    print(f"ok: {path}: Backend.AI {BACKENDAI_RELEASES} accepts these labels{warned}")
 
 
 # --- base images -------------------------------------------------------------------------------
@@ -229,14 +325,52 @@ def check_dockerfile(path: Path) -> None:
 class BaseProfile:
     distro: str    # ai.backend.base-distro: which krunner (glibc) build Backend.AI mounts
     python: str    # ai.backend.runtime-path: the python that has torch in this base
+    # torch.cuda.get_arch_list() of the base's torch, where a source gives it; None: not known
+    arch: tuple[str, ...] | None = None
 
 
 _NGC_TAG = re.compile(r"^(?P<year>\d{2})\.(?P<month>\d{2})-py3")
-_PYTORCH_TAG = re.compile(r"^(?P<major>\d+)\.(?P<minor>\d+)(\.\d+)?-cuda[\d.]+-cudnn\d+-(runtime|devel)$")
+_PYTORCH_TAG = re.compile(r"^(?P<major>\d+)\.(?P<minor>\d+)(\.\d+)?-cuda(?P<cuda>[\d.]+)-cudnn\d+-(runtime|devel)$")
+
+# The kernels in each base's torch. Volta (V100, sm_70) is the one that matters here: CUDA 13 has no
+# compiler or library support below sm_75 (NVIDIA CUDA 13.0 release notes, "deprecated architectures"),
+# and PyTorch's wheels dropped it step by step.
+# NGC nvcr.io/nvidia/pytorch:YY.MM-py3: 2024 images set TORCH_CUDA_ARCH_LIST="5.2 6.0 6.1 7.0 7.2 7.5
+# 8.0 8.6 8.7 9.0+PTX" (as quoted from them on GitHub; NVIDIA's own per-release "GPU requirements"
+# pages for 24.x/25.x were not found, and 2023 images are assumed to match); the CUDA 13 images
+# from 25.08 set "7.5 8.0 8.6 9.0 10.0 12.0+PTX" (seen in 25.10 and 26.07 image histories). 25.01 to
+# 25.07 (CUDA 12.8/12.9) are not known either way: None, and `invoke doctor` in the session decides.
+_NGC_2024 = ("sm_52", "sm_60", "sm_61", "sm_70", "sm_72", "sm_75", "sm_80", "sm_86", "sm_87", "sm_90",
+             "compute_90")
+_NGC_CUDA13 = ("sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120")
+# pytorch/pytorch:<torch>-cuda<x>-...: the torch wheels' lists. PyTorch's RELEASE.md support matrix
+# (2.12-2.14) and CUDA upgrade runbook (11.8, 12.6, 12.8 for 2.7); pytorch/pytorch#160269 (2.8-2.10
+# keep Volta in 12.8/12.9), #172352 (2.11 drops it from 12.8), #182250 (get_arch_list() of 2.10 and
+# 2.11 cu126/cu128); torch/cuda/__init__.py PYTORCH_RELEASES_CODE_CC of torch 2.14. 12.1 and 12.4
+# (torch 2.1-2.6) are taken to match 12.6, which the runbook lists with the same architectures.
+_CU11 = ("sm_37", "sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90")
+_CU12 = ("sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90")
+_CU128 = ("sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120")
+_CU13 = ("sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120")
+# What a failing check names, first match wins: Volta through Blackwell, then Maxwell/Pascal, then CUDA 13.
+SUGGESTED_BASES = ("pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime", "pytorch/pytorch:2.8.0-cuda12.6-cudnn9-runtime",
+                   "pytorch/pytorch:2.11.0-cuda13.0-cudnn9-runtime")
+
+
+def _pytorch_arch(torch: tuple[int, int], cuda: str) -> tuple[str, ...] | None:
+    version = tuple(int(p) for p in cuda.split(".")[:2] if p.isdigit())
+    if version[:1] == (11,) and version >= (11, 8):
+        return _CU11
+    if (12, 1) <= version < (12, 8):
+        return _CU12
+    if (12, 8) <= version < (13, 0):
+        return ("sm_70",) + _CU128 if (2, 8) <= torch < (2, 11) else _CU128 if torch >= (2, 7) else None
+    return _CU13 if version >= (13, 0) else None
 
 
 def known_base(base: str) -> BaseProfile | None:
-    """Distribution and python of the NGC and pytorch/pytorch images, from their tags; None if unknown.
+    """Distribution, python and GPU kernels of the NGC and pytorch/pytorch images, from their tags;
+    None if unknown.
 
     NGC PyTorch (nvcr.io/nvidia/pytorch:YY.MM-py3), per NVIDIA's framework support matrix: Ubuntu
     22.04 from 23.01, Ubuntu 24.04 from 24.10; python3 in /usr/bin. Older releases moved between
@@ -254,15 +388,16 @@ def known_base(base: str) -> BaseProfile | None:
         return None
     if m := _NGC_TAG.match(tag):
         release = (int(m["year"]), int(m["month"]))
+        arch = _NGC_CUDA13 if release >= (25, 8) else None if release >= (25, 1) else _NGC_2024
         if release >= (24, 10):
-            return BaseProfile("ubuntu24.04", "/usr/bin/python3")
+            return BaseProfile("ubuntu24.04", "/usr/bin/python3", arch)
         if release >= (23, 1):
-            return BaseProfile("ubuntu22.04", "/usr/bin/python3")
+            return BaseProfile("ubuntu22.04", "/usr/bin/python3", arch)
         return None
     if m := _PYTORCH_TAG.match(tag):
         version = (int(m["major"]), int(m["minor"]))
         distro = "ubuntu18.04" if version < (2, 0) else "ubuntu20.04" if version < (2, 2) else "ubuntu22.04"
-        return BaseProfile(distro, "/opt/conda/bin/python3")
+        return BaseProfile(distro, "/opt/conda/bin/python3", _pytorch_arch(version, m["cuda"]))
     return None
 
 
@@ -285,7 +420,118 @@ def resolve_base(base: str, distro: str | None = None, python: str | None = None
             f"pass --distro (e.g. ubuntu22.04, from /etc/os-release in the image) and --python if "
             f"python3 is not /usr/bin/python3")
     profile = profile or BaseProfile(distro, "/usr/bin/python3")
-    return BaseProfile(distro or profile.distro, python or profile.python)
+    return BaseProfile(distro or profile.distro, python or profile.python, profile.arch)
+
+
+# --- GPU architectures -------------------------------------------------------------------------
+# CUDA's binary compatibility (CUDA C++ Programming Guide, "Binary Compatibility"; the same rule as
+# torch.cuda._CompatInterval): a cubin built for compute capability X.y runs on X.z for z >= y, never
+# on another major; an architecture-specific sm_XYa cubin runs on X.Y only. PTX (compute_XY) is
+# compiled by the driver for any X.Y or newer, if the driver is at least as new as the CUDA that
+# made it. Jetson (Tegra) exceptions are left out: Backend.AI agents here are x86-64 servers.
+
+_ARCH = re.compile(r"(?P<kind>sm|compute)_(?P<major>\d+?)(?P<minor>\d)(?P<suffix>[af]?)")
+
+
+def parse_capability(text: str) -> tuple[int, int]:
+    """sm_70, 7.0 or 70 -> (7, 0); ValueError for anything else."""
+    text = text.strip().lower()
+    m = re.fullmatch(r"(?:sm_)?(\d+?)(\d)", text) or re.fullmatch(r"(\d+)\.(\d)", text)
+    if not m:
+        raise ValueError(f"{text!r} is not a compute capability like sm_70 or 7.0")
+    return int(m[1]), int(m[2])
+
+
+def sm(capability: tuple[int, int]) -> str:
+    return f"sm_{capability[0]}{capability[1]}"
+
+
+def kernels_for(arch_list, capability: tuple[int, int]) -> str | None:
+    """'cubin' when a binary in arch_list runs on a GPU of this capability, 'ptx' when only PTX
+    compiles for it, None when nothing does. Entries that are not sm_/compute_ (ROCm) are skipped."""
+    found = None
+    for entry in arch_list:
+        m = _ARCH.fullmatch(entry.strip())
+        if not m:
+            continue
+        built = (int(m["major"]), int(m["minor"]))
+        if m["suffix"] == "a":
+            runs = capability == built
+        elif m["kind"] == "sm" or m["suffix"] == "f":
+            runs = capability[0] == built[0] and capability[1] >= built[1]
+        else:
+            runs = capability >= built
+        if runs and m["kind"] == "sm":
+            return "cubin"
+        found = found or ("ptx" if runs else None)
+    return found
+
+
+def base_for(capabilities) -> str | None:
+    """A base from SUGGESTED_BASES with binaries for every one of these GPUs, or None."""
+    for base in SUGGESTED_BASES:
+        arch = known_base(base).arch
+        if all(kernels_for(arch, cap) == "cubin" for cap in capabilities):
+            return base
+    return None
+
+
+def _version(text) -> tuple[int, int] | None:
+    if isinstance(text, tuple):
+        return text
+    m = re.match(r"(\d+)\.(\d+)", str(text or ""))
+    return (int(m[1]), int(m[2])) if m else None
+
+
+def gpu_arch_problem(arch_list, capabilities, torch_cuda: str | None = None,
+                     driver_cuda: tuple[int, int] | str | None = None) -> str | None:
+    """Why this torch cannot run on these GPUs, or None when it can (or nothing is known).
+
+    arch_list: torch.cuda.get_arch_list(); capabilities: each GPU's (major, minor), None if unknown;
+    torch_cuda: torch.version.cuda; driver_cuda: the newest CUDA the driver (or the forward-compat
+    libcuda the loader finds first) supports, as cuDriverGetVersion reports it.
+    """
+    torch_v, driver_v = _version(torch_cuda), _version(driver_cuda)
+    if torch_v and driver_v and driver_v[0] < torch_v[0]:
+        return (f"the driver supports CUDA {driver_v[0]}.{driver_v[1]} but torch is built for CUDA "
+                f"{torch_cuda}: update the driver, or use a base built for CUDA {driver_v[0]}.x")
+    caps = sorted({cap for cap in capabilities if cap})
+    if not any(_ARCH.fullmatch(e.strip()) for e in arch_list) or not caps:
+        return None
+    missing = [cap for cap in caps if kernels_for(arch_list, cap) is None]
+    old_driver = torch_v and driver_v and driver_v < torch_v
+    jit_fails = [cap for cap in caps if old_driver and kernels_for(arch_list, cap) == "ptx"]
+    if not missing and not jit_fails:
+        return None
+    built = " ".join(arch_list)
+    if not missing:
+        return (f"torch has only PTX for {', '.join(map(sm, jit_fails))} ({built}), and the driver (CUDA "
+                f"{driver_v[0]}.{driver_v[1]}) is older than the CUDA {torch_cuda} that made it: update the driver")
+    suggestion = base_for(caps)
+    fix = (f"build the image from a base that has them, e.g. invoke image --base {suggestion}"
+           if suggestion else "no base in mlperf/image.py's table has them")
+    if all(kernels_for(_CU12, cap) == "cubin" for cap in caps):
+        fix += " (outside an image: pip install torch --index-url https://download.pytorch.org/whl/cu126)"
+    return (f"torch has no kernels for {', '.join(map(sm, missing))} (built for {built}; CUDA 13 and "
+            f"recent torch wheels dropped Volta sm_70): {fix}")
+
+
+def base_gpu_problem(base: str, profile: BaseProfile, gpu_arch: str) -> str | None:
+    """`invoke image --gpu-arch`: why `base` cannot run on these GPUs, when the table knows; else None."""
+    try:
+        caps = [parse_capability(part) for part in str(gpu_arch).split(",") if part.strip()]
+    except ValueError as exc:
+        raise UserError(f"--gpu-arch / image.gpu_arch: {exc}; give e.g. sm_70, or sm_70,sm_80 for "
+                        f"mixed GPUs") from None
+    if profile.arch is None:
+        return None
+    missing = [cap for cap in caps if kernels_for(profile.arch, cap) is None]
+    if not missing:
+        return None
+    suggestion = base_for(caps)
+    return (f"base {base} has no kernels for {', '.join(map(sm, missing))} (its torch is built for "
+            f"{' '.join(profile.arch)}): use " + (f"--base {suggestion}" if suggestion else "another base")
+            + ", or leave out --gpu-arch to build anyway")
 
 
 # --- Dockerfile and context --------------------------------------------------------------------
@@ -362,6 +608,14 @@ COPY etc-invoke.yaml /etc/invoke.yaml
 RUN {py} -m compileall -q {CODE_DIR}
 ENV PYTHONPATH={CODE_DIR}${{PYTHONPATH:+:${{PYTHONPATH}}}}
 
+# CUDA forward compatibility: with a driver older than the base's CUDA, libcuda must come from
+# /usr/local/cuda/compat/lib (data-center GPUs). NGC sets this up around its entrypoint, which
+# Backend.AI replaces; Lablup's NGC-based images therefore put the folder on LD_LIBRARY_PATH in ENV
+# (backend.ai-kernels vendor/ngc-pytorch/Dockerfile.25.01-pytorch2.6-py312-cuda12.8), and so does
+# this image, keeping the base's value after it. A base without the folder is unaffected; a compat
+# libcuda older than the host's driver makes CUDA fail (error 803), which `invoke doctor` reports.
+ENV LD_LIBRARY_PATH=/usr/local/cuda/compat/lib${{LD_LIBRARY_PATH:+:${{LD_LIBRARY_PATH}}}}
+
 LABEL {label_lines}
 """
 
@@ -435,7 +689,8 @@ def registration_steps(tag: str) -> list[str]:
         f"  # push to a registry your Backend.AI domain allows{'' if has_registry(tag) else ', e.g.'}:",
         *([] if has_registry(tag) else [f"  docker tag {tag} {name}", f"  docker push {name}"]),
         f"  backend.ai admin image rescan -r {registry}      # as an admin; REGISTRY as Backend.AI names it",
-        f"  backend.ai session create -t mlperf -r cuda.shares=8 -r mem=64g --resource-opts shmem=16g {name}",
+        f"  backend.ai session create -t mlperf --arch x86_64 -r cuda.shares=8 -r mem=64g "
+        f"--resource-opts shmem=16g {name}",
     ]
 
 
@@ -446,7 +701,7 @@ def dockerfile_for(base: str, distro: str | None = None, python: str | None = No
         resources = Resources(**{k: v for k, v in resources.items() if v is not None})
     profile = resolve_base(base, distro, python)
     dockerfile = render_dockerfile(base, profile, image_labels(profile, resources or Resources()))
-    problems = validate_labels(dockerfile_labels(dockerfile))
+    problems = errors(validate_labels(dockerfile_labels(dockerfile)))
     if problems:   # the overrides (--distro, --python, image.resources) are the only way in
         raise UserError("the image's labels are invalid: " + "; ".join(map(str, problems)))
     return dockerfile, profile
@@ -454,25 +709,33 @@ def dockerfile_for(base: str, distro: str | None = None, python: str | None = No
 
 def make_image(base: str, output: Path, tag: str | None = None, build: bool = False, push: bool = False,
                distro: str | None = None, python: str | None = None,
-               resources: Resources | dict | None = None) -> Path:
+               resources: Resources | dict | None = None, gpu_arch: str | None = None) -> Path:
     """Write the build context for `base` to `output`; with build/push, run docker where a daemon answers.
 
     The generated Dockerfile's labels are validated like any --check; without a daemon, build/push
     print the commands to run elsewhere and fail (the user asked for a build that did not happen).
+    gpu_arch (e.g. sm_70): the sessions' GPUs; a base known to lack kernels for them is refused.
     """
     dockerfile, profile = dockerfile_for(base, distro, python, resources)
+    if gpu_arch:
+        problem = base_gpu_problem(base, profile, gpu_arch)
+        if problem:
+            raise UserError(problem)
+        print(f"{base}: {'has kernels for ' + gpu_arch if profile.arch else 'GPU kernels not known'}"
+              f"{'' if profile.arch else '; invoke doctor in a session checks them'}")
     output = Path(output)
     write_context(output, dockerfile)
     tag = tag or default_tag(base)
     print(f"wrote {output}/ (Dockerfile, requirements.txt, code) for {base}: "
           f"{profile.distro}, {profile.python}; labels ok")
     if not (build or push):
-        print(f"build it where Docker runs: docker build -t {tag} {output}   (or: invoke image --build)")
+        print(f"build it where Docker runs: docker build --platform {PLATFORM} -t {tag} {output}   "
+              f"(or: invoke image --build)")
         return output
     if push and not has_registry(tag):
         raise UserError(f"--push needs a tag that names a registry, e.g. --tag "
                         f"cr.example.com/mlperf/{tag}")
-    commands = ([["docker", "build", "-t", tag, str(output)]] if build else []) + \
+    commands = ([["docker", "build", "--platform", PLATFORM, "-t", tag, str(output)]] if build else []) + \
                ([["docker", "push", tag]] if push else [])
     if not docker_daemon_answers():
         print("run these on a machine with Docker (copy the folder there first):")

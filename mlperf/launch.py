@@ -175,6 +175,8 @@ class Plan:
             args.append(f"--eval-images={ds.splits['val'].count}")
         if PROFILES[self.profile].pretrained:
             args.append(f"--backbone={ds.downloads(root.parent) / ds.backbone}")
+        if ds.targets:
+            args += [f"--bbox-target={ds.targets['BBOX']}", f"--segm-target={ds.targets['SEGM']}"]
         for flag in ("seed", "max_epochs", "ruleset", "submitter", "status"):
             if o.get(flag) is not None:
                 args.append(f"--{flag.replace('_', '-')}={o[flag]}")
@@ -212,8 +214,8 @@ def plan(*, dataset, data_dir: Path, gpus=None, nodes=None, batch_size=None, con
     `missing`, which is a UserError (its first line) once planning is done, unless `dry_run`,
     which only reports it (a user checks an 8-GPU run before spending it)."""
     from mlperf.datasets import Dataset, resolve
-
     from mlperf.results.logs import check_ruleset
+    from object_detection.recipe import division
 
     ds = dataset if isinstance(dataset, Dataset) else resolve(dataset)
     if ruleset is not None:
@@ -245,9 +247,13 @@ def plan(*, dataset, data_dir: Path, gpus=None, nodes=None, batch_size=None, con
             raise UserError(f"global batch {batch_size} does not split evenly over "
                             f"{nproc * (cluster.nnodes if cluster else 1)} processes")
         cfg = replace(cfg, per_gpu_batch=per)
+    global_batch = cfg.per_gpu_batch * nproc * (cluster.nnodes if cluster else 1)
     profile = _profile(ds, cfg, device)
+    if ds.targets and division(ds.name, profile) == "closed":
+        raise UserError(f"manifest {ds.source}: a closed-division run's quality targets are MLPerf's: remove "
+                        "'targets' (they are for open-division datasets)")
     if not dry_run:  # dry runs show it in "rcp"
-        _warn_without_rcp(ds, profile, cfg.per_gpu_batch * nproc * (cluster.nnodes if cluster else 1), ruleset)
+        _warn_without_rcp(ds, profile, global_batch, ruleset)
     result = Plan(ds=ds, data_dir=Path(data_dir), cfg=cfg, profile=profile, device=device,
                   nproc=nproc, cluster=cluster, all_nodes=nodes is not None, log=Path(log).resolve(),
                   options={"seed": None if seed is None else int(seed), "resume": resume, "ruleset": ruleset,
@@ -256,6 +262,10 @@ def plan(*, dataset, data_dir: Path, gpus=None, nodes=None, batch_size=None, con
                   gpu_model=detected[0].name if detected else "", missing=missing,
                   gpu_bf16=detected[0].has_bf16 if detected else _config_bf16(cfg))
     _check_resources(result, lacking)
+    train_count = ds.splits["train"].count if "train" in ds.splits else None
+    if train_count is not None and train_count < global_batch:  # after the host's lacks: those come first
+        lacking(f"dataset {ds.name} has {train_count} training images, fewer than one global batch "
+                f"({global_batch}): pass --batch-size {train_count} or less, or use a bigger dataset")
     if missing and not dry_run:
         raise UserError(missing[0])
     return result
@@ -288,8 +298,12 @@ def _processes(gpus, config, cfg, device: str, usable: int, lacking) -> int:
 
 
 def _profile(ds, cfg, device: str) -> str:
+    """The manifest's profile if it names one (e.g. MLPerf's recipe on another COCO-format set:
+    open division), else the configuration's, with the shapes profiles for other datasets."""
     from object_detection.recipe import CLOSED_DATASET, CLOSED_PROFILE
 
+    if ds.profile is not None:
+        return ds.profile
     if ds.name == CLOSED_DATASET and cfg.profile != CLOSED_PROFILE:
         raise UserError(f"configuration {cfg.name} is for the {cfg.profile} profile, not {CLOSED_DATASET}: pick "
                         "another with --config (see --list-configs)")
@@ -323,8 +337,11 @@ def _check_resources(p: Plan, lacking) -> None:
         if not p.ds.backbone:
             raise UserError(f"dataset {p.ds.name} names no backbone weights file: add `backbone:` to its manifest")
         weights = p.ds.downloads(p.data_dir) / p.ds.backbone
-        if not weights.is_file():
+        if not weights.is_file() and any(spec.name == p.ds.backbone for spec in p.ds.files):
             lacking(f"backbone weights {weights} missing: run `invoke fetch --dataset {p.ds.name}`")
+        elif not weights.is_file():  # a generated set's backbone is the user's own file
+            lacking(f"backbone weights {weights} missing: put the ImageNet ResNet-50 state dict "
+                    "(torchvision's format) there")
     problem = shm_problem(p.nproc, p.workers, p.cfg.per_gpu_batch, image_scale(p.cfg))
     if problem:
         lacking(problem)
@@ -373,21 +390,22 @@ def _terminated_with_parent() -> None:
 
 
 def run_on_all_nodes(cluster: Cluster, nproc: int, trainer: list[str], env: dict) -> int:
-    """Start torchrun on every host over SSH (the session's cluster key, port 2200), in parallel.
-
-    The project, the data and this Python must be at the same paths on every host, as a Backend.AI
-    cluster session's shared vfolders give them.
+    """Start torchrun on every host over the cluster's SSH (the session's ~/.ssh/config, or
+    MLPERF_SSH_CONFIG), in parallel, once every other host has been checked and given main1's
+    project and venv where it lacked them (mlperf.cluster.prepare_hosts). The data must already be
+    at the same path on every host: a vfolder the session mounts on all of them.
     """
     from mlperf import remote
+    from mlperf.cluster import env_words, prepare_hosts
 
-    passed = {k: env[k] for k in ("PYTHONPATH", "OMP_NUM_THREADS", "PYTHONUNBUFFERED", "NCCL_SOCKET_IFNAME",
-                                  "NCCL_NVLS_ENABLE", "NCCL_DEBUG") if k in env}
-    prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in passed.items())
+    ssh_config = os.environ.get("MLPERF_SSH_CONFIG") or None
+    prepare_hosts(cluster, nproc, trainer, env, ssh_config)
+    prefix = env_words(env)
     commands = {}
     for rank, name in enumerate(cluster.hosts):
         cmd = torchrun_args(nproc, cluster, node_rank=rank) + trainer
         commands[name] = f"cd {shlex.quote(str(PROJECT_ROOT))} && env {prefix} {shlex.join(cmd)}"
-    return remote.run_parallel(commands, ssh_config=os.environ.get("MLPERF_SSH_CONFIG"))
+    return remote.run_parallel(commands, ssh_config=ssh_config)
 
 
 def bench(*, gpus=None, batch_sizes="8,16,32", iterations=None, baseline=True, output=None) -> int:

@@ -16,7 +16,7 @@ RUNTIME_DIRS = ("mlperf", "object_detection")
 # Never part of a copy of the project (rsync filter syntax: a leading / anchors at the root, a
 # trailing / matches folders only): data and results stay where they are made, environments are
 # per host.
-NOT_PROJECT = ("/data/", "/results/", "/build/", "/.venv/", "/venv/", "/.whl/", "/image-context/",
+NOT_PROJECT = ("/data/", "/results/", "/build/", "/.venv/", "/venv/", "/.whl/", "/.cache/", "/image-context/",
                ".git/", "__pycache__/", "*.pyc", ".pytest_cache/", "*.egg-info/")
 
 

@@ -167,6 +167,15 @@ def read_stamp(c, path: str) -> dict | None:
         return None
 
 
+def deployed_python(c, path: str) -> str:
+    """The python `fab deploy` set up in the host's project folder (its stamp), or a UserError."""
+    stamp = read_stamp(c, path)
+    if stamp is None:
+        raise UserError(f"the project is not deployed on {describe(c)} (no {path}/{STAMP}): "
+                        f"run `fab -H {describe(c)} deploy` first")
+    return stamp["python"]
+
+
 def forward(c, argv: list[str], path: str):
     """Run `invoke <argv>` in the project deployed at `path` on the host, output streamed.
 
@@ -174,11 +183,7 @@ def forward(c, argv: list[str], path: str):
     --detach detaches on the host (the flag is passed on), so this returns as soon as it started.
     """
     path = remote_path(path)
-    stamp = read_stamp(c, path)
-    if stamp is None:
-        raise UserError(f"the project is not deployed on {describe(c)} (no {path}/{STAMP}): "
-                        f"run `fab -H {describe(c)} deploy` first")
-    command = (f"cd {shlex.quote(path)} && exec env PYTHONUNBUFFERED=1 {shlex.quote(stamp['python'])} "
+    command = (f"cd {shlex.quote(path)} && exec env PYTHONUNBUFFERED=1 {shlex.quote(deployed_python(c, path))} "
                f"-m invoke {shlex.join(argv)}")
     # A pty: Ctrl-C here reaches the remote step as SIGINT and a dropped connection hangs it up,
     # so nothing keeps running on the GPUs unseen (unless detached, which starts its own session).
@@ -308,19 +313,37 @@ def results_folder_name(c) -> str:
     return re.sub(r"[^\w.@-]", "_", name)
 
 
-def fetch_results(c, local_dir: Path, path: str) -> Path:
-    """rsync the host's results folder into <local_dir>/<host>/: resumable, never deletes here."""
+def fetch_results(c, local_dir: Path, path: str, results_dir: str | None = None) -> Path:
+    """rsync the host's results folder into <local_dir>/<host>/: resumable, never deletes here.
+
+    The host's folder is `results_dir` as its steps were given it (relative: under the project), or,
+    when not given, the one the host's own steps use (its `invoke paths`: its config, and in a
+    Backend.AI session the vfolder they default to)."""
     path = remote_path(path)
-    remote_results = f"{path}/results"
+    if results_dir is None:
+        remote_results = host_paths(c, path)["results_dir"]["path"]
+    else:
+        remote_results = results_dir if results_dir.startswith("/") else f"{path}/{remote_path(results_dir)}"
     probe = _run(c, f"test -d {shlex.quote(remote_results)}", hide=True, warn=True, in_stream=False)
     if probe.exited != 0:
         raise UserError(f"no results on {describe(c)} yet ({remote_results} does not exist): "
-                        "run a step there first, e.g. fab -H HOST all")
+                        "run a step there first, e.g. fab -H HOST all, or name the folder with --results-dir")
     target = Path(local_dir) / results_folder_name(c)
     target.mkdir(parents=True, exist_ok=True)
     stats = rsync(c, ["--partial", _rsync_target(c, remote_results) + "/", f"{target}/"])
     print(f"results: {stats['files']} file(s) copied from {describe(c)}:{remote_results} to {target}")
     return target
+
+
+def host_paths(c, path: str) -> dict:
+    """The host's `invoke paths --json`: where its steps keep data, results and jobs."""
+    command = f"cd {shlex.quote(path)} && {shlex.quote(deployed_python(c, path))} -m invoke paths --json"
+    result = _run(c, command, hide=True, warn=True, in_stream=False)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    if result.exited != 0 or not lines:
+        detail = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"`invoke paths` failed on {describe(c)} ({detail}): name the folder with --results-dir")
+    return json.loads(lines[-1])
 
 
 # --- many hosts at once (multi-node training) -------------------------------------------------

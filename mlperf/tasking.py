@@ -42,6 +42,18 @@ def option(c, value, key: str):
     return node
 
 
+def storage_dir(c, value, key: str) -> Path:
+    """data_dir or results_dir: the flag, else config; in a Backend.AI session whose configured
+    folder is on scratch, the one mounted vfolder (mlperf.storage.default_dir says so on stderr)."""
+    import os
+
+    from mlperf import storage
+
+    explicit = value is not None or any(f"{prefix}_MLPERF_{key.upper()}" in os.environ
+                                        for prefix in ("INVOKE", "FABRIC"))
+    return storage.default_dir(option(c, value, key), key, explicit)
+
+
 def dataset_of(c, dataset, manifest):
     """The dataset a task works on: the user's manifest file, else a catalog name (default from config)."""
     from mlperf.datasets import resolve
@@ -114,7 +126,7 @@ def step(fn):
             from mlperf import jobs
 
             argv = task_argv(name, kwargs, drop=("detach",), defaults=defaults)
-            return jobs.start(argv, jobs.jobs_dir(Path(option(c, None, "results_dir"))))
+            return jobs.start(argv, jobs.jobs_dir(storage_dir(c, kwargs.get("results_dir"), "results_dir")))
         return fn(c, **kwargs)
 
     return wrapper

@@ -20,9 +20,10 @@ from invoke.exceptions import Exit as _Exit
 from mlperf.tasking import step as _step
 
 
-@_task(help={"seconds": "how long", "code": "exit code at the end", "detach": "run in the background"})
+@_task(help={"seconds": "how long", "code": "exit code at the end", "detach": "run in the background",
+             "results_dir": "where --detach keeps the job (<results_dir>/jobs)"})
 @_step
-def nap(c, seconds=1, code=0, detach=False):
+def nap(c, seconds=1, code=0, results_dir=None, detach=False):
     """Print, sleep, print, exit with --code."""
     print("napping", flush=True)
     _time.sleep(float(seconds))

@@ -87,8 +87,10 @@ def test_one_failing_host_stops_the_others(cluster, capsys):
 
 
 def test_invoke_train_nodes_all_trains_across_two_hosts(cluster, tiny_shapes, tmp_path):
-    """`invoke train --nodes all` on main1 of a (loopback) Backend.AI cluster session: torchrun on
-    both hosts over SSH, node ranks 0 and 1, gloo, one tiny shapes training with world size 2."""
+    """`invoke train --nodes all` on main1 of a (loopback) Backend.AI cluster session: sub1 checked
+    and found to share main1's tree (as a vfolder mounted on both would), so nothing is copied;
+    torchrun on both hosts over SSH, node ranks 0 and 1, gloo, one tiny shapes training with world
+    size 2. tests/test_cluster.py covers hosts with trees of their own."""
     from conftest import run_invoke
     from mlperf.results.logs import check_compliance, parse_log
 
@@ -103,6 +105,7 @@ def test_invoke_train_nodes_all_trains_across_two_hosts(cluster, tiny_shapes, tm
     # rank 1 on sub1 logs nothing itself; the world size of 2 (one process per node) is its part
     assert '[main1] {"config": "shapes-cpu"' in proc.stdout and '"world_size": 2' in proc.stdout
     assert "2 node(s) x 1 cpu process(es)" in proc.stdout
+    assert "cluster: sub1 ready" in proc.stdout and "copying" not in proc.stdout
     parsed = parse_log(log)
     assert parsed.status in ("success", "aborted") and parsed.evals
     assert '"key": "global_batch_size", "value": 4' in log.read_text()

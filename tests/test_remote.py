@@ -142,6 +142,25 @@ def test_detached_run_survives_a_dropped_connection_then_results_come_back(host)
     assert "results: 0 file(s) copied" in again.stdout
 
 
+def test_status_logs_and_results_follow_the_results_dir_the_steps_were_given(host):
+    """A Backend.AI walkthrough puts results on a vfolder, not under the project: every task that
+    reads them back takes the same --results-dir the steps were given."""
+    elsewhere = str(host["tmp"] / "vfolder" / "results")
+    started = run(host, "nap", "--seconds", "0", "--detach", "--results-dir", elsewhere)
+    assert started.returncode == 0, started.stderr
+    jid = re.search(r"started job (\S+):", started.stdout).group(1)
+    assert (Path(elsewhere) / "jobs" / jid).is_dir()
+    followed = run(host, "logs", "--follow", "--job", jid, "--results-dir", elsewhere)
+    assert followed.returncode == 0 and "woke up" in followed.stdout, followed.stderr
+    assert re.search(rf"{jid}\s+nap\s+finished", run(host, "status", "--results-dir", elsewhere).stdout)
+    assert jid not in run(host, "status").stdout          # the default folder's jobs are others
+    fetched = run(host, "results", "--results-dir", elsewhere, "--local-dir", str(host["tmp"] / "back"))
+    assert fetched.returncode == 0, fetched.stderr
+    assert (host["tmp"] / "back" / f"127.0.0.1_{host['server'].port}" / "jobs" / jid / "output.log").is_file()
+    missing = run(host, "results", "--results-dir", str(host["tmp"] / "nowhere"))
+    assert missing.returncode == 1 and "does not exist" in missing.stderr and "--results-dir" in missing.stderr
+
+
 def test_host_keys_are_checked_as_ssh_checks_them(host, tmp_path):
     """A key not in ~/.ssh/known_hosts is refused (one line), taken and saved only on the opt-in, and
     a key that differs from the saved one is refused, for Fabric's steps and rsync's alike."""
