@@ -10,12 +10,16 @@ import yaml
 from invoke import Collection, task
 from invoke.exceptions import Exit
 
-from mlperf.tasking import dataset_of, local_only, option, require_host, step
+from mlperf.storage import SCRATCH_OK_HELP, require_persistent
+from mlperf.tasking import dataset_of, local_only, option, require_host, step, storage_dir
 from object_detection.recipe import RULESET, RUNS
 
 DATASET_HELP = "dataset name from the catalog: shapes (synthetic) or coco2017 (default from invoke.yaml)"
 MANIFEST_HELP = "a dataset manifest YAML file instead of a built-in dataset"
-DATA_DIR_HELP = "folder that holds datasets, one subfolder each (default: data)"
+DATA_DIR_HELP = ("folder that holds datasets, one subfolder each (default: data; in a Backend.AI session "
+                 "with one vfolder and no choice made: <vfolder>/data)")
+RESULTS_DIR_HELP = ("folder for results, checkpoints and background jobs (default: results; in a Backend.AI "
+                    "session with one vfolder and no choice made: <vfolder>/results)")
 DETACH_HELP = "run in the background in its own session, output to a log; see `status` and `logs`"
 SUBMITTER_HELP = "submission_org in the logs: your organisation as MLCommons knows it (default: invoke.yaml)"
 STATUS_HELP = "submission_status in the logs: onprem, cloud, preview or research (default: invoke.yaml)"
@@ -40,7 +44,7 @@ def fetch(c, dataset=None, manifest=None, data_dir=None, mirror=None, source=Non
     from mlperf.datasets import fetch as fetching
 
     ds = dataset_of(c, dataset, manifest)
-    fetching.fetch_dataset(ds, Path(option(c, data_dir, "data_dir")), mirror=mirror, source=source,
+    fetching.fetch_dataset(ds, storage_dir(c, data_dir, "data_dir"), mirror=mirror, source=source,
                            jobs=option(c, jobs, "jobs"))  # checked there: --jobs abc or 0 is one error line
 
 
@@ -57,7 +61,7 @@ def verify(c, dataset=None, manifest=None, data_dir=None, deep=False, force=Fals
     """Check archives' md5 and the dataset's structure; exit 1 on any failure."""
     from mlperf.datasets import verify as verifying
     ds = dataset_of(c, dataset, manifest)
-    verifying.verify_dataset(ds, Path(option(c, data_dir, "data_dir")), deep=deep, force=force)
+    verifying.verify_dataset(ds, storage_dir(c, data_dir, "data_dir"), deep=deep, force=force)
 
 
 @task(help={
@@ -69,10 +73,11 @@ def verify(c, dataset=None, manifest=None, data_dir=None, deep=False, force=Fals
     "check": "only validate the Backend.AI labels of this Dockerfile: each problem printed, exit 1 if any",
     "distro": "ai.backend.base-distro for a base not in the table (e.g. ubuntu22.04), or to override it",
     "python": "ai.backend.runtime-path: the base's python with torch (default: table, else /usr/bin/python3)",
+    "gpu_arch": "the sessions' GPUs, e.g. sm_70 (V100): refuse a base known to lack their kernels (image.gpu_arch)",
 })
 @step
 def image(c, base=None, output=None, tag=None, build=False, push=False, check=None, distro=None,
-          python=None):
+          python=None, gpu_arch=None):
     """Write a Backend.AI-ready image build context (labels checked); optionally build and push it."""
     from mlperf import image as imaging
 
@@ -82,7 +87,7 @@ def image(c, base=None, output=None, tag=None, build=False, push=False, check=No
     imaging.make_image(
         base=option(c, base, "image.base"), output=Path(option(c, output, "image.output")),
         tag=option(c, tag, "image.tag") or None, build=build, push=push, distro=distro, python=python,
-        resources=dict(option(c, None, "image.resources")),
+        resources=dict(option(c, None, "image.resources")), gpu_arch=option(c, gpu_arch, "image.gpu_arch") or None,
     )
 
 
@@ -100,6 +105,8 @@ def image(c, base=None, output=None, tag=None, build=False, push=False, check=No
     "resume": "continue from the last checkpoint of this log's run",
     "device": "cpu or cuda (default: cuda when a GPU is present)",
     "log": "MLPerf result log file (default: <results_dir>/train/result_0.txt)",
+    "results_dir": RESULTS_DIR_HELP,
+    "scratch_ok": SCRATCH_OK_HELP,
     "ruleset": f"MLPerf Training ruleset whose reference convergence points give the schedule (default {RULESET})",
     "submitter": SUBMITTER_HELP,
     "status": STATUS_HELP,
@@ -109,8 +116,8 @@ def image(c, base=None, output=None, tag=None, build=False, push=False, check=No
 })
 @step
 def train(c, dataset=None, manifest=None, data_dir=None, gpus=None, nodes=None, batch_size=None, config=None,
-          list_configs=False, seed=None, max_epochs=None, resume=False, device=None, log=None, ruleset=None,
-          submitter=None, status=None, dry_run=False, verbose=False, detach=False):
+          list_configs=False, seed=None, max_epochs=None, resume=False, device=None, log=None, results_dir=None,
+          ruleset=None, submitter=None, status=None, dry_run=False, verbose=False, scratch_ok=False, detach=False):
     """Train Mask R-CNN with torchrun until the quality target (logs in MLPerf format)."""
     from mlperf import launch
 
@@ -119,9 +126,11 @@ def train(c, dataset=None, manifest=None, data_dir=None, gpus=None, nodes=None, 
         launch.print_configs()
         return
     ds = dataset_of(c, dataset, manifest)
-    log = Path(log) if log else Path(option(c, None, "results_dir")) / "train" / "result_0.txt"
+    log = Path(log) if log else storage_dir(c, results_dir, "results_dir") / "train" / "result_0.txt"
+    if not dry_run:
+        require_persistent("results", log.parent, "--results-dir", scratch_ok)
     code = launch.train(
-        dataset=ds, data_dir=Path(option(c, data_dir, "data_dir")), gpus=gpus, nodes=nodes,
+        dataset=ds, data_dir=storage_dir(c, data_dir, "data_dir"), gpus=gpus, nodes=nodes,
         batch_size=batch_size, config=config, seed=seed, max_epochs=max_epochs, resume=resume,
         device=device, log=log, ruleset=option(c, ruleset, "ruleset"), dry_run=dry_run,
         **submission(c, submitter, status),
@@ -132,7 +141,8 @@ def train(c, dataset=None, manifest=None, data_dir=None, gpus=None, nodes=None, 
 
 @task(name="time", help={
     "runs": f"training runs in the series (default {RUNS}, as MLPerf requires; fewer than 3 gives no MLPerf score)",
-    "results_dir": "folder for result series: <results_dir>/<series>/results/<system>/maskrcnn/ (default: results)",
+    "results_dir": "folder for result series: <results_dir>/<series>/results/<system>/maskrcnn/ "
+                   + RESULTS_DIR_HELP.removeprefix("folder for results, checkpoints and background jobs "),
     "series": "series name: resume this unfinished series (a finished one is refused); default: a new one "
               "named <date>-<time>-<dataset>",
     "system": "system name in the results folder (default: from the detected hardware)",
@@ -150,27 +160,30 @@ def train(c, dataset=None, manifest=None, data_dir=None, gpus=None, nodes=None, 
     "status": STATUS_HELP,
     "dry_run": DRY_RUN_HELP + " (the series' first run; no series folder is made)",
     "verbose": VERBOSE_HELP,
+    "scratch_ok": SCRATCH_OK_HELP,
     "detach": DETACH_HELP,
 })
 @step
 def time_(c, runs=None, results_dir=None, series=None, system=None, ruleset=None, from_logs=None,
           dataset=None, manifest=None, data_dir=None, config=None, gpus=None, nodes=None, max_epochs=None, submitter=None,
-          status=None, dry_run=False, verbose=False, detach=False):
+          status=None, dry_run=False, verbose=False, scratch_ok=False, detach=False):
     """Run the training N times as an MLPerf submission and score it (run_and_time)."""
     from mlperf.results import series as result_series
 
     echo_mlperf_records(verbose)
     ruleset = option(c, ruleset, "ruleset")
-    results_dir = Path(option(c, results_dir, "results_dir"))
+    results_dir = storage_dir(c, results_dir, "results_dir")
     if from_logs:
         result_series.score_logs(Path(from_logs), ruleset=ruleset, results_dir=results_dir)
         return
+    if not dry_run:
+        require_persistent("results", results_dir, "--results-dir", scratch_ok)
     result_series.time_series(
         runs=int(option(c, runs, "runs")), results_dir=results_dir, series=series,
         system=option(c, system, "system") or None, ruleset=ruleset,
         dataset=option(c, dataset, "dataset") if manifest is None else None,
         manifest=None if manifest is None else str(Path(manifest).resolve()),
-        data_dir=Path(option(c, data_dir, "data_dir")),
+        data_dir=storage_dir(c, data_dir, "data_dir"),
         config=config, gpus=gpus, nodes=nodes, max_epochs=max_epochs, dry_run=dry_run,
         **submission(c, submitter, status),
     )
@@ -178,8 +191,10 @@ def time_(c, runs=None, results_dir=None, series=None, system=None, ruleset=None
 
 @task(name="all", help={
     "dataset": DATASET_HELP,
+    "manifest": MANIFEST_HELP,
     "data_dir": DATA_DIR_HELP,
-    "results_dir": "folder for result series and the steps' stamps (<results_dir>/.all/<dataset>/)",
+    "results_dir": "folder for result series and the steps' stamps (<results_dir>/.all/<dataset>/); "
+                   + RESULTS_DIR_HELP.removeprefix("folder for results, checkpoints and background jobs "),
     "runs": f"training runs (default {RUNS}, as MLPerf requires)",
     "build": "also build the image (needs Docker); otherwise only its context is written",
     "config": "named system configuration for the runs",
@@ -188,18 +203,21 @@ def time_(c, runs=None, results_dir=None, series=None, system=None, ruleset=None
     "submitter": SUBMITTER_HELP,
     "status": STATUS_HELP,
     "verbose": VERBOSE_HELP,
+    "scratch_ok": SCRATCH_OK_HELP,
     "detach": DETACH_HELP,
 })
 @step
-def all_(c, dataset=None, data_dir=None, results_dir=None, runs=None, build=False, config=None, nodes=None,
-         max_epochs=None, submitter=None, status=None, verbose=False, detach=False):
+def all_(c, dataset=None, manifest=None, data_dir=None, results_dir=None, runs=None, build=False, config=None,
+         nodes=None, max_epochs=None, submitter=None, status=None, verbose=False, scratch_ok=False, detach=False):
     """fetch, verify, image, time: the whole benchmark, resuming where it stopped."""
     from mlperf import pipeline
 
     echo_mlperf_records(verbose)
+    results_dir = storage_dir(c, results_dir, "results_dir")
+    require_persistent("results", results_dir, "--results-dir", scratch_ok)
     pipeline.run_all(
-        dataset=option(c, dataset, "dataset"), data_dir=Path(option(c, data_dir, "data_dir")),
-        results_dir=Path(option(c, results_dir, "results_dir")), runs=int(option(c, runs, "runs")),
+        dataset=option(c, dataset, "dataset"), manifest=manifest, data_dir=storage_dir(c, data_dir, "data_dir"),
+        results_dir=results_dir, runs=int(option(c, runs, "runs")),
         ruleset=option(c, None, "ruleset"), system=option(c, None, "system") or None,
         jobs=int(option(c, None, "jobs")), image=dict(option(c, None, "image")),
         build=build, config=config, nodes=nodes, max_epochs=max_epochs, **submission(c, submitter, status),
@@ -218,7 +236,7 @@ def package(c, series=None, results_dir=None, output=None, submitter=None, rules
     """Assemble series into MLCommons' submission tree and run the package checker and summarizer."""
     from mlperf.results import package as packaging
 
-    results_dir = Path(option(c, results_dir, "results_dir"))
+    results_dir = storage_dir(c, results_dir, "results_dir")
     packaging.package(results_dir=results_dir, series=list(series or []), submitter=submitter,
                       output=Path(output) if output else results_dir / "package",
                       ruleset=option(c, ruleset, "ruleset"), image=dict(option(c, None, "image")))
@@ -242,31 +260,44 @@ def bench(c, gpus=None, batch_sizes="8,16,32", iterations=None, baseline=True, o
         raise Exit(f"error: the benchmark exited with code {code}", code=code)
 
 
-@task(help={"dataset": DATASET_HELP, "manifest": MANIFEST_HELP, "data_dir": DATA_DIR_HELP})
+@task(help={"dataset": DATASET_HELP, "manifest": MANIFEST_HELP, "data_dir": DATA_DIR_HELP,
+            "results_dir": RESULTS_DIR_HELP})
 @step
-def doctor(c, dataset=None, manifest=None, data_dir=None):
+def doctor(c, dataset=None, manifest=None, data_dir=None, results_dir=None):
     """Table of what the benchmark needs and what this host has; exit 1 if something is missing."""
     from mlperf import doctor as checkup
     ds = dataset_of(c, dataset, manifest)
-    checkup.doctor(ds, data_dir=Path(option(c, data_dir, "data_dir")))
+    checkup.doctor(ds, data_dir=storage_dir(c, data_dir, "data_dir"),
+                   results_dir=storage_dir(c, results_dir, "results_dir"))
 
 
-@task(help={})
+@task(help={"data_dir": DATA_DIR_HELP, "results_dir": RESULTS_DIR_HELP, "json": "one JSON line"})
 @step
-def status(c):
+def paths(c, data_dir=None, results_dir=None, json=False):
+    """Where this host keeps datasets, results and background jobs, and whether they outlive a session."""
+    from mlperf import storage
+
+    storage.print_paths(storage_dir(c, data_dir, "data_dir"), storage_dir(c, results_dir, "results_dir"),
+                        as_json=json)
+
+
+@task(help={"results_dir": RESULTS_DIR_HELP})
+@step
+def status(c, results_dir=None):
     """Show background (--detach) jobs: running or finished, with their exit codes."""
     from mlperf import jobs
 
-    jobs.status(jobs.jobs_dir(Path(option(c, None, "results_dir"))))
+    jobs.status(jobs.jobs_dir(storage_dir(c, results_dir, "results_dir")))
 
 
-@task(help={"follow": "keep printing new output until the job ends", "job": "job id (default: latest)"})
+@task(help={"follow": "keep printing new output until the job ends", "job": "job id (default: latest)",
+            "results_dir": RESULTS_DIR_HELP})
 @step
-def logs(c, follow=False, job=None):
+def logs(c, follow=False, job=None, results_dir=None):
     """Print a background job's output (default: the latest job)."""
     from mlperf import jobs
 
-    code = jobs.logs(jobs.jobs_dir(Path(option(c, None, "results_dir"))), job_id=job, follow=follow)
+    code = jobs.logs(jobs.jobs_dir(storage_dir(c, results_dir, "results_dir")), job_id=job, follow=follow)
     if code:
         raise Exit(code=code)
 
@@ -288,15 +319,92 @@ def deploy(c, path=None, python=None, venv=True):
                   venv=venv)
 
 
-@task(help={"results_dir": "local folder; results land in <results_dir>/<host>/"})
+@task(help={"results_dir": "the host's results folder, as its steps were given it (default: where the host's "
+                           "steps put them: `invoke paths` there; relative paths are under its project folder)",
+            "local_dir": "local folder; results land in <local_dir>/<host>/ (default: this project's results_dir)"})
 @local_only
-def results(c, results_dir=None):
+def results(c, results_dir=None, local_dir=None):
     """Bring the `fab -H` host's results folder back to results/<host>/ (never deletes locally)."""
     from mlperf import remote
 
     require_host(c, "results")
-    remote.fetch_results(c, local_dir=Path(option(c, results_dir, "results_dir")),
-                         path=option(c, None, "remote.path"))
+    remote.fetch_results(c, local_dir=Path(option(c, local_dir, "results_dir")),
+                         path=option(c, None, "remote.path"), results_dir=results_dir)
+
+
+SESSION_NAME_HELP = "the session's name (invoke session.create prints it)"
+
+
+@task(name="create", help={
+    "gpus": "GPUs per node (-r cuda.device; default 8, mlperf.session.gpus)",
+    "nodes": "containers; more than 1 makes a multi-node cluster running `invoke all --nodes all`",
+    "vfolder": "storage folder for data/ and results/, mounted at /home/work/<vfolder> (default mlperf-data)",
+    "image": "image as Backend.AI registered it (default: mlperf.image.tag, the one `invoke image` builds)",
+    "dataset": "what the session benchmarks (default coco2017, mlperf.session.dataset)",
+    "runs": "training runs of `invoke all` inside (default: as MLPerf requires)",
+    "cpu": "CPU cores per node (default: 4 per GPU, mlperf.session.per_gpu)",
+    "mem": "memory per node, e.g. 256g (default: 32g per GPU)",
+    "shmem": "shared memory (/dev/shm) per node, e.g. 64g (default: 8g per GPU)",
+    "name": "session name (default: mlperf-<dataset>-<date>-<time>)",
+    "dry_run": "print the `backend.ai session create` command and the session's spec; create nothing",
+})
+@local_only
+def session_create(c, gpus=None, nodes=None, vfolder=None, image=None, dataset=None, runs=None, cpu=None,
+                   mem=None, shmem=None, name=None, dry_run=False):
+    """Start the whole benchmark in a Backend.AI batch session, everything on a vfolder."""
+    from mlperf import session
+
+    spec = session.make_spec(
+        name=name, image=image or session.default_image(option(c, None, "image.tag"), option(c, None, "image.base")),
+        vfolder=option(c, vfolder, "session.vfolder"), dataset=option(c, dataset, "session.dataset"),
+        runs=option(c, runs, "runs"), gpus=option(c, gpus, "session.gpus"), nodes=option(c, nodes, "session.nodes"),
+        cpu=cpu, mem=mem, shmem=shmem, per_gpu=dict(option(c, None, "session.per_gpu")),
+        max_wait=option(c, None, "session.max_wait"),
+    )
+    session.create(spec, dry_run=dry_run, client=option(c, None, "session.client"))
+
+
+@task(name="status", help={"name": SESSION_NAME_HELP})
+@local_only
+def session_status(c, name):
+    """A Backend.AI session's state; once it ended, its result and exit code."""
+    from mlperf import session
+
+    session.status(name, client=option(c, None, "session.client"))
+
+
+@task(name="logs", help={"name": SESSION_NAME_HELP, "follow": "keep printing new output until the session ends, "
+                                                             "then exit with its exit code"})
+@local_only
+def session_logs(c, name, follow=False):
+    """A Backend.AI session's console."""
+    from mlperf import session
+
+    code = session.logs(name, follow=follow, client=option(c, None, "session.client"),
+                        poll=float(option(c, None, "session.poll_seconds")))
+    if code:
+        raise Exit(code=code)
+
+
+@task(name="results", help={"name": SESSION_NAME_HELP,
+                            "vfolder": "the vfolder to read (default: the one the session mounts)",
+                            "results_dir": "local folder; results land in <results_dir>/<session>/"})
+@local_only
+def session_results(c, name, vfolder=None, results_dir=None):
+    """Bring results/ of the session's vfolder to results/<session>/ (never deletes locally)."""
+    from mlperf import session
+
+    session.results(name, vfolder=vfolder, results_dir=Path(option(c, results_dir, "results_dir")),
+                    client=option(c, None, "session.client"))
+
+
+@task(name="destroy", help={"name": SESSION_NAME_HELP})
+@local_only
+def session_destroy(c, name):
+    """Terminate a Backend.AI session (its vfolder keeps what it wrote)."""
+    from mlperf import session
+
+    session.destroy(name, client=option(c, None, "session.client"))
 
 
 def echo_mlperf_records(verbose: bool) -> None:
@@ -323,5 +431,8 @@ def _project_defaults() -> dict:
     return defaults
 
 
-ns = Collection(fetch, verify, image, train, time_, all_, package, bench, doctor, status, logs, deploy, results)
+ns = Collection(fetch, verify, image, train, time_, all_, package, bench, doctor, paths, status, logs, deploy,
+                results)
+ns.add_collection(Collection("session", session_create, session_status, session_logs, session_results,
+                             session_destroy))   # `invoke session.create ...`: run on this machine, never forwarded
 ns.configure(_project_defaults())
