@@ -26,6 +26,7 @@ from pathlib import Path
 
 from benchmarks import save_result
 from mlperf import PROJECT_ROOT
+from mlperf.results.logs import records
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BACKBONE = "resnet50-random.pth"
@@ -72,13 +73,9 @@ def prepare(data_dir: Path, train: int, val: int) -> Path:
     return manifest
 
 
-def records(log: Path) -> list[dict]:
-    return [json.loads(line.split(":::MLLOG ", 1)[1]) for line in log.read_text().splitlines() if ":::MLLOG " in line]
-
-
 def summarise(log: Path, console: str, train: int) -> dict:
     """Per-epoch img/s and evaluation seconds from the MLPerf log and the trainer's console."""
-    recs = records(log)
+    recs = [rec for _, rec in records(log.read_text())]
     at = {}
     for r in recs:
         epoch = (r.get("metadata") or {}).get("epoch_num")

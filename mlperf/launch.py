@@ -241,13 +241,13 @@ def plan(*, dataset, data_dir: Path, gpus=None, nodes=None, batch_size=None, con
     if nodes is not None and cluster is None:
         raise UserError("--nodes all needs a Backend.AI cluster session (BACKENDAI_CLUSTER_HOSTS lists "
                         "fewer than two hosts): run plain `invoke train` on a single host")
+    processes = nproc * (cluster.nnodes if cluster else 1)
     if batch_size is not None:
-        per, rest = divmod(int(batch_size), nproc * (cluster.nnodes if cluster else 1))
+        per, rest = divmod(int(batch_size), processes)
         if rest or per == 0:
-            raise UserError(f"global batch {batch_size} does not split evenly over "
-                            f"{nproc * (cluster.nnodes if cluster else 1)} processes")
+            raise UserError(f"global batch {batch_size} does not split evenly over {processes} processes")
         cfg = replace(cfg, per_gpu_batch=per)
-    global_batch = cfg.per_gpu_batch * nproc * (cluster.nnodes if cluster else 1)
+    global_batch = cfg.per_gpu_batch * processes
     profile = _profile(ds, cfg, device)
     if ds.targets and division(ds.name, profile) == "closed":
         raise UserError(f"manifest {ds.source}: a closed-division run's quality targets are MLPerf's: remove "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import sys
 from pathlib import Path
 
@@ -45,8 +46,6 @@ def option(c, value, key: str):
 def storage_dir(c, value, key: str) -> Path:
     """data_dir or results_dir: the flag, else config; in a Backend.AI session whose configured
     folder is on scratch, the one mounted vfolder (mlperf.storage.default_dir says so on stderr)."""
-    import os
-
     from mlperf import storage
 
     explicit = value is not None or any(f"{prefix}_MLPERF_{key.upper()}" in os.environ

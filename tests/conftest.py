@@ -1,6 +1,7 @@
 """Shared fixtures: run the real entry points (`invoke ...`, `python -m ...`) in a sandbox folder."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -21,6 +22,12 @@ def run_invoke(args: list[str], *, env: dict | None = None, cwd: Path = ROOT, ti
         raise AssertionError(f"invoke {' '.join(args)} exited {proc.returncode}\n"
                              f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
+
+
+def mllog(path: Path) -> list[dict]:
+    """The events of an MLPerf result log, in order (every :::MLLOG line must be JSON)."""
+    return [json.loads(line.split(":::MLLOG ", 1)[1]) for line in path.read_text().splitlines()
+            if ":::MLLOG " in line]
 
 
 def one_error_line(proc, *fragments: str) -> str:

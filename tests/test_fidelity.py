@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, run_invoke
+from conftest import ROOT, mllog, run_invoke
 from mlperf.results.logs import check_compliance
 from object_detection.recipe import CONFIGS, PROFILES, RULESET, rcp_position, reference_points
 
@@ -33,11 +33,6 @@ def _hook(event, args):
 
 sys.addaudithook(_hook)
 """
-
-
-def mllog(path: Path) -> list[dict]:
-    return [json.loads(line.split(":::MLLOG ", 1)[1]) for line in path.read_text().splitlines()
-            if ":::MLLOG " in line]
 
 
 def value(events: list[dict], key: str):

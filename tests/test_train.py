@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, run_invoke
+from conftest import ROOT, mllog, run_invoke
 from mlperf.results.logs import check_compliance
 from object_detection.data import GroupedBatchSampler
 
@@ -29,12 +29,6 @@ RULESET = "3.1.0"
 SEED = "1"
 NO_CLUSTER = {"BACKENDAI_CLUSTER_HOSTS": "", "BACKENDAI_CLUSTER_HOST": "", "BACKENDAI_CLUSTER_SIZE": ""}
 LOSS_LINE = re.compile(r"^epoch (\d+) iter (\d+) (loss=.*) lr=(\S+)", re.M)
-
-
-def mllog(path: Path) -> list[dict]:
-    """The events of an MLPerf result log, in order."""
-    return [json.loads(line.split(":::MLLOG ", 1)[1]) for line in path.read_text().splitlines()
-            if ":::MLLOG " in line]
 
 
 def values(events: list[dict], key: str) -> list:
@@ -165,14 +159,18 @@ def processes_naming(text: str) -> list[int]:
     return found
 
 
+def start_training(tiny_shapes, log: Path, max_epochs: int, out) -> subprocess.Popen:
+    """`invoke train` on the CPU in a session of its own (so a test can kill it, or its whole group)."""
+    args = [sys.executable, "-m", "invoke", "train", *tiny_shapes["args"], "--log", str(log), "--seed", SEED,
+            "--max-epochs", str(max_epochs), "--device", "cpu"]
+    return subprocess.Popen(args, cwd=ROOT, env={**os.environ, **NO_CLUSTER, "PYTHONUNBUFFERED": "1"}, stdout=out,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
 def test_a_run_killed_mid_epoch_resumes_to_one_complete_log(tiny_shapes, tmp_path):
     log = tmp_path / "result_0.txt"
-    args = [sys.executable, "-m", "invoke", "train", *tiny_shapes["args"], "--log", str(log), "--seed", SEED,
-            "--max-epochs", "2", "--device", "cpu"]
-    env = {**os.environ, **NO_CLUSTER, "PYTHONUNBUFFERED": "1"}
     with open(tmp_path / "killed.out", "w") as out:
-        process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+        process = start_training(tiny_shapes, log, 2, out)
         try:
             wait_for_epoch_start(process, log, epoch=2, timeout=500)
         finally:
@@ -201,12 +199,8 @@ def test_a_run_killed_mid_epoch_resumes_to_one_complete_log(tiny_shapes, tmp_pat
 def test_killing_the_launcher_alone_takes_torchrun_and_the_trainers_down(tiny_shapes, tmp_path, sig):
     """Not the process group: only `invoke train` itself, as a job manager or a careless kill does."""
     log = tmp_path / "result_0.txt"
-    args = [sys.executable, "-m", "invoke", "train", *tiny_shapes["args"], "--log", str(log), "--seed", SEED,
-            "--max-epochs", "3", "--device", "cpu"]
-    env = {**os.environ, **NO_CLUSTER, "PYTHONUNBUFFERED": "1"}
     with open(tmp_path / "out", "w") as out:
-        process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+        process = start_training(tiny_shapes, log, 3, out)
         try:
             wait_for_epoch_start(process, log, epoch=1, timeout=300)
             assert len(processes_naming(str(log))) >= 2  # torchrun and the trainer, at least

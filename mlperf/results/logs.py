@@ -60,6 +60,17 @@ def parse_log(path: Path) -> RunLog:
         text = log.path.read_text(errors="replace")
     except OSError as exc:
         raise UserError(f"cannot read {path}: {exc.strerror}") from None
+    for number, rec in records(text):
+        try:
+            _read_record(log, rec)
+        except (TypeError, ValueError):
+            raise UserError(f"{path} line {number}: the {rec.get('key')!r} record has a time or value that is "
+                            "not a number: this is not a log the MLPerf logger wrote") from None
+    return log
+
+
+def records(text: str):
+    """(line number, record) for each :::MLLOG line of a log's text that holds a JSON object."""
     for number, line in enumerate(text.splitlines(), start=1):
         m = _MLLOG.search(line)
         if not m:
@@ -68,14 +79,8 @@ def parse_log(path: Path) -> RunLog:
             rec = json.loads(m.group(1))
         except json.JSONDecodeError:
             continue
-        if not isinstance(rec, dict):
-            continue
-        try:
-            _read_record(log, rec)
-        except (TypeError, ValueError):
-            raise UserError(f"{path} line {number}: the {rec.get('key')!r} record has a time or value that is "
-                            "not a number: this is not a log the MLPerf logger wrote") from None
-    return log
+        if isinstance(rec, dict):
+            yield number, rec
 
 
 def _read_record(log: RunLog, rec: dict) -> None:
