@@ -126,3 +126,63 @@ def replace_tree(new: Path, target: Path) -> None:
     if new.is_dir() and (target.exists() or target.is_symlink()):
         target.unlink()
     rename(new, target)
+
+
+class UnsafeName(ValueError):
+    """A name from a file, a log or a server that would not stay a plain name inside its folder."""
+
+
+_BIDI_AND_CONTROL = {chr(c) for c in range(0x20)} | {"\x7f"} | set("\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
+                                                                   "\u2066\u2067\u2068\u2069")
+
+
+def shown(value, limit: int = 80) -> str:
+    """A value from outside for an error message: its type where it is not text or a number, else its
+    text cut to `limit` characters with control and bidi characters escaped (repr of a shared YAML
+    list can expand to gigabytes; a U+202E turns the rest of a terminal line around)."""
+    if isinstance(value, bool) or value is None or isinstance(value, (int, float)):
+        text = str(value) if not isinstance(value, int) or value.bit_length() < 200 else f"<a {value.bit_length()}-bit integer>"
+        return text[:limit]
+    if not isinstance(value, str):
+        return f"<{type(value).__name__}>"
+    cut = value[:limit]
+    escaped = "".join(ch.encode("unicode_escape").decode("ascii") if ch in _BIDI_AND_CONTROL else ch for ch in cut)
+    return repr(escaped + ("..." if len(value) > limit else ""))
+
+
+def plain_name(name, what: str = "name") -> str:
+    """`name` if it is one plain path component (no separator, not '.'/'..', no control or bidi
+    characters, at most 255 bytes); else UnsafeName saying why."""
+    if not isinstance(name, str) or not name:
+        raise UnsafeName(f"{what} {shown(name)} is not a non-empty text")
+    if "/" in name or "\\" in name or name in (".", "..") or "\x00" in name:
+        raise UnsafeName(f"{what} {shown(name)} is not a plain file name (it has a path separator or is . or ..)")
+    if any(ch in _BIDI_AND_CONTROL for ch in name):
+        raise UnsafeName(f"{what} {shown(name)} has control or bidirectional-override characters")
+    if len(name.encode("utf-8", "surrogateescape")) > 255:
+        raise UnsafeName(f"{what} {shown(name)} is longer than a file name may be")
+    return name
+
+
+def inside(folder: Path, relative, what: str = "path") -> Path:
+    """`folder / relative` for a relative path from outside (a listing, a log, a manifest): every
+    component plain (see plain_name), and the result, with symbolic links resolved, still inside
+    `folder`. The one check for every outside name that becomes a local path; UnsafeName otherwise."""
+    if not isinstance(relative, str) or not relative:
+        raise UnsafeName(f"{what} {shown(relative)} is not a non-empty text")
+    if relative.startswith("/"):
+        raise UnsafeName(f"{what} {shown(relative)} is absolute: it must be relative to {folder}")
+    parts = [p for p in relative.split("/") if p not in ("", ".")]
+    for part in parts:
+        try:
+            plain_name(part, "component")
+        except UnsafeName as bad:
+            raise UnsafeName(f"{what} {shown(relative)}: {bad}") from None
+    if not parts:
+        raise UnsafeName(f"{what} {shown(relative)} names no file")
+    base = Path(folder).resolve()
+    target = base.joinpath(*parts)
+    resolved = target.resolve()
+    if resolved != base and base not in resolved.parents:
+        raise UnsafeName(f"{what} {shown(relative)} leads outside {folder} (through a symbolic link)")
+    return target
