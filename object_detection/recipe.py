@@ -131,6 +131,47 @@ def schedule_for(global_batch: int, ruleset: str = RULESET) -> Schedule:
 
 
 @dataclass(frozen=True)
+class Recipe:
+    """How the model computes, piece by piece: the MLPerf reference's (maskrcnn-benchmark as
+    mlcommons/training object_detection and NVIDIA's submissions run it) or torchvision's own.
+    The closed division must be the reference's (training_rules.adoc: graph, loss, initialisation,
+    data state); the open profiles keep torchvision's."""
+    name: str
+    backbone: str                    # "msra-r50": Detectron's R-50.pkl; "torchvision": an ImageNet state dict
+    stride_in_1x1: bool              # ResNet bottlenecks stride in the 1x1 convolution (reference) or the 3x3
+    input: str                       # "BGR255": BGR 0-255 minus the pixel mean, std 1; "RGB1": torchvision's
+    box_loss_beta: float             # smooth-L1 beta of the box head
+    rpn_loss_beta: float             # and of the RPN
+    box_offset: int                  # 1: a box x0..x1 is x1 - x0 + 1 wide (anchors, coder, flip, clip, results)
+    anchors: str                     # "maskrcnn-benchmark": cell anchors centred at (stride-1)/2; "torchvision"
+    straddle_thresh: float | None    # RPN ignores anchors crossing the image border by more; None: keeps all
+    proposals_per: str               # "batch": post-NMS top (n x images) over the per-GPU batch; "image": n each
+    heads_init: str                  # "reference": fc6/fc7 kaiming a=1, cls std 0.01, bbox std 0.001; "torchvision"
+    warmup: str                      # "mlperf_linear": lr - (warmup - it) * factor per group; "linear": Detectron's
+    epoch: str                       # "ceil": an epoch is ceil(images / batch) steps of one endless stream; "floor"
+    image_filter: str                # "reference": maskrcnn-benchmark's has_valid_annotation; "usable": a usable box
+    resize: str                      # "round": the reference's get_size; "scale": torchvision's scale factor
+
+    def describe(self) -> dict:
+        return asdict(self)
+
+
+# Detectron's MSRA R-50 (catalog://ImageNetPretrained/MSRA/R-50) takes BGR pixels in 0-255 minus this mean.
+MSRA_PIXEL_MEAN_BGR = (102.9801, 115.9465, 122.7717)
+
+RECIPES = {
+    "reference": Recipe(name="reference", backbone="msra-r50", stride_in_1x1=True, input="BGR255",
+                        box_loss_beta=1.0, rpn_loss_beta=1.0 / 9, box_offset=1, anchors="maskrcnn-benchmark",
+                        straddle_thresh=0.0, proposals_per="batch", heads_init="reference",
+                        warmup="mlperf_linear", epoch="ceil", image_filter="reference", resize="round"),
+    "torchvision": Recipe(name="torchvision", backbone="torchvision", stride_in_1x1=False, input="RGB1",
+                          box_loss_beta=1.0 / 9, rpn_loss_beta=1.0 / 9, box_offset=0, anchors="torchvision",
+                          straddle_thresh=None, proposals_per="image", heads_init="torchvision",
+                          warmup="linear", epoch="floor", image_filter="usable", resize="scale"),
+}
+
+
+@dataclass(frozen=True)
 class Profile:
     """Input sizes, quality targets and schedule overrides for a dataset."""
     name: str
@@ -146,6 +187,7 @@ class Profile:
     test_candidates: int = 1000      # RPN post-NMS proposals per image at test time
     detections_per_image: int = 100  # kept per image at test time (COCO's maximum)
     model: str = "r50-fpn"           # object_detection.model.MODELS; only the CPU demo differs
+    recipe: Recipe = RECIPES["torchvision"]  # the closed profile: RECIPES["reference"]
 
     def logged_image_candidates(self, per_gpu_batch: int) -> int:
         """num_image_candidates as the log states it. The rules allow "1000 or 1000 x batches per
@@ -165,7 +207,7 @@ class Profile:
 
 PROFILES = {
     # MLPerf closed division as the rules fix it.
-    CLOSED_PROFILE: Profile(name=CLOSED_PROFILE),
+    CLOSED_PROFILE: Profile(name=CLOSED_PROFILE, recipe=RECIPES["reference"]),
     # Synthetic shapes, open division. Random init with trainable norm layers: no download needed.
     # Demonstration targets: reachable on one GPU in minutes; the CPU profile's are lower still.
     "shapes": Profile(
