@@ -74,10 +74,11 @@ def verify(c, dataset=None, manifest=None, data_dir=None, deep=False, force=Fals
     "distro": "ai.backend.base-distro for a base not in the table (e.g. ubuntu22.04), or to override it",
     "python": "ai.backend.runtime-path: the base's python with torch (default: table, else /usr/bin/python3)",
     "gpu_arch": "the sessions' GPUs, e.g. sm_70 (V100): refuse a base known to lack their kernels (image.gpu_arch)",
+    "cpu_only": "an image an agent without GPUs schedules (1 CPU, 1g, no GPU minimum): a rehearsal; tag ends -cpu",
 })
 @step
 def image(c, base=None, output=None, tag=None, build=False, push=False, check=None, distro=None,
-          python=None, gpu_arch=None):
+          python=None, gpu_arch=None, cpu_only=False):
     """Write a Backend.AI-ready image build context (labels checked); optionally build and push it."""
     from mlperf import image as imaging
 
@@ -88,6 +89,7 @@ def image(c, base=None, output=None, tag=None, build=False, push=False, check=No
         base=option(c, base, "image.base"), output=Path(option(c, output, "image.output")),
         tag=option(c, tag, "image.tag") or None, build=build, push=push, distro=distro, python=python,
         resources=dict(option(c, None, "image.resources")), gpu_arch=option(c, gpu_arch, "image.gpu_arch") or None,
+        cpu_only=cpu_only,
     )
 
 

@@ -50,6 +50,13 @@ ROLES = ("COMPUTE", "INFERENCE", "SYSTEM")
 REQUIRED_DEFAULTS = {"ai.backend.kernelspec": "1", "ai.backend.features": "uid-match",
                      "ai.backend.base-distro": "None", "ai.backend.runtime-type": "app",
                      "ai.backend.runtime-path": "/bin/true"}
+# The agent's helper binaries (agent/kernel.py match_distro_data, the same rule in 23.09 and 26.8):
+# one build per family and glibc, picked by the base-distro label. A binary runs on a glibc at least
+# as new as the one it was built against, so a non-Ubuntu glibc base names the Ubuntu release whose
+# glibc is not newer than its own (Debian and Ubuntu glibc from their release notes).
+HELPER_FAMILIES = ("ubuntu", "centos", "alpine")
+UBUNTU_GLIBC = {"18.04": (2, 27), "20.04": (2, 31), "22.04": (2, 35), "24.04": (2, 39)}
+DEBIAN_GLIBC = {"10": (2, 28), "11": (2, 31), "12": (2, 36), "13": (2, 41)}
 _SIZE = re.compile(r"^\d+(\.\d+)?([kmgtpe](i?b)?)?$", re.IGNORECASE)   # Backend.AI BinarySize: 8g, 512m
 _DISTRO = re.compile(r"^[a-z]+(-[a-z]+)?(\d+(\.\d+)*)?$")               # ubuntu22.04, centos7.6, static-gnu
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -118,11 +125,34 @@ def _features(value: str) -> list[tuple[bool, str]] | str:
     return notes
 
 
-def _distro(value: str) -> list[tuple[bool, str]] | str | None:
+def distro_advice(value: str) -> str:
+    """Which base-distro to name instead of `value` (one the agent serves), and why."""
+    if (m := re.fullmatch(r"debian(\d+)(\.\d+)*", value)) and m[1] in DEBIAN_GLIBC:
+        glibc = DEBIAN_GLIBC[m[1]]
+        ubuntu, needs = max(((v, g) for v, g in UBUNTU_GLIBC.items() if g <= glibc), key=lambda vg: vg[1])
+        return (f"label it ubuntu{ubuntu}: Debian {m[1]} has glibc {_dotted(glibc)}, and the helpers built "
+                f"for Ubuntu {ubuntu} need glibc {_dotted(needs)} or newer (pass --distro ubuntu{ubuntu})")
+    return ("name the Ubuntu release whose glibc is not newer than the image's (`ldd --version` in it; "
+            + ", ".join(f"ubuntu{v}: {_dotted(g)}" for v, g in UBUNTU_GLIBC.items())
+            + "), centos<version> for a RHEL-like base, or alpine<version> for musl")
+
+
+def _dotted(version: tuple[int, ...]) -> str:
+    return ".".join(map(str, version))
+
+
+def _distro(value: str) -> str | None:
+    """The agent picks its helper binaries by the label's name without its version suffix; a name
+    no helper family starts with fails every session (UnsupportedBaseDistroError), though the
+    rescan registers the image."""
     if not value:
         return "is empty (Backend.AI's rescan rejects a blank base-distro)"
-    return None if _DISTRO.match(value) else [(WARN, f"{value!r} is not a distribution like ubuntu22.04: "
-                                                     "the agent may mount the wrong krunner binaries")]
+    family = re.sub(r"\d+(\.\d+)*$", "", value)
+    if family in HELPER_FAMILIES:
+        return None
+    return (f"{value!r}: the agent has its helper binaries (su-exec, libbaihook, dropbear) only for "
+            f"{', '.join(f + '*' for f in HELPER_FAMILIES)} and fails every session of this image "
+            f"(UnsupportedBaseDistroError), though the rescan registers it: {distro_advice(value)}")
 
 
 def _runtime_type(value: str) -> list[tuple[bool, str]] | str | None:
@@ -283,9 +313,16 @@ def dockerfile_labels(text: str) -> dict[str, str]:
 
 _VARIABLE = re.compile(r"\$(?:\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-+])(?P<word>[^}]*))?\}"
                        r"|(?P<bare>[A-Za-z_][A-Za-z0-9_]*))")
+_BARE_VARIABLE = re.compile(r"\$(?P<name>)(?P<op>)(?P<bare>[A-Za-z_][A-Za-z0-9_]*)")
 
 
 def _substitute(text: str, known: dict[str, str]) -> str:
+    """Docker's substitution in one linear pass: a `${` after the last `}` cannot close, so only
+    bare `$NAME`s are looked for there (searching each unclosed `${X:-` to the end is quadratic)."""
+    text = str(text)
+    closed = text.rfind("}") + 1
+    head, tail = text[:closed], text[closed:]
+
     def one(match: re.Match) -> str:
         name = match["name"] or match["bare"]
         value, op = known.get(name), match["op"]
@@ -294,7 +331,7 @@ def _substitute(text: str, known: dict[str, str]) -> str:
         if op in ("+", ":+"):
             return match["word"] if value is not None and (value or op == "+") else ""
         return value or ""
-    return _VARIABLE.sub(one, str(text))
+    return _VARIABLE.sub(one, head) + _BARE_VARIABLE.sub(one, tail)
 
 
 def check_dockerfile(path: Path) -> None:
@@ -545,10 +582,16 @@ class Resources:
     shmem: str = "16g"   # /dev/shm: DataLoader workers pass batches through it; Backend.AI's default is 64m
 
 
+# `invoke image --cpu-only`: minimums an agent without GPUs schedules (one CPU slot), for a rehearsal
+# of the Backend.AI path with --dataset shapes; the session asks for what it needs above them.
+CPU_ONLY = Resources(cpu=1, mem="1g", gpus=0, shmem="256m")
+
+
 def image_labels(profile: BaseProfile, resources: Resources) -> dict[str, str]:
     """The ai.backend.* labels for this image. No service-ports: the image adds no services, and
-    Backend.AI's own sshd and ttyd (ports 2200, 7681) need no label."""
-    return {
+    Backend.AI's own sshd and ttyd (ports 2200, 7681) need no label. With no GPU minimum the image
+    names no accelerator and no cuda slot, so an agent without the CUDA plugin can run it."""
+    labels = {
         "ai.backend.kernelspec": "1",
         "ai.backend.features": "batch query uid-match user-input",
         "ai.backend.base-distro": profile.distro,
@@ -561,6 +604,9 @@ def image_labels(profile: BaseProfile, resources: Resources) -> dict[str, str]:
         "ai.backend.runtime-path": profile.python,
         "ai.backend.envs.corecount": "OPENBLAS_NUM_THREADS,OMP_NUM_THREADS,NPROC",
     }
+    if str(resources.gpus).strip() == "0":
+        del labels["ai.backend.accelerators"], labels["ai.backend.resource.min.cuda.device"]
+    return labels
 
 
 def render_dockerfile(base: str, profile: BaseProfile, labels: dict[str, str]) -> str:
@@ -709,13 +755,19 @@ def dockerfile_for(base: str, distro: str | None = None, python: str | None = No
 
 def make_image(base: str, output: Path, tag: str | None = None, build: bool = False, push: bool = False,
                distro: str | None = None, python: str | None = None,
-               resources: Resources | dict | None = None, gpu_arch: str | None = None) -> Path:
+               resources: Resources | dict | None = None, gpu_arch: str | None = None,
+               cpu_only: bool = False) -> Path:
     """Write the build context for `base` to `output`; with build/push, run docker where a daemon answers.
 
     The generated Dockerfile's labels are validated like any --check; without a daemon, build/push
     print the commands to run elsewhere and fail (the user asked for a build that did not happen).
     gpu_arch (e.g. sm_70): the sessions' GPUs; a base known to lack kernels for them is refused.
+    cpu_only: CPU_ONLY's minimums instead of `resources`, and a tag ending in -cpu by default.
     """
+    if cpu_only and gpu_arch:
+        raise UserError("--cpu-only makes an image for agents without GPUs: leave out --gpu-arch "
+                        "(and image.gpu_arch)")
+    resources = CPU_ONLY if cpu_only else resources
     dockerfile, profile = dockerfile_for(base, distro, python, resources)
     if gpu_arch:
         problem = base_gpu_problem(base, profile, gpu_arch)
@@ -725,9 +777,9 @@ def make_image(base: str, output: Path, tag: str | None = None, build: bool = Fa
               f"{'' if profile.arch else '; invoke doctor in a session checks them'}")
     output = Path(output)
     write_context(output, dockerfile)
-    tag = tag or default_tag(base)
+    tag = tag or default_tag(base) + ("-cpu" if cpu_only else "")
     print(f"wrote {output}/ (Dockerfile, requirements.txt, code) for {base}: "
-          f"{profile.distro}, {profile.python}; labels ok")
+          f"{profile.distro}, {profile.python}; labels ok{'; CPU only (no GPU minimum)' if cpu_only else ''}")
     if not (build or push):
         print(f"build it where Docker runs: docker build --platform {PLATFORM} -t {tag} {output}   "
               f"(or: invoke image --build)")

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -280,7 +281,9 @@ def test_service_ports_syntax(value, problem, warning):
     ("ai.backend.features", "batch uid-match gpu", "ignores unknown feature(s) gpu", True),
     ("ai.backend.features", "batch query", "no uid-match", True),
     ("ai.backend.base-distro", "", "is empty", False),
-    ("ai.backend.base-distro", "Ubuntu 22.04", "is not a distribution like ubuntu22.04", True),
+    ("ai.backend.base-distro", "Ubuntu 22.04", "helper binaries (su-exec, libbaihook, dropbear) only for", False),
+    ("ai.backend.base-distro", "debian12", "label it ubuntu22.04: Debian 12 has glibc 2.36", False),
+    ("ai.backend.base-distro", "rocky9", "(`ldd --version` in it; ubuntu18.04: 2.27", False),
     ("ai.backend.runtime-type", "ruby", "is not a kernel runner Backend.AI has", False),
     ("ai.backend.runtime-type", "golang", "25.19 and newer have no kernel runner", True),
     ("ai.backend.runtime-path", "python3", "not an absolute path", True),
@@ -357,6 +360,87 @@ def test_check_takes_docker_variable_defaults_and_refuses_binary_files(tmp_path)
     assert proc.returncode == 1 and "is not a text file" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("distro, served", [
+    ("ubuntu22.04", True), ("ubuntu", True), ("centos7.9", True), ("alpine3.18", True), ("ubuntu24.04", True),
+    ("debian12", False), ("debian", False), ("rhel9", False), ("Ubuntu22.04", False), ("ubuntu 22.04", False),
+    ("centos-stream9", False), ("22.04", False),
+])
+def test_base_distro_is_one_the_agent_has_helpers_for(distro, served):
+    """The agent's own rule (agent/kernel.py match_distro_data): the name less its version suffix
+    must be a family its helper binaries are built for. The real agent is exercised by
+    tests/integration (a debian12 image fails to start there, and the same bookworm image labelled
+    ubuntu22.04 runs)."""
+    labels = dict(expected_labels("ubuntu22.04", "/usr/bin/python3"), **{"ai.backend.base-distro": distro})
+    assert (imaging.errors(imaging.validate_labels(labels)) == []) is served
+
+
+@pytest.mark.parametrize("debian, ubuntu", [("10", "18.04"), ("11", "20.04"), ("12", "22.04"), ("13", "24.04")])
+def test_a_debian_base_is_told_the_ubuntu_release_its_glibc_can_run(debian, ubuntu):
+    advice = imaging.distro_advice(f"debian{debian}")
+    assert advice.startswith(f"label it ubuntu{ubuntu}: Debian {debian} has glibc")
+    assert imaging.UBUNTU_GLIBC[ubuntu] <= imaging.DEBIAN_GLIBC[debian]
+
+
+def test_invoke_image_and_check_refuse_a_debian_distro(tmp_path):
+    proc = run_invoke(["image", "--base", "localhost/bookworm:1", "--distro", "debian12",
+                       "--output", str(tmp_path / "ctx")])
+    one_error_line(proc, "'debian12'", "UnsupportedBaseDistroError", "--distro ubuntu22.04", "glibc 2.36")
+    assert not (tmp_path / "ctx").exists()
+    run_invoke(["image", "--base", "localhost/bookworm:1", "--distro", "ubuntu22.04",
+                "--output", str(tmp_path / "ctx")], check=True)
+    dockerfile = tmp_path / "Dockerfile"
+    dockerfile.write_text((tmp_path / "ctx" / "Dockerfile").read_text().replace(
+        'base-distro="ubuntu22.04"', 'base-distro="debian12"'))
+    proc = run_invoke(["image", "--check", str(dockerfile)])
+    assert f"{dockerfile}: ai.backend.base-distro: 'debian12': the agent has its helper binaries" in proc.stdout
+    one_error_line(proc, "1 Backend.AI label problem(s)")
+
+
+def test_cpu_only_image_asks_for_what_a_cpu_agent_has(tmp_path):
+    """--cpu-only: one CPU slot, no accelerator and no cuda minimum, a -cpu tag; --check accepts it."""
+    out = tmp_path / "ctx"
+    proc = run_invoke(["image", "--cpu-only", "--build", "--base", "localhost/bookworm:1", "--distro",
+                       "ubuntu22.04", "--output", str(out)], env=NO_DAEMON)
+    assert "CPU only" in proc.stdout
+    assert "docker build --platform linux/amd64 -t mlperf-maskrcnn:1-cpu " in proc.stdout
+    one_error_line(proc, "no Docker daemon answers here")
+    labels = imaging.dockerfile_labels((out / "Dockerfile").read_text())
+    assert labels["ai.backend.resource.min.cpu"] == "1" and labels["ai.backend.resource.min.mem"] == "1g"
+    assert labels["ai.backend.resource.preferred.shmem"] == "256m"
+    assert not {"ai.backend.accelerators", "ai.backend.resource.min.cuda.device"} & set(labels)
+    assert run_invoke(["image", "--check", str(out / "Dockerfile")]).returncode == 0
+    proc = run_invoke(["image", "--cpu-only", "--gpu-arch", "sm_70", "--output", str(tmp_path / "other")])
+    one_error_line(proc, "--cpu-only", "--gpu-arch")
+
+
+def test_image_resources_without_gpus_make_a_cpu_image_too(tmp_path):
+    """image.resources.gpus: 0 (here from the environment, as invoke reads it) drops the cuda labels."""
+    out = tmp_path / "ctx"
+    run_invoke(["image", "--output", str(out)], env={"INVOKE_MLPERF_IMAGE_RESOURCES_GPUS": "0"}, check=True)
+    labels = imaging.dockerfile_labels((out / "Dockerfile").read_text())
+    assert "ai.backend.accelerators" not in labels and labels["ai.backend.resource.min.cpu"] == "4"
+
+
+@pytest.mark.parametrize("piece", ["${X:-", "${", "${X", "$"])
+def test_check_is_linear_in_unclosed_variables(piece):
+    """An unclosed `${` cannot close after the last `}`: 200 KB of them take as long as plain text."""
+    plain = 'FROM x\nLABEL ai.backend.kernelspec="' + "a" * 200_000 + '"\n'
+    text = 'FROM x\nLABEL ai.backend.kernelspec="${A:-1}' + piece * (200_000 // len(piece)) + '"\n'
+    timings = []
+    for body in (plain, text):
+        started = time.monotonic()
+        labels = imaging.dockerfile_labels(body)
+        timings.append(time.monotonic() - started)
+    assert labels["ai.backend.kernelspec"].startswith("1" + piece)   # closed ones still substituted
+    assert timings[1] < 5 * timings[0] + 0.5, timings
+
+
+def test_substitution_still_follows_docker():
+    known = {"A": "a", "E": ""}
+    assert imaging._substitute("${A}-$A-${B:-b}-${E:-e}-${E-e}-${A:+p}-${B:+p}-${A", known) == "a-a-b-e--p--${A"
+    assert imaging._substitute("${A:-x}$A ${B", known) == "a" + "a ${B"
+
+
 # --- the validator against Backend.AI's own parser ------------------------------------------------
 
 # Run in the venv of the real backend.ai-client 23.9.10 (it brings backend.ai-common 23.9.10, the
@@ -431,6 +515,11 @@ LABEL_SETS = [
      "so every session fails: we reject"),
     ({"ai.backend.runtime-path": "python3"}, None),              # taken as given (we warn)
     ({"ai.backend.base-distro": ""}, None),
+    ({"ai.backend.base-distro": "debian12"},
+     "debian12: the rescan takes it; the agent (not in this client) has no helper binaries for debian, "
+     "so every session fails: we reject"),
+    ({"ai.backend.base-distro": "alpine3.8"}, None),
+    ({"ai.backend.base-distro": "centos7.6"}, None),
     ({"ai.backend.role": "compute"}, None),
     ({"ai.backend.role": "INFERENCE"}, None),
     ({"ai.backend.role": "INFERENCE", "ai.backend.endpoint-ports": "srv", "ai.backend.model-path": "/models",
