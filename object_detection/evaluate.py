@@ -125,7 +125,7 @@ class CocoResults:
 
 
 def detections_to_coco(outputs: Sequence[Mapping], image_ids: Sequence[int],
-                       label_to_category: Sequence[int] | Mapping[int, int]) -> list[dict]:
+                       label_to_category: Sequence[int] | Mapping[int, int], box_offset: int = 0) -> list[dict]:
     """COCO result dicts (image_id, category_id, bbox xywh, score, segmentation RLE) for a batch.
 
     `outputs`: one torchvision-detection dict per image, at the image's original resolution:
@@ -134,12 +134,14 @@ def detections_to_coco(outputs: Sequence[Mapping], image_ids: Sequence[int],
     Tensors (on any device, boxes and scores in any float type: a model's outputs as they come
     under autocast) or numpy arrays. `label_to_category`: a mapping label -> COCO
     category id, or a sequence indexed by label whose element 0 (background) is None or 0.
+    `box_offset` 1: the model's boxes end on their last pixel (the reference's +1 widths), so a
+    box's COCO width is x1 - x0 + 1.
     """
-    return detections_to_results(outputs, image_ids, label_to_category).to_dicts()
+    return detections_to_results(outputs, image_ids, label_to_category, box_offset).to_dicts()
 
 
 def detections_to_results(outputs: Sequence[Mapping], image_ids: Sequence[int],
-                          label_to_category: Sequence[int] | Mapping[int, int]) -> CocoResults:
+                          label_to_category: Sequence[int] | Mapping[int, int], box_offset: int = 0) -> CocoResults:
     """detections_to_coco as CocoResults columns.
 
     The whole batch at once: GPU tensors cross to the host in one copy per field, and every mask of
@@ -164,7 +166,7 @@ def detections_to_results(outputs: Sequence[Mapping], image_ids: Sequence[int],
         image_id = int(ids[bad.argmax()])
         raise ValueError(f"labels {sorted(set(labels[ids == image_id].tolist()))} of image {image_id} are "
                          f"not all in label_to_category")
-    boxes[:, 2:] -= boxes[:, :2]
+    boxes[:, 2:] -= boxes[:, :2] - box_offset
     segmentations = None
     if any("masks" in output for output, _ in found):
         segmentations = _encode_all([output.get("masks") for output, _ in found], per_image)
@@ -637,8 +639,9 @@ class CocoEvaluator:
     """
 
     def __init__(self, coco_gt: COCO, label_to_category: Sequence[int] | Mapping[int, int],
-                 iou_types: Iterable[str] = IOU_TYPES, backend: str = "auto"):
+                 iou_types: Iterable[str] = IOU_TYPES, backend: str = "auto", box_offset: int = 0):
         self.coco_gt = coco_gt
+        self.box_offset = box_offset  # 1 for the reference recipe's +1 widths (detections_to_coco)
         self.backend = backend
         self.label_to_category = label_to_category
         self.iou_types = tuple(iou_types)
@@ -651,7 +654,7 @@ class CocoEvaluator:
         """Add one batch: outputs at original image resolution (tensors may stay on the GPU), and
         the COCO ids of its images."""
         image_ids = [int(i) for i in image_ids]
-        self._batches.append(detections_to_results(outputs, image_ids, self.label_to_category))
+        self._batches.append(detections_to_results(outputs, image_ids, self.label_to_category, self.box_offset))
         self.image_ids.extend(image_ids)
 
     def _collect(self) -> None:

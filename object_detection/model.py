@@ -18,6 +18,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from object_detection import fast
+from object_detection.recipe import RECIPES, Recipe
 
 NUM_CLASSES_COCO = 81  # 80 categories + background
 # "r50-fpn": MLPerf's Mask R-CNN, every GPU profile's. "r18-fpn-slim": a small one from the same parts
@@ -68,25 +69,34 @@ def slim_parts(num_classes: int) -> dict:
 def build_model(num_classes: int = NUM_CLASSES_COCO, *, backbone_weights: Path | None,
                 min_size: int = 800, max_size: int = 1333, proposals_per_image: int = 1000,
                 rois_per_image: int = 512, test_candidates: int = 1000, detections_per_image: int = 100,
-                speed: fast.Options = fast.Options(), model: str = "r50-fpn") -> MaskRCNN:
-    """Mask R-CNN with the reference's hyperparameters, then `fast.apply(model, speed)`.
+                speed: fast.Options = fast.Options(), model: str = "r50-fpn",
+                recipe: Recipe = RECIPES["torchvision"]) -> MaskRCNN:
+    """Mask R-CNN with the reference's hyperparameters, computing as `recipe` says
+    (object_detection.reference), then `fast.apply(model, speed)`.
 
-    With `backbone_weights` (a torchvision-format ImageNet ResNet-50 state dict) BatchNorm is frozen
-    and the stem and first stage stay fixed, as in the reference. Without (shapes runs, which need
-    no download), the backbone starts from random weights with trainable GroupNorm: small per-GPU
-    batches make BatchNorm statistics too noisy to train from scratch.
+    With `backbone_weights` BatchNorm is frozen and the stem and first stage stay fixed, as in the
+    reference: the reference recipe reads Detectron's MSRA R-50 (R-50.pkl), torchvision's an
+    ImageNet state dict. Without (shapes runs, which need no download), the backbone starts from
+    random weights with trainable GroupNorm: small per-GPU batches make BatchNorm statistics too
+    noisy to train from scratch.
     """
+    from object_detection import reference
+
     if model not in MODELS:
         raise ValueError(f"model {model!r} is not one of {MODELS}")
     if model == "r18-fpn-slim":
         parts = slim_parts(num_classes)
+    elif backbone_weights is not None and recipe.backbone == "msra-r50":
+        parts = {"backbone": resnet_fpn(reference.msra_resnet50(backbone_weights), 3)}  # layer2..layer4 train
     elif backbone_weights is not None:
-        parts = {"backbone": resnet_fpn(imagenet_resnet50(backbone_weights), 3)}  # layer2..layer4 train
+        parts = {"backbone": resnet_fpn(imagenet_resnet50(backbone_weights), 3)}
     else:
         # Training from scratch as in He et al., "Rethinking ImageNet Pre-training": GroupNorm in the
         # backbone and FPN, residual branches starting at zero so activations don't grow with depth.
         group_norm = partial(nn.GroupNorm, 32)
-        parts = {"backbone": resnet_fpn(resnet50(norm_layer=group_norm, zero_init_residual=True), 5, group_norm)}
+        body = resnet50(norm_layer=group_norm, zero_init_residual=True)
+        parts = {"backbone": resnet_fpn(reference.stride_in_1x1(body) if recipe.stride_in_1x1 else body, 5,
+                                        group_norm)}
     built = MaskRCNN(
         **{"num_classes": num_classes, **parts},
         min_size=min_size, max_size=max_size,  # GeneralizedRCNNTransform pads to a multiple of 32
@@ -95,5 +105,6 @@ def build_model(num_classes: int = NUM_CLASSES_COCO, *, backbone_weights: Path |
         rpn_nms_thresh=0.7, rpn_batch_size_per_image=256, rpn_positive_fraction=0.5,
         box_batch_size_per_image=rois_per_image, box_positive_fraction=0.25,
         box_score_thresh=0.05, box_detections_per_img=detections_per_image,
+        **reference.input_normalisation(recipe),
     )
-    return fast.apply(built, speed)
+    return fast.apply(reference.apply_recipe(built, recipe), speed)

@@ -37,19 +37,25 @@ from torchvision.ops import roi_align
 from torchvision.ops.poolers import MultiScaleRoIAlign, _convert_to_roi_format, _filter_input, _setup_scales
 
 from object_detection.fast.nms import greedy_nms
-from object_detection.fast.patch import DeviceConstants, swap
+from object_detection.fast.patch import DeviceConstants, mix_in, swap
 from object_detection.fast.sampler import use_batched_sampler
 
 # ---------------------------------------------------------------- box coding
 
 
 class SyncFreeBoxCoder(DeviceConstants, BoxCoder):
-    """torchvision's BoxCoder without copying Python constants to the GPU on every call."""
+    """torchvision's BoxCoder without copying Python constants to the GPU on every call. Layered
+    over the reference's (+1 widths: reference.ReferenceBoxCoder, already free of copies), it
+    leaves the coding to that one."""
 
     def encode_single(self, reference_boxes, proposals):
+        if getattr(self, "offset", 0):
+            return super().encode_single(reference_boxes, proposals)
         return encode_boxes(reference_boxes, proposals, self.on_device(self.weights, reference_boxes))
 
     def decode_single(self, rel_codes, boxes):
+        if getattr(self, "offset", 0):
+            return super().decode_single(rel_codes, boxes)
         boxes = boxes.to(rel_codes.dtype)
         widths = boxes[:, 2] - boxes[:, 0]
         heights = boxes[:, 3] - boxes[:, 1]
@@ -179,12 +185,21 @@ class SyncFreeRPN(RegionProposalNetwork):
         group_boxes, group_valid, group_scores = groups
         keep = greedy_nms(group_boxes, group_valid, self.nms_thresh)
 
-        # the image's best post_nms_top_n survivors over all its levels, best first (as batched_nms)
+        # the image's best post_nms_top_n survivors over all its levels, best first (as batched_nms);
+        # the reference's recipe in training: the best post_nms_top_n x images over the whole batch
         kept_scores = group_scores.masked_fill(~keep, float("-inf")).reshape(num_images, -1)
+        survivors = keep.reshape(num_images, -1)
         take = min(self.post_nms_top_n(), kept_scores.shape[1])
+        if self.training and getattr(self, "proposals_per", "image") == "batch":
+            flat = kept_scores.flatten()
+            chosen = torch.zeros_like(survivors).flatten()
+            chosen[flat.topk(min(take * num_images, flat.numel())).indices] = True
+            survivors = survivors & chosen.view_as(survivors)
+            kept_scores = kept_scores.masked_fill(~survivors, float("-inf"))
+            take = min(take * num_images, kept_scores.shape[1])
         best_scores, best = kept_scores.topk(take, dim=1)
         best_boxes = group_boxes.reshape(num_images, -1, 4).gather(1, best[..., None].expand(-1, -1, 4))
-        counts = keep.reshape(num_images, -1).sum(dim=1).clamp(max=take).tolist()  # the one wait
+        counts = survivors.sum(dim=1).clamp(max=take).tolist()  # the one wait
         return ([b[:n] for b, n in zip(best_boxes, counts)],
                 [s[:n] for s, n in zip(best_scores, counts)])
 
@@ -227,15 +242,16 @@ class SyncFreeRoIAlign(MultiScaleRoIAlign):
         return torch.cat(pooled)[back]
 
 
-def fastrcnn_loss_masked(class_logits, box_regression, labels, regression_targets):
-    """torchvision's fastrcnn_loss: the box loss summed over positives by a mask, not an index list."""
+def fastrcnn_loss_masked(class_logits, box_regression, labels, regression_targets, beta: float = 1 / 9):
+    """torchvision's fastrcnn_loss (with the recipe's smooth-L1 beta, reference.fastrcnn_loss): the
+    box loss summed over positives by a mask, not an index list."""
     labels = torch.cat(labels)
     regression_targets = torch.cat(regression_targets)
     classification_loss = F.cross_entropy(class_logits, labels)
     n = labels.numel()
     per_class = box_regression.reshape(n, box_regression.size(-1) // 4, 4)
     predicted = per_class[torch.arange(n, device=labels.device), labels]
-    box = F.smooth_l1_loss(predicted, regression_targets, beta=1 / 9, reduction="none").sum(dim=1)
+    box = F.smooth_l1_loss(predicted, regression_targets, beta=beta, reduction="none").sum(dim=1)
     return classification_loss, (box * (labels > 0)).sum() / n
 
 
@@ -301,7 +317,8 @@ class SyncFreeRoIHeads(RoIHeads):
         box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
         class_logits, box_regression = self.box_predictor(box_features)
         loss_classifier, loss_box_reg = fastrcnn_loss_masked(class_logits, box_regression, labels,
-                                                             regression_targets)
+                                                             regression_targets,
+                                                             getattr(self, "box_loss_beta", 1 / 9))
         losses = {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
         if self.has_mask():
             mask_proposals = [p[:n] for p, n in zip(proposals, num_positive)]  # positives come first
@@ -375,16 +392,22 @@ class SyncFreeMaskRCNN(MaskRCNN):
         return {**detector_losses, **proposal_losses}
 
 
+def _layer(module, cls: type) -> None:
+    """`cls` in place of torchvision's class, or over the reference's subclass of it (object_detection.
+    reference), whose settings the classes above honour."""
+    swap(module, cls) if issubclass(cls, type(module)) else mix_in(module, cls)
+
+
 def make_sync_free(model: MaskRCNN) -> MaskRCNN:
     """Swap in the classes above; parameters, buffers and state-dict keys stay as they are."""
     use_batched_sampler(model)  # the heads above take its padded masks
     swap(model, SyncFreeMaskRCNN)
-    swap(model.rpn, SyncFreeRPN)
-    swap(model.roi_heads, SyncFreeRoIHeads)
+    _layer(model.rpn, SyncFreeRPN)
+    _layer(model.roi_heads, SyncFreeRoIHeads)
     for matcher in (model.rpn.proposal_matcher, model.roi_heads.proposal_matcher):
         swap(matcher, SyncFreeMatcher)
     for coder in (model.rpn.box_coder, model.roi_heads.box_coder):
-        swap(coder, SyncFreeBoxCoder)
+        _layer(coder, SyncFreeBoxCoder)
     for pool in (model.roi_heads.box_roi_pool, model.roi_heads.mask_roi_pool):
         if pool is not None:
             swap(pool, SyncFreeRoIAlign)
