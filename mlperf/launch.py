@@ -21,13 +21,21 @@ from mlperf.host import Cluster
 # 640x480 RGB plus about seven 640x480 uint8 masks, the COCO average.
 SHM_BYTES_PER_IMAGE = 640 * 480 * (3 + 7)
 PREFETCH_FACTOR = 2
+LOOPBACK = "127.0.0.1"
+# Seconds a cluster run waits for its master's name to resolve (a cluster's names may appear just
+# after its containers start) before giving up with one line; MLPERF_MASTER_WAIT overrides it.
+MASTER_WAIT = 60.0
 
 
 def torchrun_args(nproc: int, cluster: Cluster | None, node_rank: int | None = None) -> list[str]:
-    """torchrun's own arguments: standalone on one host, static rendezvous across a cluster."""
+    """torchrun's own arguments: standalone on one host, static rendezvous across a cluster.
+
+    On one host the workers meet on the loopback: standalone alone would send them to this host's
+    name, which a container need not resolve (Backend.AI's host networking: `main1`), and c10d then
+    retries it without end."""
     args = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
     if cluster is None:
-        return args + ["--standalone"]
+        return args + ["--standalone", f"--local-addr={LOOPBACK}"]
     rank = cluster.node_rank if node_rank is None else node_rank
     return args + [f"--nnodes={cluster.nnodes}", f"--node-rank={rank}",
                    f"--master-addr={cluster.master_addr}", f"--master-port={cluster.master_port}"]
@@ -372,10 +380,39 @@ def train(*, dry_run: bool = False, **arguments) -> int:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
     print(f"config {p.cfg.name}: {p.nnodes} node(s) x {p.nproc} {p.device} process(es), "
           f"{p.cfg.per_gpu_batch} images each; log {p.log}", flush=True)
+    if p.cluster is not None:
+        wait_for_master(p.cluster.master_addr)
     if p.all_nodes:
         return run_on_all_nodes(p.cluster, p.nproc, p.trainer_args(), env)
     return subprocess.call(torchrun_args(p.nproc, p.cluster) + p.trainer_args(), env=env, cwd=PROJECT_ROOT,
                            preexec_fn=_terminated_with_parent)
+
+
+def wait_for_master(address: str, wait: float | None = None) -> None:
+    """Return once the cluster's master address resolves; after `wait` seconds (MASTER_WAIT, or
+    MLPERF_MASTER_WAIT), one error line naming it instead of torchrun retrying it without end."""
+    import socket
+    import time
+
+    if wait is None:
+        text = os.environ.get("MLPERF_MASTER_WAIT", str(MASTER_WAIT))
+        try:
+            wait = float(text)
+        except ValueError:
+            raise UserError(f"MLPERF_MASTER_WAIT={text!r} is not a number of seconds") from None
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            socket.getaddrinfo(address, None)
+            return
+        except (socket.gaierror, UnicodeError) as exc:
+            if time.monotonic() >= deadline:
+                reason = getattr(exc, "strerror", None) or exc
+                raise UserError(f"the cluster's master host {address!r} does not resolve here ({reason}; waited "
+                                f"{wait:.0f} s): start the session on a network where its hosts resolve each "
+                                f"other (not host networking), or set MLPERF_MASTER_ADDR to the master's IP "
+                                f"address") from None
+        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
 
 def _terminated_with_parent() -> None:

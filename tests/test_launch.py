@@ -55,7 +55,7 @@ def test_cluster_variables_that_contradict_each_other_are_user_errors():
 def test_a_single_host_runs_standalone(env):
     assert host.cluster_from_env(env) is None
     assert launch.torchrun_args(2, None) == [sys.executable, "-m", "torch.distributed.run",
-                                             "--nproc-per-node=2", "--standalone"]
+                                             "--nproc-per-node=2", "--standalone", "--local-addr=127.0.0.1"]
 
 
 def test_nodes_all_outside_a_cluster_is_one_error_line(tiny_shapes):
