@@ -438,3 +438,31 @@ ns = Collection(fetch, verify, image, train, time_, all_, package, bench, doctor
 ns.add_collection(Collection("session", session_create, session_status, session_logs, session_results,
                              session_destroy))   # `invoke session.create ...`: run on this machine, never forwarded
 ns.configure(_project_defaults())
+
+
+@task(iterable=["with_"], help={
+    "series": "your series under --results-dir (compare.md and compare.png are written beside it)",
+    "from_logs": "instead of a series: a folder of result_*.txt (the comparison goes to <results_dir>/compare-<name>/)",
+    "with_": "a published result's id (see --catalog) or a folder of result logs; repeat for more "
+             "(default: the published results of the same accelerator and count, else the nearest count)",
+    "results_dir": RESULTS_DIR_HELP,
+    "data_dir": "folder whose published-maskrcnn/ caches the published logs (default: data)",
+    "mirror": "base URL serving what https://raw.githubusercontent.com serves (owner/repo/commit/path)",
+    "source": "folder holding checkouts of mlcommons/training_results_vX (named so): logs linked from there, not downloaded",
+    "catalog": "print the published results the catalog holds and exit",
+})
+@step
+def compare(c, series=None, from_logs=None, with_=None, results_dir=None, data_dir=None, mirror=None, source=None,
+            catalog=False):
+    """Your result beside the published MLPerf results of the same hardware, and where the time went."""
+    from mlperf.results import compare as comparing
+
+    if catalog:
+        comparing.print_catalog()
+        return
+    comparing.compare(series=series, from_logs=from_logs, with_=list(with_ or []),
+                      results_dir=storage_dir(c, results_dir, "results_dir"),
+                      data_dir=storage_dir(c, data_dir, "data_dir"), mirror=mirror, source=source)
+
+
+ns.add_task(compare)
