@@ -213,9 +213,8 @@ def main(argv=None) -> int:
     max_epochs = args.max_epochs or profile.max_epochs
     targets = profile.targets(args.bbox_target, args.segm_target)
     checkpoint_path = args.checkpoint or args.log.with_name(args.log.name + ".ckpt")
-    resume_state = checkpoint.load(checkpoint_path) if args.resume else None
-    if run.main:
-        checkpoint.prepare_log(args.log, resume_state)
+    resume_state = checkpoint.open_run(args.log, checkpoint_path, resume=args.resume, main=run.main,
+                                       broadcast=run.broadcast)
     log = MLLogger(args.log, run.main, echo=args.verbose)
     if resume_state is None:
         log.event(C.CACHE_CLEAR, True)
@@ -276,9 +275,7 @@ def main(argv=None) -> int:
     log.end(C.RUN_STOP, status=status)
     if run.main:
         print(f"run_stop: {status}", flush=True)
-        # The checkpoint only serves --resume of an unfinished run; a finished one would leave
-        # hundreds of MB per run in the results folder.
-        checkpoint_path.unlink(missing_ok=True)
+        checkpoint.close_run(args.log, checkpoint_path)
     if run.world_size > 1:
         dist.destroy_process_group()
     return 0
