@@ -6,14 +6,15 @@ A manifest is a YAML file (the format is public; README.md documents it):
     files:
       - name: blob.bin             # kept under <data-dir>/<name>/downloads/
         url: http://127.0.0.1:8000/blob.bin
-        md5: 0123456789abcdef0123456789abcdef   # or sha256: <64 hex digits> where no md5 is published
+        md5: 0123456789abcdef0123456789abcdef   # or sha256: <64 hex digits> where no md5 is published,
+                                                 # or md5_url: the publisher's file holding the md5
         size: 1048576              # bytes, optional
         extract: false             # true: unpack the archive into <data-dir>/<name>/
     splits:                        # optional: where the COCO-format splits are once unpacked
       train: {images: train2017, annotations: annotations/instances_train2017.json, count: 118287}
       val: {images: val2017, annotations: annotations/instances_val2017.json, count: 5000}
     categories: 80                 # optional: expected category count
-    backbone: resnet50.pth         # optional: the file in downloads/ the model's backbone starts from
+    backbone: R-50.pkl             # optional: the file in downloads/ the model's backbone starts from
     generator: shapes              # optional: made locally instead of downloaded
     generator_options: {...}       # passed to the generator
 """
@@ -27,11 +28,13 @@ from pathlib import Path
 import yaml
 
 from mlperf.errors import UserError
-from mlperf.files import human_size
+from mlperf.files import UnsafeName, human_size, plain_name, shown
 
 CATALOG_DIR = Path(__file__).resolve().parent
 _MD5 = re.compile(r"^[0-9a-f]{32}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+MAX_MANIFEST_BYTES = 1 << 20   # a manifest is a page of text; anything larger is not one
+MAX_DEPTH = 32                 # nesting a manifest may have (it needs 4)
 
 
 @dataclass(frozen=True)
@@ -42,11 +45,14 @@ class FileSpec:
     size: int | None = None
     extract: bool = False
     sha256: str | None = None  # for files whose publisher gives only a sha256 (torchvision weights)
+    md5_url: str | None = None  # where the publisher keeps the md5 (Detectron's `<url>.md5sum`), read by fetch
 
     @property
-    def checksum(self) -> tuple[str, str]:
-        """(hashlib algorithm, expected hex digest): md5 where the manifest gives one, else sha256."""
-        return ("md5", self.md5) if self.md5 else ("sha256", self.sha256)
+    def checksum(self) -> tuple[str, str | None]:
+        """(hashlib algorithm, expected hex digest): md5 where the manifest gives one, else sha256;
+        (md5, None) for an `md5_url` file whose published md5 has not been read yet (see
+        mlperf.datasets.verify.with_published)."""
+        return ("md5", self.md5) if self.md5 or not self.sha256 else ("sha256", self.sha256)
 
 
 @dataclass(frozen=True)
@@ -89,11 +95,10 @@ def resolve(name: str | None = None, manifest: str | Path | None = None) -> Data
         return load_manifest(Path(manifest))
     if not name:
         raise UserError("no dataset given: pass --dataset NAME or --manifest FILE")
-    path = CATALOG_DIR / f"{name}.yaml"
-    if not path.is_file():
-        raise UserError(f"unknown dataset {name!r}: choose one of {', '.join(available())}, "
+    if name not in available():  # a catalog name, never a path (--dataset ../../x would load x.yaml)
+        raise UserError(f"unknown dataset {shown(name)}: choose one of {', '.join(available())}, "
                         "or describe your own with --manifest FILE")
-    return load_manifest(path)
+    return load_manifest(CATALOG_DIR / f"{name}.yaml")
 
 
 def redact_url(text) -> str:
@@ -158,25 +163,30 @@ def url_problem(url) -> str | None:
 def name_problem(name) -> str | None:
     """Why `name` cannot be a file in downloads/ (None if it can). Names starting with '.' and
     ending in '.part' are fetch's own (.state.json, .fetch.lock, <file>.part, temporary files)."""
-    if not isinstance(name, str) or not name:
-        return "must be a non-empty text"
-    if "/" in name or "\\" in name or name in (".", ".."):
-        return "must be a plain file name"
-    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+    if isinstance(name, str) and any(ord(c) < 32 or ord(c) == 127 for c in name):
         return "contains a NUL or control character"
-    if len(name.encode("utf-8", "surrogateescape")) > 255:
-        return "is longer than a file name can be (255 bytes)"
+    try:
+        plain_name(name)
+    except UnsafeName as bad:
+        return str(bad).split(shown(name), 1)[-1].strip()  # plain_name's reason, without the name again
     if name.startswith(".") or name.endswith(".part"):
         return "is reserved: names starting with '.' or ending in '.part' are fetch's own files"
     return None
 
 
 def _relative_problem(path) -> str | None:
-    """Why a split's `images`/`annotations` path is not a plain path inside the dataset folder."""
+    """Why a split's `images`/`annotations` path is not a plain path inside the dataset folder
+    (each component a plain name: mlperf.files.plain_name; links are followed by files.inside at use)."""
     if not isinstance(path, str) or not path:
         return "must be a non-empty text"
-    if path.startswith("/") or "\\" in path or ".." in path.split("/") or "\0" in path:
+    if path.startswith("/") or ".." in path.split("/"):
         return "must be a relative path inside the dataset folder (no '/' at the start, no '..')"
+    try:
+        for part in path.split("/"):
+            if part not in ("", "."):
+                plain_name(part, "component")
+    except UnsafeName as bad:
+        return f"must be a relative path inside the dataset folder: {bad}"
     return None
 
 
@@ -184,18 +194,52 @@ def _is_count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+class _Refused(yaml.YAMLError):
+    """YAML a manifest may not use: anchors and aliases, or nesting deeper than MAX_DEPTH."""
+
+    def __init__(self, what: str, mark):
+        super().__init__(what)
+        self.what, self.problem_mark = what, mark
+
+
+class _ManifestLoader(yaml.SafeLoader):
+    """safe_load without anchors, aliases or deep nesting. An alias shares one list many times over:
+    560 bytes can stand for gigabytes once anything walks or prints it (repr in a message did), and
+    a manifest never needs one. The composer recurses per level, so depth is capped before Python's
+    own recursion limit is reached."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise _Refused("uses a YAML anchor or alias (& or *): write each value out", event.start_mark)
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise _Refused(f"is nested more than {MAX_DEPTH} levels deep", event.start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
 def _read_doc(path: Path) -> dict:
-    """The manifest's YAML as a mapping; unreadable, non-UTF-8 or invalid YAML is one UserError."""
+    """The manifest's YAML as a mapping; unreadable, oversized, non-UTF-8 or invalid YAML, anchors,
+    aliases and deep nesting are each one UserError."""
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_MANIFEST_BYTES + 1)
     except OSError as exc:
         raise UserError(f"manifest {path} cannot be read ({exc.strerror or exc}): check the path") from None
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise UserError(f"manifest {path} is larger than {human_size(MAX_MANIFEST_BYTES)}: it is not a "
+                        "dataset manifest (one lists files and splits in a page of text)")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise UserError(f"manifest {path} is not UTF-8 text (byte {exc.start}): save it as UTF-8") from None
     try:
-        doc = yaml.safe_load(text)
+        doc = yaml.load(text, Loader=_ManifestLoader)  # noqa: S506 - a SafeLoader, narrowed further
+    except _Refused as exc:
+        raise UserError(f"manifest {path} {exc.what} (line {exc.problem_mark.line + 1})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -213,30 +257,36 @@ def _parse_file(i: int, entry, bad) -> FileSpec:
     if fname is None:
         raise bad(f"files[{i}] lacks 'name'")
     if (problem := name_problem(fname)) is not None:
-        raise bad(f"files[{i}] name {fname!r} {problem}")
+        raise bad(f"files[{i}] name {shown(fname)} {problem}")
     if entry.get("url") is None:
         raise bad(f"files[{i}] lacks 'url'")
     if (problem := url_problem(entry["url"])) is not None:
-        raise bad(f"files[{i}] ({fname}) url {entry['url']!r} {problem}: give an http(s) URL")
+        raise bad(f"files[{i}] ({fname}) url {shown(entry['url'])} {problem}: give an http(s) URL")
     digests = {}
     for algo, pattern, digits in (("md5", _MD5, 32), ("sha256", _SHA256, 64)):
         value = entry.get(algo)
         if value is None:
             continue
         if not isinstance(value, str) or not pattern.match(value.lower()):
-            raise bad(f"files[{i}] ({fname}) {algo} {value!r} is not {digits} hex digits "
+            raise bad(f"files[{i}] ({fname}) {algo} {shown(value)} is not {digits} hex digits "
                       "(write it in quotes, so YAML does not read it as a number)")
         digests[algo] = value.lower()
-    if not digests:
-        raise bad(f"files[{i}] lacks 'md5' (or 'sha256')")
+    md5_url = entry.get("md5_url")
+    if md5_url is not None:
+        if (problem := url_problem(md5_url)) is not None:
+            raise bad(f"files[{i}] ({fname}) md5_url {shown(md5_url)} {problem}: give an http(s) URL")
+        if digests:
+            raise bad(f"files[{i}] ({fname}) gives both a checksum and md5_url: keep one")
+    elif not digests:
+        raise bad(f"files[{i}] lacks 'md5' (or 'sha256', or 'md5_url')")
     size = entry.get("size")
     if size is not None and not _is_count(size):
         raise bad(f"files[{i}] ({fname}) size must be a whole number of bytes")
     extract = entry.get("extract", False)
     if not isinstance(extract, bool):
-        raise bad(f"files[{i}] ({fname}) extract must be true or false, not {extract!r}")
+        raise bad(f"files[{i}] ({fname}) extract must be true or false, not {shown(extract)}")
     return FileSpec(name=fname, url=entry["url"], md5=digests.get("md5"), size=size, extract=extract,
-                    sha256=digests.get("sha256"))
+                    sha256=digests.get("sha256"), md5_url=md5_url)
 
 
 def _parse_splits(raw, bad) -> dict[str, Split]:
@@ -246,11 +296,13 @@ def _parse_splits(raw, bad) -> dict[str, Split]:
         raise bad("'splits' must be a mapping of split name to {images, annotations, count}")
     splits = {}
     for split_name, s in raw.items():
+        if not isinstance(split_name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", split_name):
+            raise bad(f"split name {shown(split_name)} is not a plain name (letters, digits, '.', '_', '-')")
         if not isinstance(s, dict) or s.get("images") is None or s.get("annotations") is None:
             raise bad(f"splits.{split_name} needs 'images' and 'annotations'")
         for key in ("images", "annotations"):
             if (problem := _relative_problem(s[key])) is not None:
-                raise bad(f"splits.{split_name}.{key} {s[key]!r} {problem}")
+                raise bad(f"splits.{split_name}.{key} {shown(s[key])} {problem}")
         if s.get("count") is not None and not _is_count(s["count"]):
             raise bad(f"splits.{split_name}.count must be a whole number of images")
         splits[str(split_name)] = Split(images=s["images"], annotations=s["annotations"], count=s.get("count"))
@@ -278,19 +330,19 @@ def load_manifest(path: Path) -> Dataset:
     seen = set()
     for spec in files:
         if spec.name in seen:
-            raise bad(f"file {spec.name!r} is listed twice")
+            raise bad(f"file {shown(spec.name)} is listed twice")
         seen.add(spec.name)
     backbone = doc.get("backbone")
     # A generated set's backbone is the user's own file, put in downloads/ (the launcher checks it).
-    if backbone is not None and (not isinstance(backbone, str) or (backbone not in seen and not doc.get("generator"))
-                                 or "/" in backbone):
-        raise bad(f"'backbone' names {backbone!r}, which is not one of the files")
+    if backbone is not None and (name_problem(backbone) is not None
+                                 or (backbone not in seen and not doc.get("generator"))):
+        raise bad(f"'backbone' names {shown(backbone)}, which is not one of the files")
     profile = doc.get("profile")
     if profile is not None:
         from object_detection.recipe import PROFILES
 
-        if profile not in PROFILES:
-            raise bad(f"'profile' must be one of {', '.join(sorted(PROFILES))}, not {profile!r}")
+        if not isinstance(profile, str) or profile not in PROFILES:
+            raise bad(f"'profile' must be one of {', '.join(sorted(PROFILES))}, not {shown(profile)}")
     categories = doc.get("categories")
     if categories is not None and not _is_count(categories):
         raise bad("'categories' must be a whole number")
@@ -313,5 +365,5 @@ def _parse_targets(raw, bad) -> dict[str, float] | None:
         raise bad("'targets' must map exactly BBOX and SEGM to an mAP each, e.g. {BBOX: 0.1, SEGM: 0.1}")
     for key, value in raw.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-            raise bad(f"targets {key} must be an mAP from 0 to 1, not {value!r}")
+            raise bad(f"targets {key} must be an mAP from 0 to 1, not {shown(value)}")
     return {key: float(value) for key, value in raw.items()}
