@@ -107,8 +107,8 @@ def fetch_logs(item: dict, data_dir: Path, *, mirror: str | None = None, source:
         raise UserError(f"--mirror {shown(mirror)} {problem}: give the http(s) URL that serves what "
                         f"{RAW_BASE} does")
     base = (mirror or RAW_BASE).rstrip("/")
-    files = tuple(FileSpec(name=log["name"], url=f"{base}/{raw_path(item, log['path'])}", md5=None,
-                           sha256=log["sha256"], size=log["size"]) for log in item["logs"])
+    files = tuple(FileSpec(name=log["name"], url=f"{base}/{raw_path(item, log['path'])}" if mirror else log["url"],
+                           md5=None, sha256=log["sha256"], size=log["size"]) for log in item["logs"])
     ds = Dataset(name=cache_name(item["id"]), files=files, description=f"published result {item['id']}")
     local = None
     if source is not None:
@@ -210,12 +210,14 @@ def _entry(clone: _Clone, submitter: str, system: str, logs: dict[int, str], pub
     desc_name = f"{submitter}/systems/{system}.json"
     desc = json.loads(clone.read(desc_name)) if desc_name in clone.names else {}
     parsed, files = {}, []
+    where = {"repository": REPOSITORY.format(round=clone.round), "commit": clone.commit}
     for i, name in sorted(logs.items()):
         data = clone.read(name)
         local = tmp / f"result_{i}.txt"
         local.write_bytes(data)
         parsed[i] = parse_log(local)
-        files.append({"name": local.name, "path": name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+        files.append({"name": local.name, "path": name, "url": f"{RAW_BASE}/{raw_path(where, name)}", "size": len(data),
+                      "sha256": hashlib.sha256(data).hexdigest()})
     # Published runs passed review with their round's checker: no compliance run here (it would take hours).
     runs = [run_result(i, log, None) for i, log in parsed.items()]
     sc = score(runs)
@@ -232,7 +234,7 @@ def _entry(clone: _Clone, submitter: str, system: str, logs: dict[int, str], pub
         "score": None if sc.minutes is None else round(sc.minutes, 4), "score_note": sc.note,
         "published": published.get(f"{submitter}/{system}", (None, None))[0],
         "published_in": published.get(f"{submitter}/{system}", (None, None))[1],
-        "repository": REPOSITORY.format(round=clone.round), "commit": clone.commit,
+        **where,
         "system_description": desc_name if desc else None, "logs": files,
     }
 
