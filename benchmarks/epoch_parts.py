@@ -84,7 +84,7 @@ def measure(trainer, schedule, loader, sampler, steps: int, device, out: dict, p
         train_step(trainer.model, trainer.optimizer, trainer.scaler, *cached[0], trainer.autocast)
         started, n = time.perf_counter(), 0
         for i, (images, targets) in zip(range(steps), feed):
-            set_lr(trainer.optimizer, schedule.lr_at(i))
+            set_lr(trainer.optimizer, schedule, i)
             loss, _ = train_step(trainer.model, trainer.optimizer, trainer.scaler, images, targets, trainer.autocast)
             n += len(images)
         out[label] = rate(n, started)

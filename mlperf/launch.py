@@ -260,6 +260,7 @@ def plan(*, dataset, data_dir: Path, gpus=None, nodes=None, batch_size=None, con
     if ds.targets and division(ds.name, profile) == "closed":
         raise UserError(f"manifest {ds.source}: a closed-division run's quality targets are MLPerf's: remove "
                         "'targets' (they are for open-division datasets)")
+    _refuse_rejected_lr(ds, profile, global_batch, ruleset, processes)
     if not dry_run:  # dry runs show it in "rcp"
         _warn_without_rcp(ds, profile, global_batch, ruleset)
     result = Plan(ds=ds, data_dir=Path(data_dir), cfg=cfg, profile=profile, device=device,
@@ -277,6 +278,17 @@ def plan(*, dataset, data_dir: Path, gpus=None, nodes=None, batch_size=None, con
     if missing and not dry_run:
         raise UserError(missing[0])
     return result
+
+
+def _refuse_rejected_lr(ds, profile: str, global_batch: int, ruleset: str | None, processes: int) -> None:
+    """A closed-division batch whose learning rate the compliance checker rejects: every log of the
+    series would fail after the GPU time is spent, so it stops here, dry runs included."""
+    from object_detection.recipe import RULESET, closed_batch_problem, division
+
+    if division(ds.name, profile) == "closed":
+        problem = closed_batch_problem(global_batch, ruleset or RULESET, processes)
+        if problem:
+            raise UserError(problem)
 
 
 def _warn_without_rcp(ds, profile: str, global_batch: int, ruleset: str | None) -> None:

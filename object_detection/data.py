@@ -1,4 +1,6 @@
-"""COCO-format reading, the one augmentation (horizontal flip), and aspect-ratio grouped batches.
+"""COCO-format reading, the one augmentation (horizontal flip), and aspect-ratio grouped batches,
+each the way the run's recipe has it (object_detection.recipe.Recipe: the reference's for the
+closed division, torchvision's for the open profiles).
 
 Resizing to the MLPerf input size, normalisation and padding to a multiple of 32 happen in the
 model's transform, on the training device: workers only decode, flip and build targets.
@@ -7,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import math
 import random
 from pathlib import Path
@@ -16,6 +19,8 @@ import torch
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torchvision.io import ImageReadMode, decode_jpeg
+
+from object_detection.recipe import RECIPES, Recipe, iterations_per_epoch
 
 
 def read_bytes(path: Path) -> torch.Tensor:
@@ -31,43 +36,89 @@ def load_coco(annotation_file: Path) -> COCO:
         return COCO(str(annotation_file))
 
 
-class CocoDetection(torch.utils.data.Dataset):
-    """Images as uint8 CHW tensors with torchvision-detection targets (boxes xyxy, labels, masks)."""
+def has_valid_annotation(anns: list[dict]) -> bool:
+    """The reference's training-image filter (maskrcnn-benchmark's has_valid_annotation), over all
+    of an image's annotations, crowd ones included: at least one, and not every box 1 px or less
+    wide or high. So an image with crowd annotations only stays (with no box to train on)."""
+    return bool(anns) and not all(any(side <= 1 for side in a["bbox"][2:]) for a in anns)
 
-    def __init__(self, images: Path, annotations: Path | COCO, *, train: bool, seed: int = 0):
+
+def _usable(ann: dict) -> bool:
+    """torchvision's recipe: a non-crowd box more than 1 px wide and high."""
+    return not ann.get("iscrowd", 0) and ann["bbox"][2] > 1 and ann["bbox"][3] > 1
+
+
+def instance_boxes(anns: list[dict], height: int, width: int, recipe: Recipe) -> tuple[torch.Tensor, list[int]]:
+    """An image's training boxes (xyxy) and the indices of the annotations they come from.
+
+    The reference (box_offset 1, pixel-inclusive boxes): crowd annotations out, x1 = x + max(w - 1, 0),
+    every coordinate clipped to [0, W - 1] and [0, H - 1], then boxes without area removed.
+    torchvision's: usable boxes (_usable), x1 = x + w, clipped to [0, W] and [0, H]."""
+    offset = recipe.box_offset
+    if offset:
+        chosen = [i for i, a in enumerate(anns) if not a.get("iscrowd", 0)]
+    else:
+        chosen = [i for i, a in enumerate(anns) if _usable(a)]
+    boxes = torch.tensor([anns[i]["bbox"] for i in chosen], dtype=torch.float32).reshape(-1, 4)
+    boxes[:, 2:] = boxes[:, :2] + (boxes[:, 2:] - offset).clamp(min=0)
+    boxes[:, 0::2].clamp_(0, width - offset)
+    boxes[:, 1::2].clamp_(0, height - offset)
+    if offset:
+        keep = ((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).tolist()
+        boxes = boxes[torch.tensor(keep, dtype=torch.bool)]
+        chosen = [i for i, k in zip(chosen, keep) if k]
+    return boxes, chosen
+
+
+def flip_boxes(boxes: torch.Tensor, width: int, recipe: Recipe) -> torch.Tensor:
+    """Boxes of a horizontally flipped image: x0' = W - x1 - offset (the reference's -1 for its
+    pixel-inclusive boxes), x1' = W - x0 - offset."""
+    edge = width - recipe.box_offset
+    return torch.stack([edge - boxes[:, 2], boxes[:, 1], edge - boxes[:, 0], boxes[:, 3]], dim=1)
+
+
+class CocoDetection(torch.utils.data.Dataset):
+    """Images as uint8 CHW tensors with torchvision-detection targets (boxes xyxy, labels, masks),
+    filtered and boxed as `recipe` says."""
+
+    def __init__(self, images: Path, annotations: Path | COCO, *, train: bool, seed: int = 0,
+                 recipe: Recipe = RECIPES["torchvision"]):
         self.images = Path(images)
         self.coco = annotations if isinstance(annotations, COCO) else load_coco(annotations)
         self.train = train
         self.seed = seed
+        self.recipe = recipe
         cat_ids = sorted(self.coco.getCatIds())
         self.category_to_label = {c: i + 1 for i, c in enumerate(cat_ids)}
         self.label_to_category = [0] + cat_ids  # label 0 is background
         ids = sorted(self.coco.imgs)
         if train:  # the reference drops training images without a usable annotation
-            ids = [i for i in ids if any(self._usable(a) for a in self.coco.imgToAnns.get(i, []))]
+            if recipe.image_filter == "reference":
+                ids = [i for i in ids if has_valid_annotation(self.coco.imgToAnns.get(i, []))]
+            else:
+                ids = [i for i in ids if any(_usable(a) for a in self.coco.imgToAnns.get(i, []))]
         self.ids = ids
-
-    @staticmethod
-    def _usable(ann: dict) -> bool:
-        return not ann.get("iscrowd", 0) and ann["bbox"][2] > 1 and ann["bbox"][3] > 1
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def aspect_groups(self) -> list[int]:
-        """0 for landscape images, 1 for portrait: batches hold one group so padding stays small."""
-        return [int(self.coco.imgs[i]["height"] > self.coco.imgs[i]["width"]) for i in self.ids]
+        """0 for landscape images, 1 for portrait: batches hold one group so padding stays small.
+        Square images go with the portrait ones in the reference's order (its bins split height /
+        width at 1, inclusive), with the landscape ones in torchvision's."""
+        square = 1 if self.recipe.epoch == "ceil" else 0
+        return [int(self.coco.imgs[i]["height"] > self.coco.imgs[i]["width"]
+                    or (square and self.coco.imgs[i]["height"] == self.coco.imgs[i]["width"]))
+                for i in self.ids]
 
     def __getitem__(self, index: int):
         image_id = self.ids[index]
         info = self.coco.imgs[image_id]
         image = decode_jpeg(read_bytes(self.images / info["file_name"]), mode=ImageReadMode.RGB)
         h, w = image.shape[-2:]
-        anns = [a for a in self.coco.imgToAnns.get(image_id, []) if self._usable(a)]
-        boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
-        boxes[:, 2:] += boxes[:, :2]
-        boxes[:, 0::2].clamp_(0, w)
-        boxes[:, 1::2].clamp_(0, h)
+        all_anns = self.coco.imgToAnns.get(image_id, [])
+        boxes, kept = instance_boxes(all_anns, h, w, self.recipe)
+        anns = [all_anns[i] for i in kept]
         labels = torch.tensor([self.category_to_label[a["category_id"]] for a in anns], dtype=torch.int64)
         flip = self.train and random.random() < 0.5  # random is seeded per worker in worker_init
         if anns:
@@ -80,7 +131,7 @@ class CocoDetection(torch.utils.data.Dataset):
             masks = torch.zeros((0, h, w), dtype=torch.uint8)
         if flip:
             image = image.flip(-1)
-            boxes = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], dim=1)
+            boxes = flip_boxes(boxes, w, self.recipe)
         target = {"boxes": boxes, "labels": labels, "masks": masks, "image_id": image_id,
                   "orig_size": (h, w)}
         return image, target
@@ -142,6 +193,79 @@ class GroupedBatchSampler(torch.utils.data.Sampler):
         yield from batches[: self.num_batches]
 
 
+class StreamBatchSampler(torch.utils.data.Sampler):
+    """This rank's batches of one epoch of the reference's endless stream (its
+    IterationBasedBatchSampler over aspect-grouped batches): epoch e is batches [(e-1)N, eN) of
+    the stream, N = images // global batch + 1, so no image is left out of the run and every
+    rank steps N times between evaluations.
+
+    The stream: pass after pass over the training set, each a seeded shuffle sharded by rank;
+    images join their aspect group's bucket, and a bucket that reaches the batch size is the
+    next batch. A bucket's remainder waits for the next pass instead of making a short batch,
+    so every batch is full and one group (the reference ends each pass with a short batch per
+    group). Every image is drawn once per pass. Deterministic from the seed: a resumed run gets
+    the same batches from the epoch it resumes at.
+    """
+
+    def __init__(self, groups: list[int], batch_size: int, *, rank: int, world_size: int, seed: int):
+        self.groups = groups
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.epoch = 0
+        if len(groups) < batch_size * world_size:
+            raise ValueError(f"{len(groups)} training images are fewer than one global batch "
+                             f"({batch_size} x {world_size})")
+        self.num_batches = iterations_per_epoch("ceil", len(groups), batch_size * world_size)
+        self._stream, self._position = None, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __getstate__(self) -> dict:  # a spawned worker gets the sampler (WorkerInit), not its generator
+        return {**self.__dict__, "_stream": None, "_position": 0}
+
+    def passes(self):
+        """(pass, index) of this rank's images, pass after pass, endlessly."""
+        for number in itertools.count():
+            g = torch.Generator().manual_seed(derive_seed(self.seed, number))
+            order = torch.randperm(len(self.groups), generator=g)[self.rank::self.world_size].tolist()
+            yield from ((number, index) for index in order)
+
+    def batches(self):
+        """The stream of this rank's batches, each a list of (pass, index)."""
+        buckets: dict[int, list] = {}
+        for drawn in self.passes():
+            bucket = buckets.setdefault(self.groups[drawn[1]], [])
+            bucket.append(drawn)
+            if len(bucket) == self.batch_size:
+                yield bucket[:]
+                bucket.clear()
+
+    def __iter__(self):
+        start = max(self.epoch - 1, 0) * self.num_batches
+        if self._stream is None or self._position > start:  # the stream resumes where the last epoch left it
+            self._stream, self._position = self.batches(), 0
+        for _ in range(start - self._position):
+            next(self._stream)
+            self._position += 1
+        for _ in range(self.num_batches):
+            batch = next(self._stream)
+            self._position += 1
+            yield [index for _, index in batch]
+
+
+def batch_sampler(groups: list[int], batch_size: int, *, rank: int, world_size: int, seed: int, recipe: Recipe):
+    """The training batches of the recipe's data order: the reference's stream ("ceil") or
+    torchvision's per-epoch shuffle of full batches ("floor")."""
+    cls = StreamBatchSampler if recipe.epoch == "ceil" else GroupedBatchSampler
+    return cls(groups, batch_size, rank=rank, world_size=world_size, seed=seed)
+
+
 def shard_indices(n: int, rank: int, world_size: int) -> list[int]:
     """Contiguous evaluation shard of this rank; all shards together cover every image once."""
     per = math.ceil(n / world_size)
@@ -161,7 +285,7 @@ class WorkerInit:
     starts, which is after set_epoch because workers are not persistent.
     """
 
-    def __init__(self, master_seed: int, rank: int, sampler: GroupedBatchSampler):
+    def __init__(self, master_seed: int, rank: int, sampler: GroupedBatchSampler | StreamBatchSampler):
         self.master_seed, self.rank, self.sampler = master_seed, rank, sampler
 
     def __call__(self, worker_id: int) -> None:

@@ -23,7 +23,8 @@ def amp_dtype(mode: str, device: torch.device):
 
 
 def param_groups(model: torch.nn.Module, lr: float, weight_decay: float) -> list[dict]:
-    """The reference's groups: biases at twice the learning rate and without weight decay."""
+    """The reference's groups: biases at twice the base learning rate (lr_factor, which the
+    schedule's warmup takes as the group's base) and without weight decay."""
     weights, biases = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -38,9 +39,11 @@ def make_optimizer(model: torch.nn.Module, lr: float, *, fused: bool = False) ->
                            fused=True if fused else None)
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def set_lr(optimizer: torch.optim.Optimizer, schedule: Schedule, steps_done: int) -> None:
+    """Each group's learning rate for the step after `steps_done`: per group, because mlperf_linear
+    warms the biases up from a different start than twice the weights' rate."""
     for group in optimizer.param_groups:
-        group["lr"] = lr * group["lr_factor"]
+        group["lr"] = schedule.lr_of_step(steps_done, group["lr_factor"])
 
 
 def train_step(model, optimizer, scaler, images, targets, autocast):
@@ -98,11 +101,11 @@ def train_one_epoch(t: Trainer, loader, epoch: int, iteration: int) -> int:
     gc.disable()
     try:
         for step, (images, targets) in enumerate(loader, start=1):
-            set_lr(t.optimizer, t.schedule.lr_at(iteration))
+            set_lr(t.optimizer, t.schedule, iteration)
             images, targets = to_device(images, targets, t.device)
             loss, losses = train_step(t.model, t.optimizer, t.scaler, images, targets, t.autocast)
             iteration += 1
-            t.console.step(iteration, step, loss, losses, t.schedule.lr_at(iteration))
+            t.console.step(iteration, step, loss, losses, t.schedule.lr_of_step(iteration - 1))
             if step % GC_EVERY == 0:
                 gc.collect()
     finally:

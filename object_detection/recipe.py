@@ -8,7 +8,6 @@ mlperf-logging package, so they match what the RCP checker will judge a submissi
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 
@@ -19,6 +18,14 @@ BBOX_TARGET = 0.377              # COCO val2017 box mAP
 SEGM_TARGET = 0.339              # and mask mAP, both reached at one evaluation
 QUALITY_TARGETS = {"BBOX": BBOX_TARGET, "SEGM": SEGM_TARGET}
 CLOSED_DATASET, CLOSED_PROFILE = "coco2017", "coco"
+# train2017 images that the reference's filter keeps (the train_samples of every published log)
+CLOSED_TRAIN_SAMPLES = 117266
+
+
+def train_samples(dataset: str, images: int | None) -> int | None:
+    """Training images a run of `dataset` will use, known before its data is read (for plans):
+    MLPerf's count for COCO 2017; else the manifest's count of images."""
+    return CLOSED_TRAIN_SAMPLES if dataset == CLOSED_DATASET else images
 
 
 def division(dataset: str, profile: str) -> str:
@@ -32,7 +39,8 @@ REFERENCE_16 = dict(batch=16, lr=0.02, decay_steps=(60000, 80000), warmup_steps=
 
 @dataclass(frozen=True)
 class Schedule:
-    """SGD schedule: linear warmup from lr*warmup_factor, then x0.1 at each decay step."""
+    """SGD schedule: a warmup over warmup_steps, then x0.1 at each decay step (maskrcnn-benchmark's
+    WarmupMultiStepLR, which the reference and NVIDIA's submissions run)."""
     batch: int
     lr: float
     decay_steps: tuple[int, int]
@@ -41,24 +49,46 @@ class Schedule:
     image_candidates: int            # the RCP's num_image_candidates (per GPU batch: see proposals_per_image)
     source: str                      # where it came from, for the log and the system description
     epochs_to_converge: tuple[float, ...] = ()
+    # "linear" (Detectron's): each group's rate times a factor rising from warmup_factor to 1.
+    # "mlperf_linear": each group's rate minus (warmup_steps - iteration) x warmup_factor, one absolute
+    # amount for every group, so the weights rise from lr - warmup_steps x warmup_factor (0 at the
+    # RCPs) and the biases (2 x lr) from lr. The RCPs' warmup factors are mlperf_linear's.
+    warmup: str = "linear"
+    # The scheduler iteration of the first optimizer step: maskrcnn-benchmark steps its scheduler
+    # before the optimizer (its step k takes iteration k), torchvision's references after (k - 1).
+    first_iteration: int = 0
 
-    def lr_at(self, iteration: int) -> float:
-        """Learning rate for a 0-based iteration (the same rule the reference's scheduler applies)."""
-        factor = 1.0
+    def lr_at(self, iteration: int, base_factor: float = 1.0) -> float:
+        """The learning rate at a scheduler iteration, of a parameter group whose base rate is
+        base_factor x lr (the biases: 2)."""
+        base = self.lr * base_factor
         if iteration < self.warmup_steps:
-            alpha = iteration / self.warmup_steps
-            factor = self.warmup_factor * (1 - alpha) + alpha
+            if self.warmup == "mlperf_linear":
+                base -= (self.warmup_steps - iteration) * self.warmup_factor
+            else:
+                alpha = iteration / self.warmup_steps
+                base *= self.warmup_factor * (1 - alpha) + alpha
         decays = sum(iteration >= s for s in self.decay_steps)
-        return self.lr * factor * (0.1 ** decays)
+        return base * (0.1 ** decays)
+
+    def lr_of_step(self, steps_done: int, base_factor: float = 1.0) -> float:
+        """The learning rate of the optimizer step that follows `steps_done` steps."""
+        return self.lr_at(steps_done + self.first_iteration, base_factor)
 
     def scaled_to(self, batch: int) -> "Schedule":
-        """The linear scaling rule: lr times batch/self.batch, warmup and decays at the same epochs."""
+        """The linear scaling rule: lr times batch/self.batch, warmup and decays at the same epochs;
+        mlperf_linear's absolute factor scaled so the warmup starts from the same fraction of lr."""
         if batch == self.batch:
             return self
         scale = batch / self.batch
+        warmup_steps = round(self.warmup_steps / scale)
+        factor = self.warmup_factor
+        if self.warmup == "mlperf_linear":
+            start = (self.lr - self.warmup_steps * self.warmup_factor) / self.lr
+            factor = round(self.lr * scale * (1 - start) / warmup_steps, 12)
         return replace(self, batch=batch, lr=round(self.lr * scale, 6),
                        decay_steps=tuple(round(s / scale) for s in self.decay_steps),
-                       warmup_steps=round(self.warmup_steps / scale),
+                       warmup_steps=warmup_steps, warmup_factor=factor,
                        source=f"linear scaling of {self.source} to batch {batch}", epochs_to_converge=())
 
 
@@ -74,7 +104,7 @@ def reference_points(ruleset: str = RULESET) -> dict[int, Schedule]:
             warmup_steps=int(hp["opt_learning_rate_warmup_steps"]),
             warmup_factor=float(hp["opt_learning_rate_warmup_factor"]),
             image_candidates=int(hp["num_image_candidates"]),
-            source=f"training_{ruleset} {name}",
+            source=f"training_{ruleset} {name}", warmup="mlperf_linear",
             epochs_to_converge=tuple(float(e) for e in entry.get("Epochs to converge", ())),
         )
     return table
@@ -113,7 +143,9 @@ def rcp_position(global_batch: int, ruleset: str = RULESET) -> tuple[str, str]:
 
 
 def schedule_for(global_batch: int, ruleset: str = RULESET) -> Schedule:
-    """The RCP schedule for a global batch size; the reference recipe at 16; else linear scaling."""
+    """The RCP schedule for a global batch size; the reference's own 1x recipe at 16 (Detectron's
+    linear warmup, its config's default); else the nearest RCP's, linearly scaled: a closed result
+    is then judged by interpolation, and closed_batch_problem says whether its lr can pass."""
     table = reference_points(ruleset)
     if global_batch in table:
         return table[global_batch]
@@ -123,11 +155,46 @@ def schedule_for(global_batch: int, ruleset: str = RULESET) -> Schedule:
                         warmup_factor=r["warmup_factor"], image_candidates=r["image_candidates"],
                         source="reference maskrcnn-benchmark 1x (16 images)")
     nearest = min(table, key=lambda b: abs(b - global_batch))
-    warnings.warn(
-        f"global batch {global_batch} has no MLPerf reference convergence point; using the linear "
-        f"scaling rule from batch {nearest}: a submission's convergence will be judged by interpolation",
-        stacklevel=2)
     return table[nearest].scaled_to(global_batch)
+
+
+def closed_lr_accepted(lr: float, global_batch: int, ruleset: str = RULESET) -> bool:
+    """Whether MLPerf's compliance checker takes this opt_base_learning_rate in a closed maskrcnn
+    result (closed_maskrcnn.yaml: a multiple of 0.02; from 2.0.0 on, below batch 16, also 0.02 / n),
+    with the checker's own tolerance."""
+    def whole(value: float) -> bool:
+        return abs(round(value) - value) < 0.00001
+
+    small = tuple(int(part) for part in ruleset.split(".")) >= (2, 0, 0) and global_batch < 16
+    return whole(lr / 0.02) or (small and lr > 0 and whole(0.02 / lr))
+
+
+def closed_batches(ruleset: str = RULESET, processes: int = 1) -> list[int]:
+    """Global batches among the RCPs' (from the smallest to the largest), multiples of the process
+    count, whose closed schedule the compliance checker accepts."""
+    batches = reference_points(ruleset)
+    first = -(-min(batches) // processes) * processes
+    return [b for b in range(first, max(batches) + 1, processes)
+            if closed_lr_accepted(PROFILES[CLOSED_PROFILE].schedule_for(b, ruleset).lr, b, ruleset)]
+
+
+def closed_batch_problem(global_batch: int, ruleset: str = RULESET, processes: int = 1) -> str | None:
+    """Why a closed run at this global batch would log a learning rate the compliance checker
+    rejects (every one of its logs would fail after the GPU time is spent), with the batches that
+    work; None when it passes."""
+    schedule = PROFILES[CLOSED_PROFILE].schedule_for(global_batch, ruleset)
+    if closed_lr_accepted(schedule.lr, global_batch, ruleset):
+        return None
+    working = ", ".join(map(str, closed_batches(ruleset, processes))) or "none on this many processes"
+    return (f"global batch {global_batch} would train at learning rate {schedule.lr:g} ({schedule.source}), "
+            f"which MLPerf's {ruleset} compliance checker rejects in the closed division (it takes multiples "
+            f"of 0.02): use a global batch of {working} (--batch-size)")
+
+
+def iterations_per_epoch(epoch_rule: str, images: int, global_batch: int) -> int:
+    """Training steps between evaluations. "ceil": the reference's epoch of its endless stream,
+    images // batch + 1 (no image left out; 1222 at 96 for COCO's 117266); "floor": full batches only."""
+    return images // global_batch + (1 if epoch_rule == "ceil" else 0)
 
 
 @dataclass(frozen=True)
@@ -201,8 +268,13 @@ class Profile:
 
     def schedule_for(self, global_batch: int, ruleset: str = RULESET) -> Schedule:
         """A profile's own schedule is written for its batch; other batches follow the linear
-        scaling rule. Without one: the reference convergence point of the global batch."""
-        return self.schedule.scaled_to(global_batch) if self.schedule else schedule_for(global_batch, ruleset)
+        scaling rule. Without one: the reference convergence point of the global batch. The
+        reference recipe runs maskrcnn-benchmark's scheduler (each schedule's own warmup, stepped
+        before the optimizer); torchvision's keeps Detectron's linear warmup, stepped after."""
+        schedule = self.schedule.scaled_to(global_batch) if self.schedule else schedule_for(global_batch, ruleset)
+        if self.recipe.warmup == "mlperf_linear":
+            return replace(schedule, first_iteration=1)
+        return replace(schedule, warmup="linear", first_iteration=0)
 
 
 PROFILES = {

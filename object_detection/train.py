@@ -135,17 +135,18 @@ def die_with_launcher() -> None:
 
 
 def data_loaders(args, run: Run, master_seed: int):
-    """The training set, its loader and sampler; the validation set and this rank's shard of it.
-    Reads the dataset: called after run_start."""
+    """The training set, its loader and sampler; the validation set and this rank's shard of it,
+    as the profile's recipe reads and orders them. Reads the dataset: called after run_start."""
+    recipe = PROFILES[args.profile].recipe
     train_set = D.CocoDetection(args.data_root / args.train_images, args.data_root / args.train_annotations,
-                                train=True)
+                                train=True, recipe=recipe)
     val_set = D.CocoDetection(args.data_root / args.val_images, args.data_root / args.val_annotations,
-                              train=False)
+                              train=False, recipe=recipe)
     if len(train_set.label_to_category) != args.num_classes:
         raise ValueError(f"{args.train_annotations} has {len(train_set.label_to_category) - 1} categories, but the "
                          f"model was built for {args.num_classes - 1} (--num-classes {args.num_classes})")
-    sampler = D.GroupedBatchSampler(train_set.aspect_groups(), args.per_gpu_batch, rank=run.rank,
-                                    world_size=run.world_size, seed=master_seed)
+    sampler = D.batch_sampler(train_set.aspect_groups(), args.per_gpu_batch, rank=run.rank,
+                              world_size=run.world_size, seed=master_seed, recipe=recipe)
     loader_kw = dict(collate_fn=D.collate, pin_memory=run.device.type == "cuda", num_workers=args.workers)
     # Workers start anew each epoch and seed from (master seed, rank, epoch, worker): see seed_everything.
     train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler,

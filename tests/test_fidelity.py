@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, mllog, run_invoke
+from conftest import ROOT, mllog, one_error_line, run_invoke
 from mlperf.results.logs import check_compliance
 from object_detection.recipe import CONFIGS, PROFILES, RULESET, rcp_position, reference_points
 
@@ -95,13 +95,47 @@ def test_closed_configs_have_a_reference_convergence_point():
 
 def test_a_closed_batch_outside_the_rcps_says_so_before_it_starts(tmp_path):
     args = ["train", "--dataset", "coco2017", "--data-dir", str(tmp_path), "--config", "dgx8-h100",
-            "--batch-size", "384"]
+            "--batch-size", "544"]  # twice the largest RCP's: lr 0.48, which the compliance checker takes
     run = json.loads(run_invoke([*args, "--dry-run"], env=NO_CLUSTER).stdout)
-    assert run["global_batch"] == 384 and "above MLPerf's reference convergence points" in run["rcp"]
+    assert run["global_batch"] == 544 and "above MLPerf's reference convergence points" in run["rcp"]
     proc = run_invoke(args, env=NO_CLUSTER)  # this host has no GPUs and no COCO: it stops, after saying so
     lines = proc.stderr.strip().splitlines()
-    assert lines[0].startswith("warning: global batch 384 is above") and "RCP checker" in lines[0]
+    assert lines[0].startswith("warning: global batch 544 is above") and "RCP checker" in lines[0]
     assert proc.returncode == 1 and lines[1].startswith("error: ") and len(lines) == 2
+
+
+@pytest.mark.parametrize("config, batch, lr, works", [
+    ("1xgpu-16", "40", "0.05", "8, 16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192, 256, 272"),
+    ("dgx8-h100", "24", "0.03", "8, 16, 32, 48, 64, 80"),
+    ("dgx8-h100", "384", "0.338824", "192, 256, 272"),
+])
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_a_closed_batch_whose_lr_the_checker_rejects_is_refused_before_anything_starts(config, batch, lr, works,
+                                                                                       dry_run, tmp_path):
+    args = ["train", "--dataset", "coco2017", "--data-dir", str(tmp_path), "--config", config, "--batch-size", batch]
+    proc = run_invoke([*args, "--dry-run"] if dry_run else args, env=NO_CLUSTER)
+    line = one_error_line(proc, f"global batch {batch} ", f"learning rate {lr} ", "3.1.0 compliance checker", works)
+    assert proc.stderr.strip() == line and not proc.stdout  # no Python warning, nothing planned or started
+
+
+def test_the_closed_lr_rule_is_the_compliance_checker_s_own():
+    """closed_lr_accepted against the CHECK of closed_maskrcnn.yaml, evaluated as the checker does,
+    for every ruleset with Mask R-CNN and every global batch up to beyond the RCPs."""
+    from importlib import resources
+
+    import yaml
+    from mlperf_logging.compliance_checker.mlp_compliance import is_integer
+
+    from object_detection.recipe import closed_lr_accepted, rulesets, schedule_for
+
+    for ruleset in rulesets():
+        rules = yaml.safe_load((resources.files("mlperf_logging") / "compliance_checker" / f"training_{ruleset}" /
+                                "closed_maskrcnn.yaml").read_text())
+        [check] = [r["KEY"]["CHECK"] for r in rules if "KEY" in r and r["KEY"]["NAME"] == "opt_base_learning_rate"]
+        for batch in range(1, 300):
+            lr = schedule_for(batch, ruleset).lr
+            expected = eval(check, {"is_integer": is_integer, "v": {"value": lr}, "s": {"global_batch_size": batch}})
+            assert closed_lr_accepted(lr, batch, ruleset) == expected, (ruleset, batch, lr)
 
 
 def test_submitter_and_status_reach_the_log_and_the_system_description(tiny_shapes, tmp_path, sandbox):

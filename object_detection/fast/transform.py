@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
-from torchvision.models.detection.transform import (GeneralizedRCNNTransform, _resize_image_and_masks,
-                                                    resize_keypoints)
 
 from object_detection.fast.patch import DeviceConstants
+from object_detection.transform import InputTransform
 
 
 def _interpolation_matrix(start, length, size: int, out: int, limit=None):
@@ -77,11 +76,13 @@ def scale_boxes(boxes: torch.Tensor, original_size, new_size) -> torch.Tensor:
     return torch.stack((x0 * ratio_w, y0 * ratio_h, x1 * ratio_w, y1 * ratio_h), dim=1)
 
 
-class SyncFreeTransform(DeviceConstants, GeneralizedRCNNTransform):
+class SyncFreeTransform(DeviceConstants, InputTransform):
     """torchvision's transform without host synchronisations, and with batched mask pasting at the
-    original image size. With a `canvas` (height, width), every batch is padded to at least it
-    (turned for portrait batches), so a run sees one or two input shapes instead of one per
-    batch mix: what fixed-shape kernels (cudnn.benchmark, CUDA graphs) need."""
+    original image size; it resizes by the same rule as the InputTransform it builds on. With a
+    `canvas` (height, width), every batch is padded to at least it (turned for batches with no
+    landscape image: portrait and square ones share a group in the reference's grouping), so a run
+    sees one or two input shapes instead of one per batch mix: what fixed-shape kernels
+    (cudnn.benchmark, CUDA graphs) need."""
 
     canvas: tuple[int, int] | None = None
 
@@ -92,7 +93,7 @@ class SyncFreeTransform(DeviceConstants, GeneralizedRCNNTransform):
         if self.canvas is None:
             return super().batch_images(images, size_divisible)
         height, width = self.canvas
-        if all(image.shape[-2] > image.shape[-1] for image in images):
+        if all(image.shape[-2] >= image.shape[-1] for image in images):
             height, width = width, height
         shape = [len(images), images[0].shape[0], max(height, max(i.shape[-2] for i in images)),
                  max(width, max(i.shape[-1] for i in images))]
@@ -110,18 +111,8 @@ class SyncFreeTransform(DeviceConstants, GeneralizedRCNNTransform):
         mean, std = self.on_device(self.image_mean, image), self.on_device(self.image_std, image)
         return (image - mean[:, None, None]) / std[:, None, None]
 
-    def resize(self, image, target=None):
-        height, width = image.shape[-2:]
-        if self.training:
-            size = self.torch_choice(self.min_size)
-        else:
-            size = self.min_size[-1]
-        image, target = _resize_image_and_masks(image, size, self.max_size, target, self.fixed_size)
-        if target is not None:
-            target["boxes"] = scale_boxes(target["boxes"], (height, width), image.shape[-2:])
-            if "keypoints" in target:
-                target["keypoints"] = resize_keypoints(target["keypoints"], (height, width), image.shape[-2:])
-        return image, target
+    def resize_boxes(self, boxes: torch.Tensor, original_size, new_size) -> torch.Tensor:
+        return scale_boxes(boxes, original_size, new_size)
 
     def postprocess(self, result, image_shapes, original_image_sizes):
         if self.training:
