@@ -44,6 +44,7 @@ from object_detection.engine import amp_dtype, make_optimizer, to_device, train_
 from object_detection.fast.sampler import use_batched_sampler
 from mlperf.datasets.shapes import COCO_SHAPES, COCO_WEIGHTS, PORTRAIT_SHARE  # COCO's image shapes
 from object_detection.model import build_model
+from object_detection.recipe import RECIPES
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -96,13 +97,30 @@ def torchvision_model(backbone: Path):
     return MaskRCNN(_resnet_fpn_extractor(body, 3), num_classes=81, rpn_post_nms_top_n_train=1000)
 
 
+def msra_backbone(backbone: Path) -> Path:
+    """The same random weights as Detectron's R-50.pkl, for the reference recipe's model."""
+    import pickle
+
+    from object_detection.reference import msra_blobs
+
+    path = backbone.with_suffix(".pkl")
+    if not path.exists():
+        with open(path, "wb") as handle:
+            pickle.dump(msra_blobs(torch.load(backbone, weights_only=True)), handle, protocol=2)
+    return path
+
+
 def our_model(device, backbone: Path, channels_last: bool | str, fold_bn: bool = True, compile_backbone: bool = False,
-              batched_sampler: bool = True, sync_free: bool = True, fuse_bias: bool = True, fixed_canvas: bool = False):
-    """channels_last: "rpn" (what the trainer runs), True (backbone only), "all" (every module)."""
+              batched_sampler: bool = True, sync_free: bool = True, fuse_bias: bool = True, fixed_canvas: bool = False,
+              recipe: str = "torchvision"):
+    """channels_last: "rpn" (what the trainer runs), True (backbone only), "all" (every module).
+    recipe: "torchvision" (the open profiles') or "reference" (the closed profile's model)."""
     speed = fast.Options(fold_bn=fold_bn, fuse_bias=fuse_bias, batched_sampler=batched_sampler, sync_free=sync_free,
                          channels_last=channels_last in (True, "rpn"), rpn_channels_last=channels_last == "rpn",
                          fixed_canvas=fixed_canvas)
-    model = build_model(81, backbone_weights=backbone, proposals_per_image=1000, speed=speed).to(device)
+    weights = msra_backbone(backbone) if recipe == "reference" else backbone
+    model = build_model(81, backbone_weights=weights, proposals_per_image=1000, speed=speed,
+                        recipe=RECIPES[recipe]).to(device)
     if channels_last == "all":
         model = model.to(memory_format=torch.channels_last)
     if compile_backbone:
@@ -153,6 +171,29 @@ def check_same_function(device, backbone: Path) -> dict:
     stock.load_state_dict(ours.state_dict())
     images, targets = synthetic_batch(2, "cpu", seed=123)
     images, targets = to_device(images, targets, device)
+    losses = {}
+    for name, model in (("ours", ours), ("stock", stock)):
+        model.train()
+        torch.manual_seed(0)
+        with torch.autocast(device.type, enabled=False):
+            losses[name] = {k: v.item() for k, v in model(images, targets).items()}
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    rel = {k: abs(losses["ours"][k] - losses["stock"][k]) / max(abs(losses["stock"][k]), 1e-12) for k in losses["ours"]}
+    return {"losses": losses, "max_rel_diff": max(rel.values()), "ok": max(rel.values()) < 1e-3}
+
+
+def check_reference(device, backbone: Path) -> dict:
+    """The closed profile's model (the reference recipe): the fast model's fp32 losses against the
+    stock reference model's (object_detection.reference without object_detection.fast), same weights,
+    batch and sampling seed."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    ours = our_model(device, backbone, channels_last=device.type == "cuda", recipe="reference")
+    stock = build_model(81, backbone_weights=msra_backbone(backbone), proposals_per_image=1000, speed=fast.STOCK,
+                        recipe=RECIPES["reference"]).to(device)
+    use_batched_sampler(stock)
+    stock.load_state_dict(ours.state_dict())
+    images, targets = to_device(*synthetic_batch(2, "cpu", seed=123), device)
     losses = {}
     for name, model in (("ours", ours), ("stock", stock)):
         model.train()
@@ -258,7 +299,7 @@ def check_bias_act(device) -> dict:
 VARIANTS_HELP = (
     "stock-fp16: maskrcnn_resnet50_fpn untrained (BatchNorm trains: more work); torchvision-bf16, "
     "torchvision-fp16: torchvision's MaskRCNN with the MLPerf recipe (the same work as ours); ours-*: bf16 "
-    "autocast, -cl channels_last backbone with contiguous maps to all heads, -clall channels_last everywhere, "
+    "autocast (ref-*: the same, on the closed profile's reference-recipe model), -cl channels_last backbone with contiguous maps to all heads, -clall channels_last everywhere, "
     "-rpncl channels_last backbone and RPN head, -fused fused SGD, -tvsampler torchvision's per-image sampler "
     "(and its sync-heavy heads), -tvsync torchvision's heads with our batched sampler (no "
     "object_detection.fast.sync_free), -nofold keeps FrozenBatchNorm as separate layers, -nofuse adds the "
@@ -282,7 +323,8 @@ def make_variant(variant: str, device, backbone: Path):
         model = our_model(device, backbone, channels_last=cl, fold_bn="-nofold" not in variant,
                           compile_backbone="-compile" in variant, batched_sampler="-tvsampler" not in variant,
                           sync_free="-tvsync" not in variant and "-tvsampler" not in variant,
-                          fuse_bias="-nofuse" not in variant, fixed_canvas="-pad" in variant)
+                          fuse_bias="-nofuse" not in variant, fixed_canvas="-pad" in variant,
+                          recipe="reference" if variant.startswith("ref-") else "torchvision")
         optimizer = make_optimizer(model, lr=0.01, fused="-fused" in variant and device.type == "cuda")
         dtype = amp_dtype("bf16" if "bf16" in variant else "fp16", device)
     return model, optimizer, dtype, torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
@@ -371,9 +413,11 @@ def main(argv=None) -> int:
               "command": "python -m benchmarks.train_throughput " + " ".join(sys.argv[1:] if argv is None else argv),
               "runs": []}
     if args.check:
-        for name, check in (("check", check_same_function), ("check_nms", check_greedy_nms),
-                            ("check_bias_act", check_bias_act), ("check_fused_training", check_fused_training)):
-            result[name] = check(device, backbone) if name in ("check", "check_fused_training") else check(device)
+        for name, check in (("check", check_same_function), ("check_reference", check_reference),
+                            ("check_nms", check_greedy_nms), ("check_bias_act", check_bias_act),
+                            ("check_fused_training", check_fused_training)):
+            takes_backbone = name in ("check", "check_reference", "check_fused_training")
+            result[name] = check(device, backbone) if takes_backbone else check(device)
             print(f"{name}:", json.dumps(result[name]), flush=True)
     for bs in [int(b) for b in args.batch_sizes.split(",")]:
         result["runs"] += measure(bs, args.variants.split(","), args, device, backbone)

@@ -392,4 +392,24 @@ def apply_recipe(model, recipe: Recipe):
         raise ValueError(f"recipe {recipe.name}: the RPN's smooth-L1 beta is 1/9 in both implementations")
     if recipe.heads_init == "reference":
         initialise_heads(model)
+    if recipe.resize != "scale":
+        from object_detection.transform import use_reference_transform
+
+        use_reference_transform(model.transform, recipe)
     return model
+
+
+def msra_blobs(state: dict) -> dict[str, np.ndarray]:
+    """Detectron's blobs of a torchvision ResNet-50 state dict (BatchNorm as scale and bias, conv1
+    back to BGR): the inverse of msra_state_dict, to write R-50.pkl files of other weights
+    (benchmarks, tests)."""
+    blobs = {}
+    for ours, theirs in _msra_names().items():
+        stem, kind = ours.rsplit(".", 1)
+        if f"{stem}.running_var" in state:
+            scale = state[f"{stem}.weight"] * (state[f"{stem}.running_var"] + 1e-5).rsqrt()
+            value = scale if kind == "weight" else state[f"{stem}.bias"] - state[f"{stem}.running_mean"] * scale
+        else:
+            value = state[ours].flip(1) if ours == "conv1.weight" else state[ours]
+        blobs[theirs] = value.detach().cpu().numpy().astype(np.float32)
+    return blobs
