@@ -5,7 +5,8 @@ category ids (mlperf/datasets/shapes.py, layout "coco": JPEGs on disk, 1-20 inst
 MLPerf's recipe (`profile: coco`: the frozen ImageNet backbone's path, 1000 proposals per image,
 800/1333 resize). So the real loader, the grouped sampler, warm-up, logging and evaluation at the
 5000 validation images are in the figure, which the step benchmark (train_throughput) leaves out.
-The backbone is random weights in torchvision's format: speed does not depend on their values.
+The backbone is random weights in Detectron's R-50.pkl layout (the closed profile's reference recipe
+reads that file): speed does not depend on their values.
 
     python -m benchmarks.epoch_level [--train-images 6000] [--val-images 5000] [--epochs 2]
         [--batch 12] [--data-dir /tmp/mlperf-epoch-level] [--output FILE]
@@ -29,7 +30,7 @@ from mlperf import PROJECT_ROOT
 from mlperf.results.logs import records
 
 RESULTS = Path(__file__).resolve().parent / "results"
-BACKBONE = "resnet50-random.pth"
+BACKBONE = "R-50-random.pkl"
 MANIFEST = """\
 name: coco-shaped
 description: synthetic shapes at COCO 2017's image shapes and category ids, for speed measurements
@@ -58,7 +59,6 @@ def invoke(*args: str, capture: bool = False) -> str:
 
 def prepare(data_dir: Path, train: int, val: int) -> Path:
     """The manifest, the drawn set (fetch makes it once) and the backbone file; returns the manifest."""
-    import torch
     import torchvision
 
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -67,8 +67,13 @@ def prepare(data_dir: Path, train: int, val: int) -> Path:
     invoke("fetch", "--manifest", str(manifest), "--data-dir", str(data_dir))
     weights = data_dir / "coco-shaped" / "downloads" / BACKBONE
     if not weights.is_file():
+        import pickle
+
+        from object_detection.reference import msra_blobs
+
         weights.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(torchvision.models.resnet50().state_dict(), weights)
+        with open(weights, "wb") as handle:
+            pickle.dump(msra_blobs(torchvision.models.resnet50().state_dict()), handle, protocol=2)
     invoke("verify", "--manifest", str(manifest), "--data-dir", str(data_dir))
     return manifest
 
