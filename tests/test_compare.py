@@ -179,11 +179,23 @@ def test_a_cpu_series_beside_the_dgx_h100(raw, tmp_path, sandbox):
     assert difference == pytest.approx(6.5 - 19.1798, abs=1e-3)
     assert sum(parts.values()) == pytest.approx(difference, abs=1e-9)
     assert parts["convergence (epochs)"] < 0 and parts["training speed"] < 0  # 6.3 epochs of ~1 min vs 14 of 1.4
+    assert "note: the targets differ (BBOX 0.2, SEGM 0.18 against BBOX 0.377, SEGM 0.339)" in proc.stdout
     md = (root / "compare.md").read_text()
     assert "| time to train (score), min | 6.50 | 19.18 |" in md and "![eval accuracy against time](compare.png)" in md
     with Image.open(root / "compare.png") as png:
         assert png.format == "PNG" and png.size == (1200, 480)
         assert len(png.convert("RGB").getcolors(1 << 20)) > 50  # drawn: lines, text and legend, not a blank canvas
+
+
+def test_a_series_keeps_its_compliance_verdicts_and_a_folder_is_a_side(tmp_path, sandbox):
+    root = cpu_series(Path(sandbox["INVOKE_MLPERF_RESULTS_DIR"]))
+    runs = [{"index": i, "compliant": i != 0, "messages": [] if i else ["a rule"]} for i in range(5)]
+    (root / "summary.json").write_text(json.dumps({"runs": runs}))  # as invoke time wrote it: run 0 failed the checker
+    proc = compare("--series", root.name, "--with", str(REFERENCE), sandbox=sandbox)
+    assert proc.returncode == 0, proc.stderr
+    mine, theirs = json.loads((root / "compare.json").read_text())["sides"]
+    assert mine["used"] == [2, 3, 4] and mine["score"] == pytest.approx((6.5 + 7.0 + 8.0) / 3)  # 0 dropped as slowest
+    assert theirs["label"] == REFERENCE.name and theirs["hardware"] == "8x NVIDIA H100-SXM5-80GB"  # its system_desc.json
 
 
 def test_unknown_ids_and_other_benchmarks_are_one_line_each_and_write_nothing(raw, tmp_path, sandbox):
@@ -197,6 +209,7 @@ def test_unknown_ids_and_other_benchmarks_are_one_line_each_and_write_nothing(ra
     one_error_line(compare("--series", ssd.name, "--with", NVIDIA, sandbox=sandbox, mirror=srv.url()),
                    "another benchmark", "ssd")
     one_error_line(compare("--series", "no-such-series", sandbox=sandbox), "is not a result series")
+    one_error_line(compare("--series", "../outside", sandbox=sandbox), "--series", "not a plain file name")
     one_error_line(compare("--series", root.name, sandbox=sandbox), "no published result ran on", "--with")
     one_error_line(compare("--series", root.name, "--from-logs", str(REFERENCE), sandbox=sandbox), "give one of")
     assert srv.requests == []  # every id is checked before anything is downloaded

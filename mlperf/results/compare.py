@@ -176,8 +176,13 @@ def _hardware(desc: dict) -> tuple[str, int | None]:
 
 def series_side(results_dir: Path, name: str) -> tuple[Side, Path]:
     """A series of `invoke time`, scored with the compliance verdicts it recorded; and its folder."""
+    from mlperf.files import UnsafeName, plain_name
     from mlperf.results.series import read_settings
 
+    try:
+        plain_name(name, "--series")
+    except UnsafeName as bad:
+        raise UserError(f"{bad}: give the name of a series under --results-dir") from None
     root = Path(results_dir) / name
     if not (root / "series.json").is_file():
         raise UserError(f"{root} is not a result series (no series.json): give a --series name under --results-dir, "
@@ -276,6 +281,10 @@ def format_breakdown(a: Side, b: Side) -> str:
     width = max(map(len, PARTS))
     lines += [f"  {name:<{width}}  {value:+8.2f} min" for name, value in parts.items()]
     lines.append(f"  {'sum':<{width}}  {sum(parts.values()):+8.2f} min")
+    ta, tb = (s.parsed[min(s.parsed)].targets for s in (a, b))
+    if ta != tb:
+        lines.append(f"  note: the targets differ (BBOX {ta['BBOX']:g}, SEGM {ta['SEGM']:g} against BBOX {tb['BBOX']:g}, "
+                     f"SEGM {tb['SEGM']:g}): the epochs to converge are to different goals")
     return "\n".join(lines)
 
 
