@@ -198,6 +198,22 @@ def test_a_series_keeps_its_compliance_verdicts_and_a_folder_is_a_side(tmp_path,
     assert theirs["label"] == REFERENCE.name and theirs["hardware"] == "8x NVIDIA H100-SXM5-80GB"  # its system_desc.json
 
 
+def test_logs_with_blocks_and_no_epochs_are_cut_by_their_blocks(tmp_path, sandbox):
+    epochs, blocks = tmp_path / "epochs", tmp_path / "blocks"  # v0.7 TPU logs have block_start/stop only
+    for i in range(3):
+        text = write_log(epochs / f"result_{i}.txt", minutes=10 + i, epochs=5).read_text()
+        blocks.mkdir(exist_ok=True)
+        (blocks / f"result_{i}.txt").write_text("".join(line for line in text.splitlines(keepends=True)
+                                                        if '"key": "epoch_st' not in line))
+    proc = compare("--from-logs", str(epochs), "--with", str(blocks), sandbox=sandbox)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads((Path(sandbox["INVOKE_MLPERF_RESULTS_DIR"]) / "compare-epochs" / "compare.json").read_text())
+    mine, theirs = doc["sides"]
+    assert mine["epochs trained"] == theirs["epochs trained"] == "5.0"
+    assert abs(float(mine["mean epoch time, s"]) - float(theirs["mean epoch time, s"])) < 0.01
+    assert all(abs(v) < 1e-3 for v in doc["breakdown"][0]["parts"].values())
+
+
 def test_unknown_ids_and_other_benchmarks_are_one_line_each_and_write_nothing(raw, tmp_path, sandbox):
     srv, _ = raw
     results = Path(sandbox["INVOKE_MLPERF_RESULTS_DIR"])

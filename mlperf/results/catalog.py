@@ -228,7 +228,7 @@ def _entry(clone: _Clone, submitter: str, system: str, logs: dict[int, str], pub
         "system_name": str(desc.get("system_name") or system),
         "accelerator": str(desc.get("accelerator_model_name") or ""),
         "accelerators": (per_node or 0) * (nodes or 1), "nodes": nodes or 1,
-        "division": str(desc.get("division") or first.submission.get("division", "")),
+        "division": str(desc.get("division") or first.submission.get("division", "")).lower(),
         "status": str(desc.get("status") or first.submission.get("status", "")),
         "framework": str(desc.get("framework") or ""),
         "score": None if sc.minutes is None else round(sc.minutes, 4), "score_note": sc.note,

@@ -116,7 +116,7 @@ def run_parts(index: int, log: RunLog) -> RunParts:
             counts[kind] += meta.get("epoch_count", 1) if kind == "block" else 1
             open_at[kind] = None
     kind = "epoch" if spans["epoch"] else "block"
-    if log.submission.get("division") == "closed":
+    if str(log.submission.get("division", "")).lower() == "closed":
         images = CLOSED_EPOCH_IMAGES
     start = log.run_start_ms
     begin = first[kind] if first[kind] is not None else log.run_stop_ms
@@ -376,9 +376,10 @@ def write(sides: list[Side], out_dir: Path, title: str) -> None:
 
 
 def print_catalog() -> None:
+    print(f"{'id':<64} {'accelerators':<35} {'division':<8} {'score':>11}")
     for e in catalog.load().values():
         score_text = "-" if e["score"] is None else f"{e['score']:.2f}"
-        print(f"{e['id']:<64} {e['accelerators']:>5}x {e['accelerator']:<28} {e['division']:<6} {score_text:>7} min")
+        print(f"{e['id']:<64} {e['accelerators']:>5}x {e['accelerator']:<28} {e['division']:<8} {score_text:>7} min")
 
 
 def compare(*, series: str | None, from_logs: str | None, with_: list[str], results_dir: Path, data_dir: Path,
