@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,12 +101,13 @@ def run_parts(index: int, log: RunLog) -> RunParts:
     open_at: dict[str, float | None] = {"epoch": None, "block": None}
     images = None
     for _, rec in records(Path(log.path)):
-        key, t, meta = rec.get("key"), rec.get("time_ms"), rec.get("metadata") or {}
-        if not isinstance(t, (int, float)) or isinstance(t, bool):
+        key, t, meta = rec.get("key"), rec.get("time_ms"), rec.get("metadata")
+        meta = meta if isinstance(meta, dict) else {}
+        if not _finite(t):
             continue
         if key == "init_start" and init_start is None:
             init_start = t
-        elif key == "train_samples" and isinstance(rec.get("value"), (int, float)):
+        elif key == "train_samples" and _finite(rec.get("value")):
             images = int(rec["value"])
         kind, _, edge = str(key).partition("_")
         if kind in spans and edge == "start" and (log.run_start_ms is None or t >= log.run_start_ms):
@@ -113,7 +115,7 @@ def run_parts(index: int, log: RunLog) -> RunParts:
             first[kind] = t if first[kind] is None else first[kind]
         elif kind in spans and edge == "stop" and open_at[kind] is not None:
             spans[kind].append(t - open_at[kind])
-            counts[kind] += meta.get("epoch_count", 1) if kind == "block" else 1
+            counts[kind] += meta["epoch_count"] if kind == "block" and _finite(meta.get("epoch_count")) else 1
             open_at[kind] = None
     kind = "epoch" if spans["epoch"] else "block"
     if str(log.submission.get("division", "")).lower() == "closed":
@@ -123,6 +125,11 @@ def run_parts(index: int, log: RunLog) -> RunParts:
     return RunParts(index=index, minutes=log.minutes, init=None if init_start is None else (start - init_start) / 60000,
                     startup=(begin - start) / 60000, training=sum(spans[kind]) / 60000, epochs=counts[kind],
                     converged=log.converged_epoch, images_per_epoch=images)
+
+
+def _finite(value) -> bool:
+    """A JSON number a duration can be made of (bools, NaN and infinities are not)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def side_of(folder: Path, label: str, *, accelerator: str = "", accelerators: int | None = None,
