@@ -248,6 +248,19 @@ def test_logs_that_do_not_parse_are_one_line(raw, tmp_path, sandbox):
     assert not list(Path(sandbox["INVOKE_MLPERF_RESULTS_DIR"]).rglob("compare.*"))
 
 
+def test_by_default_the_published_results_of_the_same_gpus(raw, tmp_path, sandbox):
+    srv, _ = raw  # serves NVIDIA's logs only: the second pick's download fails, after the picks are said
+    root = cpu_series(Path(sandbox["INVOKE_MLPERF_RESULTS_DIR"]), "h100-session")
+    desc = json.loads((root / "systems" / "laptop_cpu.json").read_text())
+    desc.update(accelerators_per_node="8", accelerator_model_name="NVIDIA H100 80GB HBM3")  # nvidia-smi's words
+    (root / "systems" / "laptop_cpu.json").write_text(json.dumps(desc))
+    proc = compare("--series", root.name, sandbox=sandbox, mirror=srv.url())
+    picked = [e["id"] for e in catalog.pick("NVIDIA H100 80GB HBM3", 8)]
+    assert picked[0] == NVIDIA and f"8x NVIDIA H100-SXM5-80GB: {', '.join(picked)}" in proc.stdout
+    one_error_line(proc, "cannot download result_0.txt", catalog.load()[picked[1]]["commit"], "HTTP 404")
+    assert not list(root.glob("compare.*"))
+
+
 def test_a_download_failing_its_checksum_is_one_line_and_keeps_nothing(raw, tmp_path, sandbox):
     srv, folder = raw
     item = catalog.load()[NVIDIA]
