@@ -163,6 +163,23 @@ def test_the_published_logs_beside_themselves_differ_by_nothing(raw, tmp_path, s
     assert again.returncode == 0 and srv.requests == [] and "nothing to do" in again.stdout
 
 
+def test_source_links_the_logs_from_checkouts_of_the_repositories(tmp_path, sandbox):
+    source = tmp_path / "checkouts"
+    logs = source / "training_results_v3.0" / "NVIDIA" / "results" / "dgxh100_ngc23.04_pytorch" / "maskrcnn"
+    logs.mkdir(parents=True)
+    for p in result_files(REFERENCE).values():
+        shutil.copyfile(p, logs / p.name)
+    proc = compare("--from-logs", str(REFERENCE), "--with", NVIDIA, "--source", str(source), sandbox=sandbox)
+    assert proc.returncode == 0, proc.stderr  # no --mirror: raw.githubusercontent.com was never asked
+    assert proc.stdout.count("sha256 ok") == 5 and "+0.00 min (the same" in proc.stdout
+    (logs / "result_1.txt").write_bytes(b"tampered")
+    other = dict(sandbox, INVOKE_MLPERF_DATA_DIR=str(tmp_path / "data2"))
+    one_error_line(compare("--from-logs", str(REFERENCE), "--with", NVIDIA, "--source", str(source), sandbox=other),
+                   "result_1.txt", "it is not the file the manifest names")
+    one_error_line(compare("--from-logs", str(REFERENCE), "--with", NVIDIA, "--source", str(tmp_path), sandbox=other),
+                   "--source", "has no training_results_v3.0")
+
+
 def test_a_cpu_series_beside_the_dgx_h100(raw, tmp_path, sandbox):
     srv, _ = raw
     root = cpu_series(Path(sandbox["INVOKE_MLPERF_RESULTS_DIR"]))
