@@ -188,7 +188,44 @@ class Plan:
         for flag in ("seed", "max_epochs", "ruleset", "submitter", "status"):
             if o.get(flag) is not None:
                 args.append(f"--{flag.replace('_', '-')}={o[flag]}")
+        from mlperf.project import sources_digest  # the log names the code that ran (invoke package checks it)
+        args.append(f"--sources-digest={sources_digest()}")
         return args + (["--resume"] if o.get("resume") else [])
+
+    def recipe_summary(self) -> dict:
+        """How the model computes, piece by piece (object_detection.recipe.Recipe), in the words a
+        reviewer compares with the reference's: what `--dry-run` shows as "reference"."""
+        from mlperf import pagecache
+        from object_detection.recipe import MSRA_PIXEL_MEAN_BGR, PROFILES, train_samples
+
+        profile = PROFILES[self.profile]
+        r = profile.recipe
+        backbone = None
+        if profile.pretrained and self.ds.backbone:
+            spec = next((f for f in self.ds.files if f.name == self.ds.backbone), None)
+            checksum = next((f"{kind} {getattr(spec, kind)}" for kind in ("md5", "sha256")
+                             if spec is not None and getattr(spec, kind, None)), "the user's own file")
+            backbone = f"{self.ds.backbone} ({checksum})"
+        images = train_samples(self.ds.name, self.ds.splits["train"].count if "train" in self.ds.splits else None)
+        per_epoch = None
+        if images:
+            per_epoch = -(-images // self.global_batch) if r.epoch == "ceil" else images // self.global_batch
+        mean = "/".join(str(m) for m in MSRA_PIXEL_MEAN_BGR)
+        selection = (f"top {profile.proposals_per_image} x {self.cfg.per_gpu_batch} images = "
+                     f"{profile.logged_image_candidates(self.cfg.per_gpu_batch)} over the per-GPU batch"
+                     if r.proposals_per == "batch" else f"top {profile.proposals_per_image} per image")
+        return {
+            "recipe": r.name, "backbone": backbone, "stride_in_1x1": r.stride_in_1x1,
+            "input": f"BGR, 0-255, mean {mean}, std 1" if r.input == "BGR255" else "RGB, 0-1, ImageNet mean and std",
+            "box_loss_beta": r.box_loss_beta, "rpn_loss_beta": round(r.rpn_loss_beta, 6),
+            "box_width": "x1 - x0 + 1" if r.box_offset else "x1 - x0", "anchors": r.anchors,
+            "rpn_straddle_thresh": r.straddle_thresh, "warmup": r.warmup, "proposal_selection": selection,
+            "heads_init": r.heads_init, "image_filter": r.image_filter, "resize": r.resize,
+            "training_images": images, "iterations_per_epoch": per_epoch,
+            "cache_clear": {"drop_caches": "sync, then /proc/sys/vm/drop_caches",
+                            "fadvise": "sync, then posix_fadvise(DONTNEED) on every file of the dataset "
+                                       "(/proc/sys/vm/drop_caches is not writable here)"}[pagecache.method()],
+        }
 
     def describe(self) -> dict:
         """The resolved run, as `invoke train --dry-run` prints it."""
@@ -209,6 +246,7 @@ class Plan:
             "rcp": rcp_position(self.global_batch, ruleset)[1] if closed else "open division: not judged by RCPs",
             "proposals_per_image": profile.proposals_per_image,
             "num_image_candidates_logged": profile.logged_image_candidates(self.cfg.per_gpu_batch),
+            "reference": self.recipe_summary(),
             "amp": self.amp, "loader_workers_per_process": self.workers, "threads_per_process": self.threads,
             "submitter": self.options.get("submitter"), "status": self.options.get("status"), "ruleset": ruleset,
             "log": str(self.log), "missing": self.missing,
@@ -360,8 +398,9 @@ def _check_resources(p: Plan, lacking) -> None:
         if not weights.is_file() and any(spec.name == p.ds.backbone for spec in p.ds.files):
             lacking(f"backbone weights {weights} missing: run `invoke fetch --dataset {p.ds.name}`")
         elif not weights.is_file():  # a generated set's backbone is the user's own file
-            lacking(f"backbone weights {weights} missing: put the ImageNet ResNet-50 state dict "
-                    "(torchvision's format) there")
+            lacking(f"backbone weights {weights} missing: put " + (
+                "Detectron's MSRA R-50 (R-50.pkl, the reference's) there" if PROFILES[p.profile].recipe.backbone
+                == "msra-r50" else "an ImageNet ResNet-50 state dict (torchvision's format) there"))
     problem = shm_problem(p.nproc, p.workers, p.cfg.per_gpu_batch, image_scale(p.cfg))
     if problem:
         lacking(problem)
@@ -394,10 +433,24 @@ def train(*, dry_run: bool = False, **arguments) -> int:
           f"{p.cfg.per_gpu_batch} images each; log {p.log}", flush=True)
     if p.cluster is not None:
         wait_for_master(p.cluster.master_addr)
+    trainer = p.trainer_args() + ["--cache-cleared"]  # by the launcher on every host, just before torchrun
     if p.all_nodes:
-        return run_on_all_nodes(p.cluster, p.nproc, p.trainer_args(), env)
-    return subprocess.call(torchrun_args(p.nproc, p.cluster) + p.trainer_args(), env=env, cwd=PROJECT_ROOT,
+        return run_on_all_nodes(p.cluster, p.nproc, trainer, env, clear_cache=p.ds.root(p.data_dir).resolve())
+    clear_page_cache(p.ds.root(p.data_dir).resolve())
+    return subprocess.call(torchrun_args(p.nproc, p.cluster) + trainer, env=env, cwd=PROJECT_ROOT,
                            preexec_fn=_terminated_with_parent)
+
+
+def clear_page_cache(data: Path) -> None:
+    """MLPerf's cache_clear, before the run (mlperf.pagecache); a folder that cannot be walked is
+    one error line."""
+    from mlperf import pagecache
+
+    try:
+        pagecache.clear([data])
+    except OSError as error:
+        raise UserError(f"could not clear the page cache of the dataset at {error.filename or data} "
+                        f"({error.strerror}): check its permissions") from None
 
 
 def wait_for_master(address: str, wait: float | None = None) -> None:
@@ -438,7 +491,7 @@ def _terminated_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def run_on_all_nodes(cluster: Cluster, nproc: int, trainer: list[str], env: dict) -> int:
+def run_on_all_nodes(cluster: Cluster, nproc: int, trainer: list[str], env: dict, clear_cache: Path | None = None) -> int:
     """Start torchrun on every host over the cluster's SSH (the session's ~/.ssh/config, or
     MLPERF_SSH_CONFIG), in parallel, once every other host has been checked and given main1's
     project and venv where it lacked them (mlperf.cluster.prepare_hosts). The data must already be
@@ -453,7 +506,9 @@ def run_on_all_nodes(cluster: Cluster, nproc: int, trainer: list[str], env: dict
     commands = {}
     for rank, name in enumerate(cluster.hosts):
         cmd = torchrun_args(nproc, cluster, node_rank=rank) + trainer
-        commands[name] = f"cd {shlex.quote(str(PROJECT_ROOT))} && env {prefix} {shlex.join(cmd)}"
+        clear = "" if clear_cache is None else \
+            f"{shlex.join([sys.executable, '-m', 'mlperf.pagecache', str(clear_cache)])} && "
+        commands[name] = f"cd {shlex.quote(str(PROJECT_ROOT))} && {clear}env {prefix} {shlex.join(cmd)}"
     return remote.run_parallel(commands, ssh_config=ssh_config)
 
 

@@ -31,6 +31,7 @@ from object_detection.evaluate import (PARALLEL_MIN_RESULTS, CocoEvaluator, defa
                                        start_scoring_workers)
 from object_detection.mllog import MLLogger
 from object_detection.model import NUM_CLASSES_COCO, build_model
+from object_detection.reference import BackboneFileError
 from object_detection.recipe import EVAL_BATCH, LOADER_WORKERS, PROFILES, RULESET, Profile, division
 
 
@@ -61,6 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="MLPerf result log file (not --log: torchrun would take that as its own --log-dir)")
     p.add_argument("--checkpoint", type=Path, help="checkpoint file (default: <log>.ckpt)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint if there is one")
+    p.add_argument("--cache-cleared", action="store_true",
+                   help="the page cache of the dataset was cleared before this run (the launcher does it; "
+                        "MLPerf's cache_clear record)")
     p.add_argument("--config-name", default="custom", help="system configuration name, for the log")
     p.add_argument("--platform", default="", help="submission_platform (default: from the hardware)")
     p.add_argument("--submitter", default="Backend.AI MLPerf", help="submission_org")
@@ -71,6 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also print every MLPerf log record (MLPERF_LOG_ECHO=1 does the same)")
     p.add_argument("--ruleset", default=RULESET, help="MLPerf Training ruleset whose reference convergence "
                                                       "points give the schedule")
+    p.add_argument("--sources-digest", help="digest of the code that runs, logged as a non-MLPerf record")
     return p.parse_args(argv)
 
 
@@ -171,7 +176,8 @@ def trainer_for(args, run: Run, profile: Profile, schedule) -> Trainer:
                         min_size=profile.min_size, max_size=profile.max_size,
                         proposals_per_image=profile.proposals_per_image, rois_per_image=profile.rois_per_image,
                         test_candidates=profile.test_candidates, detections_per_image=profile.detections_per_image,
-                        speed=fast.Options.for_device(run.device.type), model=profile.model).to(run.device)
+                        speed=fast.Options.for_device(run.device.type), model=profile.model,
+                        recipe=profile.recipe).to(run.device)
     dtype = amp_dtype(args.amp, run.device)
     autocast = (lambda: torch.autocast("cuda", dtype=dtype)) if dtype else nullcontext
     if run.device.type == "cuda":
@@ -218,10 +224,12 @@ def main(argv=None) -> int:
                                        broadcast=run.broadcast)
     log = MLLogger(args.log, run.main, echo=args.verbose)
     if resume_state is None:
-        log.event(C.CACHE_CLEAR, True)
+        log.event(C.CACHE_CLEAR, args.cache_cleared)  # true only where the launcher cleared it
         log.start(C.INIT_START)
         log.submission(org=args.submitter, division=division(args.dataset, args.profile), status=args.status,
                        platform=args.platform or platform_name(run))
+        if args.sources_digest:
+            log.event("sources_digest", args.sources_digest)  # read by mlperf.results.logs (SOURCES_KEY)
     master_seed = master_seed_of(args, run, resume_state)
     seed_everything(master_seed, run.rank, 0)  # model initialisation
     trainer = trainer_for(args, run, profile, schedule)
@@ -259,7 +267,7 @@ def main(argv=None) -> int:
         log.end(C.EPOCH_STOP, epoch_num=epoch)
         log.start(C.EVAL_START, epoch_num=epoch)
         started = time.time()
-        evaluator = CocoEvaluator(val_set.coco, val_set.label_to_category)
+        evaluator = CocoEvaluator(val_set.coco, val_set.label_to_category, box_offset=profile.recipe.box_offset)
         scores = run.broadcast(evaluate(model, val_loader, evaluator, run.device, trainer.autocast, run.main))
         log.end(C.EVAL_STOP, epoch_num=epoch)
         trainer.console.evaluation(epoch, scores, targets, time.time() - started)
@@ -290,4 +298,8 @@ def platform_name(run: Run) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except BackboneFileError as bad:  # a file the user gave: one line, no traceback
+        print(f"error: {bad}", file=sys.stderr)
+        sys.exit(1)
