@@ -24,6 +24,7 @@ import secrets
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 FIELDS = {"model": dict, "optimizer": dict, "epoch": int, "iteration": int, "seed": int, "log_offset": int,
@@ -105,13 +106,16 @@ def load(path: Path, log: Path) -> dict | None:
     if not path.exists():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. torch on a pickle protocol it did not write: the refusal says it
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        raise Refused(f"error: checkpoint {path} holds more than tensors and numbers, so it was not written by this "
-                      "trainer and loading it could run code: refused; delete it to train the run from its start")
+        raise Refused(f"error: checkpoint {path} is not only tensors and numbers (torch's weights-only reader "
+                      "refused it), so this trainer did not write it, and loading it whole could run code: refused; "
+                      "delete it to train the run from its start") from None
     except (OSError, RuntimeError, EOFError, ValueError) as failure:
-        raise Refused(f"error: checkpoint {path} cannot be read ({str(failure).splitlines()[0][:200]}): delete it "
-                      "to train the run from its start, or resume from a copy of it") from None
+        raise Refused(f"error: checkpoint {path} cannot be read ({_said(failure)}): delete it to train the run from "
+                      "its start, or resume from a copy of it") from None
     wrong = [key for key, kind in FIELDS.items() if not isinstance(state, dict) or not isinstance(state.get(key), kind)]
     if wrong:
         raise Refused(f"error: checkpoint {path} is not one of this trainer's (no valid {', '.join(wrong)}): delete "
@@ -164,7 +168,7 @@ def restore(state: dict, *, model, optimizer, scaler) -> tuple[int, int]:
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
     except (RuntimeError, KeyError, ValueError, TypeError) as failure:
-        raise SystemExit(f"error: the checkpoint does not fit this model ({str(failure).splitlines()[0][:200]}): "
+        raise SystemExit(f"error: the checkpoint does not fit this model ({_said(failure)}): "
                          "resume with the settings the run started with") from None
     return state["epoch"] + 1, state["iteration"]
 
@@ -290,3 +294,10 @@ def _free_text(folder: Path) -> str:
         return f"; {shutil.disk_usage(folder).free / 2**20:.1f} MiB free in {folder}"
     except OSError:
         return ""
+
+
+def _said(failure: BaseException) -> str:
+    """An exception's first line, capped and printable (it may quote a damaged file)."""
+    lines = str(failure).strip().splitlines() or [type(failure).__name__]
+    text = "".join(c if c.isprintable() else "?" for c in lines[0])
+    return text if len(text) <= 160 else text[:157] + "..."
