@@ -369,10 +369,12 @@ def session_create(c, gpus=None, nodes=None, vfolder=None, image=None, dataset=N
 @task(name="status", help={"name": SESSION_NAME_HELP})
 @local_only
 def session_status(c, name):
-    """A Backend.AI session's state; once it ended, its result and exit code."""
+    """A Backend.AI session's state; once it ended, its result, and its exit code as this one's."""
     from mlperf import session
 
-    session.status(name, client=option(c, None, "session.client"))
+    code = session.status(name, client=option(c, None, "session.client"))
+    if code:
+        raise Exit(code=code)
 
 
 @task(name="logs", help={"name": SESSION_NAME_HELP, "follow": "keep printing new output until the session ends, "
@@ -397,7 +399,8 @@ def session_results(c, name, vfolder=None, results_dir=None):
     from mlperf import session
 
     session.results(name, vfolder=vfolder, results_dir=Path(option(c, results_dir, "results_dir")),
-                    client=option(c, None, "session.client"))
+                    client=option(c, None, "session.client"),
+                    stall_seconds=c.config.mlperf.session.get("stall_seconds", session.STALL_SECONDS))
 
 
 @task(name="destroy", help={"name": SESSION_NAME_HELP})

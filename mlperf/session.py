@@ -10,6 +10,12 @@ It drives the user's own `backend.ai` CLI and never imports it: the client's rel
 manager's and each release pins one Python minor, so it lives in its own environment. Credentials
 stay in the client's configuration (BACKEND_* variables or the .env file it reads); no command line
 made here holds them, and all the client prints passes through `redact` before it is shown.
+
+The manager and its storage proxy are outside parties: every name they list that becomes a local
+path passes mlperf.files.inside, every value of theirs in a message passes mlperf.files.shown, their
+answers are checked for the types used, and every call to them is bounded (a timeout, or for
+downloads a minimum rate), so a broken or hostile one costs an error line, never a hang or a file
+written outside --results-dir.
 """
 from __future__ import annotations
 
@@ -27,7 +33,7 @@ from datetime import datetime
 from pathlib import Path
 
 from mlperf.errors import UserError
-from mlperf.files import rename
+from mlperf.files import UnsafeName, human_size, inside, plain_name, rename, shown
 from mlperf.storage import WORK   # a session's home: scratch, except for the vfolders mounted under it
 
 CLIENT = "backend.ai"
@@ -43,6 +49,11 @@ _SIZE = re.compile(r"^(\d+(?:\.\d+)?)([kmgtp]?)$", re.IGNORECASE)
 _HTTP_STATUS = re.compile(r"BackendAPIError(?::\s*|\()(\d{3})")
 DOWNLOAD_BATCH = 50        # files per `vfolder download` call: one client start for many small logs
 LIST_THREADS = 8           # `vfolder ls` calls at once
+GREETING_CAP = 64 * 1024   # the manager's greeting is a few dozen bytes; more is not a greeting
+STATUS_DATA_CAP = 1 << 20  # status_data is a small JSON document (scheduler retries, an error's repr)
+STALL_SECONDS = 60.0       # a download that gains less than MIN_RATE for this long is given up
+MIN_RATE = 1024            # bytes per second; a new file begun counts as progress too (many small logs)
+CLIENT_START = 20.0        # the client's own start (imports, the greeting) before its first file
 
 
 # --- the session's spec --------------------------------------------------------------------------
@@ -114,9 +125,11 @@ def make_spec(*, name, image, vfolder, dataset, runs, gpus, nodes, cpu, mem, shm
     factor = max(gpus, 1)
     name = name or f"mlperf-{dataset}-{datetime.now():%Y%m%d-%H%M%S}"
     check_name(name)
-    if not _VFOLDER.match(str(vfolder or "")):
-        raise UserError(f"--vfolder {vfolder!r} is not a vfolder name (letters, digits, _ . -, not starting "
-                        "with a dot): name the storage folder that holds data/ and results/")
+    check_vfolder(vfolder)
+    if not str(image) or str(image).startswith("-") or any(ch.isspace() for ch in str(image)):
+        # the client takes the image as its last argument: "--help" there would be its own option
+        raise UserError(f"--image {shown(str(image))} is not an image name (a name cannot start with '-' or hold "
+                        "spaces): pass the name `backend.ai admin image list` shows")
     cpu = _resource(cpu, "cpu", per_gpu, factor)
     if not re.fullmatch(r"\d+(\.\d+)?", cpu) or float(cpu) <= 0:
         raise UserError(f"--cpu {cpu!r} is not a positive number of CPU cores")
@@ -127,9 +140,17 @@ def make_spec(*, name, image, vfolder, dataset, runs, gpus, nodes, cpu, mem, shm
                 max_wait=_count(max_wait, "mlperf.session.max_wait", 0), env=env)
 
 
+def check_vfolder(vfolder, flag: str = "--vfolder") -> str:
+    """A vfolder name the client takes as such (not an option, no ':' or '=' it would split -v on)."""
+    if not isinstance(vfolder, str) or not _VFOLDER.match(vfolder):
+        raise UserError(f"{flag} {shown(vfolder)} is not a vfolder name (letters, digits, _ . -, not starting "
+                        "with a dot or -): name the storage folder that holds data/ and results/")
+    return vfolder
+
+
 def check_name(name: str) -> None:
     if not _NAME.match(str(name)):
-        raise UserError(f"{name!r} is not a Backend.AI session name: 4 to 64 letters, digits, _ . -, "
+        raise UserError(f"{shown(str(name))} is not a Backend.AI session name: 4 to 64 letters, digits, _ . -, "
                         "starting and ending with a letter or digit")
 
 
@@ -202,14 +223,26 @@ def client_requirement(manager: str) -> tuple[str, str]:
 
 
 def manager_version(endpoint: str | None, timeout: float = 5) -> str | None:
-    """The manager's release from its unauthenticated greeting (GET / answers {"version", "manager"})."""
+    """The manager's release from its unauthenticated greeting (GET / answers {"version", "manager"}),
+    or None: read at most GREETING_CAP bytes within `timeout` in all (a manager that trickles or sends
+    without end is no help), and only a short plain version is taken."""
     if not endpoint:
         return None
+    deadline = time.monotonic() + timeout
+    body = b""
     try:
         with urllib.request.urlopen(endpoint.split(",")[0].strip(), timeout=timeout) as answer:
-            return str(json.load(answer).get("manager") or "") or None
-    except (OSError, ValueError, AttributeError):
+            while len(body) <= GREETING_CAP and time.monotonic() < deadline:
+                chunk = answer.read1(GREETING_CAP + 1 - len(body))   # one socket read: a trickle can't hold it
+                if not chunk:
+                    break
+                body += chunk
+            else:
+                return None
+        version = json.loads(body).get("manager")
+    except (OSError, ValueError, AttributeError, RecursionError):
         return None
+    return version if isinstance(version, str) and re.fullmatch(r"\d+\.\d+[\w.+-]{0,30}", version) else None
 
 
 def install_hint(client: str) -> str:
@@ -248,12 +281,11 @@ def find_client(client: str | None) -> str:
     return exe
 
 
-def run_client(exe: str, args: list[str], *, timeout: float | None = 120) -> subprocess.CompletedProcess:
+def run_client(exe: str, args: list[str], *, timeout: float = 120) -> subprocess.CompletedProcess:
     """The client with this environment (where its credentials are), minus what would make its Python
     load this project's packages instead of its own."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     try:
-        return subprocess.run([exe, *args], env=env, capture_output=True, text=True, timeout=timeout,
+        return subprocess.run([exe, *args], env=client_env(), capture_output=True, text=True, timeout=timeout,
                               stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired as exc:   # the 23.09 client hangs after some errors it does not catch
         words = args[2:] if args[:1] == ["--output"] else args
@@ -264,6 +296,10 @@ def run_client(exe: str, args: list[str], *, timeout: float | None = 120) -> sub
             error = UserError(f"`backend.ai {what}` got no answer within {timeout:.0f} s: check "
                               "BACKEND_ENDPOINT and the manager")
         raise error from None
+
+
+def client_env() -> dict:
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
 
 
 def _text(output) -> str:
@@ -296,7 +332,14 @@ def client_error(proc: subprocess.CompletedProcess, action: str, *, name: str | 
                          "against your keypair, and BACKEND_ENDPOINT")
     return _object_error(low, status, detail, action, name=name, image=image, vfolder=vfolder) or UserError(
         f"backend.ai {action} failed{f' ({status})' if status else ''}: "
-        f"{redact_url(detail or _last_line(text) or f'exit code {proc.returncode}')}")
+        f"{redact_url(detail or _said(_last_line(text)) or f'exit code {proc.returncode}')}")
+
+
+def _said(value, limit: int = 300) -> str:
+    """A value from the manager in a message or a status line: as it is where mlperf.files.shown would
+    not change it (plain, short text reads better unquoted), else as shown renders it."""
+    rendered = shown(value, limit)
+    return value if isinstance(value, str) and rendered == repr(value) else rendered
 
 
 def _object_error(low: str, status, detail: str, action: str, *, name, image, vfolder) -> UserError | None:
@@ -330,7 +373,9 @@ def _detail(text: str) -> str:
     found = re.findall(r"\u279c Message: (.+)", text) or re.findall(r"^\s*- (.+)$", text, re.M)
     if not found:
         found = re.findall(r"'msg': '([^']+)'", text)   # --output json prints the error's repr
-    return "; ".join(part.strip() for part in found)
+    if not found:
+        found = re.findall(r'^\s*"error": "(.+)",?\s*$', text, re.M)   # ... or its own failure's text
+    return _said("; ".join(part.strip() for part in found)) if found else ""
 
 
 def _last_line(text: str) -> str:
@@ -359,8 +404,15 @@ def create(spec: Spec, *, dry_run: bool = False, client: str | None = None) -> N
     if proc.returncode != 0:
         raise client_error(proc, "session create", name=spec.name, image=spec.image, vfolder=spec.vfolder)
     if "has an error during scheduling/startup or cancelled" in text:
-        raise UserError(f"session {spec.name} failed to start (error while scheduling or starting, or "
-                        f"cancelled): `invoke session.status {spec.name}` shows why")
+        try:
+            info = session_info(exe, spec.name)
+        except UserError:
+            info = None
+        reason = _reason(info.get("status_data"), info.get("status_info")) if info else ""
+        reason = reason or "error while scheduling or starting, or cancelled"
+        advice = _start_advice(info.get("status_data")) if info else ""
+        raise UserError(f"session {spec.name} failed to start ({reason}){advice}; "
+                        f"`invoke session.status {spec.name}` shows it again")
     if "still on the job queue" in text or "enqueued for scheduling" in text:
         print(f"session {spec.name} is queued: it has not started within {spec.max_wait} s (not enough free "
               f"resources yet, or its image is still being pulled) and starts on its own; watch it with "
@@ -385,7 +437,33 @@ def session_info(exe: str, name: str) -> dict | None:
     if proc.returncode != 0 or not isinstance(answer, dict) or "error" in answer:
         raise client_error(proc, "ps", name=name)
     items = answer.get("items") or []
-    return items[0] if items else None
+    if not isinstance(items, list):
+        raise _odd_answer(name, "items", items, "a list")
+    return _checked_info(items[0], name) if items else None
+
+
+# What `ps` gives for each field used here, by type; anything else is the manager's error, said in one line.
+_INFO_TYPES = {"name": str, "type": str, "status": str, "status_info": str, "result": str, "image": str,
+               "created_at": str, "terminated_at": str, "status_data": (str, dict), "cluster_size": int,
+               "mounts": list}
+
+
+def _checked_info(item, name: str) -> dict:
+    if not isinstance(item, dict):
+        raise _odd_answer(name, "the session", item, "a mapping")
+    for key, kind in _INFO_TYPES.items():
+        value = item.get(key)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise _odd_answer(name, key, value, "a list" if kind is list else "a number" if kind is int else "text")
+        if kind is list and value is not None and not all(isinstance(v, str) for v in value):
+            raise _odd_answer(name, key, next(v for v in value if not isinstance(v, str)), "a list of names")
+    return item
+
+
+def _odd_answer(name: str, key: str, value, wanted: str) -> UserError:
+    return UserError(f"the manager answered `backend.ai ps` for session {name} with {key} {shown(value)}, not "
+                     f"{wanted}: it is not the Backend.AI manager this tool knows (check BACKEND_ENDPOINT), "
+                     "or it is broken: tell its admin")
 
 
 def _known(exe: str, name: str) -> dict:
@@ -411,32 +489,67 @@ def exit_code_in(text: str) -> int | None:
 
 def describe(info: dict, code: int | None) -> str:
     """A session's state in a line or two: what it is, where it stands, what the scheduler says."""
-    name, state = info.get("name"), info.get("status")
-    what = f"{str(info.get('type', '')).lower()}, {info.get('cluster_size') or 1} node(s), {info.get('image')}"
-    mounts = [m for m in info.get("mounts") or [] if not str(m).startswith(".")]
+    name, state = _said(info.get("name"), 64), _said(info.get("status"), 40)
+    what = f"{_said(str(info.get('type', '')).lower(), 20)}, {info.get('cluster_size') or 1} node(s), " \
+           f"{_said(info.get('image'))}"
+    mounts = [_said(m, 64) for m in info.get("mounts") or [] if not str(m).startswith(".")]
     head = f"session {name} ({what}{', vfolder ' + ', '.join(mounts) if mounts else ''}): {state}"
     reason = _reason(info.get("status_data"), info.get("status_info"))
-    if state in ENDED:
-        exit_text = f"exit code {code}" if code is not None else "exit code unknown (no exit line in its console)"
-        return f"{head} at {info.get('terminated_at')}, result {info.get('result')}, {exit_text}" + \
-            (f" ({reason})" if reason else "")
-    if state in NOT_STARTED:
+    if info.get("status") in ENDED:
+        never = info.get("status_info") == "failed-to-start"
+        exit_text = f"exit code {code}" if code is not None else "it never ran" if never else \
+            "exit code unknown (no exit line in its console)"
+        advice = _start_advice(info.get("status_data")) if never else ""
+        return f"{head} at {_said(info.get('terminated_at'), 40)}, result {_said(info.get('result'), 20)}, " \
+               f"{exit_text}" + (f" ({reason})" if reason else "") + \
+               (f"\n  it never started{advice}" if advice else "")
+    if info.get("status") in NOT_STARTED:
         return (f"{head}{': ' + reason if reason else ''}\n  it starts on its own when Backend.AI has the "
                 f"resources; watch: invoke session.status {name}; cancel: invoke session.destroy {name}")
-    return f"{head} since {info.get('created_at')}\n  follow it: invoke session.logs {name} --follow"
+    return f"{head} since {_said(info.get('created_at'), 40)}\n  follow it: invoke session.logs {name} --follow"
+
+
+def _status_data(data) -> dict:
+    """status_data as a mapping (GraphQL gives it as a JSON string), {} where it is not one."""
+    if isinstance(data, str):
+        try:
+            data = json.loads(data) if len(data) <= STATUS_DATA_CAP else {}
+        except (ValueError, RecursionError):
+            data = {}
+    return data if isinstance(data, dict) else {}
+
+
+def _agent_errors(data) -> list[dict]:
+    """The errors of a session that failed to start. 23.09's dispatcher stores convert_to_status_data
+    of what start_session raised: {"error": {"src", "name", "repr", "collection": [one per agent's
+    error]}} for the MultiAgentError it gets, whose own repr says only how many."""
+    error = _status_data(data).get("error")
+    if not isinstance(error, dict):
+        return []
+    found = [e for e in error.get("collection") or [] if isinstance(e, dict)] \
+        if isinstance(error.get("collection"), list) else []
+    return found or [error]
 
 
 def _reason(data, info) -> str:
-    if isinstance(data, str):
-        try:
-            data = json.loads(data)
-        except ValueError:
-            data = {}
-    data = data if isinstance(data, dict) else {}
-    scheduler = data.get("scheduler") or {}
-    failed = [p.get("msg") or p.get("name") for p in scheduler.get("failed_predicates") or [] if isinstance(p, dict)]
-    messages = [m for m in [*failed, scheduler.get("msg"), (data.get("error") or {}).get("repr")] if m]
-    return "; ".join(str(m) for m in ([info] if info else []) + messages)
+    data = _status_data(data)
+    scheduler = data.get("scheduler") if isinstance(data.get("scheduler"), dict) else {}
+    predicates = scheduler.get("failed_predicates")
+    failed = [p.get("msg") or p.get("name") for p in predicates if isinstance(p, dict)] \
+        if isinstance(predicates, list) else []
+    errors = list(dict.fromkeys(_said(e.get("repr") or e.get("name")) for e in _agent_errors(data)))   # once each
+    messages = [_said(m) for m in [info, *failed, scheduler.get("msg")] if m] + errors[:3]
+    return "; ".join(messages) + (f"; and {len(errors) - 3} more" if len(errors) > 3 else "")
+
+
+def _start_advice(data) -> str:
+    """What to do about a failed start, where the agent's error says it (else nothing)."""
+    names = {e.get("name") for e in _agent_errors(data)}
+    if "UnsupportedBaseDistroError" in names:
+        return (": the agent runs only images whose ai.backend.base-distro label starts with ubuntu, centos or "
+                "alpine; rebuild it with one of those, e.g. `invoke image --distro ubuntu22.04` for a Debian 12 "
+                "base (its glibc 2.36 is at least the 2.35 that label promises)")
+    return ": fix what the agent reports, then create the session again" if names else ""
 
 
 def final_console(exe: str, name: str, state: str) -> str:
@@ -449,52 +562,61 @@ def final_console(exe: str, name: str, state: str) -> str:
         return ""
 
 
-def status(name: str, *, client: str | None = None) -> None:
+def status(name: str, *, client: str | None = None) -> int:
+    """Print the session's state; return its exit code once it ended (ended_code), else 0."""
     check_name(name)
     exe = find_client(client)
     info = _known(exe, name)
     state = info.get("status")
-    print(describe(info, exit_code_in(final_console(exe, name, state)) if state in ENDED else None))
+    code = exit_code_in(final_console(exe, name, state)) if state in ENDED else None
+    print(describe(info, code))
+    return ended_code(info, code) if state in ENDED else 0
+
+
+def ended_code(info: dict, code: int | None) -> int:
+    """An ended session's exit code: the benchmark's where its console says it, else 0 for result
+    SUCCESS and 1 otherwise (a session cancelled or never started)."""
+    return code if code is not None else (0 if info.get("result") == "SUCCESS" else 1)
 
 
 def logs(name: str, *, follow: bool = False, client: str | None = None, poll: float = 10,
          out=sys.stdout) -> int:
     """Print the session's console; --follow: keep printing what is new until it ends, then return its
-    exit code (the one its console reports, else 0 for result SUCCESS and 1 otherwise)."""
+    exit code (ended_code)."""
     check_name(name)
     exe = find_client(client)
-    shown, waiting = "", False
+    printed, waiting = "", False
     while True:
         info = _known(exe, name)
         state = info.get("status")
         if state in NOT_STARTED:   # no container yet, so no console to ask for
             if not waiting or not follow:
-                print(f"session {name} is {state}: no console yet", file=sys.stderr, flush=True)
+                print(f"session {name} is {_said(state)}: no console yet", file=sys.stderr, flush=True)
             waiting = True
             if not follow:
                 return 0
         else:
-            shown = _emit(shown, final_console(exe, name, state) if state in ENDED else console(exe, name), out)
-            if not shown and state in ENDED:
-                print(f"session {name} is {state} and left no console", file=sys.stderr)
+            printed = _emit(printed, final_console(exe, name, state) if state in ENDED else console(exe, name), out)
+            if not printed and state in ENDED:
+                print(f"session {name} is {_said(state)} and left no console", file=sys.stderr)
             if not follow:
                 return 0
         if state in ENDED:
-            code = exit_code_in(shown)
+            code = exit_code_in(printed)
             print(describe(info, code), file=sys.stderr)
-            return code if code is not None else (0 if info.get("result") == "SUCCESS" else 1)
+            return ended_code(info, code)
         time.sleep(poll)
 
 
-def _emit(shown: str, text: str, out) -> str:
-    """Write the part of `text` that follows what was shown already; the console is fetched whole
+def _emit(printed: str, text: str, out) -> str:
+    """Write the part of `text` that follows what was printed already; the console is fetched whole
     each time, and one kept by the manager after the end may start later than the live one did."""
     if not text:
-        return shown
-    if text.startswith(shown):
-        new = text[len(shown):]
+        return printed
+    if text.startswith(printed):
+        new = text[len(printed):]
     else:
-        tail = shown[-2000:]
+        tail = printed[-2000:]
         at = text.rfind(tail) if tail else -1
         new = text[at + len(tail):] if at >= 0 else text
     out.write(new)
@@ -515,41 +637,65 @@ def destroy(name: str, *, client: str | None = None) -> None:
 
 @dataclass(frozen=True)
 class Entry:
-    path: str          # relative to the vfolder's root
+    path: str          # relative to the vfolder's root, each part a plain name (mlperf.files.plain_name)
     size: int
     mtime: float | None
 
 
-def results(name: str, *, results_dir: Path, vfolder: str | None = None, client: str | None = None) -> Path:
+def results(name: str, *, results_dir: Path, vfolder: str | None = None, client: str | None = None,
+            stall_seconds: float = STALL_SECONDS) -> Path:
     """Bring the vfolder's results/ into <results_dir>/<name>/: files missing here or changed there
-    are downloaded (into a scratch folder, then moved into place); nothing here is deleted."""
+    are downloaded (into a scratch folder, then moved into place); nothing here is deleted. A name
+    the listing gives that would not stay inside that folder is not copied and ends in an error,
+    after the others are here."""
     check_name(name)
+    try:
+        stall_seconds = float(stall_seconds)
+    except (TypeError, ValueError):
+        stall_seconds = -1.0
+    if not 0 < stall_seconds < float("inf"):
+        raise UserError(f"mlperf.session.stall_seconds {shown(stall_seconds)} is not a positive number of seconds")
     exe = find_client(client)
-    vfolder = vfolder or session_vfolder(_known(exe, name), name)
-    files = list_files(exe, vfolder, "results", session=name)
+    vfolder = check_vfolder(vfolder) if vfolder is not None else session_vfolder(_known(exe, name), name)
+    files, refused = list_files(exe, vfolder, "results", session=name)
     target = Path(results_dir) / name
-    wanted = [f for f in files if not _up_to_date(target / f.path.removeprefix("results/"), f)]
+    local = {}
+    for entry in files:
+        try:
+            local[entry] = inside(target, entry.path.removeprefix("results/"), "listed file")
+        except UnsafeName as bad:   # a folder here that is a symbolic link out of it
+            refused.append(str(bad))
+    wanted = [f for f in local if not _up_to_date(local[f], f)]
     if wanted:
-        download(exe, vfolder, wanted, target)
+        download(exe, vfolder, wanted, local, target, session=name, stall_seconds=stall_seconds)
     print(f"results: {len(wanted)} file(s) copied from vfolder {vfolder}:results/ to {target}/ "
-          f"({len(files) - len(wanted)} already here)")
+          f"({len(local) - len(wanted)} already here)")
+    if refused:
+        more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
+        raise UserError(f"vfolder {vfolder} lists a file that cannot be copied into {target}/, not copied: "
+                        f"{refused[0]}{more}; the other {len(local)} file(s) are there (a manager that lists such "
+                        "names is broken or hostile: tell its admin)")
     return target
 
 
 def session_vfolder(info: dict, name: str) -> str:
     mounts = [m for m in info.get("mounts") or [] if not str(m).startswith(".")]   # dot-folders: automatic
     if len(mounts) != 1:
-        raise UserError(f"session {name} mounts {', '.join(mounts) or 'no vfolder'}: name the one with the "
-                        "results, --vfolder NAME")
+        raise UserError(f"session {name} mounts {', '.join(_said(m, 64) for m in mounts) or 'no vfolder'}: name the "
+                        "one with the results, --vfolder NAME")
+    if not _VFOLDER.match(mounts[0]):
+        raise UserError(f"the manager says session {name} mounts {shown(mounts[0])}, which is not a vfolder name: "
+                        "name the one with the results, --vfolder NAME")
     return mounts[0]
 
 
-def list_files(exe: str, vfolder: str, top: str, session: str = "NAME") -> list[Entry]:
+def list_files(exe: str, vfolder: str, top: str, session: str = "NAME") -> tuple[list[Entry], list[str]]:
     """Every file under `top` in the vfolder, through `backend.ai vfolder ls`: one call per folder,
-    the folders of one level at once (each call is a client start of about a second)."""
+    the folders of one level at once (each call is a client start of about a second). Also, why each
+    listed name that is not a plain name with a size was left out (they would become local paths)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    files, level = [], [top]
+    files, refused, level = [], [], [top]
     with ThreadPoolExecutor(max_workers=LIST_THREADS) as pool:
         while level:
             answers = list(pool.map(lambda folder: run_client(exe, ["vfolder", "ls", vfolder, "--", folder]), level))
@@ -566,12 +712,20 @@ def list_files(exe: str, vfolder: str, top: str, session: str = "NAME") -> list[
                         print(f"warning: skipped a file in {vfolder}:{folder}/ whose name the client's table "
                               "turned into another number; fetch it with `backend.ai vfolder download`",
                               file=sys.stderr)
-                    elif is_dir:
+                        continue
+                    try:
+                        plain_name(name, f"the name in {folder}/")
+                    except UnsafeName as bad:
+                        refused.append(str(bad))
+                        continue
+                    if is_dir:
                         subfolders.append(f"{folder}/{name}")
+                    elif size < 0:
+                        refused.append(f"{shown(f'{folder}/{name}')} has no size in the listing")
                     else:
                         files.append(Entry(f"{folder}/{name}", size, mtime))
             level = subfolders
-    return sorted(files, key=lambda e: e.path)
+    return sorted(files, key=lambda e: e.path), refused
 
 
 def parse_listing(text: str) -> list[tuple[str | None, int, float | None, bool]] | None:
@@ -611,9 +765,11 @@ def _up_to_date(local: Path, entry: Entry) -> bool:
     return st.st_size == entry.size and (entry.mtime is None or int(st.st_mtime) == int(entry.mtime))
 
 
-def download(exe: str, vfolder: str, entries: list[Entry], target: Path) -> None:
-    """`backend.ai vfolder download` into a scratch folder beside the target (the client refuses to
-    overwrite a file), then each file moved into place with the vfolder's modification time."""
+def download(exe: str, vfolder: str, entries: list[Entry], local: dict[Entry, Path], target: Path, *,
+             session: str, stall_seconds: float = STALL_SECONDS) -> None:
+    """`backend.ai vfolder download` into a scratch folder in the target (the client refuses to
+    overwrite a file), then each file moved to `local[entry]` with the vfolder's modification time.
+    Files that arrived whole are moved even when a batch fails, so a second run fetches only the rest."""
     target.mkdir(parents=True, exist_ok=True)
     scratch = target / f".download-{os.getpid()}"
     try:
@@ -621,15 +777,79 @@ def download(exe: str, vfolder: str, entries: list[Entry], target: Path) -> None
             batch = entries[start:start + DOWNLOAD_BATCH]
             for entry in batch:
                 (scratch / entry.path).parent.mkdir(parents=True, exist_ok=True)
-            proc = run_client(exe, ["vfolder", "download", vfolder, "-b", str(scratch), "--",
-                                    *[e.path for e in batch]], timeout=None)
-            if proc.returncode != 0:
+            proc = None
+            try:
+                proc = _download_batch(exe, vfolder, batch, scratch, session, stall_seconds)
+            finally:
+                ok = proc is not None and proc.returncode == 0
+                for entry in batch:
+                    staged = scratch / entry.path
+                    if staged.is_file() and (ok or staged.stat().st_size == entry.size):
+                        if entry.mtime is not None:
+                            os.utime(staged, (entry.mtime, entry.mtime))
+                        local[entry].parent.mkdir(parents=True, exist_ok=True)
+                        rename(staged, local[entry])
+            if not ok:
                 raise client_error(proc, "vfolder download", vfolder=vfolder)
-            for entry in batch:
-                staged, final = scratch / entry.path, target / entry.path.removeprefix("results/")
-                if entry.mtime is not None:
-                    os.utime(staged, (entry.mtime, entry.mtime))
-                final.parent.mkdir(parents=True, exist_ok=True)
-                rename(staged, final)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _download_batch(exe: str, vfolder: str, batch: list[Entry], scratch: Path, session: str,
+                    stall_seconds: float) -> subprocess.CompletedProcess:
+    """One `backend.ai vfolder download` call, watched. The 23.9 client waits on a stalled storage
+    proxy for aiohttp's five minutes per try and tries twenty times, and a file can be any size, so
+    no timeout fits: the client is stopped when its files gain less than MIN_RATE for stall_seconds
+    and it begins no new file either (its own start gets CLIENT_START more)."""
+    import tempfile
+
+    argv = [exe, "vfolder", "download", vfolder, "-b", str(scratch), "--", *[e.path for e in batch]]
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(argv, env=client_env(), stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+        try:
+            problem = _watch(proc, batch, scratch, stall_seconds)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        if problem:
+            raise UserError(f"{problem}: ask the vfolder's admin about its storage proxy, then run "
+                            f"`invoke session.results {session}` again (the files that arrived whole are kept)")
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(argv, proc.returncode, _text(out.read()), _text(err.read()))
+
+
+def _watch(proc: subprocess.Popen, batch: list[Entry], scratch: Path, stall_seconds: float) -> str | None:
+    """Wait for the download client; what went wrong, if it had to be stopped."""
+    def sizes() -> list[int | None]:
+        found = []
+        for entry in batch:
+            try:
+                found.append((scratch / entry.path).stat().st_size)
+            except OSError:
+                found.append(None)
+        return found
+
+    mark, begun = 0, 0
+    since = time.monotonic() + CLIENT_START
+    while proc.poll() is None:
+        time.sleep(min(1.0, stall_seconds / 4))
+        have = sizes()
+        for entry, size in zip(batch, have):   # a log still written may grow a little, not without end
+            if size is not None and size > 2 * entry.size + (64 << 20):
+                return (f"the storage proxy sent {human_size(size)} of {shown(entry.path)}, far more than the "
+                        f"{human_size(entry.size)} the listing gives")
+        total, started = sum(s or 0 for s in have), sum(s is not None for s in have)
+        if started > begun or total - mark >= MIN_RATE * stall_seconds:
+            mark, begun, since = total, started, time.monotonic()
+        elif total < mark:   # the client began a file again after an error: progress from here
+            mark = total
+        elif time.monotonic() - since > stall_seconds:
+            current = next(((e, s) for e, s in zip(batch, have) if s is None or s < e.size), None)
+            if current is None:
+                return f"`backend.ai vfolder download` did not end within {stall_seconds:g} s after its last file"
+            entry, size = current
+            return (f"the storage proxy stopped sending {shown(entry.path)} ({human_size(size or 0)} of "
+                    f"{human_size(entry.size)} came) for {stall_seconds:g} s (less than {human_size(MIN_RATE)}/s)")
+    return None

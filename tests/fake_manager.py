@@ -13,6 +13,13 @@ A created session "runs" its startup command with /bin/sh on this machine, as th
 (batch mode: asyncio.create_subprocess_shell), with the session's environ, `bin_dirs` first on PATH and
 $FAKE_HOME_WORK standing for /home/work, where each mounted vfolder is a link to its folder here. Its
 output is the console `session logs` returns, kept after the end as the manager keeps container_log.
+
+A hostile or broken manager, for tests/test_hostile_sessions.py, is the same server with one of these
+set: `greeting` (the raw body of GET /, written in chunks and counted, so a test sees how much of it a
+reader took), `FakeSession.shown_as` (ps fields answered in place of the real ones), `extra_entries`
+(names a `vfolder ls` adds to a folder, served on download), `stalled` (downloads that stop mid-file
+until the manager closes) and `failing_images` (images whose sessions fail to start with the agent's
+error, as 23.09's dispatcher records it in status_data).
 """
 from __future__ import annotations
 
@@ -58,6 +65,16 @@ class FakeSession:
     created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
     terminated_at: str | None = None
     process: subprocess.Popen | None = None
+    shown_as: dict = field(default_factory=dict)   # ps (GraphQL) fields answered instead of the real ones
+
+
+@dataclass
+class Stream:
+    """An answer written in chunks: `length` is its Content-Length; `chunks()` gives them anew for each
+    request and may stop short or wait (a stall)."""
+    length: int
+    chunks: object
+    kind: str = "application/octet-stream"
 
 
 class ApiError(Exception):
@@ -89,8 +106,14 @@ class FakeManager:
         self.api_version = api_version   # 23.09.11's LATEST_API_VERSION; 24.09: v8.20240915
         self.requests: list[Recorded] = []
         self.sessions: list[FakeSession] = []
-        self.tokens: dict[str, Path] = {}
+        self.tokens: dict[str, Path | bytes] = {}
         self.lock = threading.Lock()
+        self.closing = threading.Event()             # set on exit: stalled answers end then
+        self.greeting: Stream | None = None          # GET /'s raw answer instead of the real greeting
+        self.greeting_sent = 0                       # bytes of it the socket took
+        self.extra_entries: dict[str, dict[str, bytes]] = {}   # folder -> {listed name: content}
+        self.stalled: set[str] = set()               # vfolder paths whose download stops half way
+        self.failing_images: dict[str, tuple[str, str]] = {}   # image -> (agent error name, its repr)
         handler = type("Handler", (_Handler,), {"manager": self})
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -104,6 +127,7 @@ class FakeManager:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.closing.set()
         self.server.shutdown()
         self.server.server_close()
         for sess in self.sessions:
@@ -164,7 +188,7 @@ class FakeManager:
 
     def route(self, handler, method: str, path: str, query: dict, body):
         if method == "GET" and path in ("", "/"):
-            return 200, {"version": self.api_version, "manager": self.version}
+            return 200, self.greeting or {"version": self.api_version, "manager": self.version}
         if method == "GET" and path == "/manager/announcement":   # no auth (23.09.11 api/manager.py)
             return 200, {"enabled": False, "message": ""}
         if method == "GET" and path == "/download":   # the storage proxy: its JWT token is the check
@@ -205,6 +229,10 @@ class FakeManager:
         sess = FakeSession(name=name, request=body)
         with self.lock:
             self.sessions.append(sess)
+        if image in self.failing_images:
+            self.fail_to_start(sess, *self.failing_images[image])
+            return 201, {"sessionId": sess.id, "sessionName": name, "status": "CANCELLED", "servicePorts": [],
+                         "created": True}
         wanted = int((config.get("resources") or {}).get("cuda.device", 0)) * int(body.get("clusterSize", 1))
         if wanted > self.gpus:
             sess.status_info = "no-available-instances"
@@ -217,6 +245,14 @@ class FakeManager:
             state = "RUNNING"
         return 201, {"sessionId": sess.id, "sessionName": name, "status": state, "servicePorts": [],
                      "created": True}
+
+    def fail_to_start(self, sess: FakeSession, error: str, text: str) -> None:
+        """The agent refused to create the container: 23.09.11 scheduler/dispatcher.py start_session
+        cancels the session with convert_to_status_data(MultiAgentError([AgentError(...)]))."""
+        sess.status, sess.status_info = "CANCELLED", "failed-to-start"
+        sess.status_data = {"error": {"src": "agent", "name": "MultiAgentError", "repr": "MultiAgentError(1)",
+                                      "collection": [{"src": "agent", "name": error, "repr": text}]}}
+        sess.terminated_at = datetime.now(timezone.utc).isoformat()
 
     def start(self, sess: FakeSession) -> None:
         """Run the startup command as the kernel runner would, its output becoming the console."""
@@ -307,6 +343,7 @@ class FakeManager:
                   "result": s.result, "image": s.request.get("image"),
                   "cluster_size": s.request.get("clusterSize"), "mounts": list(config.get("mounts") or []),
                   "created_at": s.created_at, "terminated_at": s.terminated_at}
+        values.update(s.shown_as)
         return {f: values.get(f) for f in fields}
 
     def _vfolder_path(self, vfolder: str, relpath: str) -> Path:
@@ -332,24 +369,41 @@ class FakeManager:
             st = item.stat()
             files.append({"filename": item.name, "size": st.st_size, "mode": stat.filemode(st.st_mode),
                           "ctime": st.st_ctime, "atime": 0, "mtime": st.st_mtime})
+        for name, content in self.extra_entries.get(relpath, {}).items():
+            files.append({"filename": name, "size": len(content), "mode": "-rw-r--r--", "ctime": 0, "atime": 0,
+                          "mtime": datetime.now().timestamp()})
         return 200, {"items": [], "files": json.dumps(files)}
 
     def request_download(self, vfolder: str, body: dict):
-        path = self._vfolder_path(vfolder, (body or {}).get("path", ""))
+        relpath = (body or {}).get("path", "")
+        folder, _, name = relpath.partition("/")
+        extra = self.extra_entries.get(folder, {})
         token = secrets.token_urlsafe(16)
-        self.tokens[token] = path
+        self.tokens[token] = extra[name] if name in extra else self._vfolder_path(vfolder, relpath)
+        if relpath in self.stalled:
+            self.tokens[token + "-stalls"] = True
         return 200, {"token": token, "url": f"{self.url}/download"}
 
     def storage_download(self, query: dict):
-        path = self.tokens.get((query.get("token") or [""])[0])
+        token = (query.get("token") or [""])[0]
+        path = self.tokens.get(token)
         if path is None:
             raise ApiError(401, "auth-failed", "Credential/signature mismatch.", "Invalid token")
+        if isinstance(path, bytes):
+            return 200, path
+        if self.tokens.get(token + "-stalls"):   # half the file, then nothing until the manager closes
+            data = path.read_bytes()
+            return 200, Stream(len(data), lambda: self._stall(data[:len(data) // 2]))
         if not path.exists():
             raise ApiError(404, "storage/file-not-found", "File not found")
         if not path.is_file():
             raise ApiError(400, "invalid-api-params", "Missing or invalid API parameters.",
                            "The file is not a regular file.")
         return 200, path.read_bytes()
+
+    def _stall(self, first: bytes):
+        yield first
+        self.closing.wait()
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -375,6 +429,9 @@ class _Handler(BaseHTTPRequestHandler):
         except ApiError as exc:
             status, answer = exc.status, exc.body
         record.status = status
+        if isinstance(answer, Stream):
+            self._stream(status, answer)
+            return
         if isinstance(answer, bytes):
             payload, kind = answer, "application/octet-stream"
         else:
@@ -385,5 +442,20 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
         self.wfile.write(payload)
+
+    def _stream(self, status: int, answer: Stream) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", answer.kind)
+        self.send_header("Content-Length", str(answer.length))
+        self.end_headers()
+        try:
+            for chunk in answer.chunks():
+                self.wfile.write(chunk)
+                self.wfile.flush()
+                if answer is self.manager.greeting:
+                    self.manager.greeting_sent += len(chunk)
+        except (BrokenPipeError, ConnectionResetError):   # the reader stopped reading: what it should do
+            pass
+        self.close_connection = True
 
     do_GET = do_POST = do_DELETE = do_PATCH = _handle
