@@ -181,7 +181,7 @@ def time_(c, runs=None, results_dir=None, series=None, system=None, ruleset=None
     if not dry_run:
         require_persistent("results", results_dir, "--results-dir", scratch_ok)
     result_series.time_series(
-        runs=int(option(c, runs, "runs")), results_dir=results_dir, series=series,
+        runs=option(c, runs, "runs"), results_dir=results_dir, series=series,  # checked there: --runs abc
         system=option(c, system, "system") or None, ruleset=ruleset,
         dataset=option(c, dataset, "dataset") if manifest is None else None,
         manifest=None if manifest is None else str(Path(manifest).resolve()),
@@ -213,13 +213,15 @@ def all_(c, dataset=None, manifest=None, data_dir=None, results_dir=None, runs=N
          nodes=None, max_epochs=None, submitter=None, status=None, verbose=False, scratch_ok=False, detach=False):
     """fetch, verify, image, time: the whole benchmark, resuming where it stopped."""
     from mlperf import pipeline
+    from mlperf.results.series import parse_runs
 
     echo_mlperf_records(verbose)
+    runs = parse_runs(option(c, runs, "runs"))  # before anything runs: --runs abc is one line
     results_dir = storage_dir(c, results_dir, "results_dir")
     require_persistent("results", results_dir, "--results-dir", scratch_ok)
     pipeline.run_all(
         dataset=option(c, dataset, "dataset"), manifest=manifest, data_dir=storage_dir(c, data_dir, "data_dir"),
-        results_dir=results_dir, runs=int(option(c, runs, "runs")),
+        results_dir=results_dir, runs=runs,
         ruleset=option(c, None, "ruleset"), system=option(c, None, "system") or None,
         jobs=int(option(c, None, "jobs")), image=dict(option(c, None, "image")),
         build=build, config=config, nodes=nodes, max_epochs=max_epochs, **submission(c, submitter, status),
@@ -232,16 +234,19 @@ def all_(c, dataset=None, manifest=None, data_dir=None, results_dir=None, runs=N
     "output": "folder for the tree: <output>/<org>/ and the checkers' logs (default: <results_dir>/package)",
     "submitter": "the organisation the logs name (checked; the tree is filed under it)",
     "ruleset": f"MLPerf Training ruleset to check against (default {RULESET})",
+    "system_info": "JSON file of system-description fields this host cannot detect (cooling, memory "
+                   "configuration, ...), for every system or keyed by system name",
 })
 @step
-def package(c, series=None, results_dir=None, output=None, submitter=None, ruleset=None):
+def package(c, series=None, results_dir=None, output=None, submitter=None, ruleset=None, system_info=None):
     """Assemble series into MLCommons' submission tree and run the package checker and summarizer."""
     from mlperf.results import package as packaging
 
     results_dir = storage_dir(c, results_dir, "results_dir")
     packaging.package(results_dir=results_dir, series=list(series or []), submitter=submitter,
                       output=Path(output) if output else results_dir / "package",
-                      ruleset=option(c, ruleset, "ruleset"), image=dict(option(c, None, "image")))
+                      ruleset=option(c, ruleset, "ruleset"), image=dict(option(c, None, "image")),
+                      system_info=Path(system_info) if system_info else None)
 
 
 @task(help={

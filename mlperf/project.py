@@ -46,10 +46,23 @@ def missing_runtime(root: Path = PROJECT_ROOT) -> list[str]:
     return [name for name in (*RUNTIME_FILES, *RUNTIME_DIRS) if not (root / name).exists()]
 
 
-def sources_digest(root: Path = PROJECT_ROOT) -> str:
-    """Hash of every runtime file's path and content."""
+def sources(root: Path = PROJECT_ROOT) -> dict[str, str]:
+    """Every runtime file's sha256, by its path relative to `root`: what a result series records
+    of the code that ran, so that a later package names the files that differ."""
+    return {str(relative): hashlib.sha256((root / relative).read_bytes()).hexdigest()
+            for relative in runtime_files(root)}
+
+
+def sources_digest(root: Path = PROJECT_ROOT, files: dict[str, str] | None = None) -> str:
+    """Hash of every runtime file's path and content (of `files`, a `sources` mapping, if given)."""
     digest = hashlib.sha256()
-    for relative in runtime_files(root):
-        digest.update(json.dumps(str(relative)).encode())
-        digest.update(hashlib.sha256((root / relative).read_bytes()).digest())
+    for relative, sha in sorted((files if files is not None else sources(root)).items()):
+        digest.update(json.dumps(relative).encode())
+        digest.update(bytes.fromhex(sha))
     return digest.hexdigest()
+
+
+def changed_sources(recorded: dict[str, str], root: Path = PROJECT_ROOT) -> list[str]:
+    """The runtime files that differ from a `sources` record: changed, added or removed, sorted."""
+    now = sources(root)
+    return sorted(name for name in set(now) | set(recorded) if now.get(name) != recorded.get(name))

@@ -3,6 +3,7 @@ and the system description. Logs are synthetic (tests/mllog_writer.py) or NVIDIA
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from PIL import Image
 
 from conftest import ROOT, one_error_line, run_invoke
 from mllog_writer import write_log
-from mlperf import host
+from mlperf import host, project
 from mlperf.errors import UserError
 from mlperf.results import system_desc
 from mlperf.results.logs import RunLog, parse_log
@@ -223,9 +224,13 @@ def test_detect_system_fields_and_types(tmp_path):
     assert isinstance(desc["other_software_stack"], dict)
     gpus = host.gpus()
     assert desc["accelerators_per_node"] == str(len(gpus))
-    if not gpus:            # this CPU machine, and CI: no accelerator, and nothing invented for one
+    if not gpus:            # this CPU machine, and CI: no accelerator, said so rather than left blank
         assert desc["accelerators_per_node"] == "0"
-        assert desc["accelerator_model_name"] == "" and desc["accelerator_memory_capacity"] == ""
+        assert desc["accelerator_model_name"] == desc["accelerator_memory_capacity"] == "N/A (no accelerator)"
+    assert desc["host_storage_capacity"].endswith(" GB") and desc["host_networking_topology"] == "N/A (single node)"
+    assert desc["status"] == "Research, Development, or Internal (RDI)"     # no ruleset: the checker's words
+    assert system_desc.detect_system("testbox", status="onprem", ruleset="3.1.0")["status"] == "onprem"
+    assert system_desc.detect_system("testbox", status="onprem", ruleset="4.0.0")["status"] == "Available on-premise"
     cpu = host.cpu_info()
     assert desc["host_processor_model_name"] and int(desc["host_processor_vcpu_count"]) == cpu["vcpus"]
     assert desc["host_memory_capacity"].endswith(" GB") and desc["framework"].startswith("PyTorch ")
@@ -265,8 +270,9 @@ def test_logs_that_fail_the_ruleset_but_pass_an_older_one_say_which(tmp_path, sa
     proc = run_invoke(["time", "--from-logs", str(logs)], env=sandbox)
     assert "every run fails ruleset 3.1.0, and they pass 0.7.0: score them with --ruleset 0.7.0" in proc.stdout
     again = run_invoke(["time", "--from-logs", str(logs), "--ruleset", "0.7.0"], env=sandbox)
+    assert again.returncode == 0, again.stdout + again.stderr    # compliant under 0.7.0, which predates RCPs
     assert "score: 12.00 minutes" in again.stdout and "every run fails" not in again.stdout
-    no_mlperf_score(again)                          # compliant under 0.7.0; batch 16 has no RCP
+    assert "RCP: not applicable (ruleset 0.7.0 predates RCPs)" in again.stdout
 
 
 def test_two_logs_folders_of_one_name_keep_their_own_summaries(tmp_path, sandbox):
@@ -312,41 +318,82 @@ def nvidia_series(results_dir: Path, name: str = "dgxh100-v3.0") -> Path:
     root = results_dir / name
     logs = root / "results" / "dgxh100" / "maskrcnn"
     logs.mkdir(parents=True)
+    files = project.sources()
+    digest = project.sources_digest(files=files)
     for i in range(5):
-        (logs / f"result_{i}.txt").write_bytes((REFERENCE / f"result_{i}.txt").read_bytes())
+        (logs / f"result_{i}.txt").write_text(with_sources_digest((REFERENCE / f"result_{i}.txt").read_text(), digest))
     desc = json.loads((REFERENCE / "system_desc.json").read_text())
     desc["system_name"] = "dgxh100"
     (root / "systems").mkdir()
     (root / "systems" / "dgxh100.json").write_text(json.dumps(desc, indent=4))
+    commands = {str(i): ["env", "OMP_NUM_THREADS=14", "python", "-m", "torch.distributed.run", "--nproc-per-node=8",
+                         "--standalone", "-m", "object_detection.train", f"--seed={i + 1}"] for i in range(5)}
     (root / "series.json").write_text(json.dumps({"name": name, "runs": 5, "dataset": "coco2017", "system": "dgxh100",
-                                                  "ruleset": "3.0.0", "seeds": [1, 2, 3, 4, 5]}))
+                                                  "ruleset": "3.0.0", "seeds": [1, 2, 3, 4, 5], "sources": files,
+                                                  "sources_digest": digest, "commands": commands,
+                                                  "command": ["invoke", "time", "--series", name]}))
     return root
+
+
+def with_sources_digest(log: str, digest: str) -> str:
+    """A log with the sources_digest record the trainer writes after the submission records (as a series of
+    this tool's has it; NVIDIA's own logs name no digest)."""
+    out = []
+    for line in log.splitlines(keepends=True):
+        out.append(line)
+        if '"key": "submission_platform"' in line:
+            rec = json.loads(line.split(":::MLLOG ", 1)[1])
+            rec.update(key="sources_digest", value=digest, metadata={"file": "train.py", "lineno": 1})
+            out.append(":::MLLOG " + json.dumps(rec) + "\n")
+    return "".join(out)
+
+
+# What NVIDIA's published description leaves blank of the fields MLCommons requires an answer for.
+NVIDIA_SYSTEM_INFO = {"host_networking_topology": "fat tree", "host_memory_configuration": "32x 64GB DDR5",
+                      "accelerator_host_interconnect": "PCIe Gen5 x16", "cooling": "air"}
 
 
 def test_package_of_a_closed_series_passes_the_package_checker(tmp_path, sandbox):
     results_dir = Path(sandbox["INVOKE_MLPERF_RESULTS_DIR"])
     root = nvidia_series(results_dir)
-    proc = run_invoke(["package", "--series", root.name, "--ruleset", "3.0.0", "--output", str(tmp_path / "out")],
-                      env=sandbox, timeout=600)
+    info = tmp_path / "system-info.json"
+    info.write_text(json.dumps(NVIDIA_SYSTEM_INFO))
+    package = ["package", "--series", root.name, "--ruleset", "3.0.0", "--output", str(tmp_path / "out")]
+    line = one_error_line(run_invoke(package, env=sandbox))    # what the description leaves blank, named
+    assert "dgxh100.json leaves host_networking_topology, host_memory_configuration, accelerator_host_interconnect, " \
+           "cooling blank" in line and "--system-info FILE" in line
+    proc = run_invoke([*package, "--system-info", str(info)], env=sandbox, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr
     tree = tmp_path / "out" / "NVIDIA"
     assert sorted(p.name for p in tree.iterdir()) == ["benchmarks", "results", "systems"]
     results = tree / "results" / "dgxh100" / "maskrcnn"
     assert sorted(p.name for p in results.iterdir()) == [f"result_{i}.txt" for i in range(5)]
-    assert all((results / f"result_{i}.txt").read_bytes() == (REFERENCE / f"result_{i}.txt").read_bytes()
+    series_logs = root / "results" / "dgxh100" / "maskrcnn"
+    assert all((results / f"result_{i}.txt").read_bytes() == (series_logs / f"result_{i}.txt").read_bytes()
                for i in range(5))                                   # the logs exactly as they were
     impl = tree / "benchmarks" / "maskrcnn" / "implementations" / "backendai-pytorch"
     for part in ("object_detection/train.py", "mlperf/launch.py", "tasks.py", "requirements.txt", "Dockerfile",
-                 "README.md", "config_dgxh100.json"):
+                 "README.md", "config_dgxh100.json", "run_and_time.sh"):
         assert (impl / part).is_file(), part
+    script = (impl / "run_and_time.sh").read_text()
+    assert "  dgxh100/3)  # seed 4\n    exec env OMP_NUM_THREADS=14 python -m torch.distributed.run" in script
+    assert subprocess.run(["bash", "-n", str(impl / "run_and_time.sh")]).returncode == 0     # a valid script
+    wrong = subprocess.run(["bash", str(impl / "run_and_time.sh")], env={"RUN": "7", "PATH": "/usr/bin:/bin"},
+                           capture_output=True, text=True)
+    assert wrong.returncode == 1 and "no recorded run 7 of system dgxh100" in wrong.stderr
+    assert project.sources_digest(files=project.sources(impl)) != ""   # the copied code, whole
+    assert json.loads((impl / "config_dgxh100.json").read_text())["sources_digest"] == project.sources_digest()
+    desc = json.loads((tree / "systems" / "dgxh100.json").read_text())
+    assert desc["cooling"] == "air" and desc["status"] == "onprem"      # the user's answers; 3.0.0's own word
     assert not list(tree.rglob("series.json")) and not list(tree.rglob("summary*")) and not list(tree.rglob("*.png"))
     assert "PACKAGE CHECKER FOUND NO ERRORS" in (tmp_path / "out" / "package_checker.log").read_text()
     [row] = json.loads((tmp_path / "out" / "result_summary_detailed.json").read_text())
     assert row["maskrcnn:time_to_train"] == pytest.approx(19.18, abs=0.005) and row["maskrcnn:RCP"] == "Pass"
     assert "19.18 minutes" in proc.stdout and "passes the package checker" in proc.stdout
-    again = run_invoke(["package", "--series", root.name, "--ruleset", "3.0.0", "--output", str(tmp_path / "out")],
-                       env=sandbox, timeout=600)
+    again = run_invoke([*package, "--system-info", str(info)], env=sandbox, timeout=600)
     assert again.returncode == 0, again.stderr  # its own tree is replaced whole
+    csv = (tmp_path / "out" / "result_summary_detailed.csv").read_text().splitlines()
+    assert len(csv) == 2, csv                   # header and this package's row: none of the earlier package's
 
 
 def test_package_refuses_what_is_not_a_submission(tmp_path, sandbox):

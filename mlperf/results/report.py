@@ -124,10 +124,27 @@ def write_summary(out_dir: Path, *, name: str, runs: list[RunResult], parsed: di
                for r in runs if r.dropped]
     if reasons:
         md += ["Dropped runs:", "", *reasons, ""]
+    left_out = [f"- {line}" for line in skipped_lines(runs)]
+    if left_out:
+        md += ["Log lines left out:", "", *left_out, ""]
     md += ["![eval accuracy against time](plot.png)", ""]
     atomic_write(out_dir / "summary.md", "\n".join(md))
     plot(parsed, out_dir / "plot.png", f"{BENCHMARK} {name}: eval accuracy", {r.index for r in runs if r.dropped})
     return summary
+
+
+SKIPPED_SHOWN = 3   # per run: a log of a thousand bad lines says so without a thousand lines
+
+
+def skipped_lines(runs: list[RunResult]) -> list[str]:
+    """One line per log line the reader left out (the first few of each run), and how many more."""
+    out = []
+    for r in runs:
+        for what in r.skipped[:SKIPPED_SHOWN]:
+            out.append(f"run {r.index}: {what}: left out")
+        if len(r.skipped) > SKIPPED_SHOWN:
+            out.append(f"run {r.index}: {len(r.skipped) - SKIPPED_SHOWN} more log lines left out")
+    return out
 
 
 def report(runs: list[RunResult], sc: Score, out_dir: Path, hint: str | None = None, model: str = "") -> None:
@@ -138,6 +155,8 @@ def report(runs: list[RunResult], sc: Score, out_dir: Path, hint: str | None = N
         if r.dropped:
             detail = f": {r.messages[0]}" if r.messages else ""
             print(f"run {r.index} dropped: {r.reason}{detail}")
+    for line in skipped_lines(runs):
+        print(line)
     if hint:
         print(hint)
     print(format_score(sc))

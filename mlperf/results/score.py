@@ -7,12 +7,14 @@ result_summarizer is not used: its compute_score crashes in 4.1.68.
 """
 from __future__ import annotations
 
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlperf.results.logs import RunLog, check_compliance, check_rcp, compliance_rulesets, parse_log
+from mlperf.files import shown
+from mlperf.results.logs import RunLog, check_compliance, check_rcp, compliance_rulesets, parse_log, rcp_rulesets
 from object_detection.recipe import RUNS
 
 
@@ -31,6 +33,7 @@ class RunResult:
     seed: int | None = None
     dropped: bool = False
     reason: str = ""                # why it was dropped
+    skipped: list[str] = field(default_factory=list)   # log lines the reader left out, each with why
 
 
 @dataclass
@@ -56,11 +59,16 @@ def run_result(index: int, log: RunLog | None, compliance: tuple[bool, list[str]
     result = RunResult(
         index=index, path=str(log.path), minutes=log.minutes, status=status, compliant=ok,
         messages=messages, epochs=log.converged_epoch if status == "success" else log.epochs_run,
-        bbox=last[2] if last else None, segm=last[3] if last else None, seed=log.seed)
+        bbox=last[2] if last else None, segm=last[3] if last else None, seed=log.seed, skipped=list(log.skipped))
     if status != "success":
-        result.dropped, result.reason = True, f"run_stop status {status}" if log.status else "no run_stop"
+        result.dropped, result.reason = True, f"run_stop status {shown(status)}" if log.status else "no run_stop"
     elif log.minutes is None:
         result.dropped, result.reason = True, "no run_start"
+    elif not (math.isfinite(log.minutes) and log.minutes > 0):
+        result.dropped = True
+        result.reason = (f"run time {log.minutes:.2f} minutes: run_stop does not come after run_start"
+                         if math.isfinite(log.minutes) else "run time is not a finite number")
+        result.minutes = None if not math.isfinite(log.minutes) else log.minutes
     elif ok is False:
         result.dropped, result.reason = True, "fails the compliance checker"
     return result
@@ -100,10 +108,14 @@ def score(runs: list[RunResult]) -> Score:
 
 def judge_convergence(sc: Score, parsed: dict[int, RunLog], folder: Path, ruleset: str) -> Score:
     """A closed-division score is an MLPerf score only if the RCP checker accepts the runs'
-    convergence (mlperf-logging's own check, as the package checker makes it)."""
+    convergence (mlperf-logging's own check, as the package checker makes it). Rulesets from before
+    RCPs existed (0.6, 0.7) are scored as MLCommons scored them then: without one."""
     divisions = {log.submission.get("division") for log in parsed.values()}
     if divisions != {"closed"}:
         sc.rcp = "not checked: open division (RCPs judge closed-division runs only)"
+        return sc
+    if ruleset not in rcp_rulesets():
+        sc.rcp = f"not applicable (ruleset {ruleset} predates RCPs)"
         return sc
     ok, verdict = check_rcp(folder, ruleset)
     sc.rcp = verdict

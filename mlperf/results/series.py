@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlperf.errors import UserError
-from mlperf.files import LockBusy, exclusive_lock, read_json, rename, write_json
+from mlperf.files import LockBusy, exclusive_lock, read_json, rename, shown, write_json
+from mlperf.results import writing
 from mlperf.results.logs import RESULT_NAME, RunLog, check_ruleset, parse_log, result_files
 from mlperf.results.report import report, write_summary
 from mlperf.results.score import evaluate, judge_convergence, score, suggest_ruleset
@@ -54,6 +55,11 @@ def score_logs(folder: Path, *, ruleset: str, results_dir: Path) -> dict:
     check_ruleset(ruleset, for_training=False)
     folder = _find_logs_folder(Path(folder))
     logs = result_files(folder)
+    with writing("--results-dir", Path(results_dir)):
+        return _score_logs(folder, logs, ruleset, Path(results_dir))
+
+
+def _score_logs(folder: Path, logs: dict[int, Path], ruleset: str, results_dir: Path) -> dict:
     runs, parsed = evaluate(logs, ruleset)
     other = {str(log.benchmark) for log in parsed.values() if log.benchmark != BENCHMARK}
     if other:
@@ -129,7 +135,7 @@ def open_series(results_dir: Path, series: str | None, settings: dict, *,
     root = results_dir / name
     meta = root / "series.json"
     if meta.is_file():
-        recorded = _recorded_settings(meta)
+        recorded = read_settings(meta)
         # What a series records of its runs must match; a setting it predates (not in series.json)
         # cannot be compared, and the system and node count are found, not chosen.
         wanted = {k: v for k, v in settings.items() if v is not None and k in recorded}
@@ -160,15 +166,66 @@ def open_series(results_dir: Path, series: str | None, settings: dict, *,
     return Series(root, recorded)
 
 
-def _recorded_settings(meta: Path) -> dict:
-    """series.json as this tool wrote it; a damaged one is a UserError (its seeds are the series')."""
+def read_settings(meta: Path) -> dict:
+    """series.json as this tool wrote it; a damaged one (cut off, edited) is a UserError: its seeds
+    are the series', and its system names folders."""
     recorded = read_json(meta)
     seeds = recorded.get("seeds")
     if not (isinstance(recorded.get("runs"), int) and isinstance(seeds, list) and len(seeds) == recorded["runs"]
             and all(isinstance(x, int) for x in seeds) and isinstance(recorded.get("system"), str)):
         raise UserError(f"{meta} is damaged (not the settings and seeds this tool writes): restore it, or start "
                         "a new series with another --series name")
+    from mlperf.files import UnsafeName, plain_name
+
+    try:
+        plain_name(recorded["system"], "its system name")
+    except UnsafeName as bad:
+        raise UserError(f"{meta}: {bad}: it names a folder of the series, so it must be a plain name") from None
     return recorded
+
+
+def parse_runs(value) -> int:
+    """--runs as a whole number of at least 1 (a flag or invoke.yaml gives text)."""
+    text = str(value).strip()
+    if not text.isdigit() or int(text) < 1:
+        raise UserError(f"--runs must be a whole number of at least 1, not {shown(value)}; MLPerf scores {RUNS}")
+    return int(text)
+
+
+def series_command(settings: dict, results_dir: Path, data_dir: Path) -> list[str]:
+    """The `invoke time` command that runs (or resumes) this series, as series.json records it (a
+    list of words: whatever reads it quotes them, so no word can become shell syntax)."""
+    argv = ["invoke", "time", "--series", settings["name"], "--results-dir", str(Path(results_dir).resolve())]
+    argv += ["--manifest", settings["manifest"]] if settings.get("manifest") else ["--dataset", settings["dataset"]]
+    argv += ["--data-dir", str(Path(data_dir).resolve()), "--runs", str(settings["runs"]),
+             "--ruleset", settings["ruleset"], "--system", settings["system"]]
+    for key in ("config", "gpus", "nodes", "max_epochs", "submitter", "status"):
+        if settings.get(key) is not None:
+            argv += [f"--{key.replace('_', '-')}", str(settings[key])]
+    return argv
+
+
+def save_settings(s: Series) -> None:
+    write_json(s.root / "series.json", s.settings, indent=2)
+
+
+def record_sources(s: Series, results_dir: Path, data_dir: Path) -> None:
+    """series.json gets what a reviewer asks of the series: the command that runs it and the code it
+    runs (each file's hash: `invoke package` names the files that differ). A series that already
+    has runs keeps its record; if the code changed since, say so now rather than at packaging."""
+    from mlperf import project
+
+    if "sources" not in s.settings and not s.finished():
+        files = project.sources()
+        s.settings.update(command=series_command(s.settings, results_dir, data_dir), sources=files,
+                          sources_digest=project.sources_digest(files=files))
+        save_settings(s)
+    elif isinstance(s.settings.get("sources"), dict):
+        changed = project.changed_sources(s.settings["sources"])
+        if changed:
+            print(f"warning: the code differs from what series {s.settings['name']} ran so far "
+                  f"({', '.join(changed[:5])}{', ...' if len(changed) > 5 else ''}): `invoke package` will refuse "
+                  "the series", flush=True)
 
 
 def config_note(name: str | None) -> str:
@@ -194,7 +251,8 @@ def write_system_desc(s: Series, parsed: dict[int, RunLog] | None = None) -> Pat
     nodes = s.settings.get("nodes_count") or 1
     desc = system_desc.detect_system(
         s.system, submitter=sub.get("org", s.settings.get("submitter") or ""), division=sub.get("division", ""),
-        status=sub.get("status", s.settings.get("status") or ""), nodes=nodes, sw_notes=config_note(config))
+        status=sub.get("status", s.settings.get("status") or ""), nodes=nodes, sw_notes=config_note(config),
+        ruleset=s.settings.get("ruleset"), folder=s.root)
     path = s.root / "systems" / f"{s.system}.json"
     write_json(path, desc, indent=4)
     return path
@@ -214,8 +272,7 @@ def time_series(*, runs: int, results_dir: Path, system: str | None, ruleset: st
     """
     from mlperf import launch
 
-    if runs < 1:
-        raise UserError(f"--runs must be at least 1 (got {runs}); MLPerf scores {RUNS}")
+    runs = parse_runs(runs)
     check_ruleset(ruleset)
     from mlperf.datasets import resolve
 
@@ -233,21 +290,23 @@ def time_series(*, runs: int, results_dir: Path, system: str | None, ruleset: st
     open_series(Path(results_dir), series, settings, finished_ok=finished_ok, create=False)  # refusals first
     if first.missing:
         raise UserError(first.missing[0])
-    s = open_series(Path(results_dir), series, settings, finished_ok=finished_ok)
-    print(f"series {s.settings['name']}: {s.root}")
-    resume_hint = resume_hint or f"invoke time --series {s.settings['name']} --results-dir {results_dir}"
-    with _only_runner(s):
-        write_system_desc(s)
-        crashed: dict[int, int] = {}
-        done = s.finished()
-        for i in range(s.settings["runs"]):
-            if i in done:
-                print(f"run {i}: finished earlier, kept ({s.log(i)})")
-                continue
-            crashed_rc = _train_one(s, i, data_dir)
-            if crashed_rc is not None:
-                crashed[i] = crashed_rc
-        summary = score_series(s, crashed)
+    with writing("--results-dir", Path(results_dir)):
+        s = open_series(Path(results_dir), series, settings, finished_ok=finished_ok)
+        print(f"series {s.settings['name']}: {s.root}")
+        resume_hint = resume_hint or f"invoke time --series {s.settings['name']} --results-dir {results_dir}"
+        with _only_runner(s):
+            record_sources(s, Path(results_dir), Path(data_dir))
+            write_system_desc(s)
+            crashed: dict[int, int] = {}
+            done = s.finished()
+            for i in range(s.settings["runs"]):
+                if i in done:
+                    print(f"run {i}: finished earlier, kept ({s.log(i)})")
+                    continue
+                crashed_rc = _train_one(s, i, data_dir)
+                if crashed_rc is not None:
+                    crashed[i] = crashed_rc
+            summary = score_series(s, crashed)
     if crashed:
         codes = ", ".join(f"run {i} exit {rc}" for i, rc in sorted(crashed.items()))
         raise UserError(f"{len(crashed)} run(s) of series {s.settings['name']} crashed ({codes}; output above, "
@@ -314,7 +373,13 @@ def _train_one(s: Series, i: int, data_dir: Path) -> int | None:
         _set_aside(s, partial, i, "interrupted")
     seed = s.settings["seeds"][i]
     print(f"run {i}/{s.settings['runs']}: seed {seed}, log {final}", flush=True)
-    rc = launch.train(**_run_arguments(s.settings, data_dir, seed=seed, log=partial))
+    arguments = _run_arguments(s.settings, data_dir, seed=seed, log=partial)
+    plan = launch.plan(**arguments, dry_run=True)  # no warning twice: launch.train plans it again
+    command = ["env", f"OMP_NUM_THREADS={plan.threads}", *launch.torchrun_args(plan.nproc, plan.cluster),
+               *plan.trainer_args()]
+    s.settings.setdefault("commands", {})[str(i)] = command  # run_and_time.sh shows it, quoted
+    save_settings(s)
+    rc = launch.train(**arguments)
     log = parse_log(partial) if partial.exists() else None
     if log is not None and log.status is not None:
         rename(partial, final)
