@@ -54,6 +54,13 @@ class FileSpec:
         mlperf.datasets.verify.with_published)."""
         return ("md5", self.md5) if self.md5 or not self.sha256 else ("sha256", self.sha256)
 
+    @property
+    def checksum_source(self) -> str:
+        """What the file is checked against, in words: "md5 <digest>", "sha256 <digest>", or
+        "md5 published at <md5_url>" while that has not been read."""
+        algo, digest = self.checksum
+        return f"{algo} {digest}" if digest else f"md5 published at {self.md5_url}"
+
 
 @dataclass(frozen=True)
 class Split:

@@ -31,9 +31,9 @@ from pathlib import Path
 from mlperf.datasets import Dataset, FileSpec, redact_url, url_problem, write_error
 from mlperf.datasets import extract as extracting
 from mlperf.datasets.verify import (READ_SIZE, extracted_entries, hash_file, hasher_of, known_digest,
-                                    record_digest, record_extracted)
+                                    record_digest, record_extracted, record_published, with_published)
 from mlperf.errors import UserError
-from mlperf.files import LockBusy, exclusive_lock, human_size, rename
+from mlperf.files import LockBusy, exclusive_lock, human_size, rename, shown
 
 CHUNK = 1 << 20                  # bytes per read from the socket
 CONNECT_TIMEOUT = 15             # seconds
@@ -41,6 +41,7 @@ READ_TIMEOUT = 60                # seconds without a byte before the attempt cou
 PROGRESS_INTERVAL = 10.0         # seconds between plain progress lines when output is not a terminal
 LOCK_NAME = ".fetch.lock"        # in downloads/: held (flock) by the one fetch of a dataset running
 MAX_JOBS = 64
+MAX_PUBLISHED = 4096             # bytes of a published checksum file read (`<md5>  <name>` is one line)
 _stop = threading.Event()        # set on Ctrl-C so worker threads end their transfers
 PERMANENT = {"name or service not known", "nodename nor servname provided, or not known"}
 
@@ -553,6 +554,7 @@ def _plan(ds: Dataset, data_dir: Path, *, hash_unknown: bool = True) -> list[_Ta
     an estimate that reads nothing (doctor), taken as fetched when its size is the manifest's.
     """
     tasks = []
+    ds = with_published(ds, data_dir)
     for spec in ds.files:
         final = ds.downloads(data_dir) / spec.name
         algo, expected = spec.checksum
@@ -667,6 +669,7 @@ def _fetch_dataset(ds: Dataset, data_dir: Path, mirror: str | None, source: str 
             raise UserError(f"--source {source} is not a folder")
     _ensure_writable(ds.downloads(data_dir), data_dir)
     with _locked(ds, data_dir):
+        ds = _read_published(ds, data_dir)
         tasks = _plan(ds, data_dir)
         if not tasks:
             print(f"fetch: {ds.name}: all {len(ds.files)} files present and checked; nothing to do", flush=True)
@@ -674,6 +677,49 @@ def _fetch_dataset(ds: Dataset, data_dir: Path, mirror: str | None, source: str 
         total = _check_space(ds, data_dir, tasks)
         _run_tasks(_Fetcher(ds, data_dir, mirror, source, Progress(total, jobs)), tasks, jobs)
     print(f"fetch: {ds.name} ready in {ds.root(data_dir)}", flush=True)
+
+
+def _read_published(ds: Dataset, data_dir: Path) -> Dataset:
+    """`ds` with the md5 of each `md5_url` file read from where its publisher keeps it (Detectron:
+    `<url>.md5sum`, what its own download checks), once, then recorded in the state file. The
+    reply is read up to MAX_PUBLISHED bytes and must start with 32 hex digits."""
+    import requests
+
+    policy = RetryPolicy.from_env()
+    for spec in with_published(ds, data_dir).files:
+        if spec.md5:
+            continue
+        why = None
+        for attempt in range(1, policy.retries + 2):
+            try:
+                with requests.get(spec.md5_url, headers={"Accept-Encoding": "identity"}, stream=True,
+                                  timeout=(CONNECT_TIMEOUT, READ_TIMEOUT)) as resp:
+                    if resp.status_code in (408, 429) or resp.status_code >= 500:
+                        raise _Transient(f"HTTP {resp.status_code} {resp.reason}")
+                    if resp.status_code != 200:
+                        why = f"HTTP {resp.status_code} {resp.reason}"
+                        break
+                    body = resp.raw.read(MAX_PUBLISHED, decode_content=False)
+            except (requests.ConnectionError, requests.Timeout, _Transient) as exc:
+                why = _reason(exc)
+                if attempt > policy.retries or _reason(exc) in PERMANENT:
+                    break
+                time.sleep(policy.delay(attempt))
+                continue
+            except (requests.RequestException, ValueError) as exc:
+                why = _reason(exc)
+                break
+            token = body.split()[0].decode("ascii", "replace").lower() if body.split() else ""
+            if len(token) != 32 or any(c not in "0123456789abcdef" for c in token):
+                why = f"its first word {shown(token)} is not an md5 (32 hex digits)"
+                break
+            record_published(ds, data_dir, spec, token)
+            why = None
+            break
+        if why is not None:
+            raise UserError(f"cannot read the md5 of {spec.name} published at {spec.md5_url}: {why}; check "
+                            "the network, or give `md5:` for it in your own copy of the manifest (--manifest)")
+    return with_published(ds, data_dir)
 
 
 def _run_tasks(fetcher: _Fetcher, tasks: list[_Task], jobs: int) -> None:

@@ -30,6 +30,7 @@ from mlperf.errors import UserError
 from mlperf.files import UnsafeName, inside, plain_name, read_json, shown, stat_key, write_json
 
 STATE_NAME = ".state.json"
+CHECKS = 2                   # what a stamp promised; raised when verify checks more, so older stamps are void
 STAMP_NAME = ".verified.json"
 READ_SIZE = 8 << 20          # big reads: hashing runs at memory speed, syscalls stay rare
 HASH_STEP = 16 << 20         # bytes hashed between scheduling decisions (~30 ms of md5)
@@ -241,6 +242,30 @@ def _update_state(ds: Dataset, data_dir: Path, section: str, name: str, value: d
         _write_first(_state_files(ds, data_dir), updated, "recording what was checked")
 
 
+def with_published(ds: Dataset, data_dir: Path) -> Dataset:
+    """`ds` with the md5 of every `md5_url` file that fetch has read from its publisher (state
+    section "published", trusted only for the same URL); files whose md5 was not read yet keep
+    none (their checksum is ("md5", None): nothing matches it)."""
+    import dataclasses
+
+    specs = []
+    for spec in ds.files:
+        if spec.md5_url and not spec.md5:
+            for entry in _records(ds, data_dir, "published", spec.name):
+                md5 = entry.get("md5")
+                if entry.get("url") == spec.md5_url and isinstance(md5, str) and len(md5) == 32 \
+                        and all(c in "0123456789abcdef" for c in md5):
+                    spec = dataclasses.replace(spec, md5=md5)
+                    break
+        specs.append(spec)
+    return dataclasses.replace(ds, files=tuple(specs))
+
+
+def record_published(ds: Dataset, data_dir: Path, spec: FileSpec, md5: str) -> None:
+    """Remember the md5 read from `spec.md5_url` (verify and train then need no network)."""
+    _update_state(ds, data_dir, "published", spec.name, {"url": spec.md5_url, "md5": md5})
+
+
 def record_digest(ds: Dataset, data_dir: Path, spec: FileSpec, digest: str) -> None:
     """Remember the digest of the archive as it is on disk now (keyed by its size and mtime)."""
     path = ds.downloads(data_dir) / spec.name
@@ -299,6 +324,10 @@ def _check_archives(ds: Dataset, data_dir: Path, table: _Table, force: bool) -> 
     known: dict[str, str] = {}
     for spec in ds.files:
         path = downloads / spec.name
+        if spec.checksum[1] is None:
+            table.add(f"md5 {spec.name}", f"published at {spec.md5_url}", "not read yet", False,
+                      f"the md5 of {spec.name} published at {spec.md5_url} has not been read: run `invoke fetch`")
+            continue
         if not path.is_file() and spec.extract and extracted_entries(ds, data_dir, spec) is not None:
             table.add(f"{spec.checksum[0]} {spec.name}", spec.checksum[1],
                       "matched before unpacking; archive since deleted", True)
@@ -317,7 +346,7 @@ def _check_archives(ds: Dataset, data_dir: Path, table: _Table, force: bool) -> 
         record_digest(ds, data_dir, spec, digest)
         known[spec.name] = digest
     for spec in ds.files:
-        if spec.name not in known:
+        if spec.name not in known or spec.checksum[1] is None:
             continue
         algo, expected = spec.checksum
         found = known[spec.name]
@@ -625,6 +654,7 @@ def _check_split(ds: Dataset, root: Path, name: str, table: _Table, deep: bool) 
 def _fingerprint(ds: Dataset) -> dict:
     """What a stamp was made against: a changed manifest makes an old stamp void."""
     return {
+        "checks": CHECKS,
         "files": {f.name: list(f.checksum) for f in ds.files},
         "splits": {k: [s.images, s.annotations, s.count] for k, s in sorted(ds.splits.items())},
         "categories": ds.categories,
@@ -671,6 +701,7 @@ def verify_dataset(ds: Dataset, data_dir: Path, *, deep: bool = False, force: bo
     if not root.is_dir():
         raise UserError(f"dataset {ds.name} not found in {root}: run `invoke fetch --dataset {ds.name}` "
                         "(or pass the right --data-dir)")
+    ds = with_published(ds, data_dir)
     table = _Table()
     _check_archives(ds, data_dir, table, force)
     _check_unpacked(ds, data_dir, table)
@@ -708,5 +739,8 @@ def is_verified(ds: Dataset, data_dir: Path) -> bool:
     user's cache where that folder is read-only.
     """
     root = ds.root(data_dir)
+    ds = with_published(ds, data_dir)
+    if any(spec.checksum[1] is None for spec in ds.files):
+        return False
     expected = {str(p.relative_to(root)) for p in _watched(ds, data_dir)}
     return any(_stamp_holds(read_json(path), ds, root, expected) for path in _stamp_files(ds, data_dir))
