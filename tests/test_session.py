@@ -197,7 +197,8 @@ def test_dry_run_prints_the_command_and_spec_and_creates_nothing(manager, user):
 
 
 def test_follow_status_and_results_of_a_finished_session(manager, client_user, tmp_path):
-    env = {**client_user, "MLPERF_STUB_LINES": "4", "MLPERF_STUB_DELAY": "0.5"}
+    # long enough (4 s) that a client call or two, slow on a loaded machine, still sees it running
+    env = {**client_user, "MLPERF_STUB_LINES": "4", "MLPERF_STUB_DELAY": "1"}
     assert inv(env, "session.create", "--name", "mlperf-run", "--gpus", "1").returncode == 0
     follow = inv(env, "session.logs", "mlperf-run", "--follow")
     sess = manager.wait_ended("mlperf-run")
