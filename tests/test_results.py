@@ -306,7 +306,7 @@ def test_non_numeric_accuracy_or_time_is_one_line(tmp_path, sandbox):
     text = path.read_text().replace('"BBOX": 0.38,', '"BBOX": "0.38",', 1)
     path.write_text(text)
     line = one_error_line(run_invoke(["time", "--from-logs", str(logs)], env=sandbox))
-    assert "result_0.txt line" in line and "'eval_accuracy' record" in line and "not a number" in line
+    assert "result_0.txt line" in line and "'eval_accuracy' record" in line and "not a finite number" in line
 
 
 # --- invoke package ---------------------------------------------------------------------------
@@ -432,4 +432,18 @@ def test_one_process_at_a_time_runs_a_series(tiny_shapes, tmp_path, sandbox):
         out, _ = first.communicate(timeout=600)
     assert "run 0/1:" in out and "crashed" not in out, out
     [log] = results.glob("once/results/*/maskrcnn/result_0.txt")
-    assert parse_log(log).status in ("success", "aborted")
+    parsed = parse_log(log)
+    assert parsed.status in ("success", "aborted")
+    # what a reviewer gets: the code that ran, in the log and in series.json, and the command the run ran
+    settings = json.loads((results / "once" / "series.json").read_text())
+    # (compared with each other, not with the tree now: in a shared checkout the code may change meanwhile)
+    assert parsed.sources_digest == settings["sources_digest"] == project.sources_digest(files=settings["sources"])
+    assert set(settings["sources"]) == {str(p) for p in project.runtime_files()}
+    assert settings["command"][:4] == ["invoke", "time", "--series", "once"]
+    trainer = settings["commands"]["0"]
+    assert "object_detection.train" in trainer and f"--seed={settings['seeds'][0]}" in trainer
+    assert f"--sources-digest={settings['sources_digest']}" in trainer
+    from mlperf.results.logs import check_compliance
+
+    ok, messages = check_compliance(log, "3.1.0")     # the record is one the checker takes
+    assert not any("sources_digest" in m for m in messages), messages
