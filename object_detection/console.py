@@ -2,12 +2,12 @@
 
 On a terminal: a progress bar per epoch (images, img/s, loss, lr, ETA) and one line per evaluation.
 Off a terminal (a log file, --detach, a pipe): a plain line every PROGRESS_SECONDS and at each
-epoch's end, in the form `epoch E iter I loss=... <parts> lr=... R img/s`. The loss is read from
-the GPU (a host synchronisation) only when it is shown.
+epoch's end, in the form `epoch E iter I loss=... <parts> lr=... R img/s`. It shows the loss the
+engine last read (engine.train_one_epoch: every few steps, which is also where divergence is
+caught); it never reads the GPU itself.
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -16,11 +16,11 @@ PROGRESS_SECONDS = float(os.environ.get("MLPERF_PROGRESS_SECONDS", "10"))
 
 
 class Console:
-    def __init__(self, enabled: bool, *, interactive: bool | None = None, refresh_every: int = 20):
+    def __init__(self, enabled: bool, *, interactive: bool | None = None):
         self.enabled = enabled
         self.interactive = sys.stdout.isatty() if interactive is None else interactive
-        self.refresh_every = refresh_every   # iterations between loss readings on a terminal
         self.bar = None
+        self.reading: tuple[int, dict[str, float]] | None = None  # (iteration, loss and parts)
 
     def line(self, text: str) -> None:
         if not self.enabled:
@@ -40,24 +40,28 @@ class Console:
             self.bar = tqdm(total=steps * images_per_step, desc=f"epoch {epoch}", unit="img", leave=False,
                             dynamic_ncols=True, file=sys.stdout)
 
-    def step(self, iteration: int, step: int, loss, losses: dict, lr: float) -> None:
-        """After a training step: advance the bar; now and then read and show the loss."""
+    def step(self, iteration: int, step: int, reading: dict[str, float] | None, lr: float) -> None:
+        """After a training step: advance the bar; show the loss the engine read, if it read one
+        now (`reading`: the loss and its parts), or the last one."""
         if not self.enabled:
             return
         self.seen += self.images_per_step
         last = step == self.steps
         now = time.time()
+        if reading is not None:
+            self.reading = (iteration, reading)
         if self.bar is not None:
             self.bar.update(self.images_per_step)
-            if iteration % self.refresh_every == 0 or last:
-                self.bar.set_postfix(loss=f"{_finite(loss, iteration):.3f}", lr=f"{lr:.4g}", refresh=False)
+            if reading is not None:
+                self.bar.set_postfix(loss=f"{reading['loss']:.3f}", lr=f"{lr:.4g}", refresh=False)
             return
-        if last or now - self.last_shown >= PROGRESS_SECONDS:
+        if self.reading is not None and (last or now - self.last_shown >= PROGRESS_SECONDS):
             self.last_shown = now
-            parts = " ".join(f"{k}={v.item():.4f}" for k, v in losses.items())
+            read_at, values = self.reading
+            parts = " ".join(f"{k}={v:.4f}" for k, v in values.items() if k != "loss")
             rate = self.seen / max(now - self.started, 1e-9)
             left = (self.steps - step) * self.images_per_step / rate if rate else 0
-            print(f"epoch {self.epoch} iter {iteration} loss={_finite(loss, iteration):.4f} {parts} lr={lr:.5f} "
+            print(f"epoch {self.epoch} iter {read_at} loss={values['loss']:.4f} {parts} lr={lr:.5f} "
                   f"{rate:.1f} img/s ({step}/{self.steps} steps, ETA {_duration(left)})", flush=True)
 
     def epoch_end(self) -> None:
@@ -74,13 +78,6 @@ class Console:
                   + (" (inference {inference:.1f} s, scoring {scoring:.1f} s)".format(**scores["seconds"])
                      if "seconds" in scores else "")
                   + (": target reached" if met else ""))
-
-
-def _finite(loss, iteration: int) -> float:
-    value = loss.item()
-    if not math.isfinite(value):
-        raise FloatingPointError(f"loss is {value} at iteration {iteration}")
-    return value
 
 
 def _duration(seconds: float) -> str:

@@ -3,6 +3,7 @@ references/detection/engine.py keeps them: the loop a reader looks for, in one p
 from __future__ import annotations
 
 import gc
+import math
 import time
 from dataclasses import dataclass
 
@@ -83,15 +84,39 @@ class Trainer:
     device: torch.device
     world_size: int
     console: Console
+    check_every: int = 20            # steps between loss readings (the host synchronisation they cost)
 
 
 GC_EVERY = 100                   # training steps between full garbage collections
 
 
+class Diverged(Exception):
+    """Some rank's loss is not finite: the run cannot converge and stops (run_stop aborted)."""
+
+    def __init__(self, iteration: int, reading: dict[str, float]):
+        parts = ", ".join(f"{k} {v:g}" for k, v in reading.items() if not math.isfinite(v))
+        super().__init__(f"the loss is not finite at iteration {iteration} ({parts or 'on another rank'})")
+        self.iteration = iteration
+
+
+def read_losses(loss, losses: dict, world_size: int) -> tuple[dict[str, float], bool]:
+    """The loss and its parts as numbers, and whether every rank's are finite: one host
+    synchronisation (and, across processes, one all-reduce of a flag, so every rank stops at the
+    same step instead of some waiting in the next gradient all-reduce)."""
+    values = torch.stack([loss.detach().float(), *(v.detach().float() for v in losses.values())])
+    flag = (~torch.isfinite(values)).any().float().reshape(1)
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    *numbers, bad = torch.cat([values, flag]).tolist()
+    return dict(zip(["loss", *losses], numbers)), bad == 0
+
+
 def train_one_epoch(t: Trainer, loader, epoch: int, iteration: int) -> int:
-    """Train on every batch of the loader; returns the iteration count after the epoch. The
-    console reads the loss (the one host synchronisation) only when it shows it; a non-finite
-    loss stops the run."""
+    """Train on every batch of the loader; returns the iteration count after the epoch. Every
+    `t.check_every` steps and at the epoch's end each rank reads the loss (the one host
+    synchronisation) and the console shows it; a non-finite loss on any rank raises Diverged on all."""
     t.model.train()
     steps = len(loader)
     t.console.epoch_start(epoch, steps, loader.batch_sampler.batch_size * t.world_size)
@@ -105,7 +130,12 @@ def train_one_epoch(t: Trainer, loader, epoch: int, iteration: int) -> int:
             images, targets = to_device(images, targets, t.device)
             loss, losses = train_step(t.model, t.optimizer, t.scaler, images, targets, t.autocast)
             iteration += 1
-            t.console.step(iteration, step, loss, losses, t.schedule.lr_of_step(iteration - 1))
+            reading = None
+            if step % t.check_every == 0 or step == len(loader):
+                reading, healthy = read_losses(loss, losses, t.world_size)
+                if not healthy:
+                    raise Diverged(iteration, reading)
+            t.console.step(iteration, step, reading, t.schedule.lr_of_step(iteration - 1))
             if step % GC_EVERY == 0:
                 gc.collect()
     finally:

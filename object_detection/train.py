@@ -26,7 +26,8 @@ from mlperf_logging.mllog import constants as C
 from object_detection import checkpoint, fast
 from object_detection import data as D
 from object_detection.console import Console
-from object_detection.engine import Trainer, amp_dtype, evaluate, make_optimizer, train_one_epoch, warm_up
+from object_detection.engine import (Diverged, Trainer, amp_dtype, evaluate, make_optimizer, train_one_epoch,
+                                     warm_up)
 from object_detection.evaluate import (PARALLEL_MIN_RESULTS, CocoEvaluator, default_workers,
                                        start_scoring_workers)
 from object_detection.mllog import MLLogger
@@ -70,7 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--submitter", default="Backend.AI MLPerf", help="submission_org")
     p.add_argument("--status", default="cloud", choices=["cloud", "onprem", "preview", "research"])
     p.add_argument("--print-freq", type=int, default=20,
-                   help="iterations between loss readings for the progress bar (a terminal)")
+                   help="iterations between loss readings: every rank stops a run whose loss is not finite, "
+                        "and the progress display shows them")
     p.add_argument("--verbose", action="store_true", default=os.environ.get("MLPERF_LOG_ECHO") == "1",
                    help="also print every MLPerf log record (MLPERF_LOG_ECHO=1 does the same)")
     p.add_argument("--ruleset", default=RULESET, help="MLPerf Training ruleset whose reference convergence "
@@ -193,7 +195,7 @@ def trainer_for(args, run: Run, profile: Profile, schedule) -> Trainer:
     return Trainer(model=ddp_model, optimizer=make_optimizer(model, schedule.lr, fused=run.device.type == "cuda"),
                    scaler=torch.amp.GradScaler("cuda") if dtype == torch.float16 else None, schedule=schedule,
                    autocast=autocast, device=run.device, world_size=run.world_size,
-                   console=Console(run.main, refresh_every=args.print_freq))
+                   console=Console(run.main), check_every=args.print_freq)
 
 
 def master_seed_of(args, run: Run, resume_state: dict | None) -> int:
@@ -210,6 +212,31 @@ def announce(args, run: Run, schedule) -> None:
                           "device": str(run.device)}), flush=True)
 
 
+def begin_log(log: MLLogger, args, run: Run) -> None:
+    """A new run's first records: the cache, init_start, who submits what, the code that runs."""
+    log.event(C.CACHE_CLEAR, args.cache_cleared)  # true only where the launcher cleared it
+    log.start(C.INIT_START)
+    log.submission(org=args.submitter, division=division(args.dataset, args.profile), status=args.status,
+                   platform=args.platform or platform_name(run))
+    if args.sources_digest:
+        log.event("sources_digest", args.sources_digest)  # read by mlperf.results.logs (SOURCES_KEY)
+
+
+def evaluate_epoch(epoch: int, log: MLLogger, run: Run, trainer: Trainer, val_set, val_loader, profile: Profile,
+                   targets: dict) -> dict:
+    """The evaluation after an epoch, its records and its console line; every rank gets the scores."""
+    model = trainer.model.module if run.world_size > 1 else trainer.model
+    log.start(C.EVAL_START, epoch_num=epoch)
+    started = time.time()
+    evaluator = CocoEvaluator(val_set.coco, val_set.label_to_category, box_offset=profile.recipe.box_offset)
+    scores = run.broadcast(evaluate(model, val_loader, evaluator, run.device, trainer.autocast, run.main))
+    log.end(C.EVAL_STOP, epoch_num=epoch)
+    trainer.console.evaluation(epoch, scores, targets, time.time() - started)
+    log.event(C.EVAL_ACCURACY, {"BBOX": scores["bbox"], "SEGM": scores["segm"]}, epoch_num=epoch)
+    log.end(C.BLOCK_STOP, first_epoch_num=epoch)
+    return scores
+
+
 def main(argv=None) -> int:
     die_with_launcher()
     args = parse_args(argv)
@@ -224,12 +251,7 @@ def main(argv=None) -> int:
                                        broadcast=run.broadcast)
     log = MLLogger(args.log, run.main, echo=args.verbose)
     if resume_state is None:
-        log.event(C.CACHE_CLEAR, args.cache_cleared)  # true only where the launcher cleared it
-        log.start(C.INIT_START)
-        log.submission(org=args.submitter, division=division(args.dataset, args.profile), status=args.status,
-                       platform=args.platform or platform_name(run))
-        if args.sources_digest:
-            log.event("sources_digest", args.sources_digest)  # read by mlperf.results.logs (SOURCES_KEY)
+        begin_log(log, args, run)
     master_seed = master_seed_of(args, run, resume_state)
     seed_everything(master_seed, run.rank, 0)  # model initialisation
     trainer = trainer_for(args, run, profile, schedule)
@@ -257,22 +279,21 @@ def main(argv=None) -> int:
     if scores_in_workers(args, run, profile):
         start_scoring_workers(val_set.coco)  # the workers index the ground truth while epoch 1 trains
 
-    status = C.ABORTED
+    status, diverged = C.ABORTED, None
     for epoch in range(first_epoch, max_epochs + 1):
         log.start(C.BLOCK_START, first_epoch_num=epoch, epoch_count=1)
         log.start(C.EPOCH_START, epoch_num=epoch)
         sampler.set_epoch(epoch)
         seed_everything(master_seed, run.rank, epoch)
-        iteration = train_one_epoch(trainer, train_loader, epoch, iteration)
+        try:
+            iteration = train_one_epoch(trainer, train_loader, epoch, iteration)
+        except Diverged as stop:  # every rank raises it at the same step
+            diverged = stop
+            log.end(C.EPOCH_STOP, epoch_num=epoch)
+            log.end(C.BLOCK_STOP, first_epoch_num=epoch)
+            break
         log.end(C.EPOCH_STOP, epoch_num=epoch)
-        log.start(C.EVAL_START, epoch_num=epoch)
-        started = time.time()
-        evaluator = CocoEvaluator(val_set.coco, val_set.label_to_category, box_offset=profile.recipe.box_offset)
-        scores = run.broadcast(evaluate(model, val_loader, evaluator, run.device, trainer.autocast, run.main))
-        log.end(C.EVAL_STOP, epoch_num=epoch)
-        trainer.console.evaluation(epoch, scores, targets, time.time() - started)
-        log.event(C.EVAL_ACCURACY, {"BBOX": scores["bbox"], "SEGM": scores["segm"]}, epoch_num=epoch)
-        log.end(C.BLOCK_STOP, first_epoch_num=epoch)
+        scores = evaluate_epoch(epoch, log, run, trainer, val_set, val_loader, profile, targets)
         if scores["bbox"] >= targets["BBOX"] and scores["segm"] >= targets["SEGM"]:
             status = C.SUCCESS
             break
@@ -284,10 +305,13 @@ def main(argv=None) -> int:
     log.end(C.RUN_STOP, status=status)
     if run.main:
         print(f"run_stop: {status}", flush=True)
+        if diverged is not None:
+            print(f"error: training diverged: {diverged} in epoch {epoch}; the log ends with run_stop "
+                  "aborted (a series counts it as a failed run)", file=sys.stderr, flush=True)
         checkpoint.close_run(args.log, checkpoint_path)
     if run.world_size > 1:
         dist.destroy_process_group()
-    return 0
+    return 0 if diverged is None else 1
 
 
 def platform_name(run: Run) -> str:
