@@ -212,7 +212,7 @@ class SyncFreeRPN(RegionProposalNetwork):
         labels = torch.cat(labels)
         regression_targets = torch.cat(regression_targets)
         box = F.smooth_l1_loss(pred_bbox_deltas, regression_targets, beta=1 / 9, reduction="none").sum(dim=1)
-        box_loss = (box * positive).sum() / count
+        box_loss = torch.where(positive, box, 0).sum() / count  # (an empty image's targets are not finite)
         bce = F.binary_cross_entropy_with_logits(objectness.flatten(), labels, reduction="none")
         return (bce * sampled).sum() / count, box_loss
 
@@ -252,7 +252,7 @@ def fastrcnn_loss_masked(class_logits, box_regression, labels, regression_target
     per_class = box_regression.reshape(n, box_regression.size(-1) // 4, 4)
     predicted = per_class[torch.arange(n, device=labels.device), labels]
     box = F.smooth_l1_loss(predicted, regression_targets, beta=beta, reduction="none").sum(dim=1)
-    return classification_loss, (box * (labels > 0)).sum() / n
+    return classification_loss, torch.where(labels > 0, box, 0).sum() / n  # (not `*`: 0 x inf for empty images)
 
 
 class SyncFreeRoIHeads(RoIHeads):
