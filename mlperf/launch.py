@@ -196,20 +196,20 @@ class Plan:
         """How the model computes, piece by piece (object_detection.recipe.Recipe), in the words a
         reviewer compares with the reference's: what `--dry-run` shows as "reference"."""
         from mlperf import pagecache
-        from object_detection.recipe import MSRA_PIXEL_MEAN_BGR, PROFILES, train_samples
+        from object_detection.recipe import MSRA_PIXEL_MEAN_BGR, PROFILES, iterations_per_epoch, train_samples
 
         profile = PROFILES[self.profile]
         r = profile.recipe
         backbone = None
         if profile.pretrained and self.ds.backbone:
-            spec = next((f for f in self.ds.files if f.name == self.ds.backbone), None)
-            checksum = next((f"{kind} {getattr(spec, kind)}" for kind in ("md5", "sha256")
-                             if spec is not None and getattr(spec, kind, None)), "the user's own file")
-            backbone = f"{self.ds.backbone} ({checksum})"
+            from mlperf.datasets.verify import with_published
+
+            ds = with_published(self.ds, self.data_dir)  # the md5 fetch read from its publisher, once known
+            spec = next((f for f in ds.files if f.name == ds.backbone), None)
+            checksum = spec.checksum_source if spec is not None else "the user's own file"
+            backbone = f"{ds.backbone} ({checksum})"
         images = train_samples(self.ds.name, self.ds.splits["train"].count if "train" in self.ds.splits else None)
-        per_epoch = None
-        if images:
-            per_epoch = -(-images // self.global_batch) if r.epoch == "ceil" else images // self.global_batch
+        per_epoch = iterations_per_epoch(r.epoch, images, self.global_batch) if images else None
         mean = "/".join(str(m) for m in MSRA_PIXEL_MEAN_BGR)
         selection = (f"top {profile.proposals_per_image} x {self.cfg.per_gpu_batch} images = "
                      f"{profile.logged_image_candidates(self.cfg.per_gpu_batch)} over the per-GPU batch"

@@ -687,7 +687,7 @@ def _read_published(ds: Dataset, data_dir: Path) -> Dataset:
 
     policy = RetryPolicy.from_env()
     for spec in with_published(ds, data_dir).files:
-        if spec.md5:
+        if spec.md5 or not spec.md5_url:  # checked by its own md5 or sha256
             continue
         why = None
         for attempt in range(1, policy.retries + 2):
