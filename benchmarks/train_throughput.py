@@ -157,40 +157,14 @@ def time_steps(model, optimizer, batches, device, dtype, scaler, iterations: int
             "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None}
 
 
-def check_same_function(device, backbone: Path) -> dict:
-    """fp32, same weights, same batch, same sampling seed: our step's losses against the stock model's.
+def same_losses(device, ours, stock) -> dict:
+    """fp32, same weights, same batch, same sampling seed: `ours`'s losses against `stock`'s.
 
     TF32 is off for the check: with it, the two memory layouts pick different convolution kernels
     whose 10-bit-mantissa products differ by about 1e-3 through fifty layers of random weights."""
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    ours = our_model(device, backbone, channels_last=device.type == "cuda")
-    stock = torchvision_model(backbone).to(device)
     # The sampler draws its random subsets differently (same distribution): give both the same one.
-    use_batched_sampler(stock)
-    stock.load_state_dict(ours.state_dict())
-    images, targets = synthetic_batch(2, "cpu", seed=123)
-    images, targets = to_device(images, targets, device)
-    losses = {}
-    for name, model in (("ours", ours), ("stock", stock)):
-        model.train()
-        torch.manual_seed(0)
-        with torch.autocast(device.type, enabled=False):
-            losses[name] = {k: v.item() for k, v in model(images, targets).items()}
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-    rel = {k: abs(losses["ours"][k] - losses["stock"][k]) / max(abs(losses["stock"][k]), 1e-12) for k in losses["ours"]}
-    return {"losses": losses, "max_rel_diff": max(rel.values()), "ok": max(rel.values()) < 1e-3}
-
-
-def check_reference(device, backbone: Path) -> dict:
-    """The closed profile's model (the reference recipe): the fast model's fp32 losses against the
-    stock reference model's (object_detection.reference without object_detection.fast), same weights,
-    batch and sampling seed."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    ours = our_model(device, backbone, channels_last=device.type == "cuda", recipe="reference")
-    stock = build_model(81, backbone_weights=msra_backbone(backbone), proposals_per_image=1000, speed=fast.STOCK,
-                        recipe=RECIPES["reference"]).to(device)
     use_batched_sampler(stock)
     stock.load_state_dict(ours.state_dict())
     images, targets = to_device(*synthetic_batch(2, "cpu", seed=123), device)
@@ -203,6 +177,21 @@ def check_reference(device, backbone: Path) -> dict:
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
     rel = {k: abs(losses["ours"][k] - losses["stock"][k]) / max(abs(losses["stock"][k]), 1e-12) for k in losses["ours"]}
     return {"losses": losses, "max_rel_diff": max(rel.values()), "ok": max(rel.values()) < 1e-3}
+
+
+def check_same_function(device, backbone: Path) -> dict:
+    """Our step against torchvision's MaskRCNN with the same (torchvision) recipe."""
+    return same_losses(device, our_model(device, backbone, channels_last=device.type == "cuda"),
+                       torchvision_model(backbone).to(device))
+
+
+def check_reference(device, backbone: Path) -> dict:
+    """The closed profile's model (the reference recipe): the fast model against the stock reference
+    model (object_detection.reference without object_detection.fast)."""
+    stock = build_model(81, backbone_weights=msra_backbone(backbone), proposals_per_image=1000, speed=fast.STOCK,
+                        recipe=RECIPES["reference"]).to(device)
+    return same_losses(device, our_model(device, backbone, channels_last=device.type == "cuda", recipe="reference"),
+                       stock)
 
 
 def check_greedy_nms(device, groups: int = 80, k: int = 2000) -> dict:

@@ -156,6 +156,8 @@ class GroupedBatchSampler(torch.utils.data.Sampler):
     DDP never waits on a rank that ran out of data.
     """
 
+    epoch_rule = "floor"             # recipe.iterations_per_epoch: full global batches only
+
     def __init__(self, groups: list[int], batch_size: int, *, rank: int, world_size: int, seed: int):
         self.groups = groups
         self.batch_size = batch_size
@@ -163,10 +165,10 @@ class GroupedBatchSampler(torch.utils.data.Sampler):
         self.world_size = world_size
         self.seed = seed
         self.epoch = 0
-        self.num_batches = len(groups) // (batch_size * world_size)
-        if self.num_batches == 0:
+        if len(groups) < batch_size * world_size:
             raise ValueError(f"{len(groups)} training images are fewer than one global batch "
                              f"({batch_size} x {world_size})")
+        self.num_batches = iterations_per_epoch(self.epoch_rule, len(groups), batch_size * world_size)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -193,7 +195,7 @@ class GroupedBatchSampler(torch.utils.data.Sampler):
         yield from batches[: self.num_batches]
 
 
-class StreamBatchSampler(torch.utils.data.Sampler):
+class StreamBatchSampler(GroupedBatchSampler):
     """This rank's batches of one epoch of the reference's endless stream (its
     IterationBasedBatchSampler over aspect-grouped batches): epoch e is batches [(e-1)N, eN) of
     the stream, N = images // global batch + 1, so no image is left out of the run and every
@@ -207,24 +209,8 @@ class StreamBatchSampler(torch.utils.data.Sampler):
     the same batches from the epoch it resumes at.
     """
 
-    def __init__(self, groups: list[int], batch_size: int, *, rank: int, world_size: int, seed: int):
-        self.groups = groups
-        self.batch_size = batch_size
-        self.rank = rank
-        self.world_size = world_size
-        self.seed = seed
-        self.epoch = 0
-        if len(groups) < batch_size * world_size:
-            raise ValueError(f"{len(groups)} training images are fewer than one global batch "
-                             f"({batch_size} x {world_size})")
-        self.num_batches = iterations_per_epoch("ceil", len(groups), batch_size * world_size)
-        self._stream, self._position = None, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.num_batches
+    epoch_rule = "ceil"
+    _stream, _position = None, 0     # the stream's generator and how many batches it has given
 
     def __getstate__(self) -> dict:  # a spawned worker gets the sampler (WorkerInit), not its generator
         return {**self.__dict__, "_stream": None, "_position": 0}
