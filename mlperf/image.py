@@ -20,7 +20,7 @@ from pathlib import Path
 
 from mlperf import PROJECT_ROOT, project
 from mlperf.errors import UserError
-from mlperf.files import replace_tree, temporary_name
+from mlperf.files import replace_tree, temporary_name, writing
 
 CODE_DIR = "/opt/mlperf"                 # outside /home/work, which Backend.AI mounts per session
 PLATFORM = "linux/amd64"                 # Backend.AI agents here are x86-64; docker builds the host's otherwise
@@ -693,19 +693,20 @@ def write_context(output: Path, dockerfile: str, source: Path = PROJECT_ROOT) ->
     missing = project.missing_runtime(source)
     if missing:
         raise UserError(f"{source / missing[0]} is missing: run `invoke image` from a complete checkout")
-    output.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_name(output)
-    tmp.mkdir()
-    try:
-        for relative in project.runtime_files(source):
-            (tmp / relative).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source / relative, tmp / relative)
-        (tmp / "etc-invoke.yaml").write_text(ETC_INVOKE_YAML)
-        (tmp / "Dockerfile").write_text(dockerfile)
-        (tmp / MARKER).write_text("written by `invoke image`; the folder is replaced on the next run\n")
-        replace_tree(tmp, output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with writing("--output", output.parent):
+        output.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+        try:
+            for relative in project.runtime_files(source):
+                (tmp / relative).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source / relative, tmp / relative)
+            (tmp / "etc-invoke.yaml").write_text(ETC_INVOKE_YAML)
+            (tmp / "Dockerfile").write_text(dockerfile)
+            (tmp / MARKER).write_text("written by `invoke image`; the folder is replaced on the next run\n")
+            replace_tree(tmp, output)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --- docker ------------------------------------------------------------------------------------

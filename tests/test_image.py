@@ -664,3 +664,11 @@ def test_invoke_image_refuses_a_base_without_kernels_for_the_gpus(tmp_path):
     proc = run_invoke(["image", "--base", "nvcr.io/nvidia/pytorch:25.10-py3", "--output", str(out)],
                       env={"INVOKE_MLPERF_IMAGE_GPU_ARCH": "sm_70"})
     one_error_line(proc, "has no kernels for sm_70")
+
+
+def test_an_output_that_cannot_be_written_is_one_line(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("kept\n")
+    proc = run_invoke(["image", "--output", str(blocker / "context")])
+    one_error_line(proc, f"cannot write {blocker}", "--output")
+    assert blocker.read_text() == "kept\n"

@@ -29,7 +29,8 @@ from pathlib import Path
 from mlperf import PROJECT_ROOT, project
 from mlperf.errors import UserError
 from mlperf.files import UnsafeName, atomic_write, inside, plain_name, replace_tree, shown, temporary_name, write_json
-from mlperf.results import system_desc, writing
+from mlperf.files import writing
+from mlperf.results import system_desc
 from mlperf.results.logs import check_ruleset, parse_log, result_files
 from mlperf.results.series import read_settings
 from object_detection.recipe import BENCHMARK, RUNS

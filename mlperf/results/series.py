@@ -25,7 +25,7 @@ from pathlib import Path
 
 from mlperf.errors import UserError
 from mlperf.files import LockBusy, exclusive_lock, read_json, rename, shown, write_json
-from mlperf.results import writing
+from mlperf.files import writing
 from mlperf.results.logs import RESULT_NAME, RunLog, check_ruleset, parse_log, result_files
 from mlperf.results.report import report, write_summary
 from mlperf.results.score import evaluate, judge_convergence, score, suggest_ruleset
