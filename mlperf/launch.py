@@ -384,10 +384,12 @@ def _check_resources(p: Plan, lacking) -> None:
     problem = dataset_problem(p.ds, p.data_dir)
     if problem:
         lacking(problem)
-    checkpoint = p.log.with_name(p.log.name + ".ckpt")
-    if p.options.get("resume") and checkpoint.exists() and not _whole_checkpoint(checkpoint):
-        raise UserError(f"checkpoint {checkpoint} is damaged (not a complete torch checkpoint): delete it to "
-                        "train the run from its start, or resume from a copy of it")
+    from object_detection import checkpoint
+
+    try:  # the trainer's own refusals, said here in one line (torchrun would add its report of the exit)
+        checkpoint.preflight(p.log, p.log.with_name(p.log.name + ".ckpt"), bool(p.options.get("resume")))
+    except checkpoint.Refused as refused:
+        raise UserError(refused.message.removeprefix("error: ")) from None
     if p.ds.categories is None:
         raise UserError(f"manifest of {p.ds.name} does not say how many categories it has (the model is built "
                         "before any data is read): add `categories: N` to it")
@@ -404,18 +406,6 @@ def _check_resources(p: Plan, lacking) -> None:
     problem = shm_problem(p.nproc, p.workers, p.cfg.per_gpu_batch, image_scale(p.cfg))
     if problem:
         lacking(problem)
-
-
-def _whole_checkpoint(path: Path) -> bool:
-    """Whether a torch.save file is complete: its zip directory reads and every member's CRC matches
-    (a torch-free check; a cut-off or overwritten file fails it)."""
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return archive.testzip() is None
-    except (OSError, zipfile.BadZipFile, EOFError):
-        return False
 
 
 def train(*, dry_run: bool = False, **arguments) -> int:

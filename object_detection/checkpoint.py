@@ -67,6 +67,30 @@ def open_run(log: Path, path: Path, *, resume: bool, main: bool, broadcast) -> d
     return state
 
 
+def preflight(log: Path, path: Path, resume: bool) -> None:
+    """What open_run would refuse, checked before a launcher starts the trainer (whose refusal a
+    launcher such as torchrun buries under its own report): a log another run holds, and, for
+    --resume of an unfinished run, a checkpoint that is not this run's. Refused, or None; nothing
+    is changed (the trainer checks again: a run may start in between)."""
+    import fcntl
+
+    lock = _lock_path(log)
+    if lock.exists():
+        with contextlib.suppress(FileNotFoundError):
+            fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+                raise Refused(f"error: another run (pid {holder if holder.isdigit() else 'unknown'}) is writing "
+                              f"{log} and its checkpoint: wait for it or stop it, or give this run another log "
+                              "(--log)") from None
+            finally:
+                os.close(fd)
+    if resume and not _finished_status(log):
+        load(path, log)
+
+
 def _prepare(log: Path, path: Path, resume: bool) -> dict | None:
     """Rank 0's part of open_run (see there)."""
     try:
