@@ -34,10 +34,16 @@ def param_groups(model: torch.nn.Module, lr: float, weight_decay: float) -> list
             {"params": biases, "lr": 2 * lr, "weight_decay": 0.0, "lr_factor": 2.0}]
 
 
-def make_optimizer(model: torch.nn.Module, lr: float, *, fused: bool = False) -> torch.optim.SGD:
-    """SGD with momentum 0.9 and weight decay 1e-4; fused into one kernel per step on the GPU."""
+def make_optimizer(model: torch.nn.Module, lr: float, *, fused: bool = False,
+                   loss_scaled: bool = False) -> torch.optim.SGD:
+    """SGD with momentum 0.9 and weight decay 1e-4; fused into one kernel per step (`fused`) unless
+    a GradScaler scales the loss (fp16). torch's fused SGD makes its momentum buffers with
+    empty_like on its first step and leaves them so when the scaler skips that step, as it usually
+    does (fp16 gradients overflow at the initial scale): the next step adds uninitialised memory
+    and the weights are not finite a few steps later (BENCHMARKS.md, "fp16 and fused SGD"). The
+    unfused optimizer is never called on a skipped step."""
     return torch.optim.SGD(param_groups(model, lr, 1e-4), lr=lr, momentum=0.9, weight_decay=1e-4,
-                           fused=True if fused else None)
+                           fused=True if fused and not loss_scaled else None)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, schedule: Schedule, steps_done: int) -> None:

@@ -192,7 +192,8 @@ def trainer_for(args, run: Run, profile: Profile, schedule) -> Trainer:
     if run.world_size > 1:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[run.local_rank] if run.device.type == "cuda" else None, gradient_as_bucket_view=True)
-    return Trainer(model=ddp_model, optimizer=make_optimizer(model, schedule.lr, fused=run.device.type == "cuda"),
+    return Trainer(model=ddp_model, optimizer=make_optimizer(model, schedule.lr, fused=run.device.type == "cuda",
+                                                             loss_scaled=dtype == torch.float16),
                    scaler=torch.amp.GradScaler("cuda") if dtype == torch.float16 else None, schedule=schedule,
                    autocast=autocast, device=run.device, world_size=run.world_size,
                    console=Console(run.main), check_every=args.print_freq)
