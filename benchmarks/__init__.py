@@ -12,3 +12,59 @@ def save_result(result: dict, output: Path) -> None:
     output.write_text(text)
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], output.name).write_text(text)
+
+
+def random_backbone(path: Path = Path("/tmp/bench_resnet50-calibrated.pth"), images: Path | None = None) -> Path:
+    """Random ResNet-50 weights (torchvision's layout) whose BatchNorm statistics are measured on
+    normalised images, saved once to `path`: 16 of the JPEGs in `images` at their own size, or
+    random pixels.
+
+    Speed does not depend on the weights' values, but frozen BatchNorm with torchvision's initial
+    statistics (mean 0, variance 1) normalises nothing: the activations of 50 random layers grow
+    until the losses are not finite within a few steps at MLPerf's learning rate, and a benchmark
+    that diverges times NaN boxes rather than training. Measured statistics keep each layer's output
+    near unit scale on such images, as ImageNet weights do on photographs. Calibrate on the images a
+    run trains on: on an H100 the closed profile's bf16 run on the coco-shaped set diverged within
+    100 steps from statistics of random pixels, and trained from the set's own (BENCHMARKS.md)."""
+    import torch
+    import torchvision
+
+    if path.exists():
+        return path
+    torch.manual_seed(0)
+    net = torchvision.models.resnet50()
+    for module in net.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None  # a plain average over the calibration batches
+    net.train()
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    with torch.no_grad():
+        if images is None:
+            for _ in range(4):
+                net(torch.randn(8, 3, 224, 224))
+        for jpeg in sorted(images.glob("*.jpg"))[:16] if images is not None else []:
+            pixels = torchvision.io.decode_jpeg(torchvision.io.read_file(str(jpeg)), torchvision.io.ImageReadMode.RGB)
+            net(((pixels.float() / 255 - mean) / std)[None])
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def random_msra_backbone(path: Path = Path("/tmp/bench_R-50-calibrated.pkl"), images: Path | None = None) -> Path:
+    """random_backbone's weights as Detectron's R-50.pkl, for the reference recipe's model: conv1
+    divided by the standard deviation it no longer gets (the reference feeds BGR pixels in 0-255
+    minus the mean, not divided by ImageNet's deviation), so both recipes see the same activations."""
+    import pickle
+
+    import torch
+
+    from object_detection.reference import msra_blobs
+
+    if path.exists():
+        return path
+    source = random_backbone(path.with_suffix(".pth"), images) if images is not None else random_backbone()
+    state = torch.load(source, weights_only=True)
+    rgb_std = torch.tensor([0.229, 0.224, 0.225]) * 255
+    state["conv1.weight"] = state["conv1.weight"] / rgb_std.view(1, 3, 1, 1)
+    with open(path, "wb") as handle:
+        pickle.dump(msra_blobs(state), handle, protocol=2)
+    return path

@@ -6,7 +6,10 @@ MLPerf's recipe (`profile: coco`: the frozen ImageNet backbone's path, 1000 prop
 800/1333 resize). So the real loader, the grouped sampler, warm-up, logging and evaluation at the
 5000 validation images are in the figure, which the step benchmark (train_throughput) leaves out.
 The backbone is random weights in Detectron's R-50.pkl layout (the closed profile's reference recipe
-reads that file): speed does not depend on their values.
+reads that file) with BatchNorm statistics measured on the set's own images (benchmarks.random_backbone:
+with torchvision's initial statistics the bf16 run diverges within 20 steps, with statistics of random
+pixels within 100; BENCHMARKS.md): speed does not depend on their values, but a run that diverges
+stops.
 
     python -m benchmarks.epoch_level [--train-images 6000] [--val-images 5000] [--epochs 2]
         [--batch 12] [--data-dir /tmp/mlperf-epoch-level] [--output FILE]
@@ -25,12 +28,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks import save_result
+from benchmarks import random_msra_backbone, save_result
 from mlperf import PROJECT_ROOT
 from mlperf.results.logs import records
 
 RESULTS = Path(__file__).resolve().parent / "results"
-BACKBONE = "R-50-random.pkl"
+BACKBONE = "R-50-random-calibrated-on-set.pkl"
 MANIFEST = """\
 name: coco-shaped
 description: synthetic shapes at COCO 2017's image shapes and category ids, for speed measurements
@@ -59,21 +62,13 @@ def invoke(*args: str, capture: bool = False) -> str:
 
 def prepare(data_dir: Path, train: int, val: int) -> Path:
     """The manifest, the drawn set (fetch makes it once) and the backbone file; returns the manifest."""
-    import torchvision
-
     data_dir.mkdir(parents=True, exist_ok=True)
     manifest = data_dir / f"coco-shaped-{train}-{val}.yaml"
     manifest.write_text(MANIFEST.format(train=train, val=val, backbone=BACKBONE))
     invoke("fetch", "--manifest", str(manifest), "--data-dir", str(data_dir))
     weights = data_dir / "coco-shaped" / "downloads" / BACKBONE
-    if not weights.is_file():
-        import pickle
-
-        from object_detection.reference import msra_blobs
-
-        weights.parent.mkdir(parents=True, exist_ok=True)
-        with open(weights, "wb") as handle:
-            pickle.dump(msra_blobs(torchvision.models.resnet50().state_dict()), handle, protocol=2)
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    random_msra_backbone(weights, images=data_dir / "coco-shaped" / "train2017")
     invoke("verify", "--manifest", str(manifest), "--data-dir", str(data_dir))
     return manifest
 

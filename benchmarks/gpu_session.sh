@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What one device session runs on the H200 (see BENCHMARKS.md): wheels, a GPU smoke run through
 # `invoke train`, the throughput benchmark, then the shapes-4k convergence run for the time left.
-# usage: bash benchmarks/gpu_session.sh PART...   (PART: smoke | doctor | bench | coco | epoch | parts | layout | eval | converge)
+# usage: bash benchmarks/gpu_session.sh PART...   (PART: smoke | doctor | bench | coco | epoch | parts | layout | eval | converge | stability)
 # BENCH_VARIANTS: train_throughput.py --variants (default: its own). `layout` times the tree in .old/
 # (an earlier commit: git archive COMMIT | tar -x -C .old) and this one on the same legacy batches.
 set -uo pipefail
@@ -65,6 +65,10 @@ case "$part" in
       --log "$OUT/shapes4k.txt" > "$OUT/converge_stdout.txt" 2>&1
     echo "train exit $?"
     grep -E "eval_accuracy|run_stop|img/s\)" "$OUT/converge_stdout.txt" | cut -c1-220 | tail -40
+    ;;
+  stability)
+    timeout ${STABILITY_S:-480} python3 -m benchmarks.stability ${STABILITY_VARIANTS:-base,amp16,ampoff} 2>&1 \
+      | tee "$OUT/stability.txt" | grep -E "^[a-z0-9-]+: exit"
     ;;
   *) echo "unknown part $part" >&2; exit 1 ;;
 esac

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 import torch
-import torchvision
 
+from benchmarks import random_backbone
 from object_detection.evaluate import detections_to_results
 from object_detection import fast
 from object_detection.model import build_model
@@ -28,9 +28,7 @@ def eval_model(device, group_norm: bool = False, score_thresh: float = 0.0):
     most for one class ~730 (measured on two images on a CPU)."""
     weights = None
     if not group_norm:
-        weights = Path("/tmp/bench_resnet50.pth")
-        if not weights.exists():  # throughput does not depend on the weights' values
-            torch.save(torchvision.models.resnet50().state_dict(), weights)
+        weights = random_backbone()
     model = build_model(81, backbone_weights=weights, speed=fast.Options.for_device(device.type)).to(device)
     model.roi_heads.score_thresh = score_thresh
     return model.eval()

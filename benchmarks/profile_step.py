@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import random_backbone
 from benchmarks.train_throughput import our_model, pinned, synthetic_batch
 from object_detection.engine import make_optimizer, to_device
 
@@ -27,10 +28,7 @@ def main() -> None:
                    help="the closed profile's model (reference) or the open profiles' (torchvision)")
     args = p.parse_args()
     device = torch.device("cuda")
-    backbone = Path("/tmp/bench_resnet50.pth")
-    if not backbone.exists():
-        import torchvision
-        torch.save(torchvision.models.resnet50().state_dict(), backbone)
+    backbone = random_backbone()
     model = our_model(device, backbone, channels_last="rpn", sync_free=not args.tvsync, fuse_bias=not args.nofuse,
                       recipe=args.recipe)
     opt = make_optimizer(model, 0.01, fused=True)

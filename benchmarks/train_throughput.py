@@ -38,7 +38,7 @@ from torchvision.models.detection import MaskRCNN, maskrcnn_resnet50_fpn
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.ops import FrozenBatchNorm2d
 
-from benchmarks import save_result
+from benchmarks import random_backbone, random_msra_backbone, save_result
 from object_detection import fast
 from object_detection.engine import amp_dtype, make_optimizer, to_device, train_step
 from object_detection.fast.sampler import use_batched_sampler
@@ -97,19 +97,6 @@ def torchvision_model(backbone: Path):
     return MaskRCNN(_resnet_fpn_extractor(body, 3), num_classes=81, rpn_post_nms_top_n_train=1000)
 
 
-def msra_backbone(backbone: Path) -> Path:
-    """The same random weights as Detectron's R-50.pkl, for the reference recipe's model."""
-    import pickle
-
-    from object_detection.reference import msra_blobs
-
-    path = backbone.with_suffix(".pkl")
-    if not path.exists():
-        with open(path, "wb") as handle:
-            pickle.dump(msra_blobs(torch.load(backbone, weights_only=True)), handle, protocol=2)
-    return path
-
-
 def our_model(device, backbone: Path, channels_last: bool | str, fold_bn: bool = True, compile_backbone: bool = False,
               batched_sampler: bool = True, sync_free: bool = True, fuse_bias: bool = True, fixed_canvas: bool = False,
               recipe: str = "torchvision"):
@@ -118,7 +105,7 @@ def our_model(device, backbone: Path, channels_last: bool | str, fold_bn: bool =
     speed = fast.Options(fold_bn=fold_bn, fuse_bias=fuse_bias, batched_sampler=batched_sampler, sync_free=sync_free,
                          channels_last=channels_last in (True, "rpn"), rpn_channels_last=channels_last == "rpn",
                          fixed_canvas=fixed_canvas)
-    weights = msra_backbone(backbone) if recipe == "reference" else backbone
+    weights = random_msra_backbone() if recipe == "reference" else backbone
     model = build_model(81, backbone_weights=weights, proposals_per_image=1000, speed=speed,
                         recipe=RECIPES[recipe]).to(device)
     if channels_last == "all":
@@ -188,7 +175,7 @@ def check_same_function(device, backbone: Path) -> dict:
 def check_reference(device, backbone: Path) -> dict:
     """The closed profile's model (the reference recipe): the fast model against the stock reference
     model (object_detection.reference without object_detection.fast)."""
-    stock = build_model(81, backbone_weights=msra_backbone(backbone), proposals_per_image=1000, speed=fast.STOCK,
+    stock = build_model(81, backbone_weights=random_msra_backbone(), proposals_per_image=1000, speed=fast.STOCK,
                         recipe=RECIPES["reference"]).to(device)
     return same_losses(device, our_model(device, backbone, channels_last=device.type == "cuda", recipe="reference"),
                        stock)
@@ -314,8 +301,9 @@ def make_variant(variant: str, device, backbone: Path):
                           sync_free="-tvsync" not in variant and "-tvsampler" not in variant,
                           fuse_bias="-nofuse" not in variant, fixed_canvas="-pad" in variant,
                           recipe="reference" if variant.startswith("ref-") else "torchvision")
-        optimizer = make_optimizer(model, lr=0.01, fused="-fused" in variant and device.type == "cuda")
         dtype = amp_dtype("bf16" if "bf16" in variant else "fp16", device)
+        optimizer = make_optimizer(model, lr=0.01, fused="-fused" in variant and device.type == "cuda",
+                                   loss_scaled=dtype == torch.float16)
     return model, optimizer, dtype, torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
 
 
@@ -393,9 +381,7 @@ def main(argv=None) -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cudnn.benchmark = False
-    backbone = Path("/tmp/bench_resnet50.pth")
-    if not backbone.exists():  # random ImageNet-shaped weights: throughput does not depend on their values
-        torch.save(torchvision.models.resnet50().state_dict(), backbone)
+    backbone = random_backbone()
     result = {"date": dt.datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "torchvision": torchvision.__version__, "shapes": args.shapes,
