@@ -59,6 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--segm-target", type=float, help="mask mAP target (default: the profile's)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], default="auto")
+    p.add_argument("--speed", choices=["fast", "stock"], default="fast",
+                   help="stock: torchvision's model code, none of object_detection.fast (the baseline, and a way "
+                        "to tell whether a problem is in the speed code)")
     p.add_argument("--result-log", dest="log", type=Path, required=True,
                    help="MLPerf result log file (not --log: torchrun would take that as its own --log-dir)")
     p.add_argument("--checkpoint", type=Path, help="checkpoint file (default: <log>.ckpt)")
@@ -178,7 +181,8 @@ def trainer_for(args, run: Run, profile: Profile, schedule) -> Trainer:
                         min_size=profile.min_size, max_size=profile.max_size,
                         proposals_per_image=profile.proposals_per_image, rois_per_image=profile.rois_per_image,
                         test_candidates=profile.test_candidates, detections_per_image=profile.detections_per_image,
-                        speed=fast.Options.for_device(run.device.type), model=profile.model,
+                        speed=fast.Options.for_device(run.device.type) if args.speed == "fast" else fast.STOCK,
+                        model=profile.model,
                         recipe=profile.recipe).to(run.device)
     dtype = amp_dtype(args.amp, run.device)
     autocast = (lambda: torch.autocast("cuda", dtype=dtype)) if dtype else nullcontext
