@@ -15,6 +15,8 @@ import secrets
 import shutil
 from pathlib import Path
 
+from mlperf.errors import UserError
+
 
 class LockBusy(Exception):
     """Another process holds the lock; `holder` is the pid it wrote in the lock file ("unknown")."""
@@ -203,7 +205,6 @@ def writing(flag: str, folder: Path):
 
 def write_error(exc: OSError, flag: str, folder: Path) -> UserError:
     """`folder`: where the writing happened, named when the error has no file (a write() that failed)."""
-    from mlperf.errors import UserError
 
     path = Path(exc.filename) if isinstance(exc.filename, (str, Path)) else None
     if path is not None:  # a write through a temporary name (mlperf.files.temporary_name): name its target

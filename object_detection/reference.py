@@ -256,7 +256,8 @@ def ignore_straddling(labels: list[torch.Tensor], anchors: list[torch.Tensor], i
     """Anchors that cross the border neither train nor count as negatives (label -1)."""
     if thresh is None:
         return labels
-    return [l.masked_fill(~visible_anchors(a, size, thresh), -1) for l, a, size in zip(labels, anchors, image_sizes)]
+    return [image_labels.masked_fill(~visible_anchors(a, size, thresh), -1)
+            for image_labels, a, size in zip(labels, anchors, image_sizes)]
 
 
 def batch_top(scores: list[torch.Tensor], n: int) -> list[torch.Tensor]:
@@ -341,7 +342,7 @@ class ReferenceRoIHeads(RoIHeads):
                                                       self.box_loss_beta)
         losses = {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
         if self.has_mask():
-            positive = [torch.where(l > 0)[0] for l in labels]
+            positive = [torch.where(image_labels > 0)[0] for image_labels in labels]
             mask_proposals = [p[i] for p, i in zip(proposals, positive)]
             positive_matches = [m[i] for m, i in zip(matched_idxs, positive)]
             mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, mask_proposals,

@@ -135,7 +135,7 @@ def start_sshd(folder: Path, timeout: float = 15, *, own_tree: dict | None = Non
         except OSError:
             if time.monotonic() > deadline:
                 process.kill()
-                raise RuntimeError(f"sshd did not listen on port {port}: {log.read_text()}")
+                raise RuntimeError(f"sshd did not listen on port {port}: {log.read_text()}") from None
             time.sleep(0.05)
     host_pub = Path(f"{host_key}.pub").read_text().split()
     known_hosts = folder / "known_hosts"

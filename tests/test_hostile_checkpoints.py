@@ -249,7 +249,7 @@ def test_a_new_run_moves_a_finished_log_aside_and_removes_leftover_temporaries(f
     files = full_disk_run["files"]
     assert full_disk_run["aside"] == [full_disk_run["finished"]]  # the finished run's log, byte for byte
     assert [name for name in files if name.startswith("result_0.txt.replaced-")]
-    assert f"is kept as result_0.txt.replaced-" in full_disk_run["proc"].stdout
+    assert "is kept as result_0.txt.replaced-" in full_disk_run["proc"].stdout
     # this checkpoint's temporaries went at the start; another log's are not this run's to remove;
     # no lock file, no checkpoint after the last epoch
     assert [name for name in files if name.startswith(".")] == [".result_1.txt.ckpt.tmp-4244-0000abcd"]

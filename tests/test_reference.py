@@ -101,7 +101,7 @@ def test_straddling_anchors_are_ignored():
 def rpn(cls, proposals_per: str):
     from torchvision.models.detection.rpn import RPNHead
 
-    from object_detection.fast.patch import mix_in, swap
+    from object_detection.fast.patch import mix_in
 
     made = reference.ReferenceRPN(reference.ReferenceAnchorGenerator(), RPNHead(8, 3), 0.7, 0.3, 256, 0.5,
                                   dict(training=300, testing=100), dict(training=50, testing=50), 0.7)

@@ -287,7 +287,7 @@ def test_the_stock_transform_resizes_by_the_rule_and_the_fast_one_equals_it():
         b, tb = fast([i.clone() for i in images], [{k: v.clone() for k, v in t.items()} for t in targets])
         assert a.image_sizes == b.image_sizes == [(625, 1333), (1333, 625), (800, 1199)]
         assert torch.equal(a.tensors, b.tensors)
-        for x, y, original in zip(ta, tb, targets):
+        for x, y in zip(ta, tb):
             assert torch.equal(x["boxes"], y["boxes"]) and torch.equal(x["masks"], y["masks"])
         first = ta[0]["boxes"] / targets[0]["boxes"]  # boxes follow the image: x by 1333/640, y by 625/300
         torch.testing.assert_close(first, torch.tensor([1333 / 640, 625 / 300] * 2).expand_as(first))

@@ -15,7 +15,7 @@ from mlperf import host, project
 from mlperf.errors import UserError
 from mlperf.results import system_desc
 from mlperf.results.logs import RunLog, parse_log
-from mlperf.results.score import RunResult, run_result, score
+from mlperf.results.score import run_result, score
 from mlperf.results.series import open_series
 
 REFERENCE = ROOT / "tests" / "data" / "nvidia-dgxh100-maskrcnn-v3.0"  # tests/data/README.md: source

@@ -13,7 +13,6 @@ import torch
 from torchvision.models.detection._utils import Matcher
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.ops import MultiScaleRoIAlign, nms
-from torchvision.ops import boxes as box_ops
 
 from object_detection.fast import Options, sync_free
 from object_detection.fast import nms as fast_nms

@@ -85,8 +85,10 @@ def test_masks_areas_boxes_and_occlusion(shapes):
         # Count instances whose visible part borders another's: real occlusions happened.
         for i, first in enumerate(masks):
             grown = first.copy()
-            grown[1:] |= first[:-1]; grown[:-1] |= first[1:]
-            grown[:, 1:] |= first[:, :-1]; grown[:, :-1] |= first[:, 1:]
+            grown[1:] |= first[:-1]
+            grown[:-1] |= first[1:]
+            grown[:, 1:] |= first[:, :-1]
+            grown[:, :-1] |= first[:, 1:]
             touching += sum(bool((grown & other).any()) for other in masks[i + 1:])
     assert touching >= 3
 

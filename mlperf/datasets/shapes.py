@@ -127,7 +127,7 @@ def _existing_is_complete(root: Path, wanted: dict) -> bool:
     try:
         found = json.loads(stamp.read_text())
     except (OSError, ValueError) as exc:
-        raise UserError(f"{stamp} is unreadable ({exc}): delete {root} to make the set again")
+        raise UserError(f"{stamp} is unreadable ({exc}): delete {root} to make the set again") from None
     if found != wanted:
         differ = ", ".join(f"{key} {found.get(key)!r} (asked {value!r})"
                            for key, value in wanted.items() if found.get(key) != value)

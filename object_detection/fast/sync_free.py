@@ -205,7 +205,7 @@ class SyncFreeRPN(RegionProposalNetwork):
 
     def compute_loss(self, objectness, pred_bbox_deltas, labels, regression_targets):
         positive, negative = self.fg_bg_sampler.padded(labels)
-        lengths = [len(l) for l in labels]
+        lengths = [len(image_labels) for image_labels in labels]
         positive = torch.cat([p[:n] for p, n in zip(positive, lengths)])
         sampled = positive | torch.cat([q[:n] for q, n in zip(negative, lengths)])
         count = sampled.sum()
