@@ -206,8 +206,8 @@ def probe_remote(conn, command: str, config_name: str) -> dict | str:
     try:
         remote.check_host_keys(conn)
         result = conn.run(command, hide=True, warn=True, in_stream=False, timeout=PROBE_TIMEOUT)
-    except remote._connection_errors() as exc:
-        refused = remote._host_key_problem(conn, exc)
+    except remote.connection_errors() as exc:
+        refused = remote.host_key_problem(conn, exc)
         if refused is not None:
             return str(refused)
         return (f"cannot connect over the cluster's SSH ({_reason(exc)}): check that the host is up and that "
@@ -278,7 +278,7 @@ def copy_to(conn, what: str, want: dict, root: Path) -> dict:
 
     source = root if what == "project" else Path(want["venv"])
     excludes = (*NOT_PROJECT, remote.STAMP) if what == "project" else ("__pycache__/", "*.pyc")
-    made = remote._run(conn, f"mkdir -p {shlex.quote(str(source))}", hide=True, warn=True, in_stream=False)
+    made = remote.run_checked(conn, f"mkdir -p {shlex.quote(str(source))}", hide=True, warn=True, in_stream=False)
     if made.exited != 0:
         raise UserError(f"cannot create {source} there ({(made.stderr.strip() or 'mkdir failed')[:200]}): "
                         "its parent must be writable, as /home/work or a vfolder is")

@@ -42,7 +42,8 @@ def remote_path(path: str) -> str:
     return path[2:] if path.startswith("~/") else path
 
 
-def _connection_errors() -> tuple:
+def connection_errors() -> tuple:
+    """The exceptions that mean the host could not be reached or its SSH session broke."""
     import paramiko
 
     return (paramiko.SSHException, socket.error, OSError, EOFError)
@@ -112,7 +113,7 @@ def _check_port(c) -> None:
         raise UserError(f"port {c.port} of {c.user}@{c.host} is not a port number (1-65535): check -H")
 
 
-def _host_key_problem(c, exc: Exception) -> UserError | None:
+def host_key_problem(c, exc: Exception) -> UserError | None:
     """One line for a refused host key (unknown or changed), None for other failures."""
     import paramiko
 
@@ -136,7 +137,7 @@ def _host_key_line(c, changed: bool) -> UserError:
 
 
 def _unreachable(c, exc: Exception) -> UserError:
-    refused = _host_key_problem(c, exc)
+    refused = host_key_problem(c, exc)
     if refused is not None:
         return refused
     reason = re.sub(r"^\[Errno [^\]]*\]\s*", "", str(exc).strip()).rstrip(".") or type(exc).__name__
@@ -145,20 +146,20 @@ def _unreachable(c, exc: Exception) -> UserError:
         "the tunnel is up (backend.ai app SESSION sshd -b 127.0.0.1:9922)")
 
 
-def _run(c, command: str, **kwargs):
+def run_checked(c, command: str, **kwargs):
     """c.run with host keys checked and connection problems turned into one line."""
     if c.connect_timeout is None:
         c.connect_timeout = 20  # an unroutable host should not hang for minutes
     check_host_keys(c)
     try:
         return c.run(command, **kwargs)
-    except _connection_errors() as exc:
+    except connection_errors() as exc:
         raise _unreachable(c, exc) from None
 
 
 def read_stamp(c, path: str) -> dict | None:
     """The deploy stamp on the host, or None when the project is not deployed there."""
-    result = _run(c, f"cat {shlex.quote(path)}/{STAMP}", hide=True, warn=True, in_stream=False)
+    result = run_checked(c, f"cat {shlex.quote(path)}/{STAMP}", hide=True, warn=True, in_stream=False)
     if result.exited != 0:
         return None
     try:
@@ -187,7 +188,7 @@ def forward(c, argv: list[str], path: str):
                f"-m invoke {shlex.join(argv)}")
     # A pty: Ctrl-C here reaches the remote step as SIGINT and a dropped connection hangs it up,
     # so nothing keeps running on the GPUs unseen (unless detached, which starts its own session).
-    result = _run(c, command, pty=True, warn=True, in_stream=False)
+    result = run_checked(c, command, pty=True, warn=True, in_stream=False)
     if result.exited != 0:
         lines = [line.strip() for line in result.stdout.replace("\r", "\n").splitlines() if line.strip()]
         tail = " | ".join(lines[-TAIL_LINES:]) or "(no output)"
@@ -277,7 +278,7 @@ def deploy(c, path: str, python: str = "python3", venv: bool = True) -> dict:
     """
     path = remote_path(path)
     qpath = shlex.quote(path)
-    _run(c, f"mkdir -p {qpath}", hide=True, in_stream=False)
+    run_checked(c, f"mkdir -p {qpath}", hide=True, in_stream=False)
     excludes = [f"--exclude={pattern}" for pattern in (*NOT_PROJECT, STAMP)]
     stats = rsync(c, ["--partial", *excludes, f"{PROJECT_ROOT}/", _rsync_target(c, path) + "/"])
     print(f"deploy: {stats['files']} file(s) updated in {describe(c)}:{path} ({stats['sent']} bytes sent)")
@@ -285,7 +286,7 @@ def deploy(c, path: str, python: str = "python3", venv: bool = True) -> dict:
     wanted = {"requirements_sha256": requirements_hash(), "python_given": python, "venv": venv,
               "python": ".venv/bin/python" if venv else python}
     stamp = read_stamp(c, path) or {}
-    runs = _run(c, f"cd {qpath} && test -x \"$(command -v {shlex.quote(wanted['python'])})\"",
+    runs = run_checked(c, f"cd {qpath} && test -x \"$(command -v {shlex.quote(wanted['python'])})\"",
                 hide=True, warn=True, in_stream=False).exited == 0
     if runs and all(stamp.get(k) == v for k, v in wanted.items()):
         print("deploy: requirements unchanged, environment kept")
@@ -296,12 +297,12 @@ def deploy(c, path: str, python: str = "python3", venv: bool = True) -> dict:
     steps.append(f"{shlex.quote(wanted['python'])} -m pip install --disable-pip-version-check -q "
                  "-r requirements.txt")
     print(f"deploy: setting up the environment on {describe(c)}: {' && '.join(steps)}")
-    result = _run(c, f"cd {qpath} && " + " && ".join(steps), warn=True, pty=False, in_stream=False)
+    result = run_checked(c, f"cd {qpath} && " + " && ".join(steps), warn=True, pty=False, in_stream=False)
     if result.exited != 0:
         raise UserError(f"setting up Python on {describe(c)} failed (exit code {result.exited}, output "
                         f"above); check --python (now {python!r}) and that the host can reach PyPI")
     stamp_text = shlex.quote(json.dumps(wanted))
-    _run(c, f"cd {qpath} && printf '%s' {stamp_text} > {STAMP}.tmp && mv {STAMP}.tmp {STAMP}",
+    run_checked(c, f"cd {qpath} && printf '%s' {stamp_text} > {STAMP}.tmp && mv {STAMP}.tmp {STAMP}",
          hide=True, in_stream=False)
     print(f"deploy: ready; steps now run there with `fab -H {describe(c)} TASK`")
     return {**stats, "installed": True}
@@ -324,7 +325,7 @@ def fetch_results(c, local_dir: Path, path: str, results_dir: str | None = None)
         remote_results = host_paths(c, path)["results_dir"]["path"]
     else:
         remote_results = results_dir if results_dir.startswith("/") else f"{path}/{remote_path(results_dir)}"
-    probe = _run(c, f"test -d {shlex.quote(remote_results)}", hide=True, warn=True, in_stream=False)
+    probe = run_checked(c, f"test -d {shlex.quote(remote_results)}", hide=True, warn=True, in_stream=False)
     if probe.exited != 0:
         raise UserError(f"no results on {describe(c)} yet ({remote_results} does not exist): "
                         "run a step there first, e.g. fab -H HOST all, or name the folder with --results-dir")
@@ -338,7 +339,7 @@ def fetch_results(c, local_dir: Path, path: str, results_dir: str | None = None)
 def host_paths(c, path: str) -> dict:
     """The host's `invoke paths --json`: where its steps keep data, results and jobs."""
     command = f"cd {shlex.quote(path)} && {shlex.quote(deployed_python(c, path))} -m invoke paths --json"
-    result = _run(c, command, hide=True, warn=True, in_stream=False)
+    result = run_checked(c, command, hide=True, warn=True, in_stream=False)
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
     if result.exited != 0 or not lines:
         detail = (result.stderr.strip().splitlines() or ["no output"])[-1]
@@ -409,7 +410,7 @@ def run_parallel(commands: dict[str, str], *, ssh_config: str | None = None,
             result = conns[host].run(wrapped, pty=True, warn=True, in_stream=False, hide=False,
                                      out_stream=writers[host], err_stream=writers[host])
             code = result.exited if result.exited > 0 else (0 if result.exited == 0 else 1)
-        except _connection_errors() as exc:
+        except connection_errors() as exc:
             writers[host]._emit(f"error: {_unreachable(conns[host], exc)}")
             code = 255
         except Exception as exc:  # noqa: BLE001 - a dying channel after a stop: report, don't hang
@@ -457,7 +458,7 @@ def _stop(conns: dict, writers: dict, threads: dict, config, grace: float) -> No
                     check_host_keys(killer)
                     killer.run(script.format(pg=writers[host].pgid, ticks=int(grace * 2)),
                                hide=True, warn=True, in_stream=False)
-            except _connection_errors():
+            except connection_errors():
                 conns[host].close()  # closing the pty channel hangs up the command instead
 
         stopper = threading.Thread(target=kill, daemon=True)

@@ -106,3 +106,25 @@ def test_each_mlperf_fact_is_written_once():
     for pattern, fact in facts.items():
         homes = [str(p.relative_to(ROOT)) for p, text in texts.items() if re.search(pattern, text, re.M)]
         assert len(homes) == 1, (fact, homes)
+
+
+def test_no_module_reaches_into_another_modules_private_names():
+    """A leading underscore means "this module's own": another module that needs it gets a public
+    name (and its docstring) instead, so a change inside one module cannot break another silently.
+    Benchmarks, like tests, may look inside on purpose (they count NMS passes, time an encoder)."""
+    known = modules()
+    reaches = []
+    for path in [p for p in source_files() if p.parent.name != "benchmarks"]:
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in PACKAGES:
+                reaches += [f"{path.name}: from {node.module} import {a.name}" for a in node.names
+                            if a.name.startswith("_") and not a.name.startswith("__")]
+                imported |= {a.asname or a.name for a in node.names if f"{node.module}.{a.name}" in known}
+            elif isinstance(node, ast.Import):
+                imported |= {a.asname or a.name for a in node.names if a.name in known and a.asname}
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in imported
+                    and node.attr.startswith("_") and not node.attr.startswith("__")):
+                reaches.append(f"{path.name}:{node.lineno}: {node.value.id}.{node.attr}")
+    assert not reaches, reaches

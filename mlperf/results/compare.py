@@ -206,9 +206,9 @@ def series_side(results_dir: Path, name: str) -> tuple[Side, Path]:
 def folder_side(folder: Path) -> Side:
     """Logs in a folder (a published result's, an earlier series'); the hardware from a system
     description beside them or where a submission tree keeps it (<org>/systems/<system>.json)."""
-    from mlperf.results.series import _find_logs_folder
+    from mlperf.results.series import find_logs_folder
 
-    folder = _find_logs_folder(Path(folder))
+    folder = find_logs_folder(Path(folder))
     system = folder.parent.name if folder.name == BENCHMARK else folder.name
     desc = {}
     for candidate in (folder / "system_desc.json", folder.parent.parent.parent / "systems" / f"{system}.json"):

@@ -32,7 +32,7 @@ from mlperf.results.score import evaluate, judge_convergence, score, suggest_rul
 from object_detection.recipe import BENCHMARK, RUNS
 
 
-def _find_logs_folder(folder: Path) -> Path:
+def find_logs_folder(folder: Path) -> Path:
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder: give the folder that holds result_*.txt")
     if result_files(folder):
@@ -53,7 +53,7 @@ def score_logs(folder: Path, *, ruleset: str, results_dir: Path) -> dict:
     permission bits, so "writable" proves nothing): the summary goes to <results_dir>/scores/<name>/.
     """
     check_ruleset(ruleset, for_training=False)
-    folder = _find_logs_folder(Path(folder))
+    folder = find_logs_folder(Path(folder))
     logs = result_files(folder)
     with writing("--results-dir", Path(results_dir)):
         return _score_logs(folder, logs, ruleset, Path(results_dir))
