@@ -128,3 +128,10 @@ def test_no_module_reaches_into_another_modules_private_names():
                     and node.attr.startswith("_") and not node.attr.startswith("__")):
                 reaches.append(f"{path.name}:{node.lineno}: {node.value.id}.{node.attr}")
     assert not reaches, reaches
+
+
+def test_the_mlcommons_checkers_are_started_in_one_place():
+    """mlperf.results.logs.run_checker: one interpreter, one timeout rule, one output capture."""
+    starters = [str(p.relative_to(ROOT)) for p in source_files()
+                if re.search(r"[\"']-m[\"'],\s*f?[\"']mlperf_logging\.", p.read_text())]
+    assert starters == ["mlperf/results/logs.py"], starters

@@ -238,6 +238,22 @@ def over_long_line(path: Path) -> str | None:
             "the MLPerf logger wrote)")
 
 
+CHECKER_TIMEOUT = 300  # seconds for one log or one folder; package-wide checks get PACKAGE_CHECKER_TIMEOUT
+PACKAGE_CHECKER_TIMEOUT = 1800
+
+
+def run_checker(tool: str, *args: str, cwd, timeout: int = CHECKER_TIMEOUT) -> tuple[int | None, str]:
+    """`python -m mlperf_logging.<tool> ARGS` with this interpreter, in `cwd` (the checkers write files
+    where they run): its exit code and its output (stdout then stderr); exit code None when it ran
+    past `timeout` seconds. The one way the project runs the MLCommons checkers."""
+    try:
+        proc = subprocess.run([sys.executable, "-m", f"mlperf_logging.{tool}", *args], capture_output=True,
+                              text=True, timeout=timeout, cwd=cwd)
+    except subprocess.TimeoutExpired:
+        return None, ""
+    return proc.returncode, proc.stdout + proc.stderr
+
+
 def check_compliance(path: Path, ruleset: str) -> tuple[bool, list[str]]:
     """Run the MLCommons compliance checker (training usage) on one log: (passed, its messages).
 
@@ -249,14 +265,10 @@ def check_compliance(path: Path, ruleset: str) -> tuple[bool, list[str]]:
     if too_long:
         return False, [f"{too_long}: not given to the compliance checker"]
     with tempfile.TemporaryDirectory(prefix="mlperf-compliance-") as tmp:
-        try:
-            proc = subprocess.run(
-                [sys.executable, "-m", "mlperf_logging.compliance_checker", "--usage", "training",
-                 "--ruleset", ruleset, "--log_output", os.path.join(tmp, "checker.log"), str(Path(path).resolve())],
-                capture_output=True, text=True, timeout=300, cwd=tmp)
-        except subprocess.TimeoutExpired:
-            return False, ["compliance checker did not finish within 300 s"]
-    output = proc.stdout + proc.stderr
+        code, output = run_checker("compliance_checker", "--usage", "training", "--ruleset", ruleset, "--log_output",
+                                   os.path.join(tmp, "checker.log"), str(Path(path).resolve()), cwd=tmp)
+    if code is None:
+        return False, [f"compliance checker did not finish within {CHECKER_TIMEOUT} s"]
     messages = []
     if "Traceback (most recent call last)" in output:  # the checker itself crashed on the log: say on what
         last = output.strip().splitlines()[-1]
@@ -267,10 +279,9 @@ def check_compliance(path: Path, ruleset: str) -> tuple[bool, list[str]]:
             messages.append(m.group(2).strip())
         elif line.startswith(("usage:", "mlperf_logging")):
             messages.append(line.strip())
-    ok = proc.returncode == 0 and re.search(r"^INFO\s+-\s+SUCCESS", output, re.M) is not None
+    ok = code == 0 and re.search(r"^INFO\s+-\s+SUCCESS", output, re.M) is not None
     if not ok and not messages:
-        messages.append(output.strip().splitlines()[-1] if output.strip()
-                        else f"checker exited {proc.returncode}")
+        messages.append(output.strip().splitlines()[-1] if output.strip() else f"checker exited {code}")
     return ok, messages
 
 
@@ -315,15 +326,12 @@ def check_rcp(folder: Path, ruleset: str) -> tuple[bool, str]:
     if too_long:
         return False, f"not checked: {too_long}"
     with tempfile.TemporaryDirectory(prefix="mlperf-rcp-") as tmp:
-        try:
-            proc = subprocess.run(
-                [sys.executable, "-m", "mlperf_logging.rcp_checker", str(Path(folder).resolve()), "--rcp_usage", "training",
-                 "--rcp_version", ruleset, "--rcp_pass", "pruned_rcps", "--log_output", os.path.join(tmp, "rcp.log")],
-                capture_output=True, text=True, timeout=300, cwd=tmp)
-        except subprocess.TimeoutExpired:
-            return False, "the RCP checker did not finish within 300 s"
-    output = proc.stdout + proc.stderr
+        code, output = run_checker("rcp_checker", str(Path(folder).resolve()), "--rcp_usage", "training",
+                                   "--rcp_version", ruleset, "--rcp_pass", "pruned_rcps",
+                                   "--log_output", os.path.join(tmp, "rcp.log"), cwd=tmp)
+    if code is None:
+        return False, f"the RCP checker did not finish within {CHECKER_TIMEOUT} s"
     verdict = re.findall(r"^(?:INFO|ERROR)\s+-\s+(.*RCP test (?:PASSED|FAILED).*?)(?:, consider.*)?$", output, re.M)
     normalised = re.findall(r"Score should be normalized by factor of .*", output)
-    message = verdict[-1] if verdict else (output.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
-    return proc.returncode == 0, message + (f" ({normalised[-1]})" if normalised else "")
+    message = verdict[-1] if verdict else (output.strip().splitlines() or [f"exit {code}"])[-1]
+    return code == 0, message + (f" ({normalised[-1]})" if normalised else "")

@@ -22,8 +22,6 @@ import json
 import re
 import shlex
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 from mlperf import PROJECT_ROOT, project
@@ -31,7 +29,7 @@ from mlperf.errors import UserError
 from mlperf.files import UnsafeName, atomic_write, inside, plain_name, replace_tree, shown, temporary_name, write_json
 from mlperf.files import writing
 from mlperf.results import system_desc
-from mlperf.results.logs import check_ruleset, parse_log, result_files
+from mlperf.results.logs import PACKAGE_CHECKER_TIMEOUT, check_ruleset, parse_log, result_files, run_checker
 from mlperf.results.series import read_settings
 from object_detection.recipe import BENCHMARK, RUNS
 
@@ -289,24 +287,26 @@ record each system's settings, the seeds of its runs and the sources digest of t
 def _check(tree: Path, ruleset: str) -> None:
     """The package checker and the result summarizer on the tree, their logs kept beside it."""
     out = tree.parent
-    checker = subprocess.run([sys.executable, "-m", "mlperf_logging.package_checker", str(tree), "training", ruleset,
-                              "--log_output", str(out / "package_checker.log")],
-                             capture_output=True, text=True, cwd=out, timeout=1800)
-    text = checker.stdout + checker.stderr
+    checked, text = run_checker("package_checker", str(tree), "training", ruleset,
+                                "--log_output", str(out / "package_checker.log"), cwd=out, timeout=PACKAGE_CHECKER_TIMEOUT)
     (out / "package_checker.log").write_text(text)  # the whole output, whatever --log_output kept
-    summarizer = subprocess.run([sys.executable, "-m", "mlperf_logging.result_summarizer", str(tree), "training",
-                                 ruleset, "--csv", str(out / "result_summary.csv")],
-                                capture_output=True, text=True, cwd=out, timeout=1800)
-    (out / "result_summarizer.log").write_text(summarizer.stdout + summarizer.stderr)
-    if checker.returncode != 0 or "PACKAGE CHECKER FOUND NO ERRORS" not in text:
+    summarized, summary_text = run_checker("result_summarizer", str(tree), "training", ruleset,
+                                           "--csv", str(out / "result_summary.csv"), cwd=out,
+                                           timeout=PACKAGE_CHECKER_TIMEOUT)
+    (out / "result_summarizer.log").write_text(summary_text)
+    for tool, code in (("package checker", checked), ("result summarizer", summarized)):
+        if code is None:
+            raise UserError(f"the {tool} did not finish within {PACKAGE_CHECKER_TIMEOUT} s on {tree}; run "
+                            f"`invoke package` again, or the checker by hand to see where it stops")
+    if checked != 0 or "PACKAGE CHECKER FOUND NO ERRORS" not in text:
         errors = re.findall(r"^ERROR\s+-\s+(.*)$", text, re.M) or [text.strip().splitlines()[-1] if text.strip()
-                                                                   else f"exit {checker.returncode}"]
+                                                                   else f"exit {checked}"]
         raise UserError(f"the package checker found errors in {tree} (first: {errors[0].strip()}); its whole "
                         f"output is in {out / 'package_checker.log'}")
     summary = out / "result_summary_detailed.json"  # per benchmark: time, batch, epochs, RCP verdict
-    rows = json.loads(summary.read_text()) if summarizer.returncode == 0 and summary.is_file() else []
+    rows = json.loads(summary.read_text()) if summarized == 0 and summary.is_file() else []
     if not any(row.get(f"{BENCHMARK}:time_to_train") is not None for row in rows):
-        raise UserError(f"the result summarizer gave no {BENCHMARK} score for {tree} (exit {summarizer.returncode});"
+        raise UserError(f"the result summarizer gave no {BENCHMARK} score for {tree} (exit {summarized});"
                         f" its output is in {out / 'result_summarizer.log'}")
     for row in rows:
         print(f"{row.get('system')}: {BENCHMARK} {row[f'{BENCHMARK}:time_to_train']:.2f} minutes "
