@@ -127,13 +127,6 @@ def host_network_problem(cluster: Cluster, ssh_config: str | None,
             f"no entry for them: {advice}")
 
 
-def _connection(name: str, ssh_config: str | None):
-    from fabric import Config, Connection
-
-    config = Config(runtime_ssh_path=ssh_config) if ssh_config else Config()
-    return Connection(name, config=config, connect_timeout=20)
-
-
 def _check_ssh_config(ssh_config: str | None) -> None:
     if ssh_config and not Path(ssh_config).is_file():
         raise UserError(f"MLPERF_SSH_CONFIG={ssh_config} does not exist: point it at an ssh config file, "
@@ -343,6 +336,8 @@ def prepare_hosts(cluster: Cluster, nproc: int, trainer: list[str], env: dict, s
     they are missing or differ; raise a UserError with one line per host that still cannot take
     part (nothing is started then). `root` and `python` are the project and interpreter the run
     uses here, `env` the environment the run forwards."""
+    from mlperf import remote
+
     _check_ssh_config(ssh_config)
     problem = host_network_problem(cluster, ssh_config, config_dir)
     if problem:
@@ -350,7 +345,7 @@ def prepare_hosts(cluster: Cluster, nproc: int, trainer: list[str], env: dict, s
     others = [h for i, h in enumerate(cluster.hosts) if i != cluster.node_rank]
     device, paths = _trainer_needs(trainer)
     command = probe_command(root, paths, python, _base_of(python), env_words(env))
-    conns = {h: _connection(h, ssh_config) for h in others}
+    conns = {h: remote.connect(h, ssh_config) for h in others}
     checks = {h: functools.partial(probe_remote, conns[h], command, ssh_config_name(ssh_config)) for h in others}
     try:
         with ThreadPoolExecutor(max_workers=len(others) + 1) as pool:

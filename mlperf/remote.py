@@ -146,6 +146,16 @@ def _unreachable(c, exc: Exception) -> UserError:
         "the tunnel is up (backend.ai app SESSION sshd -b 127.0.0.1:9922)")
 
 
+def connect(host: str, ssh_config: str | None = None):
+    """A Fabric connection to `host` (an ssh-config alias or user@host:port) as every multi-host step
+    opens one: the given ssh config file (a cluster's own) or the user's, and a 20 s connect
+    timeout, so an unroutable host is one line rather than minutes of waiting."""
+    from fabric import Config, Connection
+
+    config = Config(runtime_ssh_path=ssh_config) if ssh_config else Config()
+    return Connection(host, config=config, connect_timeout=20)
+
+
 def run_checked(c, command: str, **kwargs):
     """c.run with host keys checked and connection problems turned into one line."""
     if c.connect_timeout is None:
@@ -392,14 +402,11 @@ def run_parallel(commands: dict[str, str], *, ssh_config: str | None = None,
     stopped: their process group gets SIGTERM (torchrun's agent then ends its workers, which live
     in sessions of their own), and SIGKILL after `stop_grace` seconds. Returns 0 if all succeed.
     """
-    from fabric import Config, Connection
-
-    config = Config(runtime_ssh_path=ssh_config) if ssh_config else Config()
     lock = threading.Lock()
     failures: list[int] = []
     failed = threading.Event()
     results: dict[str, int] = {}
-    conns = {host: Connection(host, config=config, connect_timeout=20) for host in commands}
+    conns = {host: connect(host, ssh_config) for host in commands}
     writers = {host: _PrefixWriter(host, lock) for host in commands}
 
     def one(host: str) -> None:
@@ -429,10 +436,10 @@ def run_parallel(commands: dict[str, str], *, ssh_config: str | None = None,
     try:
         while any(t.is_alive() for t in threads.values()):
             if failed.wait(0.2):
-                _stop(conns, writers, threads, config, stop_grace)
+                _stop(conns, writers, threads, ssh_config, stop_grace)
                 break
     except KeyboardInterrupt:
-        _stop(conns, writers, threads, config, stop_grace)
+        _stop(conns, writers, threads, ssh_config, stop_grace)
         failures.append(130)
     for thread in threads.values():
         thread.join(timeout=stop_grace + 5)
@@ -441,9 +448,8 @@ def run_parallel(commands: dict[str, str], *, ssh_config: str | None = None,
     return failures[0] if failures else 0
 
 
-def _stop(conns: dict, writers: dict, threads: dict, config, grace: float) -> None:
+def _stop(conns: dict, writers: dict, threads: dict, ssh_config: str | None, grace: float) -> None:
     """TERM, then KILL, the process group of every command still running, over fresh connections."""
-    from fabric import Connection
 
     running = [host for host, t in threads.items() if t.is_alive() and writers[host].pgid]
     script = ("kill -TERM -- -{pg} 2>/dev/null; i=0; while kill -0 -- -{pg} 2>/dev/null && "
@@ -454,7 +460,7 @@ def _stop(conns: dict, writers: dict, threads: dict, config, grace: float) -> No
 
         def kill(host=host):
             try:
-                with Connection(host, config=config, connect_timeout=20) as killer:
+                with connect(host, ssh_config) as killer:
                     check_host_keys(killer)
                     killer.run(script.format(pg=writers[host].pgid, ticks=int(grace * 2)),
                                hide=True, warn=True, in_stream=False)
