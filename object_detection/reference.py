@@ -190,7 +190,9 @@ class ReferenceAnchorGenerator(AnchorGenerator):
         # float32 whatever autocast made the feature maps: in bfloat16 a coordinate near 1300 moves
         # in steps of 8 pixels
         dtype, device = torch.float32, feature_maps[0].device
-        strides = [[torch.tensor(s, dtype=torch.int64, device=device)] * 2 for s in self.fixed_strides]
+        # Python ints, not tensors made on the device: each torch.tensor(s, device=cuda) is a copy the
+        # host waits for (5 a step); the grid's arange times an int gives the same int32 shifts.
+        strides = [[s, s] for s in self.fixed_strides]
         self.set_cell_anchors(dtype, device)
         per_level = self.grid_anchors(grid_sizes, strides)
         everything = torch.cat(per_level)
