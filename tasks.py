@@ -115,11 +115,14 @@ def image(c, base=None, output=None, tag=None, build=False, push=False, check=No
     "dry_run": DRY_RUN_HELP,
     "verbose": VERBOSE_HELP,
     "detach": DETACH_HELP,
+    "speed": "fast (default) or stock: torchvision's model code without object_detection.fast (the baseline, and a "
+             "first check when a run misbehaves only with the speed code)",
 })
 @step
 def train(c, dataset=None, manifest=None, data_dir=None, gpus=None, nodes=None, batch_size=None, config=None,
           list_configs=False, seed=None, max_epochs=None, resume=False, device=None, log=None, results_dir=None,
-          ruleset=None, submitter=None, status=None, dry_run=False, verbose=False, scratch_ok=False, detach=False):
+          ruleset=None, submitter=None, status=None, dry_run=False, verbose=False, scratch_ok=False, detach=False,
+          speed=None):
     """Train Mask R-CNN with torchrun until the quality target (logs in MLPerf format)."""
     from mlperf import launch
 
@@ -134,7 +137,7 @@ def train(c, dataset=None, manifest=None, data_dir=None, gpus=None, nodes=None, 
     code = launch.train(
         dataset=ds, data_dir=storage_dir(c, data_dir, "data_dir"), gpus=gpus, nodes=nodes,
         batch_size=batch_size, config=config, seed=seed, max_epochs=max_epochs, resume=resume,
-        device=device, log=log, ruleset=option(c, ruleset, "ruleset"), dry_run=dry_run,
+        device=device, log=log, ruleset=option(c, ruleset, "ruleset"), dry_run=dry_run, speed=speed,
         **submission(c, submitter, status),
     )
     if code:

@@ -185,7 +185,7 @@ class Plan:
             args.append(f"--backbone={ds.downloads(root.parent) / ds.backbone}")
         if ds.targets:
             args += [f"--bbox-target={ds.targets['BBOX']}", f"--segm-target={ds.targets['SEGM']}"]
-        for flag in ("seed", "max_epochs", "ruleset", "submitter", "status"):
+        for flag in ("seed", "max_epochs", "ruleset", "submitter", "status", "speed"):
             if o.get(flag) is not None:
                 args.append(f"--{flag.replace('_', '-')}={o[flag]}")
         from mlperf.project import sources_digest  # the log names the code that ran (invoke package checks it)
@@ -247,7 +247,8 @@ class Plan:
             "proposals_per_image": profile.proposals_per_image,
             "num_image_candidates_logged": profile.logged_image_candidates(self.cfg.per_gpu_batch),
             "reference": self.recipe_summary(),
-            "amp": self.amp, "loader_workers_per_process": self.workers, "threads_per_process": self.threads,
+            "amp": self.amp, "speed": self.options.get("speed") or "fast",
+            "loader_workers_per_process": self.workers, "threads_per_process": self.threads,
             "submitter": self.options.get("submitter"), "status": self.options.get("status"), "ruleset": ruleset,
             "log": str(self.log), "missing": self.missing,
         }
@@ -255,7 +256,8 @@ class Plan:
 
 def plan(*, dataset, data_dir: Path, gpus=None, nodes=None, batch_size=None, config=None, seed=None,
          max_epochs=None, resume=False, device=None, log: Path, ruleset: str | None = None,
-         submitter: str | None = None, status: str | None = None, dry_run: bool = False) -> Plan:
+         submitter: str | None = None, status: str | None = None, dry_run: bool = False,
+         speed: str | None = None) -> Plan:
     """Resolve a run. Bad input is a UserError at once; what the host lacks is collected in
     `missing`, which is a UserError (its first line) once planning is done, unless `dry_run`,
     which only reports it (a user checks an 8-GPU run before spending it)."""
@@ -271,6 +273,8 @@ def plan(*, dataset, data_dir: Path, gpus=None, nodes=None, batch_size=None, con
 
     if device not in (None, "cpu", "cuda"):
         raise UserError(f"--device must be cpu or cuda, not {device!r}")
+    if speed not in (None, "fast", "stock"):
+        raise UserError(f"--speed must be fast or stock, not {speed!r}")
     detected = [] if device == "cpu" else host.gpus()  # a CPU run needs no detection (torch: seconds)
     usable = host.torch_cuda_devices() if detected else 0
     cfg = choose_config(config, detected if usable and device != "cpu" else [], ds.name)
@@ -305,7 +309,7 @@ def plan(*, dataset, data_dir: Path, gpus=None, nodes=None, batch_size=None, con
                   nproc=nproc, cluster=cluster, all_nodes=nodes is not None, log=Path(log).resolve(),
                   options={"seed": None if seed is None else int(seed), "resume": resume, "ruleset": ruleset,
                            "max_epochs": None if max_epochs is None else int(max_epochs),
-                           "submitter": submitter, "status": status},
+                           "submitter": submitter, "status": status, "speed": speed},
                   gpu_model=detected[0].name if detected else "", missing=missing,
                   gpu_bf16=detected[0].has_bf16 if detected else _config_bf16(cfg))
     _check_resources(result, lacking)

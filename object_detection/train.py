@@ -214,7 +214,7 @@ def announce(args, run: Run, schedule) -> None:
     if run.main:
         print(json.dumps({"config": args.config_name, "schedule": schedule.source,
                           "amp": str(amp_dtype(args.amp, run.device)), "world_size": run.world_size,
-                          "device": str(run.device)}), flush=True)
+                          "device": str(run.device), "speed": args.speed}), flush=True)
 
 
 def begin_log(log: MLLogger, args, run: Run) -> None:

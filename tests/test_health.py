@@ -8,7 +8,7 @@ from contextlib import nullcontext
 import torch
 
 from conftest import mllog
-from object_detection import engine, fast, train
+from object_detection import engine, train
 
 
 def test_a_loss_that_goes_infinite_stops_the_run_with_one_line(tiny_shapes, tmp_path, monkeypatch, capsys):
@@ -86,24 +86,3 @@ def test_an_fp16_step_the_scaler_skips_leaves_the_optimizer_as_if_it_never_ran()
     assert all(torch.isfinite(p).all() for p in runs["trainer's"])
     assert all(torch.equal(a, b) for a, b in zip(runs["trainer's"], runs["unfused"]))
     assert engine.make_optimizer(_Quadratic(), 0.1, fused=True).defaults["fused"]  # bf16 and fp32 keep it
-
-
-def test_speed_stock_trains_with_torchvisions_model_code(tiny_shapes, tmp_path, monkeypatch):
-    """`--speed stock` is the one switch that leaves out all of object_detection.fast (the baseline,
-    and how a user tells whether a failure is in the speed code); the run still ends as usual."""
-    built = []
-    real_build = train.build_model
-
-    def recording_build(*args, **kwargs):
-        built.append(kwargs["speed"])
-        return real_build(*args, **kwargs)
-
-    monkeypatch.setattr(train, "build_model", recording_build)
-    log = tmp_path / "result_0.txt"
-    code = train.main([f"--data-root={tiny_shapes['data_dir'] / 'tiny'}", "--dataset=tiny", "--profile=shapes-cpu",
-                       "--per-gpu-batch=4", "--workers=0", f"--result-log={log}", "--device=cpu",
-                       "--num-classes=4", "--max-epochs=1", "--seed=1", "--speed=stock"])
-    assert code == 0 and built == [fast.STOCK]
-    events = mllog(log)
-    assert [e["key"] for e in events].count("eval_accuracy") == 1  # trained one epoch and evaluated it
-    assert [e["metadata"]["status"] for e in events if e["key"] == "run_stop"] == ["aborted"]  # the epoch cap

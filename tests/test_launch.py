@@ -6,12 +6,13 @@ runs for real, through the entry point a user types.
 """
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import replace
 
 import pytest
 
-from conftest import one_error_line as assert_one_error_line, run_invoke
+from conftest import mllog, one_error_line as assert_one_error_line, run_invoke
 from mlperf import host, launch
 from mlperf.errors import UserError
 from object_detection.recipe import schedule_for
@@ -90,6 +91,25 @@ def test_an_unknown_config_is_one_error_line(tiny_shapes, tmp_path):
     proc = run_invoke(["train", *tiny_shapes["args"], "--config", "dgx9000", "--device", "cpu",
                        "--log", str(tmp_path / "log.txt")], env=NO_CLUSTER)
     assert_one_error_line(proc, "unknown configuration 'dgx9000'", "--list-configs")
+
+
+def test_speed_stock_runs_torchvisions_model_code_end_to_end(tiny_shapes, tmp_path):
+    """`invoke train --speed stock`: the one switch that leaves out object_detection.fast (the
+    baseline, and a first check when a run misbehaves only with the speed code); the trainer says so
+    in its run line, the dry run in its plan, and the run ends as usual."""
+    log = tmp_path / "result_0.txt"
+    args = ["train", *tiny_shapes["args"], "--device", "cpu", "--log", str(log), "--speed", "stock"]
+    plan = json.loads(run_invoke([*args, "--dry-run"], env=NO_CLUSTER, check=True).stdout)
+    assert plan["speed"] == "stock"
+    done = run_invoke([*args, "--max-epochs", "1"], env=NO_CLUSTER, check=True, timeout=600)
+    assert '"speed": "stock"' in done.stdout
+    assert [e["key"] for e in mllog(log)].count("eval_accuracy") == 1
+
+
+def test_an_unknown_speed_is_one_error_line(tiny_shapes, tmp_path):
+    proc = run_invoke(["train", *tiny_shapes["args"], "--device", "cpu", "--speed", "turbo",
+                       "--log", str(tmp_path / "log.txt")], env=NO_CLUSTER)
+    assert_one_error_line(proc, "--speed must be fast or stock, not 'turbo'")
 
 
 def test_too_little_shared_memory_says_how_to_get_more_on_backend_ai(monkeypatch):
