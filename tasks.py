@@ -80,11 +80,13 @@ def verify(c, dataset=None, manifest=None, data_dir=None, deep=False, force=Fals
 def image(c, base=None, output=None, tag=None, build=False, push=False, check=None, distro=None,
           python=None, gpu_arch=None, cpu_only=False):
     """Write a Backend.AI-ready image build context (labels checked); optionally build and push it."""
+    if check:
+        from mlperf.labels import check_dockerfile
+
+        check_dockerfile(Path(check))
+        return
     from mlperf import image as imaging
 
-    if check:
-        imaging.check_dockerfile(Path(check))
-        return
     imaging.make_image(
         base=option(c, base, "image.base"), output=Path(option(c, output, "image.output")),
         tag=option(c, tag, "image.tag") or None, build=build, push=push, distro=distro, python=python,

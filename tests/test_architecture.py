@@ -135,3 +135,16 @@ def test_the_mlcommons_checkers_are_started_in_one_place():
     starters = [str(p.relative_to(ROOT)) for p in source_files()
                 if re.search(r"[\"']-m[\"'],\s*f?[\"']mlperf_logging\.", p.read_text())]
     assert starters == ["mlperf/results/logs.py"], starters
+
+
+MODULE_LINES = 500
+# Modules still doing several jobs along seams their banners mark (issue: maintainability); each
+# split takes its name off this list, and the test fails while a listed module is already short.
+NOT_YET_SPLIT = {"mlperf/session.py", "mlperf/datasets/verify.py", "mlperf/datasets/fetch.py",
+                 "object_detection/evaluate.py", "mlperf/launch.py"}
+
+
+def test_modules_stay_under_500_lines_but_the_ones_listed_for_splitting():
+    lengths = {str(path.relative_to(ROOT)): len(path.read_text().splitlines()) for path in modules().values()}
+    long = {name for name, lines in lengths.items() if lines > MODULE_LINES}
+    assert long == NOT_YET_SPLIT, {name: lengths[name] for name in long ^ NOT_YET_SPLIT}

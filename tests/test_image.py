@@ -15,6 +15,7 @@ import yaml
 from dockerfile_parse import DockerfileParser
 
 from mlperf import image as imaging
+from mlperf import labels as label_rules
 from mlperf.errors import UserError
 from backendai_client import backendai_client  # noqa: F401  (pytest fixture)
 from conftest import ROOT, one_error_line, run_invoke
@@ -266,9 +267,9 @@ def test_invoke_finds_the_image_code_from_any_folder(context, tmp_path):
 ])
 def test_service_ports_syntax(value, problem, warning):
     labels = dict(expected_labels("ubuntu22.04", "/usr/bin/python3"), **{"ai.backend.service-ports": value})
-    problems = imaging.validate_labels(labels)
+    problems = label_rules.validate_labels(labels)
     assert {p.label for p in problems} <= {"ai.backend.service-ports"}
-    errors, warnings = imaging.errors(problems), [p for p in problems if p.warning]
+    errors, warnings = label_rules.errors(problems), [p for p in problems if p.warning]
     assert [problem in e.message for e in errors] == ([] if problem is None else [True]), errors
     assert [warning in w.message for w in warnings] == ([] if warning is None else [True]), warnings
 
@@ -297,7 +298,7 @@ def test_service_ports_syntax(value, problem, warning):
 ])
 def test_label_values_are_checked(label, value, problem, warning):
     labels = dict(expected_labels("ubuntu22.04", "/usr/bin/python3"), **{label: value})
-    problems = imaging.validate_labels(labels)
+    problems = label_rules.validate_labels(labels)
     assert problems and problem in problems[0].message and problems[0].warning is warning, problems
     assert {p.label for p in problems} <= {label, "ai.backend.endpoint-ports", "ai.backend.model-path",
                                            "ai.backend.model-format"}
@@ -306,14 +307,14 @@ def test_label_values_are_checked(label, value, problem, warning):
 @pytest.mark.parametrize("features", ["batch query uid-match user-input tty private operation", "uid-match"])
 def test_every_feature_backend_ai_knows_is_accepted(features):
     labels = dict(expected_labels("ubuntu22.04", "/usr/bin/python3"), **{"ai.backend.features": features})
-    assert imaging.validate_labels(labels) == []
+    assert label_rules.validate_labels(labels) == []
 
 
 def test_missing_required_and_recommended_labels():
     labels = expected_labels("ubuntu22.04", "/usr/bin/python3")
     for name in ("ai.backend.runtime-type", "ai.backend.resource.min.cpu"):
         del labels[name]
-    problems = imaging.validate_labels(labels)
+    problems = label_rules.validate_labels(labels)
     assert [(p.label, p.warning) for p in problems] == [("ai.backend.runtime-type", False),
                                                        ("ai.backend.resource.min.cpu", True)]
     assert "24.09 and later use 'app'" in problems[0].message
@@ -323,7 +324,7 @@ def test_missing_required_and_recommended_labels():
 def test_sizes_backend_ai_accepts(size):
     labels = dict(expected_labels("ubuntu22.04", "/usr/bin/python3"), **{
         "ai.backend.resource.min.mem": size, "ai.backend.resource.preferred.shmem": size})
-    assert imaging.validate_labels(labels) == []
+    assert label_rules.validate_labels(labels) == []
 
 
 def test_library_defaults_match_invoke_yaml():
@@ -371,14 +372,14 @@ def test_base_distro_is_one_the_agent_has_helpers_for(distro, served):
     tests/integration (a debian12 image fails to start there, and the same bookworm image labelled
     ubuntu22.04 runs)."""
     labels = dict(expected_labels("ubuntu22.04", "/usr/bin/python3"), **{"ai.backend.base-distro": distro})
-    assert (imaging.errors(imaging.validate_labels(labels)) == []) is served
+    assert (label_rules.errors(label_rules.validate_labels(labels)) == []) is served
 
 
 @pytest.mark.parametrize("debian, ubuntu", [("10", "18.04"), ("11", "20.04"), ("12", "22.04"), ("13", "24.04")])
 def test_a_debian_base_is_told_the_ubuntu_release_its_glibc_can_run(debian, ubuntu):
-    advice = imaging.distro_advice(f"debian{debian}")
+    advice = label_rules.distro_advice(f"debian{debian}")
     assert advice.startswith(f"label it ubuntu{ubuntu}: Debian {debian} has glibc")
-    assert imaging.UBUNTU_GLIBC[ubuntu] <= imaging.DEBIAN_GLIBC[debian]
+    assert label_rules.UBUNTU_GLIBC[ubuntu] <= label_rules.DEBIAN_GLIBC[debian]
 
 
 def test_invoke_image_and_check_refuse_a_debian_distro(tmp_path):
@@ -404,7 +405,7 @@ def test_cpu_only_image_asks_for_what_a_cpu_agent_has(tmp_path):
     assert "CPU only" in proc.stdout
     assert "docker build --platform linux/amd64 -t mlperf-maskrcnn:1-cpu " in proc.stdout
     one_error_line(proc, "no Docker daemon answers here")
-    labels = imaging.dockerfile_labels((out / "Dockerfile").read_text())
+    labels = label_rules.dockerfile_labels((out / "Dockerfile").read_text())
     assert labels["ai.backend.resource.min.cpu"] == "1" and labels["ai.backend.resource.min.mem"] == "1g"
     assert labels["ai.backend.resource.preferred.shmem"] == "256m"
     assert not {"ai.backend.accelerators", "ai.backend.resource.min.cuda.device"} & set(labels)
@@ -417,7 +418,7 @@ def test_image_resources_without_gpus_make_a_cpu_image_too(tmp_path):
     """image.resources.gpus: 0 (here from the environment, as invoke reads it) drops the cuda labels."""
     out = tmp_path / "ctx"
     run_invoke(["image", "--output", str(out)], env={"INVOKE_MLPERF_IMAGE_RESOURCES_GPUS": "0"}, check=True)
-    labels = imaging.dockerfile_labels((out / "Dockerfile").read_text())
+    labels = label_rules.dockerfile_labels((out / "Dockerfile").read_text())
     assert "ai.backend.accelerators" not in labels and labels["ai.backend.resource.min.cpu"] == "4"
 
 
@@ -429,7 +430,7 @@ def test_check_is_linear_in_unclosed_variables(piece):
     timings = []
     for body in (plain, text):
         started = time.monotonic()
-        labels = imaging.dockerfile_labels(body)
+        labels = label_rules.dockerfile_labels(body)
         timings.append(time.monotonic() - started)
     assert labels["ai.backend.kernelspec"].startswith("1" + piece)   # closed ones still substituted
     assert timings[1] < 5 * timings[0] + 0.5, timings
@@ -437,8 +438,8 @@ def test_check_is_linear_in_unclosed_variables(piece):
 
 def test_substitution_still_follows_docker():
     known = {"A": "a", "E": ""}
-    assert imaging._substitute("${A}-$A-${B:-b}-${E:-e}-${E-e}-${A:+p}-${B:+p}-${A", known) == "a-a-b-e--p--${A"
-    assert imaging._substitute("${A:-x}$A ${B", known) == "a" + "a ${B"
+    assert label_rules._substitute("${A}-$A-${B:-b}-${E:-e}-${E-e}-${A:+p}-${B:+p}-${A", known) == "a-a-b-e--p--${A"
+    assert label_rules._substitute("${A:-x}$A ${B", known) == "a" + "a ${B"
 
 
 # --- the validator against Backend.AI's own parser ------------------------------------------------
@@ -547,8 +548,8 @@ def test_validator_agrees_with_backend_ai(backendai_client):  # noqa: F811
     verdicts = json.loads(proc.stdout)
     for (changes, difference), labels, theirs in zip(LABEL_SETS, sets, verdicts):
         backend_ai = theirs["rescan"] is None and theirs["agent"] is None
-        problems = imaging.validate_labels(labels)
-        ours = not imaging.errors(problems)
+        problems = label_rules.validate_labels(labels)
+        ours = not label_rules.errors(problems)
         if difference is None:
             assert ours == backend_ai, (changes, theirs, problems)
         else:   # the one stated difference, and no other
