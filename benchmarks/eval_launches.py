@@ -47,7 +47,13 @@ class CountOps(TorchDispatchMode):
 
 def gpu_path_on_cpu() -> None:
     """Send CPU tensors down the GPU encoding path (on a CPU, pycocotools' C encoder is used)."""
-    if hasattr(evaluate, "_on_gpu"):
+    try:
+        from object_detection import rle
+    except ImportError:  # code before the encoders left evaluate.py
+        rle = None
+    if rle is not None:
+        rle.on_gpu = lambda masks: isinstance(masks, torch.Tensor)
+    elif hasattr(evaluate, "_on_gpu"):
         evaluate._on_gpu = lambda masks: isinstance(masks, torch.Tensor)
     else:  # code before the batch was encoded in one pass: one _encode_tensor per image
         def encode(masks):

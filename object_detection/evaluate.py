@@ -26,6 +26,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from object_detection.rle import encode_all
+
 log = logging.getLogger(__name__)
 
 IOU_TYPES = ("bbox", "segm")
@@ -33,7 +35,6 @@ IOU_TYPES = ("bbox", "segm")
 # 1e-4 in tests/test_evaluate.py) is used when installed: about 7x less time on 1000 COCO-like
 # images with 100 detections each (80 s against 11 s on a loaded 2-core host).
 BACKENDS = ("auto", "pycocotools", "faster_coco_eval")
-MASK_THRESHOLD = 0.5
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
               "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
@@ -145,7 +146,7 @@ def detections_to_results(outputs: Sequence[Mapping], image_ids: Sequence[int],
     """detections_to_coco as CocoResults columns.
 
     The whole batch at once: GPU tensors cross to the host in one copy per field, and every mask of
-    the batch is RLE-encoded in one pass (`_encode_tensors`); image by image, these were five waits
+    the batch is RLE-encoded in one pass (`rle.encode_tensors`); image by image, these were five waits
     for the GPU and ~70 small kernels per image.
     """
     outputs, image_ids = list(outputs), [int(i) for i in image_ids]
@@ -169,7 +170,7 @@ def detections_to_results(outputs: Sequence[Mapping], image_ids: Sequence[int],
     boxes[:, 2:] -= boxes[:, :2] - box_offset
     segmentations = None
     if any("masks" in output for output, _ in found):
-        segmentations = _encode_all([output.get("masks") for output, _ in found], per_image)
+        segmentations = encode_all([output.get("masks") for output, _ in found], per_image)
     return CocoResults(ids, lookup[labels], scores, boxes, segmentations)
 
 
@@ -180,37 +181,6 @@ def _numpy_cat(values: list) -> np.ndarray:
 
         return _numpy(torch.cat([value.detach().to(values[0].device) for value in values]))
     return np.concatenate([_numpy(value) for value in values])
-
-
-def _encode_all(masks: list, per_image: list[int]) -> list[dict | None]:
-    """Every image's mask RLEs in order (None for each result of an image without masks): the
-    masks of all images on a GPU in one `_encode_tensors` pass, the others image by image."""
-    on_gpu = [_on_gpu(m) for m in masks]
-    for m, n in zip(masks, per_image):
-        if m is not None and len(m) != n:
-            raise ValueError(f"{len(m)} masks for {n} boxes")
-    from_gpu = iter(_encode_tensors([_binary(m) for m, gpu in zip(masks, on_gpu) if gpu]) if any(on_gpu) else [])
-    encoded = []
-    for m, n, gpu in zip(masks, per_image, on_gpu):
-        if m is None:
-            encoded += [None] * n
-        elif gpu:
-            encoded += [next(from_gpu) for _ in range(n)]
-        else:
-            encoded += _encode_masks(m)
-    return encoded
-
-
-def _on_gpu(masks) -> bool:
-    return hasattr(masks, "detach") and masks.device.type != "cpu"
-
-
-def _binary(masks):
-    """Bool [N,H,W] of a tensor [N,1,H,W] or [N,H,W] of probabilities (> 0.5) or binary masks."""
-    masks = masks.detach()
-    if masks.dim() == 4:
-        masks = masks[:, 0]
-    return masks > MASK_THRESHOLD if masks.is_floating_point() else masks != 0
 
 
 def _label_lookup(label_to_category: Sequence[int] | Mapping[int, int]) -> np.ndarray:
@@ -238,95 +208,6 @@ def _numpy(value) -> np.ndarray:
             value = value.float()
         return value.cpu().numpy()
     return np.asarray(value)
-
-
-def _encode_masks(masks) -> list[dict]:
-    """RLE of each mask, on the host (pycocotools' one C pass beats torch's several on a CPU;
-    masks on a GPU go through `_encode_tensors` instead): [N,1,H,W] or [N,H,W], probabilities
-    (> 0.5) or already binary, tensors or arrays."""
-    if hasattr(masks, "detach"):
-        masks = _binary(masks).cpu().numpy()
-    masks = np.asarray(masks)
-    if masks.ndim == 4:
-        masks = masks[:, 0]
-    binary = masks > MASK_THRESHOLD if np.issubdtype(masks.dtype, np.floating) else masks != 0
-    # pycocotools wants Fortran (H, W, N), which is C (N, W, H): one call for all masks.
-    by_column = np.ascontiguousarray(binary.transpose(0, 2, 1), dtype=np.uint8)
-    rles = mask_utils.encode(by_column.transpose(2, 1, 0))
-    for rle in rles:
-        rle["counts"] = rle["counts"].decode("ascii")  # JSON and pickles want text
-    return rles
-
-
-def _encode_tensors(binaries: list) -> list[dict]:
-    """COCO RLE of bool masks, given as [N_i,H_i,W_i] tensors (one per image, sizes may differ),
-    computed where the tensors live.
-
-    On a GPU the run boundaries, the run lengths and their compressed text (`_compress_counts`)
-    are found on the device for every mask at once; only the text crosses to the host (a few bytes
-    a run, not H*W a mask), and the host slices it. Every mask's pixels, in COCO's column-major
-    order, are laid end to end in one stream, so masks of different sizes need no padding. The
-    same text as mask_utils.encode (tests/test_evaluate.py checks it, running this on CPU tensors).
-    """
-    import torch
-
-    binaries = [b for b in binaries if len(b)]
-    if not binaries:
-        return []
-    device = binaries[0].device
-    sizes = [list(b.shape[1:]) for b in binaries for _ in range(len(b))]
-    pixels = torch.tensor([h * w for h, w in sizes], device=device)                  # per mask
-    offsets = pixels.cumsum(0) - pixels
-    stream = torch.cat([b.transpose(1, 2).reshape(-1) for b in binaries])  # COCO runs go down columns
-    starts = stream.clone()  # a run starts at a mask's first pixel if it is set, and wherever a
-    starts[1:] = stream[1:] != stream[:-1]  # pixel differs from the one before in the same mask
-    starts[offsets] = stream[offsets]
-    found = starts.nonzero()[:, 0]  # in order: by mask, then by pixel
-    instance = torch.searchsorted(offsets, found, right=True) - 1
-    position = found - offsets[instance]
-    n = len(sizes)
-    # Each mask's counts: the gaps between its boundaries, then from the last one to the end.
-    boundaries = torch.bincount(instance, minlength=n)
-    first = torch.ones_like(instance, dtype=torch.bool)
-    first[1:] = instance[1:] != instance[:-1]
-    gaps = position - torch.where(first, 0, position.roll(1))
-    last = torch.zeros(n, dtype=position.dtype, device=device)
-    last.scatter_reduce_(0, instance, position, "amax")
-    lengths = boundaries + 1
-    mask_start = lengths.cumsum(0) - lengths
-    counts = torch.empty(len(position) + n, dtype=torch.int64, device=device)
-    rank = torch.arange(len(position), device=device) - (boundaries.cumsum(0) - boundaries)[instance]
-    counts[mask_start[instance] + rank] = gaps
-    counts[mask_start + boundaries] = pixels - last
-    text, chars = _compress_counts(counts, lengths)
-    text = text.cpu().numpy().tobytes().decode("ascii")
-    bounds = [0] + chars.cumsum(0).tolist()
-    return [{"size": size, "counts": text[a:b]} for size, a, b in zip(sizes, bounds[:-1], bounds[1:])]
-
-
-def _compress_counts(counts, lengths):
-    """pycocotools' rleToString for many masks at once, as tensors: `counts` of all masks back to
-    back, `lengths[k]` of them mask k's. From the third count of a mask on, a count is stored as
-    its difference to the count two before; each value is written in 5-bit groups, low first, as
-    characters from '0' on, with 0x20 set while more groups follow (the last group's 0x10 bit is
-    the sign). Returns every mask's characters back to back (uint8) and their number per mask."""
-    import torch
-
-    device = counts.device
-    owner = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths,
-                                    output_size=len(counts))
-    rank = torch.arange(len(counts), device=device) - (lengths.cumsum(0) - lengths)[owner]
-    two_before = torch.cat([counts.new_zeros(2), counts[:-2]])
-    value = counts - torch.where(rank > 2, two_before, 0)
-    shifts = torch.arange(0, 35, 5, device=device)  # 7 groups of 5 bits hold any int32
-    chunk = (value[:, None] >> shifts) & 0x1F
-    rest = value[:, None] >> (shifts + 5)
-    more = torch.where(chunk & 0x10 != 0, rest != -1, rest != 0)  # once false, false after
-    used = 1 + more[:, :6].sum(dim=1)
-    characters = (chunk | (more.to(chunk.dtype) << 5)) + 48
-    text = characters[torch.arange(7, device=device) < used[:, None]].to(torch.uint8)
-    per_mask = torch.zeros(len(lengths), dtype=used.dtype, device=device).index_add_(0, owner, used)
-    return text, per_mask
 
 
 def score_results(coco_gt: COCO, results: Sequence[dict] | CocoResults,

@@ -18,8 +18,9 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from object_detection import evaluate
-from object_detection.evaluate import (CocoEvaluator, _encode_tensors, detections_to_coco,
+from object_detection import rle
+from object_detection.rle import encode_tensors
+from object_detection.evaluate import (CocoEvaluator, detections_to_coco,
                                        evaluate_results, score_results)
 from mlperf.datasets.shapes import make_shapes
 
@@ -164,7 +165,7 @@ def test_outputs_under_autocast_are_taken_as_they_come(coco_gt):
 
 
 def test_run_lengths_found_by_torch_are_the_bytes_pycocotools_encodes():
-    """The GPU path (_encode_tensors), run here on CPU tensors: edge cases and random masks, one
+    """The GPU path (encode_tensors), run here on CPU tensors: edge cases and random masks, one
     image at a time and all images (each its own size) in one pass."""
     generator = torch.Generator().manual_seed(0)
     cases = [torch.zeros(2, 5, 7, dtype=torch.bool), torch.ones(2, 5, 7, dtype=torch.bool),
@@ -188,14 +189,14 @@ def test_run_lengths_found_by_torch_are_the_bytes_pycocotools_encodes():
         expected = [{"size": list(rle["size"]), "counts": rle["counts"].decode()} for rle in
                     mask_utils.encode(np.asfortranarray(masks.permute(1, 2, 0).numpy(), dtype=np.uint8))] \
             if len(masks) else []
-        assert _encode_tensors([masks]) == expected
+        assert encode_tensors([masks]) == expected
         everything += expected
-    assert _encode_tensors(cases) == everything
-    assert _encode_tensors([]) == []
+    assert encode_tensors(cases) == everything
+    assert encode_tensors([]) == []
 
 
 def test_a_batch_encoded_in_one_pass_gives_what_each_image_gives(coco_gt, monkeypatch):
-    """detections_to_coco routes GPU masks of a whole batch through one _encode_tensors pass; with
+    """detections_to_coco routes GPU masks of a whole batch through one encode_tensors pass; with
     CPU tensors taken for GPU ones, the results are those of the image-by-image path, also for an
     image without detections and one without masks in the same batch."""
     image_ids = coco_gt.getImgIds()[:5]
@@ -204,10 +205,10 @@ def test_a_batch_encoded_in_one_pass_gives_what_each_image_gives(coco_gt, monkey
     outputs[3] = {key: value for key, value in outputs[3].items() if key != "masks"}
     expected = [r for out, i in zip(outputs, image_ids) for r in detections_to_coco([out], [i], LABEL_TO_CATEGORY)]
     assert any("segmentation" not in r for r in expected) and sum("segmentation" in r for r in expected) > 3
-    monkeypatch.setattr(evaluate, "_on_gpu", lambda masks: isinstance(masks, torch.Tensor))
+    monkeypatch.setattr(rle, "on_gpu", lambda masks: isinstance(masks, torch.Tensor))
     calls = []
-    encode = evaluate._encode_tensors
-    monkeypatch.setattr(evaluate, "_encode_tensors", lambda binaries: calls.append(len(binaries)) or encode(binaries))
+    encode = rle.encode_tensors
+    monkeypatch.setattr(rle, "encode_tensors", lambda binaries: calls.append(len(binaries)) or encode(binaries))
     assert detections_to_coco(outputs, image_ids, LABEL_TO_CATEGORY) == expected
     assert calls == [3]  # the three images with detections and masks
 
