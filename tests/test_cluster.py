@@ -112,6 +112,7 @@ def run_train(site: Site, tiny_shapes, hosts: str, log: Path) -> subprocess.Comp
                           timeout=600)
 
 
+@pytest.mark.slow
 def test_a_host_that_starts_empty_gets_the_project_and_venv_and_trains(site, tiny_shapes, tmp_path):
     proc = run_train(site, tiny_shapes, "main1,sub1", tmp_path / "result_0.txt")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -126,6 +127,7 @@ def test_a_host_that_starts_empty_gets_the_project_and_venv_and_trains(site, tin
     assert not (tree / "data").exists()   # data is never copied
 
 
+@pytest.mark.slow
 def test_a_host_with_other_requirements_is_brought_up_to_date_keeping_its_own_files(site, capsys):
     prepare(site, "main1,sub2")
     out = capsys.readouterr().out
@@ -156,6 +158,7 @@ def test_hosts_that_cannot_take_part_get_one_line_each_and_nothing_is_copied(sit
     assert len(lines) == 2 and list(site.trees["sub4"].iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_host_with_fewer_gpus_or_cores_than_processes_is_refused(site):
     with pytest.raises(UserError, match=r"same1: torch sees 0 GPU\(s\) there but the run starts 2 process"):
         prepare(site, "main1,same1", nproc=2, trainer=("--device=cuda",))
@@ -163,6 +166,7 @@ def test_a_host_with_fewer_gpus_or_cores_than_processes_is_refused(site):
         prepare(site, "main1,same1", nproc=4096)
 
 
+@pytest.mark.slow
 def test_invoke_train_refuses_an_unreachable_host_with_one_error_line(site, tiny_shapes, tmp_path):
     proc = run_train(site, tiny_shapes, "main1,sub3", tmp_path / "result_0.txt")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr + proc.stdout, proc.stderr

@@ -142,6 +142,7 @@ def test_the_default_is_the_same_accelerator_and_count_then_the_nearest():
 # --- invoke compare --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_published_logs_beside_themselves_differ_by_nothing(raw, tmp_path, sandbox):
     srv, _ = raw
     proc = compare("--from-logs", str(REFERENCE), "--with", NVIDIA, sandbox=sandbox, mirror=srv.url())
@@ -163,6 +164,7 @@ def test_the_published_logs_beside_themselves_differ_by_nothing(raw, tmp_path, s
     assert again.returncode == 0 and srv.requests == [] and "nothing to do" in again.stdout
 
 
+@pytest.mark.slow
 def test_source_links_the_logs_from_checkouts_of_the_repositories(tmp_path, sandbox):
     source = tmp_path / "checkouts"
     logs = source / "training_results_v3.0" / "NVIDIA" / "results" / "dgxh100_ngc23.04_pytorch" / "maskrcnn"
@@ -180,6 +182,7 @@ def test_source_links_the_logs_from_checkouts_of_the_repositories(tmp_path, sand
                    "--source", "has no training_results_v3.0")
 
 
+@pytest.mark.slow
 def test_a_cpu_series_beside_the_dgx_h100(raw, tmp_path, sandbox):
     srv, _ = raw
     root = cpu_series(Path(sandbox["INVOKE_MLPERF_RESULTS_DIR"]))
@@ -204,6 +207,7 @@ def test_a_cpu_series_beside_the_dgx_h100(raw, tmp_path, sandbox):
         assert len(png.convert("RGB").getcolors(1 << 20)) > 50  # drawn: lines, text and legend, not a blank canvas
 
 
+@pytest.mark.slow
 def test_a_series_keeps_its_compliance_verdicts_and_a_folder_is_a_side(tmp_path, sandbox):
     root = cpu_series(Path(sandbox["INVOKE_MLPERF_RESULTS_DIR"]))
     runs = [{"index": i, "compliant": i != 0, "messages": [] if i else ["a rule"]} for i in range(5)]
@@ -215,6 +219,7 @@ def test_a_series_keeps_its_compliance_verdicts_and_a_folder_is_a_side(tmp_path,
     assert theirs["label"] == REFERENCE.name and theirs["hardware"] == "8x NVIDIA H100-SXM5-80GB"  # its system_desc.json
 
 
+@pytest.mark.slow
 def test_logs_with_blocks_and_no_epochs_are_cut_by_their_blocks(tmp_path, sandbox):
     epochs, blocks = tmp_path / "epochs", tmp_path / "blocks"  # v0.7 TPU logs have block_start/stop only
     for i in range(3):
@@ -231,6 +236,7 @@ def test_logs_with_blocks_and_no_epochs_are_cut_by_their_blocks(tmp_path, sandbo
     assert all(abs(v) < 1e-3 for v in doc["breakdown"][0]["parts"].values())
 
 
+@pytest.mark.slow
 def test_unknown_ids_and_other_benchmarks_are_one_line_each_and_write_nothing(raw, tmp_path, sandbox):
     srv, _ = raw
     results = Path(sandbox["INVOKE_MLPERF_RESULTS_DIR"])
@@ -249,6 +255,7 @@ def test_unknown_ids_and_other_benchmarks_are_one_line_each_and_write_nothing(ra
     assert not list(results.rglob("compare.*"))
 
 
+@pytest.mark.slow
 def test_logs_that_do_not_parse_are_one_line(raw, tmp_path, sandbox):
     srv, _ = raw
     noise = tmp_path / "noise"

@@ -24,6 +24,7 @@ splits:
 """
 
 
+@pytest.mark.slow
 def test_doctor_fails_when_the_dataset_cannot_fit(tmp_path, sandbox):
     manifest = tmp_path / "huge.yaml"
     manifest.write_text(HUGE)
@@ -73,6 +74,7 @@ def test_cluster_variables_are_reported_and_checked():
     assert row.level == "warn"
 
 
+@pytest.mark.slow
 def test_doctor_fails_a_torch_without_kernels_for_the_gpus(tmp_path, sandbox):
     """The seed's cluster: 8 x V100 (sm_70). No GPU can exist here, so an `nvidia-smi` on PATH
     answers doctor's query as a V100 host's driver does; torch is this venv's real one, whose

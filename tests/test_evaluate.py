@@ -258,6 +258,7 @@ def _rank_main(rank: int, world_size: int, port: int, outputs: dict, annotation_
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_gather_to_the_single_process_score(coco_gt, tmp_path):
     outputs = all_outputs(coco_gt, perturbed_outputs)
     single = evaluate_results(coco_gt, to_results(outputs))
@@ -273,6 +274,7 @@ def test_two_gloo_ranks_gather_to_the_single_process_score(coco_gt, tmp_path):
     assert gathered["aps"] == single
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["pycocotools", "faster_coco_eval"])
 def test_categories_scored_in_worker_processes_give_the_same_numbers(coco_gt, backend):
     """score_results(workers=N) splits the categories over N processes and merges their

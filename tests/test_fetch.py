@@ -132,6 +132,7 @@ def test_server_without_range_support_restarts_cleanly(tmp_path, served):
     assert (tmp_path / "data/mini/downloads/blob.bin").read_bytes() == data
 
 
+@pytest.mark.slow
 def test_killed_download_resumes_without_sending_bytes_again(tmp_path, served):
     folder, data = served
     slow = Faults(rate=2_000_000)
@@ -240,6 +241,7 @@ def test_source_folder_is_used_instead_of_the_network(tmp_path, served):
     assert (folder / "blob.bin").read_bytes() == data  # the user's own file is left alone
 
 
+@pytest.mark.slow
 def test_mirror_replaces_the_base_url(tmp_path, served):
     folder, data = served
     dead = f"http://127.0.0.1:{free_port()}"
@@ -268,6 +270,7 @@ def fetched(tmp_path_factory):
     return tmp / "data", data
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["unknown dataset", "bad yaml", "missing md5", "data dir not writable"])
 def test_bad_input_is_one_line_and_keeps_verified_data(tmp_path, fetched, case):
     shutil.copytree(fetched[0], tmp_path / "data", copy_function=shutil.copy2)
@@ -417,6 +420,7 @@ def test_state_file_is_valid_json_after_fetch(tmp_path, served):
                                           "stat": [got.stat().st_size, got.stat().st_mtime_ns]}
 
 
+@pytest.mark.slow
 def test_archive_deleted_after_extraction_is_not_fetched_again(tmp_path, served):
     folder, _ = served
     archive = zip_bytes({"imgs/a.jpg": b"a" * 10})

@@ -40,6 +40,7 @@ def value(events: list[dict], key: str):
     return found
 
 
+@pytest.mark.slow
 def test_nothing_of_the_dataset_is_read_before_run_start(tiny_shapes, tmp_path):
     hook = tmp_path / "hook"
     hook.mkdir()
@@ -138,6 +139,7 @@ def test_the_closed_lr_rule_is_the_compliance_checker_s_own():
             assert closed_lr_accepted(lr, batch, ruleset) == expected, (ruleset, batch, lr)
 
 
+@pytest.mark.slow
 def test_submitter_and_status_reach_the_log_and_the_system_description(tiny_shapes, tmp_path, sandbox):
     results = tmp_path / "results"
     proc = run_invoke(["time", *tiny_shapes["args"], "--runs", "1", "--max-epochs", "1", "--results-dir", str(results), "--series", "who",
@@ -168,6 +170,7 @@ def test_a_bad_submitter_or_status_is_one_line_before_anything_runs(flags, messa
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_the_warm_up_trains_nothing_and_leaves_no_gradients():
     from object_detection.engine import warm_up
     from object_detection.model import build_model

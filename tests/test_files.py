@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import ROOT
 from mlperf.files import atomic_write, read_json, replace_tree, write_json
 
@@ -40,6 +42,7 @@ def test_a_writer_killed_between_write_and_rename_leaves_the_old_content(tmp_pat
     assert len(leftovers) == 1 and leftovers[0].startswith(".state.json.tmp-")  # hidden, never the name
 
 
+@pytest.mark.slow
 def test_writers_killed_at_random_moments_never_leave_a_torn_file(tmp_path):
     target = tmp_path / "big.txt"
     atomic_write(target, "a" * 2_000_000)

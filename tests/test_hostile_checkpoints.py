@@ -77,6 +77,7 @@ class RunsCode:
 
 # -- 1: a hostile checkpoint is data, never code -----------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("writer", ["torch.save", "pickle"])
 def test_a_checkpoint_that_would_run_code_is_refused_in_one_line_and_runs_nothing(tiny_shapes, tmp_path, writer):
     log = unfinished_log(tmp_path / "result_0.txt")
@@ -110,6 +111,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_in_one_line_and_runs_nothin
 
 # -- binding: a checkpoint resumes only the run it was written for -----------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["another run's", "unbound"])
 def test_a_checkpoint_of_another_run_is_refused_in_one_line(tiny_shapes, tmp_path, kind):
     other = unfinished_log(tmp_path / "other" / "result_0.txt", seed=7)
@@ -131,6 +133,7 @@ def test_a_checkpoint_of_another_run_is_refused_in_one_line(tiny_shapes, tmp_pat
 
 # -- 8: a new run removes the previous run's checkpoint ---------------------------------------------
 
+@pytest.mark.slow
 def test_a_new_run_that_dies_early_leaves_no_old_checkpoint_to_resume(tiny_shapes, tmp_path):
     log = unfinished_log(tmp_path / "result_0.txt")
     ckpt = real_checkpoint(tmp_path / "result_0.txt.ckpt", log)  # the killed run's, valid for its log
@@ -149,6 +152,7 @@ def test_a_new_run_that_dies_early_leaves_no_old_checkpoint_to_resume(tiny_shape
 
 # -- 7: --resume of a finished run ------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_resume_of_a_finished_run_keeps_its_log_and_has_nothing_to_do(tiny_shapes, tmp_path):
     log = write_log(tmp_path / "result_0.txt", minutes=5, epochs=2, status="success", division="open")
     before = log.read_bytes()
@@ -162,6 +166,7 @@ def test_resume_of_a_finished_run_keeps_its_log_and_has_nothing_to_do(tiny_shape
 
 # -- 9: one run at a time on a log ------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_second_run_on_a_log_in_use_is_refused_naming_the_pid(tiny_shapes, tmp_path):
     log = tmp_path / "result_0.txt"
     lock = tmp_path / ".result_0.txt.lock"
@@ -230,6 +235,7 @@ def full_disk_run(tiny_shapes, tmp_path_factory):
                "aside": [p.read_bytes() for p in folder.glob("result_0.txt.replaced-*")]}
 
 
+@pytest.mark.slow
 def test_a_full_disk_at_checkpoint_time_is_one_warning_and_the_run_goes_on(full_disk_run):
     proc, log = full_disk_run["proc"], full_disk_run["log"]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -245,6 +251,7 @@ def test_a_full_disk_at_checkpoint_time_is_one_warning_and_the_run_goes_on(full_
     assert not any(name.startswith(".result_0.txt.ckpt") for name in full_disk_run["files"])  # temporary removed
 
 
+@pytest.mark.slow
 def test_a_new_run_moves_a_finished_log_aside_and_removes_leftover_temporaries(full_disk_run):
     files = full_disk_run["files"]
     assert full_disk_run["aside"] == [full_disk_run["finished"]]  # the finished run's log, byte for byte

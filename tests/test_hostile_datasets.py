@@ -278,6 +278,7 @@ HOSTILE_SETS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, message", HOSTILE_SETS, ids=[c for c, _ in HOSTILE_SETS])
 def test_a_set_that_would_crash_or_exhaust_training_fails_verify(user_set, tmp_path, case, message):
     manifest, root, doc = user_set

@@ -150,6 +150,7 @@ def test_two_fetches_at_once_the_second_stops_and_the_first_finishes(tmp_path):
     assert [r.path for r in srv.requests] == ["blob.bin"]  # the second one asked nothing
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("length", [True, False])
 def test_download_stops_at_the_manifest_size(tmp_path, length):
     """30 MiB served for a 300 kB file: refused from the Content-Length, or cut at 300 kB + 1."""
@@ -162,6 +163,7 @@ def test_download_stops_at_the_manifest_size(tmp_path, length):
     assert sum(p.stat().st_size for p in (tmp_path / "data/mini/downloads").glob("blob.bin*")) <= 300_000
 
 
+@pytest.mark.slow
 def test_a_trickle_is_retried_then_refused(tmp_path):
     (tmp_path / "srv").mkdir()
     data = make_file(tmp_path / "srv/blob.bin", 1000)
@@ -216,6 +218,7 @@ def test_full_disk_while_unpacking_is_one_line_and_leaves_no_half_tree(tmp_path,
     assert (small_disk / "mini/downloads/set.zip").read_bytes() == archive  # checked, kept
 
 
+@pytest.mark.slow
 def test_unpacked_size_is_checked_against_free_space_before_unpacking(tmp_path, small_disk):
     """A 4 MiB file that deflates to a few kB passes the check made before the download (which can
     only guess from the archive's size); the zip's own directory stops it before writing."""
@@ -242,6 +245,7 @@ def test_bad_redirects_are_one_line(tmp_path, fault, reason):
     assert reason in err and "cannot download blob.bin" in err
 
 
+@pytest.mark.slow
 def test_secrets_in_urls_are_never_shown(tmp_path):
     (tmp_path / "srv").mkdir()
     with FileServer(tmp_path / "srv", {"gone.bin": Faults(statuses=[503])}) as srv:
@@ -322,6 +326,7 @@ def test_bad_jobs_and_settings_are_one_line_each(tmp_path, monkeypatch):
         monkeypatch.delenv(var)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ['{"files": []}', '{"files": {"blob.bin": "x"}, "extracted": 3}'])
 def test_a_damaged_state_file_is_rechecked_not_trusted(tmp_path, damage):
     (tmp_path / "srv").mkdir()

@@ -34,6 +34,7 @@ def no_traceback(proc) -> None:
 # --- one pass over a log, with a line-length cap --------------------------------------------------
 
 
+@pytest.mark.slow
 def test_long_lines_are_left_out_in_linear_time_and_never_given_to_the_checker(tmp_path, sandbox):
     """2 MB of `:::MLLOG {` made the old reader's regex rescan from each of them (minutes); a 600 KB record
     made the compliance checker's own parser quadratic (its `.*:::MLLOG ` substitution: minutes more)."""
@@ -60,6 +61,7 @@ def test_long_lines_are_left_out_in_linear_time_and_never_given_to_the_checker(t
 # --- run times ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_run_whose_run_stop_precedes_run_start_is_dropped_with_the_reason(tmp_path, sandbox):
     logs = tmp_path / "backwards"
     open_series_logs(logs, minutes=(30, 31, 32, 33, -18518.5))
@@ -125,6 +127,7 @@ LEFT_OUT = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(LEFT_OUT))
 def test_a_record_no_logger_writes_is_left_out_with_its_reason(case, tmp_path, sandbox):
     edit, reason = LEFT_OUT[case]
@@ -295,6 +298,7 @@ def test_package_refuses_code_that_differs_from_what_ran_naming_the_files(tmp_pa
 # --- rulesets before RCPs ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_v07_result_is_scored_as_mlcommons_scored_it(tmp_path, sandbox):
     """NVIDIA's v3.0 logs without gradient_accumulation_steps, as v0.7 logs were (rulesets from 1.0.0 require it,
     0.7.0's checker does not know it): the RCP checker has no 0.7 (its "RCP Checker only supported in 1.0.0, ...")."""

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from conftest import one_error_line, run_invoke
 from fake_manager import Stream
 from test_session import (IMAGE, backendai_client, client_bin, client_user, inv, manager,  # noqa: F401
@@ -27,6 +29,7 @@ def remote_results(manager, files: dict[str, bytes]) -> None:
         (root / relative).write_bytes(content)
 
 
+@pytest.mark.slow
 def test_names_from_the_listing_stay_inside_the_results_folder(manager, client_user, tmp_path):
     remote_results(manager, {f"{RUN}/summary.json": b'{"score": 1}\n', f"{RUN}/result_0.txt": b"log\n"})
     manager.extra_entries["results"] = {"../../../../escaped.txt": b"written where it was never asked to\n"}
@@ -42,6 +45,7 @@ def test_names_from_the_listing_stay_inside_the_results_folder(manager, client_u
     assert not [p for p in local.parent.iterdir() if p.name.startswith(".download")]
 
 
+@pytest.mark.slow
 def test_a_storage_proxy_that_stalls_mid_file_is_given_up(manager, client_user, tmp_path):
     remote_results(manager, {f"{RUN}/a.txt": b"first\n", f"{RUN}/b.txt": b"second\n",
                              f"{RUN}/z-checkpoint.bin": bytes(range(256)) * 512})
@@ -59,6 +63,7 @@ def test_a_storage_proxy_that_stalls_mid_file_is_given_up(manager, client_user, 
     assert not [p for p in local.parent.iterdir() if p.name.startswith(".download")]
 
 
+@pytest.mark.slow
 def test_a_status_that_is_not_text_is_one_line(manager, client_user):
     env = {**client_user, "MLPERF_STUB_LINES": "0"}
     assert inv(env, "session.create", "--name", "mlperf-odd").returncode == 0
@@ -72,6 +77,7 @@ def test_a_status_that_is_not_text_is_one_line(manager, client_user):
     one_error_line(inv(env, "session.results", "mlperf-odd"), "'x/../../etc'", "--vfolder")
 
 
+@pytest.mark.slow
 def test_a_greeting_nested_deep_or_without_end(manager, user):
     deep = b"[" * 100000 + b"]" * 100000
     manager.greeting = Stream(len(deep), lambda: [deep], "application/json")
@@ -84,6 +90,7 @@ def test_a_greeting_nested_deep_or_without_end(manager, user):
     assert manager.greeting_sent < 16 << 20, manager.greeting_sent   # read with a cap, not whole
 
 
+@pytest.mark.slow
 def test_a_name_that_looks_like_an_option_is_refused(manager, client_user):
     one_error_line(inv(client_user, "session.create", "--image=--help", "--name", "mlperf-opt"), "'--help'")
     one_error_line(inv(client_user, "session.create", "--image=-h", "--dry-run"), "'-h'")
@@ -91,6 +98,7 @@ def test_a_name_that_looks_like_an_option_is_refused(manager, client_user):
     assert not manager.sessions and not [r for r in manager.requests if r.path == "/session"]
 
 
+@pytest.mark.slow
 def test_a_session_that_failed_to_start_says_the_agents_reason(manager, client_user):
     manager.failing_images[IMAGE] = ("UnsupportedBaseDistroError", "UnsupportedBaseDistroError('debian12')")
     create = inv(client_user, "session.create", "--image", IMAGE, "--name", "mlperf-distro")

@@ -422,6 +422,7 @@ def test_image_resources_without_gpus_make_a_cpu_image_too(tmp_path):
     assert "ai.backend.accelerators" not in labels and labels["ai.backend.resource.min.cpu"] == "4"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("piece", ["${X:-", "${", "${X", "$"])
 def test_check_is_linear_in_unclosed_variables(piece):
     """An unclosed `${` cannot close after the last `}`: 200 KB of them take as long as plain text."""

@@ -40,6 +40,7 @@ def test_task_argv_leaves_out_what_was_not_given():
         ["bench", "--batch-sizes", "4"]
 
 
+@pytest.mark.slow
 def test_detached_step_runs_on_and_logs_follow_returns_its_exit_code(harness, tmp_path):
     folder, env = harness
     started = run_invoke(["nap", "--seconds", "4", "--code", "3", "--detach"], cwd=folder, env=env,
@@ -64,6 +65,7 @@ def test_detached_step_runs_on_and_logs_follow_returns_its_exit_code(harness, tm
     assert "woke up" in again.stdout
 
 
+@pytest.mark.slow
 def test_a_killed_job_is_reported_lost(harness, tmp_path):
     folder, env = harness
     started = run_invoke(["nap", "--seconds", "60", "--detach"], cwd=folder, env=env, check=True)
@@ -91,6 +93,7 @@ def test_status_and_logs_without_jobs(harness):
     assert missing.stderr.startswith("error: no background jobs") and "Traceback" not in missing.stderr
 
 
+@pytest.mark.slow
 def test_a_job_whose_wrapper_alone_was_killed_still_runs_then_is_lost(harness, tmp_path):
     folder, env = harness
     jid = job_id(run_invoke(["nap", "--seconds", "5", "--detach"], cwd=folder, env=env, check=True).stdout)
@@ -107,6 +110,7 @@ def test_a_job_whose_wrapper_alone_was_killed_still_runs_then_is_lost(harness, t
     assert follow.returncode == 1 and f"error: job {jid} was lost" in follow.stderr  # no exit code came
 
 
+@pytest.mark.slow
 def test_a_damaged_job_file_is_listed_not_a_traceback(harness, tmp_path):
     folder, env = harness
     jid = job_id(run_invoke(["nap", "--seconds", "0", "--detach"], cwd=folder, env=env, check=True).stdout)
@@ -117,6 +121,7 @@ def test_a_damaged_job_file_is_listed_not_a_traceback(harness, tmp_path):
     assert "Traceback" not in listing.stderr
 
 
+@pytest.mark.slow
 def test_a_secret_in_a_url_is_kept_out_of_the_job_record(harness, tmp_path):
     folder, env = harness
     started = run_invoke(["fetch", "--dataset", "coco2017", "--mirror", "http://alice:s3cret@127.0.0.1:9/?token=abc",

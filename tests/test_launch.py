@@ -93,6 +93,7 @@ def test_an_unknown_config_is_one_error_line(tiny_shapes, tmp_path):
     assert_one_error_line(proc, "unknown configuration 'dgx9000'", "--list-configs")
 
 
+@pytest.mark.slow
 def test_speed_stock_runs_torchvisions_model_code_end_to_end(tiny_shapes, tmp_path):
     """`invoke train --speed stock`: the one switch that leaves out object_detection.fast (the
     baseline, and a first check when a run misbehaves only with the speed code); the trainer says so
@@ -175,6 +176,7 @@ def test_more_cpu_processes_than_cores_or_a_bad_count_is_one_error_line(tiny_sha
     assert not (tmp_path / "log.txt").exists()
 
 
+@pytest.mark.slow
 def test_a_damaged_checkpoint_on_resume_is_one_line_naming_it(tiny_shapes, tmp_path):
     log = tmp_path / "result_0.txt"
     log.write_text("")

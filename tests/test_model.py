@@ -1,4 +1,5 @@
 """The model's speed-ups compute the same function as torchvision's code they replace."""
+import pytest
 import torch
 import torchvision
 from torchvision.models.detection.roi_heads import paste_masks_in_image
@@ -56,6 +57,7 @@ def test_masks_of_images_of_different_sizes_pasted_together_match_torchvision():
         assert _same_masks(got, expected)
 
 
+@pytest.mark.slow
 def test_folded_frozen_batchnorm_is_the_same_function(tmp_path):
     weights = tmp_path / "resnet50.pth"
     torch.save(torchvision.models.resnet50().state_dict(), weights)
@@ -91,6 +93,7 @@ def test_folded_frozen_batchnorm_is_the_same_function(tmp_path):
     assert compared == len([p for p in plain.backbone.parameters() if p.requires_grad]) == 58
 
 
+@pytest.mark.slow
 def test_evaluation_folds_once_and_never_with_stale_weights(tmp_path, monkeypatch):
     """Without autograd the folded weights are kept between batches; a training step (fused SGD,
     which leaves version counters alone) or load_state_dict is seen by the next evaluation."""
@@ -158,6 +161,7 @@ def test_fused_bias_relu_matches_the_separate_operations():
                     assert torch.allclose(mine.grad, theirs.grad, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_fusion_takes_every_bias_of_the_mlperf_backbone(tmp_path):
     """The stem and 16 bottlenecks (3 convolutions each): 49 fused passes, 16 with a residual."""
     weights = tmp_path / "resnet50.pth"
@@ -214,6 +218,7 @@ def test_batched_sampler_draws_what_torchvision_draws():
     assert bool((drawn[matched[0] >= 0] > 0).all()) and bool((drawn[matched[0] < 0] == 0).all())
 
 
+@pytest.mark.slow
 def test_an_untested_torchvision_trains_with_the_stock_model(monkeypatch, capsys):
     """The speed code patches private torchvision functions: outside the tested releases the model
     stays torchvision's own, says so in one line, and still trains."""

@@ -43,6 +43,7 @@ def processes_with(marker: str) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 def test_two_hosts_form_one_torchrun_job(cluster, capsys):
     server, tmp = cluster
     script = tmp / "all_reduce.py"
@@ -59,6 +60,7 @@ def test_two_hosts_form_one_torchrun_job(cluster, capsys):
     assert "[sub1] rank 1 world size 2 sum 2" in out
 
 
+@pytest.mark.slow
 def test_one_failing_host_stops_the_others(cluster, capsys):
     server, tmp = cluster
     marker = f"mlperf-test-sleeper-{os.getpid()}"
@@ -86,6 +88,7 @@ def test_one_failing_host_stops_the_others(cluster, capsys):
     assert processes_with(marker) == []
 
 
+@pytest.mark.slow
 def test_invoke_train_nodes_all_trains_across_two_hosts(cluster, tiny_shapes, tmp_path):
     """`invoke train --nodes all` on main1 of a (loopback) Backend.AI cluster session: sub1 checked
     and found to share main1's tree (as a vfolder mounted on both would), so nothing is copied;

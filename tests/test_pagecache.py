@@ -44,6 +44,7 @@ def test_a_folder_that_cannot_be_walked_is_one_error_line(tmp_path):
     assert done.returncode == 1 and done.stderr.startswith("error: could not clear the page cache"), done.stderr
 
 
+@pytest.mark.slow
 def test_a_run_logs_cache_clear_true_only_after_the_launcher_cleared_it(tiny_shapes, tmp_path):
     log = tmp_path / "results" / "result_0.txt"
     run_invoke(["train", *tiny_shapes["args"], "--device", "cpu", "--max-epochs", "1", "--log", str(log)],

@@ -202,6 +202,7 @@ def synthetic_targets(g, height, width, classes=5):
     return {"boxes": boxes, "labels": torch.tensor([1, 3]), "masks": masks}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("empty", [False, True])
 def test_the_fast_reference_model_computes_the_stock_reference_losses(empty):
     g = torch.Generator().manual_seed(1)
@@ -243,6 +244,7 @@ def synthetic_msra_pickle(path: Path, *, wrap: bool = False, seed: int = 0) -> d
     return blobs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("wrap", [False, True])
 def test_msra_pickle_converts_to_the_reference_backbone(tmp_path, wrap):
     blobs = synthetic_msra_pickle(tmp_path / "R-50.pkl", wrap=wrap)
@@ -281,6 +283,7 @@ def test_a_pickle_that_would_run_code_is_refused_and_nothing_runs(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_the_trainer_refuses_a_hostile_backbone_in_one_line(tmp_path):
     marker = tmp_path / "ran"
     command = f"touch {marker}".encode()

@@ -52,6 +52,7 @@ def run(host, *args, env=None, timeout=120):
     return fab([*host["server"].fab_args(), *args], {**host["env"], **(env or {})}, host["cwd"], timeout)
 
 
+@pytest.mark.slow
 def test_deploy_copies_code_only_and_twice_is_nearly_free(host):
     first, second = host["deploys"]
     assert first.returncode == 0, first.stderr
@@ -71,6 +72,7 @@ def test_deploy_copies_code_only_and_twice_is_nearly_free(host):
     assert "setting up the environment" not in second.stdout
 
 
+@pytest.mark.slow
 def test_doctor_runs_on_the_host(host):
     proc = run(host, "doctor")
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -78,6 +80,7 @@ def test_doctor_runs_on_the_host(host):
     assert "/dev/shm" in proc.stdout and "ready" in proc.stdout
 
 
+@pytest.mark.slow
 def test_remote_failure_reaches_the_user_with_its_exit_code(host):
     proc = run(host, "verify", "--manifest", "/nonexistent")
     assert proc.returncode == 1
@@ -88,6 +91,7 @@ def test_remote_failure_reaches_the_user_with_its_exit_code(host):
     assert code.returncode == 7 and "with exit code 7" in code.stderr
 
 
+@pytest.mark.slow
 def test_not_deployed_unreachable_and_refused_are_one_line(host, tmp_path):
     server = host["server"]
     missing = run(host, "status", env={"FABRIC_MLPERF_REMOTE_PATH": str(tmp_path / "nowhere")})
@@ -107,6 +111,7 @@ def test_not_deployed_unreachable_and_refused_are_one_line(host, tmp_path):
     assert "Traceback" not in wrong_key.stderr
 
 
+@pytest.mark.slow
 def test_detached_run_survives_a_dropped_connection_then_results_come_back(host):
     started = run(host, "nap", "--seconds", "8", "--code", "3", "--detach")
     assert started.returncode == 0, started.stderr
@@ -141,6 +146,7 @@ def test_detached_run_survives_a_dropped_connection_then_results_come_back(host)
     assert "results: 0 file(s) copied" in again.stdout
 
 
+@pytest.mark.slow
 def test_status_logs_and_results_follow_the_results_dir_the_steps_were_given(host):
     """A Backend.AI walkthrough puts results on a vfolder, not under the project: every task that
     reads them back takes the same --results-dir the steps were given."""
@@ -160,6 +166,7 @@ def test_status_logs_and_results_follow_the_results_dir_the_steps_were_given(hos
     assert missing.returncode == 1 and "does not exist" in missing.stderr and "--results-dir" in missing.stderr
 
 
+@pytest.mark.slow
 def test_host_keys_are_checked_as_ssh_checks_them(host, tmp_path):
     """A key not in ~/.ssh/known_hosts is refused (one line), taken and saved only on the opt-in, and
     a key that differs from the saved one is refused, for Fabric's steps and rsync's alike."""
@@ -191,6 +198,7 @@ def test_host_keys_are_checked_as_ssh_checks_them(host, tmp_path):
     assert rsync_changed.returncode == 1 and "has CHANGED" in rsync_changed.stderr
 
 
+@pytest.mark.slow
 def test_a_port_out_of_range_is_one_line_not_another_port(host):
     proc = fab(["-H", "root@127.0.0.1:99999", "-i", str(host["server"].key), "status"], host["env"], host["cwd"])
     assert proc.returncode == 1 and proc.stderr.strip() == \

@@ -29,6 +29,7 @@ needs_uts = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is N
                                reason="a host name of its own needs root and unshare (util-linux)")
 
 
+@pytest.mark.slow
 @needs_uts
 def test_a_single_host_run_meets_on_the_loopback_when_its_name_does_not_resolve(tmp_path):
     """The launcher's own torchrun command, two gloo workers, under a host name no resolver knows:
@@ -45,6 +46,7 @@ def test_a_single_host_run_meets_on_the_loopback_when_its_name_does_not_resolve(
         "rank 0 sum 2 master 127.0.0.1", "rank 1 sum 2 master 127.0.0.1"]
 
 
+@pytest.mark.slow
 def test_a_cluster_run_gives_up_on_a_master_that_does_not_resolve(tiny_shapes, tmp_path):
     """`invoke train` on sub1 of a cluster whose master name resolves nowhere: after the bounded
     wait (MLPERF_MASTER_WAIT, shortened here), one error line naming the host; torchrun never starts."""

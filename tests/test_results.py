@@ -99,6 +99,7 @@ def no_mlperf_score(proc, why: str = "not an MLPerf score") -> None:
     one_error_line(proc, "no MLPerf score: ", why)
 
 
+@pytest.mark.slow
 def test_from_logs_scores_synthetic_series(tmp_path, sandbox):
     logs = tmp_path / "published"
     for i, minutes in enumerate([30, 31, 32, 33]):
@@ -127,6 +128,7 @@ def test_from_logs_scores_synthetic_series(tmp_path, sandbox):
     assert sorted(p.name for p in logs.iterdir()) == [f"result_{i}.txt" for i in range(5)]  # input untouched
 
 
+@pytest.mark.slow
 def test_open_division_targets_come_from_the_log(tmp_path, sandbox):
     logs = tmp_path / "shapes-run"
     write_log(logs / "result_0.txt", minutes=2, division="open", final=(0.06, 0.055),
@@ -139,6 +141,7 @@ def test_open_division_targets_come_from_the_log(tmp_path, sandbox):
     assert summary["score"]["kind"] == "mean" and "not an MLPerf score" in proc.stdout
 
 
+@pytest.mark.slow
 def test_a_series_without_a_score_fails_after_writing_its_summary(tmp_path, sandbox):
     logs = tmp_path / "two-aborted"
     for i in range(5):
@@ -151,6 +154,7 @@ def test_a_series_without_a_score_fails_after_writing_its_summary(tmp_path, sand
     assert summary["score"]["minutes"] is None and line.endswith("scores/two-aborted/summary.md")
 
 
+@pytest.mark.slow
 def test_reference_nvidia_dgxh100_scores_19_18(sandbox):
     assert REFERENCE.is_dir(), f"NVIDIA's published logs belong in {REFERENCE} (tests/data/README.md)"
     proc = run_invoke(["time", "--from-logs", str(REFERENCE), "--ruleset", "3.0.0"], env=sandbox, check=True)
@@ -263,6 +267,7 @@ def test_an_unknown_ruleset_is_one_line_listing_the_known_ones(ruleset, tmp_path
     assert "has no maskrcnn rules" in line
 
 
+@pytest.mark.slow
 def test_logs_that_fail_the_ruleset_but_pass_an_older_one_say_which(tmp_path, sandbox):
     logs = tmp_path / "v0.7"
     for i in range(5):
@@ -275,6 +280,7 @@ def test_logs_that_fail_the_ruleset_but_pass_an_older_one_say_which(tmp_path, sa
     assert "RCP: not applicable (ruleset 0.7.0 predates RCPs)" in again.stdout
 
 
+@pytest.mark.slow
 def test_two_logs_folders_of_one_name_keep_their_own_summaries(tmp_path, sandbox):
     results_dir = Path(sandbox["INVOKE_MLPERF_RESULTS_DIR"])
     first, second = tmp_path / "a" / "run", tmp_path / "b" / "run"
@@ -288,6 +294,7 @@ def test_two_logs_folders_of_one_name_keep_their_own_summaries(tmp_path, sandbox
     assert sorted(p.name for p in (results_dir / "scores").iterdir()) == ["run", "run-2"]
 
 
+@pytest.mark.slow
 def test_a_closed_series_without_a_reference_convergence_point_is_no_mlperf_score(tmp_path, sandbox):
     logs = tmp_path / "batch-1024"
     for i in range(5):
@@ -353,6 +360,7 @@ NVIDIA_SYSTEM_INFO = {"host_networking_topology": "fat tree", "host_memory_confi
                       "accelerator_host_interconnect": "PCIe Gen5 x16", "cooling": "air"}
 
 
+@pytest.mark.slow
 def test_package_of_a_closed_series_passes_the_package_checker(tmp_path, sandbox):
     results_dir = Path(sandbox["INVOKE_MLPERF_RESULTS_DIR"])
     root = nvidia_series(results_dir)
@@ -409,6 +417,7 @@ def test_package_refuses_what_is_not_a_submission(tmp_path, sandbox):
     assert "is not a result series" in line
 
 
+@pytest.mark.slow
 def test_one_process_at_a_time_runs_a_series(tiny_shapes, tmp_path, sandbox):
     import subprocess
     import sys

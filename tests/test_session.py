@@ -117,6 +117,7 @@ def created(manager: FakeManager, name: str) -> dict:
     return body
 
 
+@pytest.mark.slow
 def test_create_sends_the_batch_session_the_manager_expects(manager, client_user):
     proc = inv({**client_user, "MLPERF_STUB_LINES": "1"}, "session.create", "--gpus", "4", "--nodes", "2",
                "--vfolder", "mlperf-data", "--image", IMAGE, "--dataset", "coco2017", "--runs", "3",
@@ -151,6 +152,7 @@ def test_create_sends_the_batch_session_the_manager_expects(manager, client_user
         "NCCL_DEBUG=INFO TORCH_SHOW_CPP_STACKTRACES=1", "epoch 1", f"{EXIT_LINE} 0"]
 
 
+@pytest.mark.slow
 def test_create_defaults_come_from_invoke_yaml(manager, client_user):
     proc = inv(client_user, "session.create")
     assert proc.returncode == 0, proc.stderr
@@ -164,6 +166,7 @@ def test_create_defaults_come_from_invoke_yaml(manager, client_user):
     assert "--runs 5" in body["startupCommand"] and "--nodes" not in body["startupCommand"]
 
 
+@pytest.mark.slow
 def test_a_newer_manager_is_named_with_the_client_it_needs(client_user, tmp_path):
     with fake_manager(tmp_path / "newer", version="24.09.14", api_version="v8.20240915") as newer:
         proc = inv({**client_user, "BACKEND_ENDPOINT": newer.url}, "session.create", "--name", "mlperf-newer")
@@ -196,6 +199,7 @@ def test_dry_run_prints_the_command_and_spec_and_creates_nothing(manager, user):
     assert manager.requests == []
 
 
+@pytest.mark.slow
 def test_follow_status_and_results_of_a_finished_session(manager, client_user, tmp_path):
     # long enough (4 s) that a client call or two, slow on a loaded machine, still sees it running
     env = {**client_user, "MLPERF_STUB_LINES": "4", "MLPERF_STUB_DELAY": "1"}
@@ -236,6 +240,7 @@ def test_follow_status_and_results_of_a_finished_session(manager, client_user, t
     assert "no active session named mlperf-run" in gone and "invoke session.status mlperf-run" in gone
 
 
+@pytest.mark.slow
 def test_a_failed_run_reports_its_exit_code(manager, client_user):
     env = {**client_user, "MLPERF_STUB_EXIT": "3"}
     assert inv(env, "session.create", "--name", "mlperf-fails").returncode == 0
@@ -246,6 +251,7 @@ def test_a_failed_run_reports_its_exit_code(manager, client_user):
     assert "result FAILURE, exit code 3" in status.stdout
 
 
+@pytest.mark.slow
 def test_wrong_credentials_are_one_line_and_never_shown(manager, client_user):
     for env in ({**client_user, "BACKEND_SECRET_KEY": "not-the-secret-0000"},
                 {**client_user, "BACKEND_ACCESS_KEY": "AKIAX00"}):
@@ -258,6 +264,7 @@ def test_wrong_credentials_are_one_line_and_never_shown(manager, client_user):
     assert not manager.sessions
 
 
+@pytest.mark.slow
 def test_an_image_backend_ai_does_not_know(manager, client_user):
     line = one_error(inv(client_user, "session.create", "--image", "cr.example.com/mlperf/unknown:1",
                          "--name", "mlperf-img"))
@@ -265,11 +272,13 @@ def test_an_image_backend_ai_does_not_know(manager, client_user):
     assert "backend.ai admin image rescan -r cr.example.com" in line and "-p PROJECT" in line
 
 
+@pytest.mark.slow
 def test_a_missing_vfolder(manager, client_user):
     line = one_error(inv(client_user, "session.create", "--vfolder", "coco-data", "--name", "mlperf-vf"))
     assert "no vfolder coco-data" in line and "backend.ai vfolder create coco-data" in line
 
 
+@pytest.mark.slow
 def test_not_enough_resources_queues_the_session(manager, client_user):
     # 4 nodes of 8 GPUs, where the fake manager has 16 free.
     proc = inv(client_user, "session.create", "--gpus", "8", "--nodes", "4", "--name", "mlperf-big")
@@ -284,6 +293,7 @@ def test_not_enough_resources_queues_the_session(manager, client_user):
     assert manager.session("mlperf-big").status == "CANCELLED"
 
 
+@pytest.mark.slow
 def test_a_name_in_use_and_destroying_a_running_session(manager, client_user):
     env = {**client_user, "MLPERF_STUB_LINES": "100", "MLPERF_STUB_DELAY": "0.2"}
     assert inv(env, "session.create", "--name", "mlperf-long").returncode == 0
@@ -305,6 +315,7 @@ def test_without_the_client_one_line_says_which_to_install(manager, user):
     assert "23.09: 3.11; 24.x to 25.5: 3.12; 25.6 and 26.x: 3.13" in line
 
 
+@pytest.mark.slow
 def test_an_unreachable_manager(client_user):
     line = one_error(inv({**client_user, "BACKEND_ENDPOINT": "http://127.0.0.1:9"}, "session.status", "mlperf-x"))
     assert "cannot reach the Backend.AI manager: check BACKEND_ENDPOINT" in line
@@ -338,6 +349,7 @@ def test_credentials_from_a_dotenv_are_redacted_too(tmp_path):
     assert session.redact(f"key {ACCESS} secret {SECRET}.", settings) == "key *** secret ***."
 
 
+@pytest.mark.slow
 def test_bad_options_are_one_line(user):
     for args, words in [(["--gpus", "eight"], "--gpus 'eight'"), (["--nodes", "0"], "--nodes '0'"),
                         (["--name", "x"], "'x' is not a Backend.AI session name"),

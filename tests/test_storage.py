@@ -86,6 +86,7 @@ def test_a_run_with_results_on_scratch_is_refused_naming_the_vfolder(session, ti
         assert not scratch.exists()                       # refused before anything was written
 
 
+@pytest.mark.slow
 def test_scratch_ok_accepts_losing_them(session, tiny_shapes):
     log = session["scratch"] / "results" / "result_0.txt"
     proc = run_in_session(["train", *tiny_shapes["args"], "--device", "cpu", "--max-epochs", "1", "--log", str(log),
@@ -120,6 +121,7 @@ def test_two_vfolders_make_no_default_and_none_says_how_to_mount_one(session, ti
     one_error_line(proc, "backend.ai vfolder create mlperf-data", "-v mlperf-data")
 
 
+@pytest.mark.slow
 def test_doctor_fails_one_row_per_folder_on_scratch(session, tiny_shapes):
     scratch = session["scratch"]
     proc = run_in_session(["doctor", *tiny_shapes["args"], "--results-dir", str(scratch / "results")], session)

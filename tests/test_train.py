@@ -84,6 +84,7 @@ def single_run(tiny_shapes, tmp_path_factory):
     return proc, log
 
 
+@pytest.mark.slow
 def test_one_process_run_logs_a_compliant_open_division_result(single_run):
     proc, log = single_run
     events = mllog(log)
@@ -96,12 +97,14 @@ def test_one_process_run_logs_a_compliant_open_division_result(single_run):
     assert "run_stop: aborted" in proc.stdout  # the shapes-cpu target is out of reach in one step
 
 
+@pytest.mark.slow
 def test_the_console_shows_progress_and_evaluations_not_the_mlperf_records(single_run):
     proc, log = single_run
     assert ":::MLLOG" not in proc.stdout and ":::MLLOG" in log.read_text()  # --verbose shows them (below)
     assert re.search(r"^epoch 1 evaluation: BBOX \d\.\d{4} \(target 0\.\d+\), SEGM .* in \d+\.\d s", proc.stdout, re.M)
 
 
+@pytest.mark.slow
 def test_one_process_run_prints_finite_losses(single_run):
     proc, _ = single_run
     losses = loss_lines(proc.stdout)
@@ -113,6 +116,7 @@ def test_one_process_run_prints_finite_losses(single_run):
 
 # -- two processes (torchrun, gloo) ---------------------------------------------------------------
 
+@pytest.mark.slow
 def test_two_gloo_processes_train_and_gather_one_evaluation(tiny_shapes, tmp_path):
     log = tmp_path / "result_0.txt"
     # --batch-size 4: 2 images a process, so the 8 training images make two global steps
@@ -167,6 +171,7 @@ def start_training(tiny_shapes, log: Path, max_epochs: int, out) -> subprocess.P
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
+@pytest.mark.slow
 def test_a_run_killed_mid_epoch_resumes_to_one_complete_log(tiny_shapes, tmp_path):
     log = tmp_path / "result_0.txt"
     with open(tmp_path / "killed.out", "w") as out:
@@ -195,6 +200,7 @@ def test_a_run_killed_mid_epoch_resumes_to_one_complete_log(tiny_shapes, tmp_pat
     assert not Path(f"{log}.ckpt").exists()  # a finished run keeps no checkpoint
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_killing_the_launcher_alone_takes_torchrun_and_the_trainers_down(tiny_shapes, tmp_path, sig):
     """Not the process group: only `invoke train` itself, as a job manager or a careless kill does."""
@@ -291,6 +297,7 @@ def small_batch() -> tuple[list[torch.Tensor], list[dict]]:
     return images, targets
 
 
+@pytest.mark.slow
 def test_our_model_computes_the_same_losses_as_torchvision_stock(tmp_path):
     from torchvision.models import resnet50
     from torchvision.models.detection import MaskRCNN
