@@ -24,7 +24,7 @@ import yaml
 from backendai_client import backendai_client  # noqa: F401  (the session fixture)
 from conftest import ROOT, run_invoke
 from fake_manager import FakeManager
-from mlperf import session
+from mlperf import backendai_cli as client_cli, session
 
 ACCESS, SECRET = "AKIAMLPERFTEST0001", "s3cret-KEY-never-shown-0123456789abcdef"
 IMAGE = "cr.example.com/mlperf/mlperf-maskrcnn:25.01-py3"
@@ -322,13 +322,13 @@ def test_an_unreachable_manager(client_user):
 
 
 def test_client_versions_and_what_they_print():
-    assert session.client_requirement("23.09.11") == ("'backend.ai-client~=23.9.0' 'yarl<1.17.1'", "3.11")
-    assert session.client_requirement("24.09.14") == ("'backend.ai-client~=24.9.0'", "3.12")
-    assert session.client_requirement("25.6.0")[1] == session.client_requirement("26.8.1")[1] == "3.13"
+    assert client_cli.client_requirement("23.09.11") == ("'backend.ai-client~=23.9.0' 'yarl<1.17.1'", "3.11")
+    assert client_cli.client_requirement("24.09.14") == ("'backend.ai-client~=24.9.0'", "3.12")
+    assert client_cli.client_requirement("25.6.0")[1] == client_cli.client_requirement("26.8.1")[1] == "3.13"
     # What backend.ai-client 23.9.10 prints when a newer yarl breaks its signing (captured from it).
     broken = subprocess.CompletedProcess([], 1, "", "\u2718 AttributeError: 'tuple' object has no attribute 'netloc'\n"
                                          "  *** Traceback ***\n")
-    assert "pip install 'yarl<1.17.1'" in str(session.client_error(broken, "session logs"))
+    assert "pip install 'yarl<1.17.1'" in str(client_cli.client_error(broken, "session logs"))
     # `vfolder ls` of folders whose names are all numbers (tables printed by the client's tabulate): whole
     # numbers keep their text; with one float among them, tabulate reformats all (1e3, 0.50 -> 1000, 0.5).
     rule = "-----------  ------  --------------------  ----------\n"
@@ -344,9 +344,9 @@ def test_client_versions_and_what_they_print():
 def test_credentials_from_a_dotenv_are_redacted_too(tmp_path):
     (tmp_path / ".env").write_text(f"export BACKEND_ACCESS_KEY={ACCESS}\nBACKEND_SECRET_KEY='{SECRET}'\nOTHER=1\n")
     (tmp_path / "deeper").mkdir()
-    settings = session.client_settings(environ={"BACKEND_ENDPOINT": "http://m:8081"}, cwd=tmp_path / "deeper")
+    settings = client_cli.client_settings(environ={"BACKEND_ENDPOINT": "http://m:8081"}, cwd=tmp_path / "deeper")
     assert settings == {"BACKEND_ENDPOINT": "http://m:8081", "BACKEND_ACCESS_KEY": ACCESS, "BACKEND_SECRET_KEY": SECRET}
-    assert session.redact(f"key {ACCESS} secret {SECRET}.", settings) == "key *** secret ***."
+    assert client_cli.redact(f"key {ACCESS} secret {SECRET}.", settings) == "key *** secret ***."
 
 
 @pytest.mark.slow
