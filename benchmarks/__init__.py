@@ -14,6 +14,11 @@ def save_result(result: dict, output: Path) -> None:
         Path(os.environ["OUT"], output.name).write_text(text)
 
 
+# torchvision's ImageNet normalisation (GeneralizedRCNNTransform's defaults), RGB in [0, 1]
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
 def random_backbone(path: Path = Path("/tmp/bench_resnet50-calibrated.pth"), images: Path | None = None) -> Path:
     """Random ResNet-50 weights (torchvision's layout) whose BatchNorm statistics are measured on
     normalised images, saved once to `path`: 16 of the JPEGs in `images` at their own size, or
@@ -37,14 +42,19 @@ def random_backbone(path: Path = Path("/tmp/bench_resnet50-calibrated.pth"), ima
         if isinstance(module, torch.nn.BatchNorm2d):
             module.momentum = None  # a plain average over the calibration batches
     net.train()
-    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+    def normalised(jpeg: Path):
+        pixels = torchvision.io.decode_jpeg(torchvision.io.read_file(str(jpeg)), torchvision.io.ImageReadMode.RGB)
+        return ((pixels.float() / 255 - mean) / std)[None]
+
+    if images is None:
+        batches = (torch.randn(8, 3, 224, 224) for _ in range(4))
+    else:
+        batches = (normalised(jpeg) for jpeg in sorted(images.glob("*.jpg"))[:16])
     with torch.no_grad():
-        if images is None:
-            for _ in range(4):
-                net(torch.randn(8, 3, 224, 224))
-        for jpeg in sorted(images.glob("*.jpg"))[:16] if images is not None else []:
-            pixels = torchvision.io.decode_jpeg(torchvision.io.read_file(str(jpeg)), torchvision.io.ImageReadMode.RGB)
-            net(((pixels.float() / 255 - mean) / std)[None])
+        for batch in batches:
+            net(batch)
     torch.save(net.state_dict(), path)
     return path
 
@@ -63,7 +73,7 @@ def random_msra_backbone(path: Path = Path("/tmp/bench_R-50-calibrated.pkl"), im
         return path
     source = random_backbone(path.with_suffix(".pth"), images) if images is not None else random_backbone()
     state = torch.load(source, weights_only=True)
-    rgb_std = torch.tensor([0.229, 0.224, 0.225]) * 255
+    rgb_std = torch.tensor(IMAGENET_STD) * 255
     state["conv1.weight"] = state["conv1.weight"] / rgb_std.view(1, 3, 1, 1)
     with open(path, "wb") as handle:
         pickle.dump(msra_blobs(state), handle, protocol=2)

@@ -297,7 +297,7 @@ def deploy(c, path: str, python: str = "python3", venv: bool = True) -> dict:
               "python": ".venv/bin/python" if venv else python}
     stamp = read_stamp(c, path) or {}
     runs = run_checked(c, f"cd {qpath} && test -x \"$(command -v {shlex.quote(wanted['python'])})\"",
-                hide=True, warn=True, in_stream=False).exited == 0
+                       hide=True, warn=True, in_stream=False).exited == 0
     if runs and all(stamp.get(k) == v for k, v in wanted.items()):
         print("deploy: requirements unchanged, environment kept")
         return {**stats, "installed": False}
@@ -313,7 +313,7 @@ def deploy(c, path: str, python: str = "python3", venv: bool = True) -> dict:
                         f"above); check --python (now {python!r}) and that the host can reach PyPI")
     stamp_text = shlex.quote(json.dumps(wanted))
     run_checked(c, f"cd {qpath} && printf '%s' {stamp_text} > {STAMP}.tmp && mv {STAMP}.tmp {STAMP}",
-         hide=True, in_stream=False)
+                hide=True, in_stream=False)
     print(f"deploy: ready; steps now run there with `fab -H {describe(c)} TASK`")
     return {**stats, "installed": True}
 
@@ -450,7 +450,6 @@ def run_parallel(commands: dict[str, str], *, ssh_config: str | None = None,
 
 def _stop(conns: dict, writers: dict, threads: dict, ssh_config: str | None, grace: float) -> None:
     """TERM, then KILL, the process group of every command still running, over fresh connections."""
-
     running = [host for host, t in threads.items() if t.is_alive() and writers[host].pgid]
     script = ("kill -TERM -- -{pg} 2>/dev/null; i=0; while kill -0 -- -{pg} 2>/dev/null && "
               "[ $i -lt {ticks} ]; do sleep 0.5; i=$((i+1)); done; kill -KILL -- -{pg} 2>/dev/null; true")

@@ -40,7 +40,7 @@ def make_optimizer(model: torch.nn.Module, lr: float, *, fused: bool = False,
     a GradScaler scales the loss (fp16). torch's fused SGD makes its momentum buffers with
     empty_like on its first step and leaves them so when the scaler skips that step, as it usually
     does (fp16 gradients overflow at the initial scale): the next step adds uninitialised memory
-    and the weights are not finite a few steps later (BENCHMARKS.md, "fp16 and fused SGD"). The
+    and the weights are not finite a few steps later (BENCHMARKS.md, "A run that stops with a non-finite loss"). The
     unfused optimizer is never called on a skipped step."""
     return torch.optim.SGD(param_groups(model, lr, 1e-4), lr=lr, momentum=0.9, weight_decay=1e-4,
                            fused=True if fused and not loss_scaled else None)
