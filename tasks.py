@@ -117,8 +117,9 @@ def image(c, base=None, output=None, tag=None, build=False, push=False, check=No
     "dry_run": DRY_RUN_HELP,
     "verbose": VERBOSE_HELP,
     "detach": DETACH_HELP,
-    "speed": "fast (default) or stock: torchvision's model code without object_detection.fast (the baseline, and a "
-             "first check when a run misbehaves only with the speed code)",
+    "speed": "fast (default) or stock: torchvision's model code and a plain loop, without object_detection.fast (the "
+             "baseline, and a first check when a run misbehaves only with the speed code); "
+             "fast-without:LEVER[,LEVER...] turns single levers off",
 })
 @step
 def train(c, dataset=None, manifest=None, data_dir=None, gpus=None, nodes=None, batch_size=None, config=None,

@@ -12,7 +12,7 @@ pixels within 100; BENCHMARKS.md): speed does not depend on their values, but a 
 stops.
 
     python -m benchmarks.epoch_level [--train-images 6000] [--val-images 5000] [--epochs 2]
-        [--batch 12] [--data-dir /tmp/mlperf-epoch-level] [--output FILE]
+        [--batch 12] [--speed fast] [--data-dir /tmp/mlperf-epoch-level] [--output FILE]
 
 Reports, per epoch, images per second between epoch_start and epoch_stop of the MLPerf log, and the
 evaluation's seconds: exposed (eval_start to eval_stop: training waits for all of it), of which
@@ -103,6 +103,7 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch", type=int, default=12, help="images per GPU (one GPU)")
     p.add_argument("--device", default="cuda", help="cpu: a check of this script on a machine without GPU")
+    p.add_argument("--speed", default="fast", help="the trainer's --speed, e.g. fast-without:prefetch to measure a lever")
     p.add_argument("--data-dir", type=Path, default=Path("/tmp/mlperf-epoch-level"))
     p.add_argument("--output", type=Path,
                    default=RESULTS / f"epoch_level-{datetime.date.today().isoformat()}.json")
@@ -113,8 +114,9 @@ def main(argv=None) -> int:
     where = ["--config", "1xgpu-16"] if args.device == "cuda" else ["--device", "cpu"]
     console = invoke("train", "--manifest", str(manifest), "--data-dir", str(args.data_dir), "--gpus", "1", *where,
                      "--batch-size", str(args.batch), "--max-epochs", str(args.epochs), "--seed", "1",
-                     "--log", str(log), capture=True)
+                     "--log", str(log), "--speed", args.speed, capture=True)
     result = {"benchmark": "epoch_level", "date": datetime.date.today().isoformat(), "per_gpu_batch": args.batch,
+              "speed": args.speed,
               "train_images": args.train_images, "val_images": args.val_images,
               **summarise(log, console, args.train_images)}
     print(json.dumps(result, indent=1))

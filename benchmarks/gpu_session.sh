@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # What one device session runs on the H200 (see BENCHMARKS.md): wheels, a GPU smoke run through
 # `invoke train`, the throughput benchmark, then the shapes-4k convergence run for the time left.
+# EPOCH_SPEED: the trainer's --speed for `epoch` (e.g. fast-without:prefetch: a lever's effect).
 # usage: bash benchmarks/gpu_session.sh PART...   (PART: smoke | doctor | bench | coco | epoch | parts | layout | eval | converge | stability)
 # BENCH_VARIANTS: train_throughput.py --variants (default: its own). `layout` times the tree in .old/
 # (an earlier commit: git archive COMMIT | tar -x -C .old) and this one on the same legacy batches.
@@ -22,9 +23,12 @@ case "$part" in
     python3 -m invoke doctor --dataset shapes 2>&1 | tee "$OUT/doctor.txt" | tail -30
     ;;
   epoch)
-    timeout ${EPOCH_S:-420} python3 -m benchmarks.epoch_level --train-images ${EPOCH_TRAIN:-6000} --val-images 5000 \
-      --epochs ${EPOCH_N:-2} --output "$OUT/epoch_level.json" > "$OUT/epoch.txt" 2>&1
-    echo "epoch_level exit $?"; grep -E "img/s\)|evaluation|warmed|run_stop|error|Error" "$OUT/epoch.txt" | cut -c1-200 | tail -20
+    tag=$(echo "${EPOCH_SPEED:-fast}" | tr ':,' '--')
+    timeout ${EPOCH_S:-420} python3 -m benchmarks.epoch_level --train-images ${EPOCH_TRAIN:-6000} \
+      --val-images ${EPOCH_VAL:-5000} --epochs ${EPOCH_N:-2} --speed ${EPOCH_SPEED:-fast} \
+      --output "$OUT/epoch_level-$tag.json" > "$OUT/epoch-$tag.txt" 2>&1
+    echo "epoch_level ${EPOCH_SPEED:-fast} exit $?"
+    grep -E "img/s\)|evaluation|warmed|run_stop|error|Error|train_s" "$OUT/epoch-$tag.txt" | cut -c1-200 | tail -14
     ;;
   parts)
     timeout ${PARTS_S:-300} python3 -m benchmarks.epoch_parts --steps ${PARTS_STEPS:-100} \

@@ -273,8 +273,13 @@ def plan(*, dataset, data_dir: Path, gpus=None, nodes=None, batch_size=None, con
 
     if device not in (None, "cpu", "cuda"):
         raise UserError(f"--device must be cpu or cuda, not {device!r}")
-    if speed not in (None, "fast", "stock"):
-        raise UserError(f"--speed must be fast or stock, not {speed!r}")
+    if speed is not None:
+        from object_detection.fast import options_for  # torch-free: the switch's names only
+
+        try:
+            options_for(speed, "cpu")
+        except ValueError as bad:
+            raise UserError(str(bad)) from None
     detected = [] if device == "cpu" else host.gpus()  # a CPU run needs no detection (torch: seconds)
     usable = host.torch_cuda_devices() if detected else 0
     cfg = choose_config(config, detected if usable and device != "cpu" else [], ds.name)

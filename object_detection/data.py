@@ -82,8 +82,9 @@ class CocoDetection(torch.utils.data.Dataset):
     filtered and boxed as `recipe` says."""
 
     def __init__(self, images: Path, annotations: Path | COCO, *, train: bool, seed: int = 0,
-                 recipe: Recipe = RECIPES["torchvision"]):
+                 recipe: Recipe = RECIPES["torchvision"], masks: bool = True):
         self.images = Path(images)
+        self.masks = masks  # evaluation scores against the annotation file: its loader decodes no masks
         self.coco = annotations if isinstance(annotations, COCO) else load_coco(annotations)
         self.train = train
         self.seed = seed
@@ -120,8 +121,11 @@ class CocoDetection(torch.utils.data.Dataset):
         boxes, kept = instance_boxes(all_anns, h, w, self.recipe)
         anns = [all_anns[i] for i in kept]
         labels = torch.tensor([self.category_to_label[a["category_id"]] for a in anns], dtype=torch.int64)
-        flip = self.train and random.random() < 0.5  # random is seeded per worker in worker_init
-        if anns:
+        # The sampler's flip; an index from elsewhere draws it here (random is seeded per worker in WorkerInit)
+        flip = self.train and (index.flip if isinstance(index, Drawn) else random.random() < 0.5)
+        if not self.masks:
+            masks = None
+        elif anns:
             # decode gives H x W x N in column-major order: flip and turn it to N x H x W in numpy,
             # in one copy (torch's strided copy and flip of the same took ~6x longer: a loader
             # worker's largest cost at COCO's 20 instances, BENCHMARKS.md)
@@ -132,8 +136,9 @@ class CocoDetection(torch.utils.data.Dataset):
         if flip:
             image = image.flip(-1)
             boxes = flip_boxes(boxes, w, self.recipe)
-        target = {"boxes": boxes, "labels": labels, "masks": masks, "image_id": image_id,
-                  "orig_size": (h, w)}
+        target = {"boxes": boxes, "labels": labels, "image_id": image_id, "orig_size": (h, w)}
+        if masks is not None:
+            target["masks"] = masks
         return image, target
 
     @staticmethod
@@ -143,6 +148,32 @@ class CocoDetection(torch.utils.data.Dataset):
         if isinstance(segmentation["counts"], list):  # uncompressed RLE
             return mask_utils.frPyObjects(segmentation, h, w)
         return segmentation
+
+
+class Drawn(int):
+    """A training image's index as a batch sampler draws it, carrying whether the image is flipped.
+    The flip is drawn with the order (seeded by the pass and the image), not in the loader worker
+    that reads the image: a run's flips then do not depend on how many workers there are, whether
+    they outlive an epoch (persistent workers), or whether the run was resumed. An int, so a
+    sampler's batches read as the indices they are."""
+
+    def __new__(cls, index: int, flip: bool):
+        drawn = super().__new__(cls, index)
+        drawn.flip = bool(flip)
+        return drawn
+
+    def __reduce__(self):  # to the workers with its flip
+        return Drawn, (int(self), self.flip)
+
+
+FLIPS = 1                            # derive_seed's part that tells a pass's flips from its order
+LOADER_SEEDS = 2**31                 # its part for a loader's own generator (after rank; epochs are smaller)
+
+
+def pass_flips(seed: int, number: int, size: int) -> list[bool]:
+    """Whether each of `size` images is flipped in pass (epoch) `number`: the same on every rank."""
+    g = torch.Generator().manual_seed(derive_seed(seed, number, FLIPS))
+    return (torch.rand(size, generator=g) < 0.5).tolist()
 
 
 def collate(batch):
@@ -179,7 +210,8 @@ class GroupedBatchSampler(torch.utils.data.Sampler):
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
         order = torch.randperm(len(self.groups), generator=g).tolist()
-        mine = order[self.rank::self.world_size]
+        flips = pass_flips(self.seed, self.epoch, len(self.groups))
+        mine = [Drawn(i, flips[i]) for i in order[self.rank::self.world_size]]
         buckets: dict[int, list[int]] = {}
         batches = []
         for idx in mine:
@@ -220,7 +252,8 @@ class StreamBatchSampler(GroupedBatchSampler):
         for number in itertools.count():
             g = torch.Generator().manual_seed(derive_seed(self.seed, number))
             order = torch.randperm(len(self.groups), generator=g)[self.rank::self.world_size].tolist()
-            yield from ((number, index) for index in order)
+            flips = pass_flips(self.seed, number, len(self.groups))
+            yield from ((number, Drawn(index, flips[index])) for index in order)
 
     def batches(self):
         """The stream of this rank's batches, each a list of (pass, index)."""
@@ -265,17 +298,17 @@ def derive_seed(master_seed: int, *parts: int) -> int:
 
 
 class WorkerInit:
-    """Seeds a data-loader worker from (master seed, rank, the sampler's epoch, worker id).
+    """Seeds a data-loader worker from (master seed, rank, worker id). Training draws nothing in
+    the workers (the sampler decides the flips: Drawn), so workers may live for the whole run.
 
-    A class, not a closure, so it pickles for spawned workers; it reads the epoch when the worker
-    starts, which is after set_epoch because workers are not persistent.
+    A class, not a closure, so it pickles for spawned workers.
     """
 
-    def __init__(self, master_seed: int, rank: int, sampler: GroupedBatchSampler | StreamBatchSampler):
-        self.master_seed, self.rank, self.sampler = master_seed, rank, sampler
+    def __init__(self, master_seed: int, rank: int):
+        self.master_seed, self.rank = master_seed, rank
 
     def __call__(self, worker_id: int) -> None:
-        s = derive_seed(self.master_seed, self.rank, self.sampler.epoch, worker_id + 1)
+        s = derive_seed(self.master_seed, self.rank, worker_id + 1)
         random.seed(s)
         np.random.seed(s)
         torch.manual_seed(s)

@@ -26,14 +26,23 @@ from mlperf_logging.mllog import constants as C
 from object_detection import checkpoint, fast
 from object_detection import data as D
 from object_detection.console import Console
-from object_detection.engine import (Diverged, Trainer, amp_dtype, evaluate, make_optimizer, train_one_epoch,
-                                     warm_up)
+from object_detection.engine import (Diverged, Trainer, amp_dtype, evaluate, freeze_setup, make_optimizer,
+                                     train_one_epoch, warm_up)
 from object_detection.evaluate import (PARALLEL_MIN_RESULTS, CocoEvaluator, default_workers,
                                        start_scoring_workers)
 from object_detection.mllog import MLLogger
 from object_detection.model import NUM_CLASSES_COCO, build_model
 from object_detection.reference import BackboneFileError
 from object_detection.recipe import EVAL_BATCH, LOADER_WORKERS, PROFILES, RULESET, Profile, division
+
+
+def speed_spec(text: str) -> str:
+    """--speed, checked as the launcher checks it (fast.options_for)."""
+    try:
+        fast.options_for(text, "cpu")
+    except ValueError as bad:
+        raise argparse.ArgumentTypeError(str(bad)) from None
+    return text
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,9 +68,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--segm-target", type=float, help="mask mAP target (default: the profile's)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], default="auto")
-    p.add_argument("--speed", choices=["fast", "stock"], default="fast",
-                   help="stock: torchvision's model code, none of object_detection.fast (the baseline, and a way "
-                        "to tell whether a problem is in the speed code)")
+    p.add_argument("--speed", type=speed_spec, default="fast",
+                   help="stock: torchvision's model code and a plain loop, none of object_detection.fast (the "
+                        "baseline, and a way to tell whether a problem is in the speed code); "
+                        "fast-without:LEVER[,LEVER...]: all but those (fast.Options names them)")
     p.add_argument("--result-log", dest="log", type=Path, required=True,
                    help="MLPerf result log file (not --log: torchrun would take that as its own --log-dir)")
     p.add_argument("--checkpoint", type=Path, help="checkpoint file (default: <log>.ckpt)")
@@ -151,17 +161,20 @@ def data_loaders(args, run: Run, master_seed: int):
     train_set = D.CocoDetection(args.data_root / args.train_images, args.data_root / args.train_annotations,
                                 train=True, recipe=recipe)
     val_set = D.CocoDetection(args.data_root / args.val_images, args.data_root / args.val_annotations,
-                              train=False, recipe=recipe)
+                              train=False, recipe=recipe, masks=False)
     if len(train_set.label_to_category) != args.num_classes:
         raise ValueError(f"{args.train_annotations} has {len(train_set.label_to_category) - 1} categories, but the "
                          f"model was built for {args.num_classes - 1} (--num-classes {args.num_classes})")
     sampler = D.batch_sampler(train_set.aspect_groups(), args.per_gpu_batch, rank=run.rank,
                               world_size=run.world_size, seed=master_seed, recipe=recipe)
-    loader_kw = dict(collate_fn=D.collate, pin_memory=run.device.type == "cuda", num_workers=args.workers)
-    # Workers start anew each epoch and seed from (master seed, rank, epoch, worker): see seed_everything.
+    # Each loader draws its workers' base seed from a generator of its own: from the global one, a
+    # loader that starts its workers each epoch would shift the model's random draws (the RoI
+    # sampler's) against one whose workers persist.
+    loader_kw = dict(collate_fn=D.collate, pin_memory=run.device.type == "cuda", num_workers=args.workers,
+                     persistent_workers=args.workers > 0 and fast.options_for(args.speed, run.device.type).persistent_workers,
+                     generator=torch.Generator().manual_seed(D.derive_seed(master_seed, run.rank, D.LOADER_SEEDS)))
     train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler,
-                                               worker_init_fn=D.WorkerInit(master_seed, run.rank, sampler),
-                                               **loader_kw)
+                                               worker_init_fn=D.WorkerInit(master_seed, run.rank), **loader_kw)
     val_shard = torch.utils.data.Subset(val_set, D.shard_indices(len(val_set), run.rank, run.world_size))
     val_loader = torch.utils.data.DataLoader(val_shard, batch_size=args.eval_batch, shuffle=False, **loader_kw)
     return train_set, val_set, sampler, train_loader, val_loader
@@ -181,7 +194,7 @@ def trainer_for(args, run: Run, profile: Profile, schedule) -> Trainer:
                         min_size=profile.min_size, max_size=profile.max_size,
                         proposals_per_image=profile.proposals_per_image, rois_per_image=profile.rois_per_image,
                         test_candidates=profile.test_candidates, detections_per_image=profile.detections_per_image,
-                        speed=fast.Options.for_device(run.device.type) if args.speed == "fast" else fast.STOCK,
+                        speed=fast.options_for(args.speed, run.device.type),
                         model=profile.model,
                         recipe=profile.recipe).to(run.device)
     dtype = amp_dtype(args.amp, run.device)
@@ -200,7 +213,8 @@ def trainer_for(args, run: Run, profile: Profile, schedule) -> Trainer:
                                                              loss_scaled=dtype == torch.float16),
                    scaler=torch.amp.GradScaler("cuda") if dtype == torch.float16 else None, schedule=schedule,
                    autocast=autocast, device=run.device, world_size=run.world_size,
-                   console=Console(run.main), check_every=args.print_freq)
+                   console=Console(run.main), check_every=args.print_freq,
+                   prefetch=fast.options_for(args.speed, run.device.type).prefetch)
 
 
 def master_seed_of(args, run: Run, resume_state: dict | None) -> int:
@@ -283,6 +297,8 @@ def main(argv=None) -> int:
         log.event(C.EVAL_SAMPLES, len(val_set))
     if scores_in_workers(args, run, profile):
         start_scoring_workers(val_set.coco)  # the workers index the ground truth while epoch 1 trains
+    if fast.options_for(args.speed, run.device.type).freeze_setup:
+        freeze_setup()  # before the first epoch forks the loader workers
 
     status, diverged = C.ABORTED, None
     for epoch in range(first_epoch, max_epochs + 1):

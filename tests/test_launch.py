@@ -107,10 +107,14 @@ def test_speed_stock_runs_torchvisions_model_code_end_to_end(tiny_shapes, tmp_pa
     assert [e["key"] for e in mllog(log)].count("eval_accuracy") == 1
 
 
-def test_an_unknown_speed_is_one_error_line(tiny_shapes, tmp_path):
-    proc = run_invoke(["train", *tiny_shapes["args"], "--device", "cpu", "--speed", "turbo",
+@pytest.mark.parametrize("speed, said", [
+    ("turbo", "--speed must be fast, stock or fast-without:LEVER[,LEVER...], not 'turbo'"),
+    ("fast-without:prefetch,warp", "--speed fast-without:prefetch,warp: no lever named warp (levers: fold_bn,"),
+])
+def test_an_unknown_speed_or_lever_is_one_error_line(tiny_shapes, tmp_path, speed, said):
+    proc = run_invoke(["train", *tiny_shapes["args"], "--device", "cpu", "--speed", speed,
                        "--log", str(tmp_path / "log.txt")], env=NO_CLUSTER)
-    assert_one_error_line(proc, "--speed must be fast or stock, not 'turbo'")
+    assert_one_error_line(proc, said)
 
 
 def test_too_little_shared_memory_says_how_to_get_more_on_backend_ai(monkeypatch):

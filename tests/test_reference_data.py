@@ -228,6 +228,60 @@ def test_the_flip_mirrors_boxes_by_the_recipe_s_convention(small_coco, recipe, f
     assert torch.equal(target["masks"], plain[1]["masks"].flip(-1))
 
 
+@pytest.mark.parametrize("make", [D.StreamBatchSampler, D.GroupedBatchSampler])
+def test_the_sampler_draws_each_image_s_flip_with_the_order(make):
+    """Flips are part of the order (seeded by pass and image), so a resumed run, any number of loader
+    workers and workers that live for the whole run all see the same flips."""
+    def run(resume_at=None, seed=7):
+        out = []
+        sampler = make(GROUPS, 4, rank=0, world_size=2, seed=seed)
+        for epoch in range(1, 5):
+            if resume_at is not None and epoch >= resume_at:
+                sampler = make(GROUPS, 4, rank=0, world_size=2, seed=seed)
+            sampler.set_epoch(epoch)
+            out.append([[(int(i), i.flip) for i in batch] for batch in sampler])
+        return out
+
+    through = run()
+    assert through == run(resume_at=3) and through != run(seed=8)
+    drawn = [flip for epoch in through for batch in epoch for _, flip in batch]
+    assert 0.3 < sum(drawn) / len(drawn) < 0.7                 # p = 0.5, as the reference's RandomHorizontalFlip
+    by_epoch = [{i: f for batch in epoch for i, f in batch} for epoch in through]
+    assert by_epoch[0] != by_epoch[1]                          # a new draw each pass
+
+
+@pytest.mark.parametrize("workers, persistent", [(2, False), (2, True)])
+def test_the_loader_s_batches_do_not_depend_on_its_workers(small_coco, workers, persistent):
+    """The trainer's loader gives the same images and targets, flips included, with no worker,
+    with workers started each epoch, and with persistent workers (fast.Options.persistent_workers)."""
+    folder, annotations = small_coco
+    dataset = D.CocoDetection(folder, annotations, train=True, recipe=REFERENCE)
+
+    def epochs(num_workers, persistent_workers):
+        sampler = D.batch_sampler(dataset.aspect_groups(), 1, rank=0, world_size=1, seed=3, recipe=REFERENCE)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=D.collate,
+                                             num_workers=num_workers, persistent_workers=persistent_workers,
+                                             worker_init_fn=D.WorkerInit(3, 0))
+        out = []
+        for epoch in range(1, 4):
+            sampler.set_epoch(epoch)
+            out += [(image.tolist(), target["boxes"].tolist(), target["masks"].tolist())
+                    for images, targets in loader for image, target in zip(images, targets)]
+        return out
+
+    alone = epochs(0, False)
+    assert epochs(workers, persistent) == alone
+    flipped = [image[0][0][-1] > 128 for image, _, _ in alone]  # the bright edge moved right
+    assert any(flipped) and not all(flipped)
+
+
+def test_evaluation_images_come_without_masks(small_coco):
+    """The evaluation loader decodes no masks (COCO scoring reads the annotation file)."""
+    folder, annotations = small_coco
+    assert "masks" not in D.CocoDetection(folder, annotations, train=False, masks=False)[4][1]
+    assert len(D.CocoDetection(folder, annotations, train=False)[4][1]["masks"]) == 3  # image 5's usable boxes
+
+
 def test_square_images_group_with_the_portrait_ones_in_the_reference_s_order(small_coco, tmp_path):
     folder, annotations = small_coco
     content = json.loads(annotations.read_text())

@@ -1,6 +1,7 @@
-"""Speed code behind one switch: `apply(model, options)` makes a built Mask R-CNN compute the same
-function faster, each piece in a file of its own, all by one mechanism (`patch.swap`: a module's
-class becomes a subclass; parameters and state-dict keys stay):
+"""Speed code behind one switch (`Options`; the trainer's `--speed stock` turns every piece off).
+`apply(model, options)` makes a built Mask R-CNN compute the same function faster, each piece in a
+file of its own, all by one mechanism (`patch.swap`: a module's class becomes a subclass;
+parameters and state-dict keys stay):
 
 - fold_bn: frozen BatchNorm folded into the convolutions;
 - fuse_bias: then each backbone bias, residual and ReLU in one pass (bias_act's Triton kernel);
@@ -9,6 +10,11 @@ class becomes a subclass; parameters and state-dict keys stay):
   one padded input shape per orientation;
 - channels_last: backbone and RPN head in channels_last (GPUs).
 
+The loop around the model reads three more: loader workers that live for the whole run
+(`persistent_workers`, object_detection/train.py), the next batch copied to the GPU on a side stream
+while a step computes (`prefetch`, engine.on_device), and the set-up's objects out of the garbage
+collector's passes (`freeze_setup`, engine.freeze_setup).
+
 Several pieces build on private torchvision functions, so `apply` checks the torchvision version
 against the range they were tested with; outside it the model stays stock (one warning line) and
 still trains, only slower.
@@ -16,9 +22,11 @@ still trains, only slower.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING
 
-from torchvision.models.detection import MaskRCNN
+if TYPE_CHECKING:  # importable without torch: the launcher checks --speed before any process starts
+    from torchvision.models.detection import MaskRCNN
 
 # torchvision releases the speed pieces were checked against: 0.26 (H200, the same-function checks
 # of benchmarks/train_throughput.py) and 0.29 (CPU, tests/test_model.py and tests/test_sync_free.py).
@@ -36,6 +44,9 @@ class Options:
     channels_last: bool = False      # pays on GPUs only (tensor cores); on a CPU it is slower
     rpn_channels_last: bool = True   # with channels_last: the RPN head takes channels_last maps too
     fixed_canvas: bool = False       # pad every batch to the largest input (800x1344): fixed shapes
+    persistent_workers: bool = True  # no loader start-up at every epoch (and evaluation)
+    prefetch: bool = True            # CUDA: batch copies on a side stream, overlapping the step
+    freeze_setup: bool = True        # gc.freeze() after set-up: the annotations leave every collection
 
     @classmethod
     def for_device(cls, device_type: str) -> Options:
@@ -43,7 +54,28 @@ class Options:
 
 
 STOCK = Options(fold_bn=False, fuse_bias=False, sync_free=False, batched_sampler=False, transform=False,
-                channels_last=False)
+                channels_last=False, persistent_workers=False, prefetch=False, freeze_setup=False)
+
+
+WITHOUT = "fast-without:"
+
+
+def options_for(speed: str, device_type: str) -> Options:
+    """The pieces `--speed` names: `fast` (all that pay on this device), `stock` (none), or
+    `fast-without:LEVER[,LEVER...]` (all but those: how a lever's effect is measured, or a
+    suspected one ruled out). A ValueError says what is wrong in one line."""
+    if speed == "stock":
+        return STOCK
+    if speed == "fast":
+        return Options.for_device(device_type)
+    levers = [field.name for field in fields(Options)]
+    off = speed[len(WITHOUT):].split(",") if speed.startswith(WITHOUT) else None
+    if not off or not all(off):
+        raise ValueError(f"--speed must be fast, stock or {WITHOUT}LEVER[,LEVER...], not {speed!r}")
+    unknown = [name for name in off if name not in levers]
+    if unknown:
+        raise ValueError(f"--speed {speed}: no lever named {', '.join(unknown)} (levers: {', '.join(levers)})")
+    return replace(Options.for_device(device_type), **dict.fromkeys(off, False))
 
 
 def torchvision_tested(version: str | None = None) -> bool:
