@@ -128,7 +128,7 @@ def bench_verify(work: Path, repeats: int, sizes: list[int], label: str) -> dict
              str(folder / "data"), "--force"], cwd=ROOT))
         times["md5sum -c"].append(timed(["md5sum", "-c", "--quiet", "hashes.md5"], cwd=downloads))
 
-    from mlperf.datasets.verify import hash_files  # the same function, in this process: no start-up
+    from mlperf.datasets.hashing import hash_files  # the same function, in this process: no start-up
 
     in_process = []
     for _ in range(repeats):

@@ -202,7 +202,7 @@ class Plan:
         r = profile.recipe
         backbone = None
         if profile.pretrained and self.ds.backbone:
-            from mlperf.datasets.verify import with_published
+            from mlperf.datasets.state import with_published
 
             ds = with_published(self.ds, self.data_dir)  # the md5 fetch read from its publisher, once known
             spec = next((f for f in ds.files if f.name == ds.backbone), None)

@@ -16,7 +16,7 @@ import shlex
 import time
 from pathlib import Path
 
-from mlperf.datasets.verify import hash_file
+from mlperf.datasets.hashing import hash_file
 from mlperf.files import read_json, write_json
 from mlperf.project import sources_digest
 

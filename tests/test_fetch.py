@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from mlperf.datasets import extract as extracting
-from mlperf.datasets import fetch as fetching
+from mlperf.datasets import transfer
 from mlperf.errors import UserError
 from tests.conftest import ROOT, run_invoke
 from tests.http_server import Faults, FileServer, free_port, make_file
@@ -320,7 +320,7 @@ def test_shapes_are_made_locally_and_verify(tmp_path):
 # ---------------------------------------------------------------- units: the subtle parts
 
 def test_backoff_is_exponential_jittered_and_capped():
-    policy = fetching.RetryPolicy(retries=10, base=0.5, cap=8.0)
+    policy = transfer.RetryPolicy(retries=10, base=0.5, cap=8.0)
     assert [policy.delay(n, rng=lambda: 1.0) for n in range(1, 7)] == [0.5, 1, 2, 4, 8, 8]
     assert [policy.delay(n, rng=lambda: 0.0) for n in range(1, 7)] == [0.25, 0.5, 1, 2, 4, 4]
     assert all(0.25 <= policy.delay(n) <= 8.0 for n in range(1, 50))
@@ -400,8 +400,8 @@ def test_killed_extraction_leaves_no_complete_looking_tree(tmp_path, monkeypatch
 
 
 def test_plain_progress_lines_when_not_a_terminal(capsys, monkeypatch):
-    monkeypatch.setattr(fetching, "PROGRESS_INTERVAL", 0.0)
-    progress = fetching.Progress(total=4 << 20, jobs=2, stream=io.StringIO())
+    monkeypatch.setattr(transfer, "PROGRESS_INTERVAL", 0.0)
+    progress = transfer.Progress(total=4 << 20, jobs=2, stream=io.StringIO())
     progress.begin("a.zip", 4 << 20)
     progress.advance("a.zip", 1 << 20)
     progress.end("a.zip")

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mlperf.datasets import content
 from mlperf.datasets import load_manifest, resolve
 from mlperf.datasets import verify as verifying
 from tests.conftest import ROOT, one_error_line, run_invoke
@@ -198,9 +199,9 @@ def test_rle_string_total_decodes_what_pycocotools_encodes():
     for height, width in ((1, 1), (12, 16), (97, 131), (640, 480)):
         mask = np.asfortranarray((rng.random((height, width)) < 0.3).astype(np.uint8))
         counts = mask_utils.encode(mask)["counts"].decode("ascii")
-        assert verifying.rle_string_total(counts) == height * width
-    assert verifying.rle_string_total("0" * 3 + "\x7f") is None  # outside the alphabet
-    assert verifying.rle_string_total("a") is None  # cut off mid-number (continuation bit set)
+        assert content.rle_string_total(counts) == height * width
+    assert content.rle_string_total("0" * 3 + "\x7f") is None  # outside the alphabet
+    assert content.rle_string_total("a") is None  # cut off mid-number (continuation bit set)
 
 
 def edit(doc: dict, case: str, root: Path, tmp_path: Path) -> None:

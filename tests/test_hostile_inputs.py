@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from mlperf.datasets import extract as extracting
-from mlperf.datasets import fetch as fetching
+from mlperf.datasets import transfer
 from mlperf.datasets import load_manifest, redact_url
 from mlperf.errors import UserError
 from test_fetch import SIZE, Link, entry, fetch, md5, tar_bytes, write_manifest, zip_bytes
@@ -322,7 +322,7 @@ def test_bad_jobs_and_settings_are_one_line_each(tmp_path, monkeypatch):
                        ("MLPERF_FETCH_BACKOFF", "nan"), ("MLPERF_FETCH_RATE_WINDOW", "0")):
         monkeypatch.setenv(var, value)
         with pytest.raises(UserError, match=var):
-            fetching.RetryPolicy.from_env()
+            transfer.RetryPolicy.from_env()
         monkeypatch.delenv(var)
 
 

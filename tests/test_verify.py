@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mlperf.datasets import hashing
 from mlperf.datasets import verify as verifying
 from mlperf.datasets import load_manifest
 from tests.conftest import run_invoke
@@ -153,15 +154,15 @@ def test_missing_dataset_is_one_line(tmp_path, dataset):
 def test_parallel_hashing_matches_hashlib(tmp_path, workers):
     """Files paused and resumed a slice at a time, several per thread: every digest still whole."""
     jobs = []
-    sizes = [(2 * verifying.HASH_STEP + 12345, "md5"), (5_000_000, "md5"), (17, "md5"),
-             (verifying.HASH_STEP + 1, "sha256"), (0, "md5")]
+    sizes = [(2 * hashing.HASH_STEP + 12345, "md5"), (5_000_000, "md5"), (17, "md5"),
+             (hashing.HASH_STEP + 1, "sha256"), (0, "md5")]
     for i, (size, algo) in enumerate(sizes):
         path = tmp_path / f"f{i}"
         path.write_bytes(os.urandom(size))
         jobs.append((path, algo))
-    got = verifying.hash_files(jobs, workers=workers)
+    got = hashing.hash_files(jobs, workers=workers)
     assert got == [hashlib.new(a, p.read_bytes()).hexdigest() for p, a in jobs]
-    assert verifying.hash_file(jobs[0][0]) == got[0]
+    assert hashing.hash_file(jobs[0][0]) == got[0]
 
 
 @pytest.fixture

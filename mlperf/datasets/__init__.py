@@ -51,7 +51,7 @@ class FileSpec:
     def checksum(self) -> tuple[str, str | None]:
         """(hashlib algorithm, expected hex digest): md5 where the manifest gives one, else sha256;
         (md5, None) for an `md5_url` file whose published md5 has not been read yet (see
-        mlperf.datasets.verify.with_published)."""
+        mlperf.datasets.state.with_published)."""
         return ("md5", self.md5) if self.md5 or not self.sha256 else ("sha256", self.sha256)
 
     @property
