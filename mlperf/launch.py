@@ -221,6 +221,8 @@ class Plan:
             "box_width": "x1 - x0 + 1" if r.box_offset else "x1 - x0", "anchors": r.anchors,
             "rpn_straddle_thresh": r.straddle_thresh, "warmup": r.warmup, "proposal_selection": selection,
             "heads_init": r.heads_init, "image_filter": r.image_filter, "resize": r.resize,
+            "mask_targets": ("each RoI's polygons rasterised at 28x28 as pycocotools does" if r.mask_targets == "polygons"
+                             else "the full mask sampled by RoIAlign"),
             "training_images": images, "iterations_per_epoch": per_epoch,
             "cache_clear": {"drop_caches": "sync, then /proc/sys/vm/drop_caches",
                             "fadvise": "sync, then posix_fadvise(DONTNEED) on every file of the dataset "

@@ -20,6 +20,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from object_detection.mask_targets import flip_edges, polygon_edges
 from object_detection.recipe import RECIPES, Recipe, iterations_per_epoch
 
 
@@ -123,7 +124,9 @@ class CocoDetection(torch.utils.data.Dataset):
         labels = torch.tensor([self.category_to_label[a["category_id"]] for a in anns], dtype=torch.int64)
         # The sampler's flip; an index from elsewhere draws it here (random is seeded per worker in WorkerInit)
         flip = self.train and (index.flip if isinstance(index, Drawn) else random.random() < 0.5)
-        if not self.masks:
+        polygons = (self.masks and self.recipe.mask_targets == "polygons" and anns
+                    and all(isinstance(a["segmentation"], list) for a in anns))
+        if not self.masks or polygons:
             masks = None
         elif anns:
             # decode gives H x W x N in column-major order: flip and turn it to N x H x W in numpy,
@@ -139,6 +142,12 @@ class CocoDetection(torch.utils.data.Dataset):
         target = {"boxes": boxes, "labels": labels, "image_id": image_id, "orig_size": (h, w)}
         if masks is not None:
             target["masks"] = masks
+        if polygons:  # kilobytes of edges instead of megabytes of masks; rasterised per RoI on the device
+            edges, owner = polygon_edges([a["segmentation"] for a in anns])
+            if flip:
+                edges = flip_edges(edges, owner, w, self.recipe.box_offset)
+            target.update(polygon_edges=edges, polygon_owner=owner,
+                          polygons=max(len(a["segmentation"]) for a in anns))
         return image, target
 
     @staticmethod

@@ -218,6 +218,7 @@ class Recipe:
     epoch: str                       # "ceil": an epoch is ceil(images / batch) steps of one endless stream; "floor"
     image_filter: str                # "reference": maskrcnn-benchmark's has_valid_annotation; "usable": a usable box
     resize: str                      # "round": the reference's get_size; "scale": torchvision's scale factor
+    mask_targets: str                # "polygons": each RoI's polygons rasterised at 28x28 (mask_targets.py); "roi_align"
 
     def describe(self) -> dict:
         return asdict(self)
@@ -230,11 +231,13 @@ RECIPES = {
     "reference": Recipe(name="reference", backbone="msra-r50", stride_in_1x1=True, input="BGR255",
                         box_loss_beta=1.0, rpn_loss_beta=1.0 / 9, box_offset=1, anchors="maskrcnn-benchmark",
                         straddle_thresh=0.0, proposals_per="batch", heads_init="reference",
-                        warmup="mlperf_linear", epoch="ceil", image_filter="reference", resize="round"),
+                        warmup="mlperf_linear", epoch="ceil", image_filter="reference", resize="round",
+                        mask_targets="polygons"),
     "torchvision": Recipe(name="torchvision", backbone="torchvision", stride_in_1x1=False, input="RGB1",
                           box_loss_beta=1.0 / 9, rpn_loss_beta=1.0 / 9, box_offset=0, anchors="torchvision",
                           straddle_thresh=None, proposals_per="image", heads_init="torchvision",
-                          warmup="linear", epoch="floor", image_filter="usable", resize="scale"),
+                          warmup="linear", epoch="floor", image_filter="usable", resize="scale",
+                          mask_targets="roi_align"),
 }
 
 

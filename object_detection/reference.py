@@ -29,11 +29,12 @@ from torch import nn
 from torchvision.models import resnet50
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_loss
+from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork, concat_box_prediction_layers
 from torchvision.ops import FrozenBatchNorm2d
 
 from object_detection.fast.patch import swap
+from object_detection.mask_targets import mask_loss
 from object_detection.recipe import MSRA_PIXEL_MEAN_BGR, Recipe
 
 ANCHOR_SIZES = (32, 64, 128, 256, 512)
@@ -334,6 +335,12 @@ class ReferenceRoIHeads(RoIHeads):
 
     box_loss_beta: float = 1.0 / 9
 
+    def check_targets(self, targets):
+        """torchvision's checks; an image's mask targets may come as polygons (mask_targets.mask_loss)."""
+        if targets is not None:
+            targets = [{**t, "masks": None} if "polygon_edges" in t else t for t in targets]
+        super().check_targets(targets)
+
     def forward(self, features, proposals, image_shapes, targets=None):
         if not self.training or self.keypoint_roi_pool is not None:
             return super().forward(features, proposals, image_shapes, targets)
@@ -349,8 +356,7 @@ class ReferenceRoIHeads(RoIHeads):
             positive_matches = [m[i] for m, i in zip(matched_idxs, positive)]
             mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, mask_proposals,
                                                                                 image_shapes)))
-            losses["loss_mask"] = maskrcnn_loss(mask_logits, mask_proposals, [t["masks"] for t in targets],
-                                                [t["labels"] for t in targets], positive_matches)
+            losses["loss_mask"] = mask_loss(mask_logits, mask_proposals, targets, positive_matches, image_shapes)
         return [], losses
 
 

@@ -12,6 +12,8 @@ import torch
 from torchvision.models.detection.transform import (GeneralizedRCNNTransform, _resize_image_and_masks,
                                                     resize_boxes, resize_keypoints)
 
+from object_detection.mask_targets import scale_edges
+
 RESIZE_RULES = ("scale", "round")  # torchvision's, the reference's
 
 
@@ -59,6 +61,8 @@ class InputTransform(GeneralizedRCNNTransform):
             image, target = _resize_image_and_masks(image, size, self.max_size, target, self.fixed_size)
         if target is not None:
             target["boxes"] = self.resize_boxes(target["boxes"], (height, width), image.shape[-2:])
+            if "polygon_edges" in target:
+                target["polygon_edges"] = scale_edges(target["polygon_edges"], (height, width), image.shape[-2:])
             if "keypoints" in target:
                 target["keypoints"] = resize_keypoints(target["keypoints"], (height, width), image.shape[-2:])
         return image, target

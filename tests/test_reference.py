@@ -16,6 +16,7 @@ import torch
 
 from object_detection import reference
 from object_detection.fast import STOCK, Options
+from object_detection.mask_targets import polygon_edges
 from object_detection.model import build_model
 from object_detection.recipe import PROFILES, RECIPES
 
@@ -194,8 +195,12 @@ def test_closed_profile_is_the_reference_recipe_and_open_ones_keep_torchvisions(
     assert PROFILES["shapes-cpu"].recipe is RECIPES["torchvision"]
 
 
-def synthetic_targets(g, height, width, classes=5):
+def synthetic_targets(g, height, width, classes=5, polygons=False):
     boxes = torch.tensor([[10.0, 12.0, 60.0, 50.0], [30.0, 5.0, 90.0, 70.0]])
+    if polygons:  # as the loader gives COCO's polygons to the reference recipe (mask_targets.py)
+        edges, owner = polygon_edges([[[x0, y0, x1, y0, x1, y1, x0, y1]] for x0, y0, x1, y1 in boxes.tolist()])
+        return {"boxes": boxes, "labels": torch.tensor([1, 3]), "polygon_edges": edges, "polygon_owner": owner,
+                "polygons": 1}
     masks = torch.zeros(2, height, width, dtype=torch.uint8)
     for mask, (x0, y0, x1, y1) in zip(masks, boxes.int().tolist()):
         mask[y0:y1, x0:x1] = 1
@@ -203,11 +208,11 @@ def synthetic_targets(g, height, width, classes=5):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("empty", [False, True])
-def test_the_fast_reference_model_computes_the_stock_reference_losses(empty):
+@pytest.mark.parametrize("empty, polygons", [(False, False), (True, False), (False, True)])
+def test_the_fast_reference_model_computes_the_stock_reference_losses(empty, polygons):
     g = torch.Generator().manual_seed(1)
     images = [torch.rand(3, 96, 128, generator=g), torch.rand(3, 100, 120, generator=g)]
-    targets = [synthetic_targets(g, 96, 128), synthetic_targets(g, 100, 120)]
+    targets = [synthetic_targets(g, 96, 128, polygons=polygons), synthetic_targets(g, 100, 120)]
     if empty:  # a crowd-only image: the reference's filter keeps it, with no box to learn
         targets[1] = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
                       "masks": torch.zeros(0, 100, 120, dtype=torch.uint8)}

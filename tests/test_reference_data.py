@@ -205,7 +205,8 @@ def test_the_reference_keeps_crowd_only_images_and_builds_pixel_inclusive_clippe
         5: [[95, 10, 99, 19],                            # clipped to W - 1
             [50, 50, 50.5, 51]],                         # 1.5 px: kept; beyond the edge and 1 px: no area
     }
-    assert len(dataset[2][1]["masks"]) == 2 and dataset[1][1]["masks"].shape == (0, H, W)
+    # the reference's masks are its polygons' edges (rasterised per RoI: mask_targets.py); none: no masks
+    assert len(dataset[2][1]["polygon_edges"]) == 2 and dataset[1][1]["masks"].shape == (0, H, W)
 
 
 def test_the_torchvision_recipe_keeps_images_with_a_usable_box_and_its_own_boxes(small_coco):
@@ -225,7 +226,12 @@ def test_the_flip_mirrors_boxes_by_the_recipe_s_convention(small_coco, recipe, f
     image, target = D.CocoDetection(folder, annotations, train=True, recipe=recipe)[0]
     assert target["boxes"].tolist() == flipped       # reference: x0' = W - x1 - 1, x1' = W - x0 - 1
     assert torch.equal(image, plain[0].flip(-1))
-    assert torch.equal(target["masks"], plain[1]["masks"].flip(-1))
+    if recipe.mask_targets == "polygons":  # x' = W - x - 1 for the reference's polygons, as for its boxes
+        edges = plain[1]["polygon_edges"].clone()
+        edges[..., 0::2] = W - 1 - edges[..., 0::2]
+        assert torch.equal(target["polygon_edges"], edges)
+    else:
+        assert torch.equal(target["masks"], plain[1]["masks"].flip(-1))
 
 
 @pytest.mark.parametrize("make", [D.StreamBatchSampler, D.GroupedBatchSampler])
@@ -265,7 +271,7 @@ def test_the_loader_s_batches_do_not_depend_on_its_workers(small_coco, workers, 
         out = []
         for epoch in range(1, 4):
             sampler.set_epoch(epoch)
-            out += [(image.tolist(), target["boxes"].tolist(), target["masks"].tolist())
+            out += [(image.tolist(), target["boxes"].tolist(), target.get("polygon_edges", target.get("masks")).tolist())
                     for images, targets in loader for image, target in zip(images, targets)]
         return out
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection._utils import BoxCoder, Matcher, encode_boxes
-from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_loss
+from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.ops import boxes as box_ops
 from torchvision.ops import roi_align
@@ -39,6 +39,7 @@ from torchvision.ops.poolers import MultiScaleRoIAlign, _convert_to_roi_format, 
 from object_detection.fast.nms import greedy_nms
 from object_detection.fast.patch import DeviceConstants, mix_in, swap
 from object_detection.fast.sampler import use_batched_sampler
+from object_detection.mask_targets import mask_loss
 
 # ---------------------------------------------------------------- box coding
 
@@ -325,8 +326,7 @@ class SyncFreeRoIHeads(RoIHeads):
             positive_matches = [m[:n] for m, n in zip(matched_idxs, num_positive)]
             mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, mask_proposals,
                                                                                 image_shapes)))
-            losses["loss_mask"] = maskrcnn_loss(mask_logits, mask_proposals, [t["masks"] for t in targets],
-                                                [t["labels"] for t in targets], positive_matches)
+            losses["loss_mask"] = mask_loss(mask_logits, mask_proposals, targets, positive_matches, image_shapes)
         return [], losses
 
     def postprocess_detections(self, class_logits, box_regression, proposals, image_shapes):

@@ -1,0 +1,170 @@
+"""The reference's mask targets, from polygons, on the training device.
+
+maskrcnn-benchmark (the MLPerf reference) makes each positive RoI's 28x28 target from its ground-truth
+instance's polygons: cropped to the RoI (`PolygonInstance.crop`), scaled to 28x28 (`resize`) and
+rasterised by pycocotools (`frPyObjects`, `merge`, `decode`), on the CPU, RoI by RoI. torchvision instead
+samples the full-image mask with RoIAlign (soft targets, and 20-40 MB of decoded masks a batch from the
+loader). Here the reference's function runs batched on the device: the loader hands over polygon edges
+(kilobytes), and `rasterise` reproduces pycocotools' rleFrPoly arithmetic exactly (the same 5x
+upsampled integer boundary, the same crossing rows per pixel column), so every target equals the
+reference's, bit for bit (tests/test_mask_targets.py checks it against pycocotools).
+
+Polygons of an image travel as `polygon_edges(...)`: per instance, its edges padded to the image's
+longest instance, (instances, edges, 4) as x0, y0, x1, y1, with the polygon each edge belongs to
+(-1: padding); an instance's polygons are united, as merge does.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.models.detection.roi_heads import project_masks_on_boxes
+
+UPSAMPLE = 5.0                       # rleFrPoly's scale: the boundary is traced on a 5x finer integer grid
+GRID = 28                            # the mask head's resolution (the reference's discretization size)
+
+
+def polygon_edges(polygons: list[list[list[float]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Edges and polygon numbers of an image's instances, each a list of COCO polygons [x, y, ...]:
+    (N, E, 4) float32 and (N, E) int64, E the most edges of any instance (-1 marks padding)."""
+    per_instance = []
+    for polygons_of_one in polygons:
+        edges, owner = [], []
+        for number, flat in enumerate(polygons_of_one):
+            points = np.asarray(flat, dtype=np.float32).reshape(-1, 2)
+            edges.append(np.concatenate([points, np.roll(points, -1, axis=0)], axis=1))
+            owner.append(np.full(len(points), number, dtype=np.int64))
+        per_instance.append((np.concatenate(edges) if edges else np.zeros((0, 4), np.float32),
+                             np.concatenate(owner) if owner else np.zeros(0, np.int64)))
+    longest = max((len(e) for e, _ in per_instance), default=0)
+    edges = torch.zeros((len(per_instance), longest, 4), dtype=torch.float32)
+    owner = torch.full((len(per_instance), longest), -1, dtype=torch.int64)
+    for i, (e, o) in enumerate(per_instance):
+        edges[i, :len(e)] = torch.from_numpy(e)
+        owner[i, :len(o)] = torch.from_numpy(o)
+    return edges, owner
+
+
+def flip_edges(edges: torch.Tensor, owner: torch.Tensor, width: int, offset: int) -> torch.Tensor:
+    """Edges of a horizontally flipped image: x' = W - x - offset (the reference's TO_REMOVE = 1)."""
+    flipped = edges.clone()
+    flipped[..., 0::2] = torch.where(owner[..., None] >= 0, (width - offset) - edges[..., 0::2], 0.0)
+    return flipped
+
+
+def scale_edges(edges: torch.Tensor, original_size, new_size) -> torch.Tensor:
+    """Edges of a resized image: x times new_w / old_w, y times new_h / old_h (PolygonInstance.resize:
+    the ratios as Python floats, the product in float32)."""
+    ratio_h, ratio_w = (float(new) / float(old) for new, old in zip(new_size, original_size))
+    scaled = edges.clone()
+    scaled[..., 0::2] *= ratio_w
+    scaled[..., 1::2] *= ratio_h
+    return scaled
+
+
+def crop_and_scale(edges: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int], size: int) -> torch.Tensor:
+    """Each RoI's edges in its size x size frame, as PolygonInstance.crop then resize compute them:
+    the box clipped to the image (at least 1 px), coordinates shifted by its corner and scaled, in
+    float32 like the reference's tensors. edges (R, E, 4), boxes (R, 4)."""
+    height, width = image_size
+    box = boxes.double()  # crop reads the box as Python floats
+    x0 = box[:, 0].clamp(0, width - 1)
+    y0 = box[:, 1].clamp(0, height - 1)
+    x1 = torch.maximum(box[:, 2].clamp(0, width), x0 + 1)
+    y1 = torch.maximum(box[:, 3].clamp(0, height), y0 + 1)
+    ratio_w, ratio_h = (size / (x1 - x0)).float(), (size / (y1 - y0)).float()
+    x = (edges[..., 0::2] - x0.float()[:, None, None]) * ratio_w[:, None, None]
+    y = (edges[..., 1::2] - y0.float()[:, None, None]) * ratio_h[:, None, None]
+    return torch.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], dim=-1)
+
+
+def _c_int(value: torch.Tensor) -> torch.Tensor:
+    """C's (int) cast of a double: toward zero."""
+    return torch.trunc(value).long()
+
+
+def rasterise(edges: torch.Tensor, owner: torch.Tensor, polygons: int, size: int = GRID) -> torch.Tensor:
+    """pycocotools' rasterisation of each row's polygons (united) on a size x size grid: rleFrPoly's
+    boundary on the 5x grid, where it crosses each pixel column's centre line, and the run each
+    crossing starts or ends. edges (R, E, 4) float32 in grid coordinates, owner (R, E) polygon
+    numbers below `polygons` (-1: padding). Returns (R, size, size) uint8 (rows, columns). No host
+    synchronisation: every shape is known from the arguments."""
+    rois, count = owner.shape
+    if rois == 0 or count == 0:
+        return torch.zeros((rois, size, size), dtype=torch.uint8, device=edges.device)
+    up = _c_int(UPSAMPLE * edges.double() + 0.5)                       # (R, E, 4): x0, y0, x1, y1 on the fine grid
+    ax, ay, bx, by = up.unbind(-1)
+    dx, dy = (bx - ax).abs(), (by - ay).abs()
+    shallow = dx >= dy
+    # Each edge's points as rleFrPoly walks them: along x where the edge is shallow, along y where steep,
+    # from the end with the smaller coordinate of that axis (its `flip`).
+    swap = torch.where(shallow, ax > bx, ay > by)
+    xs, xe = torch.where(swap, bx, ax), torch.where(swap, ax, bx)
+    ys, ye = torch.where(swap, by, ay), torch.where(swap, ay, by)
+    slope = torch.where(shallow, (ye - ys).double() / dx.double(), (xe - xs).double() / dy.double())
+
+    # Pixel column k's centre line lies between fine columns 5k+2 and 5k+3: a crossing is a step of the
+    # walk from one to the other, at the lower of the two points' fine rows.
+    column = torch.arange(size, device=edges.device)
+    c = (5 * column + 2).view(1, 1, -1)                                # (1, 1, K)
+    xs_, ys_, xe_ = xs[..., None], ys[..., None], xe[..., None]
+    slope_ = slope[..., None]
+
+    def v_at(t):  # the walk's fine row at step t of a shallow edge
+        return _c_int(ys_.double() + slope_ * t.double() + 0.5)
+
+    t = (c - xs_).clamp(min=0)
+    shallow_row = torch.minimum(v_at(t), v_at(t + 1))
+    shallow_hit = (xs_ <= c) & (c < xe_)
+
+    def u_at(t):  # the walk's fine column at step t of a steep edge
+        return _c_int(xs_.double() + slope_ * t.double() + 0.5)
+
+    length = dy[..., None]
+    estimate = torch.floor((c.double() + 0.5 - xs_.double()) / slope_.masked_fill(slope_ == 0, 1.0))
+    estimate = estimate.clamp(-4, 2**40).long()
+    steep_hit = torch.zeros_like(shallow_hit)
+    steep_row = torch.zeros_like(shallow_row)
+    for shift in (-2, -1, 0, 1):  # the step where the walk crosses, found exactly near the estimate
+        step = (estimate + shift).clamp(0)
+        here, there = u_at(step), u_at(step + 1)
+        crosses = (step < length) & (here != there) & (torch.minimum(here, there) == c) & ~steep_hit
+        steep_row = torch.where(crosses, ys_ + step, steep_row)
+        steep_hit |= crosses
+    steep_hit &= (slope_ != 0)
+
+    hit = torch.where(shallow[..., None], shallow_hit, steep_hit) & (owner[..., None] >= 0)
+    fine_row = torch.where(shallow[..., None], shallow_row, steep_row)
+    row = torch.ceil((((fine_row.double() + 0.5) / UPSAMPLE) - 0.5).clamp(0, size)).long()  # (R, E, K)
+
+    polygons = max(polygons, 1)
+    toggles = torch.zeros((rois, polygons, size, size + 1), dtype=torch.int32, device=edges.device)
+    roi = torch.arange(rois, device=edges.device).view(-1, 1, 1).expand_as(row)
+    flat = (((roi * polygons + owner.clamp(min=0)[..., None]) * size + column.view(1, 1, -1)) * (size + 1) + row)
+    toggles.view(-1).index_add_(0, flat.reshape(-1), hit.reshape(-1).int())  # every index is in range
+    inside = (toggles[..., :size].cumsum(-1) % 2).bool()               # (R, P, columns, rows)
+    return inside.any(1).transpose(1, 2).to(torch.uint8)
+
+
+def targets_for(edges: torch.Tensor, owner: torch.Tensor, polygons: int, boxes: torch.Tensor, matched: torch.Tensor,
+                image_size: tuple[int, int], size: int = GRID) -> torch.Tensor:
+    """One image's mask targets: for each positive RoI `boxes[i]` (in the resized image of
+    `image_size`), its matched instance's polygons rasterised in the RoI's size x size frame, as float."""
+    roi_edges, roi_owner = edges[matched], owner[matched]
+    return rasterise(crop_and_scale(roi_edges, boxes, image_size, size), roi_owner, polygons, size).float()
+
+
+def mask_loss(mask_logits: torch.Tensor, proposals: list[torch.Tensor], targets: list[dict],
+              matched: list[torch.Tensor], image_shapes: list[tuple[int, int]]) -> torch.Tensor:
+    """torchvision's maskrcnn_loss, each image's targets from its polygons where the loader gave them
+    (the reference's recipe), else from its full masks by RoIAlign (torchvision's)."""
+    size = mask_logits.shape[-1]
+    labels = torch.cat([t["labels"][m] for t, m in zip(targets, matched)])
+    mask_targets = torch.cat([
+        targets_for(t["polygon_edges"], t["polygon_owner"], t["polygons"], p, m, shape, size)
+        if "polygon_edges" in t else project_masks_on_boxes(t["masks"], p, m, size)
+        for t, p, m, shape in zip(targets, proposals, matched, image_shapes)])
+    if mask_targets.numel() == 0:
+        return mask_logits.sum() * 0
+    return F.binary_cross_entropy_with_logits(
+        mask_logits[torch.arange(labels.shape[0], device=labels.device), labels], mask_targets)

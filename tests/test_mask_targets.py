@@ -1,0 +1,134 @@
+"""The reference recipe's mask targets (object_detection/mask_targets.py) against the reference's own
+computation: maskrcnn-benchmark's PolygonInstance.crop and resize (float32 tensors) and pycocotools'
+frPyObjects, merge and decode, RoI by RoI, as mlcommons/training object_detection's
+structures/segmentation_mask.py and modeling/roi_heads/mask_head/loss.py run them."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_utils
+from torchvision.models.detection.roi_heads import maskrcnn_loss
+
+from object_detection import mask_targets as MT
+
+H, W, M = 480, 640, 28
+
+
+def reference_target(polygons: list[list[float]], box: list[float], height: int, width: int) -> np.ndarray:
+    """One RoI's target as maskrcnn-benchmark makes it."""
+    xmin, ymin, xmax, ymax = map(float, box)
+    xmin, ymin = min(max(xmin, 0), width - 1), min(max(ymin, 0), height - 1)
+    xmax, ymax = min(max(xmax, 0), width), min(max(ymax, 0), height)
+    xmax, ymax = max(xmax, xmin + 1), max(ymax, ymin + 1)
+    w, h = xmax - xmin, ymax - ymin
+    ratio_w, ratio_h = float(M) / float(w), float(M) / float(h)
+    scaled = []
+    for flat in polygons:
+        p = torch.as_tensor(flat, dtype=torch.float32).clone()
+        p[0::2] = p[0::2] - xmin
+        p[1::2] = p[1::2] - ymin
+        if ratio_w == ratio_h:
+            p = p * ratio_w
+        else:
+            p[0::2] *= ratio_w
+            p[1::2] *= ratio_h
+        scaled.append(p.numpy().astype(np.float64))
+    return mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(scaled, M, M)))
+
+
+def random_instances(count: int, seed: int = 0) -> list[tuple[list[list[float]], list[float]]]:
+    """(polygons, RoI) pairs as training meets them: 1-3 polygons of 3-40 points (some on integer
+    coordinates, some self-crossing), RoIs from sub-pixel to larger than the object, partly outside
+    the image, so the cropped coordinates go negative and far beyond the 28x28 frame."""
+    rng = np.random.default_rng(seed)
+    cases = []
+    for _ in range(count):
+        cx, cy, radius = rng.uniform(0, W), rng.uniform(0, H), rng.uniform(2, 200)
+        polygons = []
+        for _ in range(rng.integers(1, 4)):
+            k = rng.integers(3, 41)
+            angles = rng.uniform(0, 2 * np.pi, k)
+            if rng.random() < 0.7:
+                angles = np.sort(angles)  # a simple polygon; otherwise self-crossing
+            radii = radius * rng.uniform(0.3, 1.0, k)
+            points = np.stack([cx + radii * np.cos(angles), cy + radii * np.sin(angles)], 1)
+            if rng.random() < 0.3:
+                points = np.round(points)
+            points[:, 0], points[:, 1] = points[:, 0].clip(0, W), points[:, 1].clip(0, H)
+            polygons.append(points.reshape(-1).tolist())
+        bw, bh = rng.uniform(0.3, 2 * radius), rng.uniform(0.3, 2 * radius)
+        bx, by = cx + rng.uniform(-radius, radius) - bw / 2, cy + rng.uniform(-radius, radius) - bh / 2
+        cases.append((polygons, [bx, by, bx + bw, by + bh]))
+    return cases
+
+
+def test_the_targets_are_the_reference_s_bit_for_bit():
+    cases = random_instances(600)
+    edges, owner = MT.polygon_edges([polygons for polygons, _ in cases])
+    boxes = torch.tensor([box for _, box in cases], dtype=torch.float32)
+    ours = MT.targets_for(edges, owner, 3, boxes, torch.arange(len(cases)), (H, W))
+    assert ours.shape == (len(cases), M, M) and ours.dtype == torch.float32
+    differing = [i for i, (polygons, _) in enumerate(cases)
+                 if not np.array_equal(reference_target(polygons, boxes[i].tolist(), H, W), ours[i].numpy())]
+    assert differing == []
+    covered = ours.mean((1, 2))
+    assert (covered == 0).any() and (covered == 1).any() and ((covered > 0) & (covered < 1)).sum() > 300
+
+
+def test_rois_pick_their_matched_instance_and_padding_draws_nothing():
+    square = [[10.0, 10.0, 50.0, 10.0, 50.0, 50.0, 10.0, 50.0]]
+    long_one = [[v for i in range(30) for v in (100.0 + 5 * i, 100.0 + 40 * (i % 2))]
+                + [245.0, 200.0, 100.0, 200.0]]
+    edges, owner = MT.polygon_edges([square, long_one])
+    assert edges.shape == (2, 32, 4) and (owner[0] >= 0).sum() == 4 and (owner[1] >= 0).all()
+    boxes = torch.tensor([[10.0, 10.0, 50.0, 50.0], [100.0, 100.0, 245.0, 200.0], [10.0, 10.0, 50.0, 50.0]])
+    ours = MT.targets_for(edges, owner, 1, boxes, torch.tensor([0, 1, 1]), (H, W))
+    for k, (instance, box) in enumerate([(square, boxes[0]), (long_one, boxes[1]), (long_one, boxes[2])]):
+        assert np.array_equal(ours[k].numpy(), reference_target(instance, box.tolist(), H, W))
+    assert ours[0].sum() > 700                       # the square fills its own box
+    assert ours[2].sum() == 0                        # the other instance lies outside this box
+
+
+def test_resize_and_flip_of_the_edges_follow_the_reference():
+    edges, owner = MT.polygon_edges([[[10.5, 20.25, 300.0, 20.25, 155.5, 400.75]]])
+    scaled = MT.scale_edges(edges, (480, 640), (800, 1067))   # PolygonInstance.resize: float32 products
+    reference = torch.tensor([10.5, 20.25, 300.0, 20.25, 155.5, 400.75], dtype=torch.float32)
+    reference[0::2] *= 1067 / 640
+    reference[1::2] *= 800 / 480
+    assert torch.equal(scaled[0, :, :2].reshape(-1), reference)
+    flipped = MT.flip_edges(edges, owner, 640, 1)            # PolygonInstance.transpose: W - x - 1
+    assert flipped[0, :, 0].tolist() == [628.5, 339.0, 483.5] and torch.equal(flipped[..., 1], edges[..., 1])
+
+
+def test_full_masks_still_go_through_torchvision_s_loss():
+    """An image without polygons (RLE annotations, the shapes sets) keeps torchvision's targets."""
+    torch.manual_seed(0)
+    logits = torch.randn(5, 4, M, M)
+    proposals = [torch.tensor([[0.0, 0.0, 30.0, 30.0], [5.0, 5.0, 60.0, 40.0], [10.0, 0.0, 20.0, 70.0]]),
+                 torch.tensor([[1.0, 2.0, 50.0, 60.0], [0.0, 0.0, 79.0, 79.0]])]
+    matched = [torch.tensor([0, 1, 0]), torch.tensor([0, 0])]
+    targets = [{"labels": torch.tensor([1, 3]), "masks": (torch.rand(2, 80, 80) > 0.5).to(torch.uint8)},
+               {"labels": torch.tensor([2]), "masks": (torch.rand(1, 80, 80) > 0.5).to(torch.uint8)}]
+    ours = MT.mask_loss(logits, proposals, targets, matched, [(80, 80), (80, 80)])
+    theirs = maskrcnn_loss(logits, proposals, [t["masks"] for t in targets], [t["labels"] for t in targets], matched)
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU (run on the device machine)"))])
+def test_a_batch_s_polygon_loss_matches_the_reference_targets(device):
+    """mask_loss on polygon targets is BCE against the reference's targets, on either device."""
+    cases = random_instances(40, seed=1)
+    edges, owner = MT.polygon_edges([polygons for polygons, _ in cases])
+    boxes = torch.tensor([box for _, box in cases], dtype=torch.float32)
+    labels = torch.randint(1, 4, (len(cases),))
+    logits = torch.randn(len(cases), 4, M, M)
+    target = {"labels": labels, "polygon_edges": edges, "polygon_owner": owner, "polygons": 3}
+    where = torch.device(device)
+    on = {k: v.to(where) if torch.is_tensor(v) else v for k, v in target.items()}
+    ours = MT.mask_loss(logits.to(where), [boxes.to(where)], [on], [torch.arange(len(cases), device=where)], [(H, W)])
+    wanted = torch.stack([torch.from_numpy(reference_target(p, boxes[i].tolist(), H, W)).float()
+                          for i, (p, _) in enumerate(cases)])
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits[torch.arange(len(cases)), labels], wanted)
+    assert ours.item() == pytest.approx(expected.item(), rel=1e-6)
