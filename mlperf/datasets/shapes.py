@@ -46,6 +46,10 @@ PORTRAIT_SHARE = 0.25
 COCO_INSTANCES = (1, 20)
 # COCO's 80 category ids: 1-90 less the ten its papers list but the data never uses.
 COCO_CATEGORY_IDS = tuple(i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83))
+# ... and its annotations' format: instances as polygons (COCO's own for everything but crowds), here each
+# shape's whole outline in OUTLINE_POINTS points, tens as COCO's polygons have.
+COCO_SEGMENTATION = "polygons"
+OUTLINE_POINTS = 32
 COCO_CATEGORIES = [{"id": i, "name": f"{('circle', 'square', 'triangle')[n % 3]}-{i}", "supercategory": "shape"}
                    for n, i in enumerate(COCO_CATEGORY_IDS)]
 LAYOUTS = ("square", "coco")
@@ -83,6 +87,8 @@ def make_shapes(root: Path, *, train_images: int, val_images: int, image_size: i
               "val_images": val_images, "image_size": image_size, "seed": seed}
     if layout != "square":  # stamps of the square sets made before layouts existed stay valid
         wanted["layout"] = layout
+    if layout == "coco":
+        wanted["segmentation"] = COCO_SEGMENTATION
     if _existing_is_complete(root, wanted):
         return
 
@@ -184,22 +190,26 @@ def draw_image(rng: np.random.Generator, image_size: int, layout: str = "square"
     side = min(width, height)
 
     shapes = []  # (category_id, full mask, colour) in drawing order: later ones cover earlier
+    outlines = []  # each shape's outline [x, y, ...]: the "coco" layout's polygons
     for _ in range(count):
         pick = int(rng.integers(0, len(category_ids)))
         category_id = category_ids[pick]
         radius = rng.uniform(*SIZE_RANGE) * side / 2
         centre = (rng.uniform(radius, width - radius), rng.uniform(radius, height - radius))
-        full = _shape_mask(rng, pick % 3 + 1, centre, radius, width, height)
+        full, outline = _shape_mask(rng, pick % 3 + 1, centre, radius, width, height)
         if not full.any():
             continue
         under = background[int(centre[1]), int(centre[0])]  # gradients are smooth: centre will do
         colour = _distinct_colour(rng, [under] + [colour for _, _, colour in shapes])
         shapes.append((category_id, full, colour))
+        outlines.append(outline)
 
     # Drop shapes left mostly hidden. Removing one only uncovers the others, so one pass suffices.
     visible = np.bincount(_label_map(shapes, width, height).ravel(), minlength=len(shapes) + 1)
-    kept = [shape for shape, seen in zip(shapes, visible[1:])
-            if seen >= MIN_VISIBLE_PIXELS and seen >= MIN_VISIBLE_FRACTION * np.count_nonzero(shape[1])]
+    keep = [seen >= MIN_VISIBLE_PIXELS and seen >= MIN_VISIBLE_FRACTION * np.count_nonzero(shape[1])
+            for shape, seen in zip(shapes, visible[1:])]
+    kept = [shape for shape, k in zip(shapes, keep) if k]
+    kept_outlines = [outline for outline, k in zip(outlines, keep) if k]
     label = _label_map(kept, width, height)
 
     palette = np.array([(0, 0, 0)] + [colour for _, _, colour in kept], dtype=np.float32)
@@ -218,10 +228,11 @@ def draw_image(rng: np.random.Generator, image_size: int, layout: str = "square"
         rles = mask_utils.encode(masks)
         areas = mask_utils.area(rles)
         boxes = mask_utils.toBbox(rles)
-        for (category_id, _, _), rle, area, box in zip(kept, rles, areas, boxes):
-            instances.append({"category_id": category_id,
-                              "segmentation": {"size": [int(s) for s in rle["size"]],
-                                               "counts": rle["counts"].decode("ascii")},
+        for (category_id, _, _), outline, rle, area, box in zip(kept, kept_outlines, rles, areas, boxes):
+            # box and area of what is visible; the segmentation as RLE of it, or (coco) the outline
+            segmentation = ([outline] if layout == "coco" else
+                            {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")})
+            instances.append({"category_id": category_id, "segmentation": segmentation,
                               "area": int(area), "bbox": [float(v) for v in box]})
     return pixels, instances
 
@@ -243,22 +254,31 @@ def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray
 
 
 def _shape_mask(rng: np.random.Generator, kind: int, centre: tuple[float, float],
-                radius: float, width: int, height: int) -> np.ndarray:
+                radius: float, width: int, height: int) -> tuple[np.ndarray, list[float]]:
     """bool HxW of one filled shape (kind 1 circle, 2 square, 3 triangle) inscribed in the circle
-    (centre, radius), randomly turned."""
+    (centre, radius), randomly turned, and its outline in OUTLINE_POINTS points [x, y, ...]."""
     canvas = Image.new("L", (width, height), 0)
     draw = ImageDraw.Draw(canvas)
     cx, cy = centre
     if kind == 1:
         draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=1)
+        angles = 2 * np.pi * np.arange(OUTLINE_POINTS) / OUTLINE_POINTS
+        points = np.stack([cx + radius * np.cos(angles), cy + radius * np.sin(angles)], axis=1)
     else:
         corners = 4 if kind == 2 else 3
         turn = rng.uniform(0, 2 * np.pi)
         angles = turn + 2 * np.pi * np.arange(corners) / corners
         if corners == 3:  # varied triangles, not only equilateral ones
             angles = angles + rng.uniform(-0.35, 0.35, size=3)
-        draw.polygon([(cx + radius * np.cos(a), cy + radius * np.sin(a)) for a in angles], fill=1)
-    return np.asarray(canvas, dtype=bool)
+        corner_points = [(cx + radius * np.cos(a), cy + radius * np.sin(a)) for a in angles]
+        draw.polygon(corner_points, fill=1)
+        ends = np.array(corner_points + corner_points[:1])
+        steps = np.linspace(0, corners, OUTLINE_POINTS, endpoint=False)  # points spread along the sides
+        side, along = steps.astype(int), (steps % 1)[:, None]
+        points = ends[side] + (ends[side + 1] - ends[side]) * along
+    points[:, 0] = points[:, 0].clip(0, width)
+    points[:, 1] = points[:, 1].clip(0, height)
+    return np.asarray(canvas, dtype=bool), [round(float(v), 2) for v in points.reshape(-1)]
 
 
 def _distinct_colour(rng: np.random.Generator, avoid: list[np.ndarray]) -> np.ndarray:
