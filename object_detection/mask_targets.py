@@ -62,16 +62,16 @@ def scale_edges(edges: torch.Tensor, original_size, new_size) -> torch.Tensor:
     return scaled
 
 
-def crop_and_scale(edges: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int], size: int) -> torch.Tensor:
+def crop_and_scale(edges: torch.Tensor, boxes: torch.Tensor, limits: torch.Tensor, size: int) -> torch.Tensor:
     """Each RoI's edges in its size x size frame, as PolygonInstance.crop then resize compute them:
-    the box clipped to the image (at least 1 px), coordinates shifted by its corner and scaled, in
-    float32 like the reference's tensors. edges (R, E, 4), boxes (R, 4)."""
-    height, width = image_size
-    box = boxes.double()  # crop reads the box as Python floats
-    x0 = box[:, 0].clamp(0, width - 1)
-    y0 = box[:, 1].clamp(0, height - 1)
-    x1 = torch.maximum(box[:, 2].clamp(0, width), x0 + 1)
-    y1 = torch.maximum(box[:, 3].clamp(0, height), y0 + 1)
+    the box clipped to its image (at least 1 px), coordinates shifted by its corner and scaled, in
+    float32 like the reference's tensors. edges (R, E, 4), boxes (R, 4), limits (R, 2): each RoI's
+    image height and width."""
+    box, height, width = boxes.double(), limits[:, 0].double(), limits[:, 1].double()  # crop reads Python floats
+    x0 = torch.minimum(box[:, 0].clamp(min=0), width - 1)
+    y0 = torch.minimum(box[:, 1].clamp(min=0), height - 1)
+    x1 = torch.maximum(torch.minimum(box[:, 2].clamp(min=0), width), x0 + 1)
+    y1 = torch.maximum(torch.minimum(box[:, 3].clamp(min=0), height), y0 + 1)
     ratio_w, ratio_h = (size / (x1 - x0)).float(), (size / (y1 - y0)).float()
     x = (edges[..., 0::2] - x0.float()[:, None, None]) * ratio_w[:, None, None]
     y = (edges[..., 1::2] - y0.float()[:, None, None]) * ratio_h[:, None, None]
@@ -117,21 +117,17 @@ def rasterise(edges: torch.Tensor, owner: torch.Tensor, polygons: int, size: int
     shallow_row = torch.minimum(v_at(t), v_at(t + 1))
     shallow_hit = (xs_ <= c) & (c < xe_)
 
-    def u_at(t):  # the walk's fine column at step t of a steep edge
-        return _c_int(xs_.double() + slope_ * t.double() + 0.5)
-
-    length = dy[..., None]
+    # The step where the walk crosses, found exactly among four steps around the estimate (at most one
+    # crosses: the walk is monotonic in x), all at once.
+    length = dy[..., None, None]
     estimate = torch.floor((c.double() + 0.5 - xs_.double()) / slope_.masked_fill(slope_ == 0, 1.0))
-    estimate = estimate.clamp(-4, 2**40).long()
-    steep_hit = torch.zeros_like(shallow_hit)
-    steep_row = torch.zeros_like(shallow_row)
-    for shift in (-2, -1, 0, 1):  # the step where the walk crosses, found exactly near the estimate
-        step = (estimate + shift).clamp(0)
-        here, there = u_at(step), u_at(step + 1)
-        crosses = (step < length) & (here != there) & (torch.minimum(here, there) == c) & ~steep_hit
-        steep_row = torch.where(crosses, ys_ + step, steep_row)
-        steep_hit |= crosses
-    steep_hit &= (slope_ != 0)
+    step = (estimate.clamp(-4, 2**40).long()[..., None] + torch.arange(-2, 2, device=edges.device)).clamp(min=0)
+    xs4, slope4 = xs_[..., None].double(), slope_[..., None]
+    here = _c_int(xs4 + slope4 * step.double() + 0.5)
+    there = _c_int(xs4 + slope4 * (step + 1).double() + 0.5)
+    crosses = (step < length) & (here != there) & (torch.minimum(here, there) == c[..., None])
+    steep_hit = crosses.any(-1) & (slope_ != 0)
+    steep_row = ys_ + (step * crosses).sum(-1)
 
     hit = torch.where(shallow[..., None], shallow_hit, steep_hit) & (owner[..., None] >= 0)
     fine_row = torch.where(shallow[..., None], shallow_row, steep_row)
@@ -146,12 +142,22 @@ def rasterise(edges: torch.Tensor, owner: torch.Tensor, polygons: int, size: int
     return inside.any(1).transpose(1, 2).to(torch.uint8)
 
 
-def targets_for(edges: torch.Tensor, owner: torch.Tensor, polygons: int, boxes: torch.Tensor, matched: torch.Tensor,
-                image_size: tuple[int, int], size: int = GRID) -> torch.Tensor:
-    """One image's mask targets: for each positive RoI `boxes[i]` (in the resized image of
-    `image_size`), its matched instance's polygons rasterised in the RoI's size x size frame, as float."""
-    roi_edges, roi_owner = edges[matched], owner[matched]
-    return rasterise(crop_and_scale(roi_edges, boxes, image_size, size), roi_owner, polygons, size).float()
+def polygon_targets(targets: list[dict], proposals: list[torch.Tensor], matched: list[torch.Tensor],
+                    image_shapes: list[tuple[int, int]], size: int = GRID) -> list[torch.Tensor]:
+    """The mask targets of the images whose instances came as polygons, in one rasterisation for the
+    batch (a few hundred kernels a step, not that many per image): for each positive RoI (in its
+    resized image), its matched instance's polygons in the RoI's size x size frame, as float."""
+    longest = max(t["polygon_edges"].shape[1] for t in targets)
+    edges, owner, limits = [], [], []
+    for t, m, (height, width) in zip(targets, matched, image_shapes):
+        pad = longest - t["polygon_edges"].shape[1]
+        edges.append(F.pad(t["polygon_edges"][m], (0, 0, 0, pad)))
+        owner.append(F.pad(t["polygon_owner"][m], (0, pad), value=-1))
+        limits.append(m.new_full((len(m), 2), height, dtype=torch.float32).index_fill_(1, m.new_ones(1), width))
+    polygons = max(t["polygons"] for t in targets)
+    drawn = rasterise(crop_and_scale(torch.cat(edges), torch.cat(proposals), torch.cat(limits), size),
+                      torch.cat(owner), polygons, size).float()
+    return list(drawn.split([len(m) for m in matched]))
 
 
 def mask_loss(mask_logits: torch.Tensor, proposals: list[torch.Tensor], targets: list[dict],
@@ -160,10 +166,13 @@ def mask_loss(mask_logits: torch.Tensor, proposals: list[torch.Tensor], targets:
     (the reference's recipe), else from its full masks by RoIAlign (torchvision's)."""
     size = mask_logits.shape[-1]
     labels = torch.cat([t["labels"][m] for t, m in zip(targets, matched)])
+    drawn = [i for i, t in enumerate(targets) if "polygon_edges" in t]
+    per_image = dict(zip(drawn, polygon_targets([targets[i] for i in drawn], [proposals[i] for i in drawn],
+                                                [matched[i] for i in drawn], [image_shapes[i] for i in drawn],
+                                                size))) if drawn else {}
     mask_targets = torch.cat([
-        targets_for(t["polygon_edges"], t["polygon_owner"], t["polygons"], p, m, shape, size)
-        if "polygon_edges" in t else project_masks_on_boxes(t["masks"], p, m, size)
-        for t, p, m, shape in zip(targets, proposals, matched, image_shapes)])
+        per_image[i] if i in per_image else project_masks_on_boxes(t["masks"], p, m, size)
+        for i, (t, p, m) in enumerate(zip(targets, proposals, matched))])
     if mask_targets.numel() == 0:
         return mask_logits.sum() * 0
     return F.binary_cross_entropy_with_logits(

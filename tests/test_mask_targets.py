@@ -63,11 +63,18 @@ def random_instances(count: int, seed: int = 0) -> list[tuple[list[list[float]],
     return cases
 
 
+def targets_of(images) -> list[torch.Tensor]:
+    """polygon_targets of a batch given as (edges, owner, polygons, RoIs, matched, image size) per image."""
+    return MT.polygon_targets([{"polygon_edges": e, "polygon_owner": o, "polygons": n} for e, o, n, *_ in images],
+                              [rois for *_, rois, _, _ in images], [m for *_, m, _ in images],
+                              [shape for *_, shape in images])
+
+
 def test_the_targets_are_the_reference_s_bit_for_bit():
     cases = random_instances(600)
     edges, owner = MT.polygon_edges([polygons for polygons, _ in cases])
     boxes = torch.tensor([box for _, box in cases], dtype=torch.float32)
-    ours = MT.targets_for(edges, owner, 3, boxes, torch.arange(len(cases)), (H, W))
+    ours = targets_of([(edges, owner, 3, boxes, torch.arange(len(cases)), (H, W))])[0]
     assert ours.shape == (len(cases), M, M) and ours.dtype == torch.float32
     differing = [i for i, (polygons, _) in enumerate(cases)
                  if not np.array_equal(reference_target(polygons, boxes[i].tolist(), H, W), ours[i].numpy())]
@@ -83,11 +90,33 @@ def test_rois_pick_their_matched_instance_and_padding_draws_nothing():
     edges, owner = MT.polygon_edges([square, long_one])
     assert edges.shape == (2, 32, 4) and (owner[0] >= 0).sum() == 4 and (owner[1] >= 0).all()
     boxes = torch.tensor([[10.0, 10.0, 50.0, 50.0], [100.0, 100.0, 245.0, 200.0], [10.0, 10.0, 50.0, 50.0]])
-    ours = MT.targets_for(edges, owner, 1, boxes, torch.tensor([0, 1, 1]), (H, W))
+    ours = targets_of([(edges, owner, 1, boxes, torch.tensor([0, 1, 1]), (H, W))])[0]
     for k, (instance, box) in enumerate([(square, boxes[0]), (long_one, boxes[1]), (long_one, boxes[2])]):
         assert np.array_equal(ours[k].numpy(), reference_target(instance, box.tolist(), H, W))
     assert ours[0].sum() > 700                       # the square fills its own box
     assert ours[2].sum() == 0                        # the other instance lies outside this box
+
+
+def test_a_batch_is_drawn_at_once_whatever_its_images_sizes_and_edge_counts():
+    """Images of several sizes, instances of different edge counts, an image without RoIs: one
+    rasterisation for the batch, each image's targets as the reference makes them in its own image."""
+    sizes = [(480, 640), (800, 1067), (100, 90)]
+    images, wanted = [], []
+    for k, (height, width) in enumerate(sizes):
+        cases = random_instances(30 + 20 * k, seed=10 + k)
+        edges, owner = MT.polygon_edges([polygons for polygons, _ in cases])
+        boxes = torch.tensor([box for _, box in cases], dtype=torch.float32)
+        matched = torch.arange(len(cases)).flip(0) if k == 1 else torch.arange(len(cases))
+        rois = boxes[matched]
+        if k == 2:
+            rois, matched = rois[:0], matched[:0]
+        images.append((edges, owner, 3, rois, matched, (height, width)))
+        wanted.append([reference_target(cases[int(m)][0], roi.tolist(), height, width)
+                       for roi, m in zip(rois, matched)])
+    drawn = targets_of(images)
+    assert [len(d) for d in drawn] == [30, 50, 0]
+    for got, want in zip(drawn, wanted):
+        assert all(np.array_equal(g.numpy(), w) for g, w in zip(got, want))
 
 
 def test_resize_and_flip_of_the_edges_follow_the_reference():
