@@ -364,10 +364,11 @@ SESSION_NAME_HELP = "the session's name (invoke session.create prints it)"
 def session_create(c, gpus=None, nodes=None, vfolder=None, image=None, dataset=None, runs=None, cpu=None,
                    mem=None, shmem=None, name=None, dry_run=False):
     """Start the whole benchmark in a Backend.AI batch session, everything on a vfolder."""
-    from mlperf import session
+    from mlperf import session, session_spec
 
-    spec = session.make_spec(
-        name=name, image=image or session.default_image(option(c, None, "image.tag"), option(c, None, "image.base")),
+    image = image or session_spec.default_image(option(c, None, "image.tag"), option(c, None, "image.base"))
+    spec = session_spec.make_spec(
+        name=name, image=image,
         vfolder=option(c, vfolder, "session.vfolder"), dataset=option(c, dataset, "session.dataset"),
         runs=option(c, runs, "runs"), gpus=option(c, gpus, "session.gpus"), nodes=option(c, nodes, "session.nodes"),
         cpu=cpu, mem=mem, shmem=shmem, per_gpu=dict(option(c, None, "session.per_gpu")),
@@ -406,11 +407,11 @@ def session_logs(c, name, follow=False):
 @local_only
 def session_results(c, name, vfolder=None, results_dir=None):
     """Bring results/ of the session's vfolder to results/<session>/ (never deletes locally)."""
-    from mlperf import session
+    from mlperf import session_results as from_vfolder
 
-    session.results(name, vfolder=vfolder, results_dir=Path(option(c, results_dir, "results_dir")),
-                    client=option(c, None, "session.client"),
-                    stall_seconds=c.config.mlperf.session.get("stall_seconds", session.STALL_SECONDS))
+    from_vfolder.results(name, vfolder=vfolder, results_dir=Path(option(c, results_dir, "results_dir")),
+                         client=option(c, None, "session.client"),
+                         stall_seconds=c.config.mlperf.session.get("stall_seconds", from_vfolder.STALL_SECONDS))
 
 
 @task(name="destroy", help={"name": SESSION_NAME_HELP})
