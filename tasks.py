@@ -126,11 +126,11 @@ def train(c, dataset=None, manifest=None, data_dir=None, gpus=None, nodes=None, 
           ruleset=None, submitter=None, status=None, dry_run=False, verbose=False, scratch_ok=False, detach=False,
           speed=None):
     """Train Mask R-CNN with torchrun until the quality target (logs in MLPerf format)."""
-    from mlperf import launch
+    from mlperf import launch, planning
 
     echo_mlperf_records(verbose)
     if list_configs:
-        launch.print_configs()
+        planning.print_configs()
         return
     ds = dataset_of(c, dataset, manifest)
     log = Path(log) if log else storage_dir(c, results_dir, "results_dir") / "train" / "result_0.txt"
