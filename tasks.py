@@ -127,11 +127,11 @@ def train(c, dataset=None, manifest=None, data_dir=None, gpus=None, nodes=None, 
           ruleset=None, submitter=None, status=None, dry_run=False, verbose=False, scratch_ok=False, detach=False,
           speed=None):
     """Train Mask R-CNN with torchrun until the quality target (logs in MLPerf format)."""
-    from mlperf import launch
+    from mlperf import launch, planning
 
     echo_mlperf_records(verbose)
     if list_configs:
-        launch.print_configs()
+        planning.print_configs()
         return
     ds = dataset_of(c, dataset, manifest)
     log = Path(log) if log else storage_dir(c, results_dir, "results_dir") / "train" / "result_0.txt"
@@ -365,10 +365,11 @@ SESSION_NAME_HELP = "the session's name (invoke session.create prints it)"
 def session_create(c, gpus=None, nodes=None, vfolder=None, image=None, dataset=None, runs=None, cpu=None,
                    mem=None, shmem=None, name=None, dry_run=False):
     """Start the whole benchmark in a Backend.AI batch session, everything on a vfolder."""
-    from mlperf import session
+    from mlperf import session, session_spec
 
-    spec = session.make_spec(
-        name=name, image=image or session.default_image(option(c, None, "image.tag"), option(c, None, "image.base")),
+    image = image or session_spec.default_image(option(c, None, "image.tag"), option(c, None, "image.base"))
+    spec = session_spec.make_spec(
+        name=name, image=image,
         vfolder=option(c, vfolder, "session.vfolder"), dataset=option(c, dataset, "session.dataset"),
         runs=option(c, runs, "runs"), gpus=option(c, gpus, "session.gpus"), nodes=option(c, nodes, "session.nodes"),
         cpu=cpu, mem=mem, shmem=shmem, per_gpu=dict(option(c, None, "session.per_gpu")),
@@ -407,11 +408,11 @@ def session_logs(c, name, follow=False):
 @local_only
 def session_results(c, name, vfolder=None, results_dir=None):
     """Bring results/ of the session's vfolder to results/<session>/ (never deletes locally)."""
-    from mlperf import session
+    from mlperf import session_results as from_vfolder
 
-    session.results(name, vfolder=vfolder, results_dir=Path(option(c, results_dir, "results_dir")),
-                    client=option(c, None, "session.client"),
-                    stall_seconds=c.config.mlperf.session.get("stall_seconds", session.STALL_SECONDS))
+    from_vfolder.results(name, vfolder=vfolder, results_dir=Path(option(c, results_dir, "results_dir")),
+                         client=option(c, None, "session.client"),
+                         stall_seconds=c.config.mlperf.session.get("stall_seconds", from_vfolder.STALL_SECONDS))
 
 
 @task(name="destroy", help={"name": SESSION_NAME_HELP})

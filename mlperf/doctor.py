@@ -180,18 +180,18 @@ def check_gpu_arch() -> list[Check]:
 
 
 def check_shm(ds: Dataset) -> Check:
-    """The launcher's own check (mlperf.launch.shm_problem), for the configuration this host gets."""
-    from mlperf import launch
+    """The launcher's own check (mlperf.preflight.shm_problem), for the configuration this host gets."""
+    from mlperf import planning, preflight
 
     shm = host.shm_bytes()
     if shm is None:
         return Check("/dev/shm", "warn", "missing", "DataLoader workers need shared memory")
     gpus = host.gpus()
-    cfg = launch.choose_config(None, gpus, ds.name)
-    processes, scale = max(len(gpus), 1), launch.image_scale(cfg)
-    need = launch.shm_needed(processes, cfg.workers, cfg.per_gpu_batch, scale)
+    cfg = planning.choose_config(None, gpus, ds.name)
+    processes, scale = max(len(gpus), 1), preflight.image_scale(cfg)
+    need = preflight.shm_needed(processes, cfg.workers, cfg.per_gpu_batch, scale)
     found = f"{human_size(shm[0])}, {human_size(shm[1])} free; {cfg.name} needs ~{human_size(need)}"
-    problem = launch.shm_problem(processes, cfg.workers, cfg.per_gpu_batch, scale)
+    problem = preflight.shm_problem(processes, cfg.workers, cfg.per_gpu_batch, scale)
     if problem:
         return Check("/dev/shm", "FAIL", found, problem.split(": ", 1)[1])
     return Check("/dev/shm", "ok", found)

@@ -13,7 +13,7 @@ from dataclasses import replace
 import pytest
 
 from conftest import mllog, one_error_line as assert_one_error_line, run_invoke
-from mlperf import host, launch
+from mlperf import host, launch, preflight
 from mlperf.errors import UserError
 from object_detection.recipe import schedule_for
 
@@ -121,13 +121,13 @@ def test_too_little_shared_memory_says_how_to_get_more_on_backend_ai(monkeypatch
     # /dev/shm cannot be shrunk here: the free space is what Backend.AI's default (64 MB) leaves.
     monkeypatch.setattr(host, "shm_bytes", lambda path="/dev/shm": (64 * 2**20, 64 * 2**20))
     with pytest.raises(UserError) as error:
-        launch.check_shm(processes=8, workers=8, batch=12)
+        preflight.check_shm(processes=8, workers=8, batch=12)
     message = str(error.value)
     assert "\n" not in message
     assert "/dev/shm has 64 MiB free" in message
     assert "Backend.AI" in message and "shmem=" in message
-    launch.check_shm(processes=8, workers=0, batch=12)  # no workers: nothing goes through /dev/shm
-    launch.check_shm(processes=1, workers=1, batch=4, image_scale=0.25)  # the CPU config fits in 64 MiB
+    preflight.check_shm(processes=8, workers=0, batch=12)  # no workers: nothing goes through /dev/shm
+    preflight.check_shm(processes=1, workers=1, batch=4, image_scale=0.25)  # the CPU config fits in 64 MiB
 
 
 # -- the recipe: RCP schedules and named configurations -------------------------------------------

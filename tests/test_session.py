@@ -24,7 +24,7 @@ import yaml
 from backendai_client import backendai_client  # noqa: F401  (the session fixture)
 from conftest import ROOT, run_invoke
 from fake_manager import FakeManager
-from mlperf import backendai_cli as client_cli, session
+from mlperf import backendai_cli as client_cli, session_results, session_spec
 
 ACCESS, SECRET = "AKIAMLPERFTEST0001", "s3cret-KEY-never-shown-0123456789abcdef"
 IMAGE = "cr.example.com/mlperf/mlperf-maskrcnn:25.01-py3"
@@ -93,7 +93,7 @@ def client_user(user, client_bin) -> dict:
 
 def default_image() -> str:
     image = yaml.safe_load((ROOT / "invoke.yaml").read_text())["mlperf"]["image"]
-    return session.default_image(image["tag"], image["base"])
+    return session_spec.default_image(image["tag"], image["base"])
 
 
 def inv(env: dict, *args: str) -> subprocess.CompletedProcess:
@@ -158,7 +158,7 @@ def test_create_defaults_come_from_invoke_yaml(manager, client_user):
     assert proc.returncode == 0, proc.stderr
     [body] = [r.body for r in manager.requests if r.path == "/session"]
     assert body["image"] == default_image()
-    assert body["name"].startswith("mlperf-coco2017-") and session._NAME.match(body["name"])
+    assert body["name"].startswith("mlperf-coco2017-") and session_spec._NAME.match(body["name"])
     assert (body["clusterSize"], body["clusterMode"]) == (1, "single-node")
     assert body["config"]["mounts"] == ["mlperf-data"]
     assert body["config"]["resources"] == {"cpu": "32", "mem": "256g", "cuda.device": "8"}   # 4, 32g per GPU
@@ -334,11 +334,11 @@ def test_client_versions_and_what_they_print():
     rule = "-----------  ------  --------------------  ----------\n"
     whole = ("  file name    size  modified              mode\n" + rule + "        007       2  Dec 01 2026 11:37:05  "
              "drwxr-xr-x\n         12       2  Dec 01 2026 11:37:05  -rw-r--r--\n")
-    assert [(n, s, d) for n, s, _, d in session.parse_listing(whole)] == [("007", 2, True), ("12", 2, False)]
+    assert [(n, s, d) for n, s, _, d in session_results.parse_listing(whole)] == [("007", 2, True), ("12", 2, False)]
     floats = ("  file name    size  modified              mode\n" + rule + "     1000         2  Dec 01 2026 11:37:05  "
               "-rw-r--r--\n        0.5       3  Dec 01 2026 11:37:05  -rw-r--r--\n")
-    assert [(n, s) for n, s, _, _ in session.parse_listing(floats)] == [(None, 2), (None, 3)]
-    assert session.parse_listing("") is None
+    assert [(n, s) for n, s, _, _ in session_results.parse_listing(floats)] == [(None, 2), (None, 3)]
+    assert session_results.parse_listing("") is None
 
 
 def test_credentials_from_a_dotenv_are_redacted_too(tmp_path):

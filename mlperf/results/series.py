@@ -232,10 +232,10 @@ def config_note(name: str | None) -> str:
     """sw_notes text for the named system configuration the runs used ("" when not known)."""
     if not name:
         return ""
-    from mlperf import launch
+    from mlperf import planning
 
     try:
-        described = launch.describe_config(name)
+        described = planning.describe_config(name)
     except UserError:
         return f"system configuration {name}"
     return f"system configuration {name}: " + ", ".join(f"{k}={v}" for k, v in described.items() if k != "name")
@@ -270,7 +270,7 @@ def time_series(*, runs: int, results_dir: Path, system: str | None, ruleset: st
     to attempts/ so that a later resume runs it again rather than treating it as finished. After the
     summary is written, crashed runs end the call with a UserError that says how to resume.
     """
-    from mlperf import launch
+    from mlperf import planning
 
     runs = parse_runs(runs)
     check_ruleset(ruleset)
@@ -280,8 +280,8 @@ def time_series(*, runs: int, results_dir: Path, system: str | None, ruleset: st
     settings = {"runs": runs, "dataset": ds.name, "manifest": manifest, "config": config, "max_epochs": max_epochs,
                 "gpus": gpus, "nodes": nodes, "ruleset": ruleset, "system": system, "submitter": submitter,
                 "status": status}
-    first = launch.plan(**_run_arguments(settings, data_dir, seed=None, log=Path(results_dir) / "result_0.txt"),
-                        dry_run=True)
+    first = planning.plan(**_run_arguments(settings, data_dir, seed=None, log=Path(results_dir) / "result_0.txt"),
+                          dry_run=True)
     if dry_run:
         print(json.dumps({"series": {"runs": runs, "results_dir": str(results_dir), "name": series},
                           "run": first.describe()}, indent=2))
@@ -352,7 +352,7 @@ def score_series(s: Series, crashed: dict[int, int]) -> dict:
 
 
 def _run_arguments(settings: dict, data_dir: Path, *, seed: int | None, log: Path) -> dict:
-    """launch.plan's arguments for one run of a series with these settings."""
+    """planning.plan's arguments for one run of a series with these settings."""
     from mlperf.datasets import resolve
 
     ds = resolve(None, settings["manifest"]) if settings.get("manifest") else resolve(settings["dataset"])
@@ -364,7 +364,7 @@ def _run_arguments(settings: dict, data_dir: Path, *, seed: int | None, log: Pat
 
 def _train_one(s: Series, i: int, data_dir: Path) -> int | None:
     """One training run into result_<i>.txt; the trainer's exit code if it left no finished log."""
-    from mlperf import launch
+    from mlperf import launch, planning
 
     final = s.log(i)
     partial = final.with_name(final.name + ".partial")
@@ -374,7 +374,7 @@ def _train_one(s: Series, i: int, data_dir: Path) -> int | None:
     seed = s.settings["seeds"][i]
     print(f"run {i}/{s.settings['runs']}: seed {seed}, log {final}", flush=True)
     arguments = _run_arguments(s.settings, data_dir, seed=seed, log=partial)
-    plan = launch.plan(**arguments, dry_run=True)  # no warning twice: launch.train plans it again
+    plan = planning.plan(**arguments, dry_run=True)  # no warning twice: launch.train plans it again
     command = ["env", f"OMP_NUM_THREADS={plan.threads}", *launch.torchrun_args(plan.nproc, plan.cluster),
                *plan.trainer_args()]
     s.settings.setdefault("commands", {})[str(i)] = command  # run_and_time.sh shows it, quoted
