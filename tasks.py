@@ -13,6 +13,7 @@ from invoke.exceptions import Exit
 from mlperf.storage import SCRATCH_OK_HELP, require_persistent
 from mlperf.tasking import dataset_of, local_only, option, require_host, step, storage_dir
 from object_detection.recipe import RULESET, RUNS
+from object_detection.run_request import RunRequest
 
 DATASET_HELP = "dataset name from the catalog: shapes (synthetic) or coco2017 (default from invoke.yaml)"
 MANIFEST_HELP = "a dataset manifest YAML file instead of a built-in dataset"
@@ -21,8 +22,7 @@ DATA_DIR_HELP = ("folder that holds datasets, one subfolder each (default: data;
 RESULTS_DIR_HELP = ("folder for results, checkpoints and background jobs (default: results; in a Backend.AI "
                     "session with one vfolder and no choice made: <vfolder>/results)")
 DETACH_HELP = "run in the background in its own session, output to a log; see `status` and `logs`"
-SUBMITTER_HELP = "submission_org in the logs: your organisation as MLCommons knows it (default: invoke.yaml)"
-STATUS_HELP = "submission_status in the logs: onprem, cloud, preview or research (default: invoke.yaml)"
+SUBMITTER_HELP, STATUS_HELP = RunRequest.helps()["submitter"], RunRequest.helps()["status"]
 VERBOSE_HELP = "also print every MLPerf log record (they always go to the result file); MLPERF_LOG_ECHO=1 too"
 DRY_RUN_HELP = "print the resolved run (config, batch, schedule, RCP, proposals, threads, ...) as JSON and " \
                "what this host lacks for it, then exit without starting anything"
@@ -104,22 +104,14 @@ def image(c, base=None, output=None, tag=None, build=False, push=False, check=No
     "batch_size": "global batch size (default: the system configuration's)",
     "config": "named system configuration (see --list-configs); default: picked from the hardware",
     "list_configs": "print the system configurations and exit",
-    "seed": "master seed (default: drawn at random and logged)",
-    "max_epochs": "stop with status aborted after this many epochs",
-    "resume": "continue from the last checkpoint of this log's run",
     "device": "cpu or cuda (default: cuda when a GPU is present)",
     "log": "MLPerf result log file (default: <results_dir>/train/result_0.txt)",
     "results_dir": RESULTS_DIR_HELP,
     "scratch_ok": SCRATCH_OK_HELP,
-    "ruleset": f"MLPerf Training ruleset whose reference convergence points give the schedule (default {RULESET})",
-    "submitter": SUBMITTER_HELP,
-    "status": STATUS_HELP,
     "dry_run": DRY_RUN_HELP,
     "verbose": VERBOSE_HELP,
     "detach": DETACH_HELP,
-    "speed": "fast (default) or stock: torchvision's model code and a plain loop, without object_detection.fast (the "
-             "baseline, and a first check when a run misbehaves only with the speed code); "
-             "fast-without:LEVER[,LEVER...] turns single levers off",
+    **RunRequest.helps(),  # seed, max_epochs, ruleset, submitter, status, speed, resume
 })
 @step
 def train(c, dataset=None, manifest=None, data_dir=None, gpus=None, nodes=None, batch_size=None, config=None,
@@ -137,12 +129,11 @@ def train(c, dataset=None, manifest=None, data_dir=None, gpus=None, nodes=None, 
     log = Path(log) if log else storage_dir(c, results_dir, "results_dir") / "train" / "result_0.txt"
     if not dry_run:
         require_persistent("results", log.parent, "--results-dir", scratch_ok)
-    code = launch.train(
-        dataset=ds, data_dir=storage_dir(c, data_dir, "data_dir"), gpus=gpus, nodes=nodes,
-        batch_size=batch_size, config=config, seed=seed, max_epochs=max_epochs, resume=resume,
-        device=device, log=log, ruleset=option(c, ruleset, "ruleset"), dry_run=dry_run, speed=speed,
-        **submission(c, submitter, status),
-    )
+    request = RunRequest(seed=seed, max_epochs=max_epochs, ruleset=option(c, ruleset, "ruleset"),
+                         speed=speed, resume=resume, **submission(c, submitter, status))
+    code = launch.train(dataset=ds, data_dir=storage_dir(c, data_dir, "data_dir"), gpus=gpus, nodes=nodes,
+                        batch_size=batch_size, config=config, device=device, log=log, request=request,
+                        dry_run=dry_run)
     if code:
         raise Exit(f"error: training exited with code {code}; its output is above, the log is {log}", code=code)
 

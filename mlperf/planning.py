@@ -15,6 +15,7 @@ from mlperf import host
 from mlperf.errors import UserError
 from mlperf.host import Cluster
 from mlperf.preflight import check_resources, refuse_rejected_lr, warn_without_rcp
+from object_detection.run_request import RunRequest
 
 
 def print_configs() -> None:
@@ -62,7 +63,7 @@ class Plan:
     cluster: Cluster | None
     all_nodes: bool
     log: Path
-    options: dict                     # seed, max_epochs, resume, ruleset, submitter, status
+    request: RunRequest               # what the user asked beyond dataset and hardware (seed, speed, ...)
     gpu_model: str = ""
     gpu_bf16: bool | None = None
     missing: list[str] = field(default_factory=list)
@@ -104,7 +105,7 @@ class Plan:
         """Arguments of `python -m object_detection.train` for this run."""
         from object_detection.recipe import PROFILES
 
-        ds, cfg, o, root = self.ds, self.cfg, self.options, self.ds.root(self.data_dir).resolve()
+        ds, cfg, root = self.ds, self.cfg, self.ds.root(self.data_dir).resolve()
         args = ["-m", "object_detection.train", f"--data-root={root}", f"--dataset={ds.name}",
                 f"--profile={self.profile}", f"--per-gpu-batch={cfg.per_gpu_batch}", f"--eval-batch={cfg.eval_batch}",
                 f"--workers={self.workers}", f"--result-log={self.log}", f"--config-name={cfg.name}",
@@ -117,12 +118,10 @@ class Plan:
             args.append(f"--backbone={ds.downloads(root.parent) / ds.backbone}")
         if ds.targets:
             args += [f"--bbox-target={ds.targets['BBOX']}", f"--segm-target={ds.targets['SEGM']}"]
-        for flag in ("seed", "max_epochs", "ruleset", "submitter", "status", "speed"):
-            if o.get(flag) is not None:
-                args.append(f"--{flag.replace('_', '-')}={o[flag]}")
+        args += self.request.trainer_argv()
         from mlperf.project import sources_digest  # the log names the code that ran (invoke package checks it)
         args.append(f"--sources-digest={sources_digest()}")
-        return args + (["--resume"] if o.get("resume") else [])
+        return args
 
     def recipe_summary(self) -> dict:
         """How the model computes, piece by piece (object_detection.recipe.Recipe), in the words a
@@ -166,7 +165,7 @@ class Plan:
         from object_detection.recipe import PROFILES, RULESET, division, rcp_position
 
         profile = PROFILES[self.profile]
-        ruleset = self.options.get("ruleset") or RULESET
+        ruleset = self.request.ruleset or RULESET
         schedule = profile.schedule_for(self.global_batch, ruleset)
         closed = division(self.ds.name, self.profile) == "closed"
         return {
@@ -181,17 +180,15 @@ class Plan:
             "proposals_per_image": profile.proposals_per_image,
             "num_image_candidates_logged": profile.logged_image_candidates(self.cfg.per_gpu_batch),
             "reference": self.recipe_summary(),
-            "amp": self.amp, "speed": self.options.get("speed") or "fast",
+            "amp": self.amp, "speed": self.request.speed or "fast",
             "loader_workers_per_process": self.workers, "threads_per_process": self.threads,
-            "submitter": self.options.get("submitter"), "status": self.options.get("status"), "ruleset": ruleset,
+            "submitter": self.request.submitter, "status": self.request.status, "ruleset": ruleset,
             "log": str(self.log), "missing": self.missing,
         }
 
 
-def plan(*, dataset, data_dir: Path, gpus=None, nodes=None, batch_size=None, config=None, seed=None,
-         max_epochs=None, resume=False, device=None, log: Path, ruleset: str | None = None,
-         submitter: str | None = None, status: str | None = None, dry_run: bool = False,
-         speed: str | None = None) -> Plan:
+def plan(*, dataset, data_dir: Path, gpus=None, nodes=None, batch_size=None, config=None, device=None,
+         log: Path, request: RunRequest | None = None, dry_run: bool = False) -> Plan:
     """Resolve a run. Bad input is a UserError at once; what the host lacks is collected in
     `missing`, which is a UserError (its first line) once planning is done, unless `dry_run`,
     which only reports it (a user checks an 8-GPU run before spending it)."""
@@ -200,6 +197,8 @@ def plan(*, dataset, data_dir: Path, gpus=None, nodes=None, batch_size=None, con
     from object_detection.recipe import division
 
     ds = dataset if isinstance(dataset, Dataset) else resolve(dataset)
+    request = request or RunRequest()
+    ruleset, speed = request.ruleset, request.speed
     if ruleset is not None:
         check_ruleset(ruleset)
     missing: list[str] = []
@@ -246,9 +245,8 @@ def plan(*, dataset, data_dir: Path, gpus=None, nodes=None, batch_size=None, con
         warn_without_rcp(ds, profile, global_batch, ruleset)
     result = Plan(ds=ds, data_dir=Path(data_dir), cfg=cfg, profile=profile, device=device,
                   nproc=nproc, cluster=cluster, all_nodes=nodes is not None, log=Path(log).resolve(),
-                  options={"seed": None if seed is None else int(seed), "resume": resume, "ruleset": ruleset,
-                           "max_epochs": None if max_epochs is None else int(max_epochs),
-                           "submitter": submitter, "status": status, "speed": speed},
+                  request=replace(request, seed=None if request.seed is None else int(request.seed),
+                                  max_epochs=None if request.max_epochs is None else int(request.max_epochs)),
                   gpu_model=detected[0].name if detected else "", missing=missing,
                   gpu_bf16=detected[0].has_bf16 if detected else _config_bf16(cfg))
     check_resources(result, lacking)

@@ -95,7 +95,7 @@ def check_resources(p, lacking) -> None:
     from object_detection import checkpoint
 
     try:  # the trainer's own refusals, said here in one line (torchrun would add its report of the exit)
-        checkpoint.preflight(p.log, p.log.with_name(p.log.name + ".ckpt"), bool(p.options.get("resume")))
+        checkpoint.preflight(p.log, p.log.with_name(p.log.name + ".ckpt"), p.request.resume)
     except checkpoint.Refused as refused:
         raise UserError(refused.message.removeprefix("error: ")) from None
     if p.ds.categories is None:

@@ -33,16 +33,8 @@ from object_detection.evaluate import (PARALLEL_MIN_RESULTS, CocoEvaluator, defa
 from object_detection.mllog import MLLogger
 from object_detection.model import NUM_CLASSES_COCO, build_model
 from object_detection.reference import BackboneFileError
-from object_detection.recipe import EVAL_BATCH, LOADER_WORKERS, PROFILES, RULESET, Profile, division
-
-
-def speed_spec(text: str) -> str:
-    """--speed, checked as the launcher checks it (fast.options_for)."""
-    try:
-        fast.options_for(text, "cpu")
-    except ValueError as bad:
-        raise argparse.ArgumentTypeError(str(bad)) from None
-    return text
+from object_detection.recipe import EVAL_BATCH, LOADER_WORKERS, PROFILES, Profile, division
+from object_detection.run_request import RunRequest
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -62,35 +54,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--per-gpu-batch", type=int, default=2, help="images per process per step")
     p.add_argument("--eval-batch", type=int, default=EVAL_BATCH, help="images per process per evaluation step")
     p.add_argument("--workers", type=int, default=LOADER_WORKERS, help="data-loader workers per process")
-    p.add_argument("--seed", type=int, help="master seed (default: drawn and logged)")
-    p.add_argument("--max-epochs", type=int, help="epoch cap (default: the profile's)")
     p.add_argument("--bbox-target", type=float, help="box mAP target (default: the profile's)")
     p.add_argument("--segm-target", type=float, help="mask mAP target (default: the profile's)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], default="auto")
-    p.add_argument("--speed", type=speed_spec, default="fast",
-                   help="stock: torchvision's model code and a plain loop, none of object_detection.fast (the "
-                        "baseline, and a way to tell whether a problem is in the speed code); "
-                        "fast-without:LEVER[,LEVER...]: all but those (fast.Options names them)")
     p.add_argument("--result-log", dest="log", type=Path, required=True,
                    help="MLPerf result log file (not --log: torchrun would take that as its own --log-dir)")
     p.add_argument("--checkpoint", type=Path, help="checkpoint file (default: <log>.ckpt)")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint if there is one")
     p.add_argument("--cache-cleared", action="store_true",
                    help="the page cache of the dataset was cleared before this run (the launcher does it; "
                         "MLPerf's cache_clear record)")
     p.add_argument("--config-name", default="custom", help="system configuration name, for the log")
     p.add_argument("--platform", default="", help="submission_platform (default: from the hardware)")
-    p.add_argument("--submitter", default="Backend.AI MLPerf", help="submission_org")
-    p.add_argument("--status", default="cloud", choices=["cloud", "onprem", "preview", "research"])
     p.add_argument("--print-freq", type=int, default=20,
                    help="iterations between loss readings: every rank stops a run whose loss is not finite, "
                         "and the progress display shows them")
     p.add_argument("--verbose", action="store_true", default=os.environ.get("MLPERF_LOG_ECHO") == "1",
                    help="also print every MLPerf log record (MLPERF_LOG_ECHO=1 does the same)")
-    p.add_argument("--ruleset", default=RULESET, help="MLPerf Training ruleset whose reference convergence "
-                                                      "points give the schedule")
     p.add_argument("--sources-digest", help="digest of the code that runs, logged as a non-MLPerf record")
+    RunRequest.add_arguments(p)  # seed, max epochs, ruleset, submitter, status, speed, resume
     return p.parse_args(argv)
 
 

@@ -356,10 +356,12 @@ def _run_arguments(settings: dict, data_dir: Path, *, seed: int | None, log: Pat
     from mlperf.datasets import resolve
 
     ds = resolve(None, settings["manifest"]) if settings.get("manifest") else resolve(settings["dataset"])
+    from object_detection.run_request import RunRequest
+
     return dict(dataset=ds, data_dir=Path(data_dir), gpus=settings.get("gpus"),
-                nodes=settings.get("nodes"), batch_size=None, config=settings.get("config"), seed=seed,
-                max_epochs=settings.get("max_epochs"), resume=False, device=None, log=log,
-                ruleset=settings["ruleset"], submitter=settings.get("submitter"), status=settings.get("status"))
+                nodes=settings.get("nodes"), batch_size=None, config=settings.get("config"), device=None, log=log,
+                request=RunRequest(seed=seed, max_epochs=settings.get("max_epochs"), ruleset=settings["ruleset"],
+                                   submitter=settings.get("submitter"), status=settings.get("status")))
 
 
 def _train_one(s: Series, i: int, data_dir: Path) -> int | None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from mlperf import host
 from mlperf.errors import UserError
+from object_detection.run_request import STATUSES
 
 # Every field of MLPerf Training's system_desc JSON, in the order published files use.
 SYSTEM_DESC_FIELDS = (
@@ -29,8 +30,8 @@ SYSTEM_DESC_FIELDS = (
 # submission_status as the logs carry it -> "status" as the system-description checker accepts it
 # from ruleset 4.0.0 on (mlperf_logging.system_desc_checker). Before 4.0.0 nothing checks the field and
 # published trees (NVIDIA's v3.0 and v3.1 systems) carry the log's own word, "onprem".
-AVAILABILITY = {"onprem": "Available on-premise", "cloud": "Available cloud", "preview": "Preview",
-                "research": "Research, Development, or Internal (RDI)"}
+AVAILABILITY = dict(zip(STATUSES, ("Available on-premise", "Available cloud", "Preview",
+                                    "Research, Development, or Internal (RDI)"), strict=True))
 AVAILABILITY_WORDS_FROM = (4, 0)
 
 # The fields MLCommons' submission rules mark "meaningful response required" (the system description
