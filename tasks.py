@@ -117,8 +117,8 @@ def image(c, base=None, output=None, tag=None, build=False, push=False, check=No
     "dry_run": DRY_RUN_HELP,
     "verbose": VERBOSE_HELP,
     "detach": DETACH_HELP,
-    "speed": "fast (default) or stock: torchvision's model code without object_detection.fast (the baseline, and a "
-             "first check when a run misbehaves only with the speed code)",
+    "speed": "fast (default) or stock: torchvision's model code and evaluation, none of object_detection.fast "
+             "(the baseline, and a first check when a run misbehaves only with the speed code)",
 })
 @step
 def train(c, dataset=None, manifest=None, data_dir=None, gpus=None, nodes=None, batch_size=None, config=None,

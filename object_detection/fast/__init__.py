@@ -9,6 +9,10 @@ class becomes a subclass; parameters and state-dict keys stay):
   one padded input shape per orientation;
 - channels_last: backbone and RPN head in channels_last (GPUs).
 
+Evaluation's speed pieces are under the same switch: scoring.FastEvaluation hands CocoEvaluator
+the GPU mask encoder (rle_gpu), the one-pass results loader, faster-coco-eval and the worker
+processes; the trainer's `--speed stock` gives it evaluate.StockEvaluation instead.
+
 Several pieces build on private torchvision functions, so `apply` checks the torchvision version
 against the range they were tested with; outside it the model stays stock (one warning line) and
 still trains, only slower.
@@ -17,8 +21,10 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from torchvision.models.detection import MaskRCNN
+if TYPE_CHECKING:  # evaluation's pieces (rle_gpu, scoring) import this package without torch
+    from torchvision.models.detection import MaskRCNN
 
 # torchvision releases the speed pieces were checked against: 0.26 (H200, the same-function checks
 # of benchmarks/train_throughput.py) and 0.29 (CPU, tests/test_model.py and tests/test_sync_free.py).
