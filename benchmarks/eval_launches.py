@@ -33,6 +33,12 @@ from object_detection import evaluate
 from object_detection.fast import nms, sync_free
 from object_detection.model import build_model
 
+try:
+    from object_detection.coco_results import detections_to_results
+    from object_detection.fast import rle_gpu
+except ImportError:  # code before evaluation's speed pieces moved to object_detection.fast
+    detections_to_results, rle_gpu = evaluate.detections_to_results, None
+
 
 class CountOps(TorchDispatchMode):
     def __init__(self):
@@ -51,7 +57,9 @@ def gpu_path_on_cpu() -> None:
         from object_detection import rle
     except ImportError:  # code before the encoders left evaluate.py
         rle = None
-    if rle is not None:
+    if rle_gpu is not None:
+        rle_gpu.on_gpu = lambda masks: isinstance(masks, torch.Tensor)
+    elif rle is not None:
         rle.on_gpu = lambda masks: isinstance(masks, torch.Tensor)
     elif hasattr(evaluate, "_on_gpu"):
         evaluate._on_gpu = lambda masks: isinstance(masks, torch.Tensor)
@@ -60,6 +68,13 @@ def gpu_path_on_cpu() -> None:
             binary = masks[:, 0] if masks.dim() == 4 else masks
             return evaluate._encode_tensor(binary if binary.dtype == torch.bool else binary > 0.5)
         evaluate._encode_masks = encode
+
+
+def to_results(outputs: list[dict], n_images: int):
+    """COCO results of a batch as the trainer's `--speed fast` evaluator makes them."""
+    if rle_gpu is None:
+        return detections_to_results(outputs, list(range(n_images)), list(range(82)))
+    return detections_to_results(outputs, list(range(n_images)), list(range(82)), encode=rle_gpu.encode_all)
 
 
 def batch(n_images: int, detections: int, generator: torch.Generator):
@@ -85,7 +100,7 @@ def launches(n_images: int, detections: int = 100) -> dict:
         outputs = transform.postprocess(result, resized, originals)
     stages["paste"] = paste.counts
     with CountOps() as convert:
-        coco = evaluate.detections_to_results(outputs, list(range(n_images)), list(range(82)))
+        coco = to_results(outputs, n_images)
     stages["to_coco"] = convert.counts
     assert len(coco) == n_images * detections
     return {"images": n_images, "detections_per_image": detections,
@@ -119,7 +134,7 @@ def model_launches(n_images: int = 8, score_thresh: float = 0.05) -> dict:
         model(images)
         with CountOps() as counted:
             outputs = model(images)
-            evaluate.detections_to_results(outputs, list(range(n_images)), list(range(82)))
+            to_results(outputs, n_images)
     finally:
         sync_free.greedy_nms = inner
     groups, width = shapes[-1]  # the detection NMS (the RPN's came first)

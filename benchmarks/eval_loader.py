@@ -22,8 +22,9 @@ import numpy as np
 import torch
 
 from object_detection import data as D
-from object_detection.evaluate import (IOU_TYPES, CocoEvaluator, CocoResults,
-                                       default_workers, score_results, start_scoring_workers)
+from object_detection.coco_results import CocoResults
+from object_detection.evaluate import IOU_TYPES, CocoEvaluator, score_with
+from object_detection.fast.scoring import FastEvaluation, default_workers
 from benchmarks import save_result
 from benchmarks.profile_eval import eval_model
 from mlperf.datasets.shapes import make_shapes
@@ -53,7 +54,7 @@ def inference_rate(device, images: int, batch: int, group_norm: bool = False, sc
     g = torch.Generator().manual_seed(0)
     batches = [[torch.randint(0, 256, (3, 480, 640), dtype=torch.uint8, generator=g) for _ in range(batch)]
                for _ in range(images // batch)]
-    evaluator = CocoEvaluator(None, list(range(82)))
+    evaluator = CocoEvaluator(None, list(range(82)), speed=FastEvaluation())
     for i, imgs in enumerate(batches):
         if i == 2:
             evaluator.gather()
@@ -73,7 +74,7 @@ def inference_rate(device, images: int, batch: int, group_norm: bool = False, sc
 
 
 def scoring_time(n_images: int = 5000, dets_per_image: int = 100) -> dict:
-    """COCO bbox + segm scoring (object_detection.evaluate, faster-coco-eval where installed) of a
+    """COCO bbox + segm scoring (fast.scoring.FastEvaluation, faster-coco-eval where installed) of a
     COCO-sized synthetic ground truth and detection set: one process against worker processes."""
     from pycocotools import mask as M
     from pycocotools.coco import COCO
@@ -100,24 +101,26 @@ def scoring_time(n_images: int = 5000, dets_per_image: int = 100) -> dict:
     gt.createIndex()
     results = CocoResults.from_dicts(results)  # the trainer's evaluator holds columns
     timings, stats = {}, {}
-    handler = logging.StreamHandler()  # the workers' seconds (a debug line of score_results)
+    handler = logging.StreamHandler()  # the workers' seconds (a debug line of ScoringPool.score)
     handler.addFilter(lambda record: record.getMessage().startswith("scored"))
-    logger = logging.getLogger("object_detection.evaluate")
+    logger = logging.getLogger("object_detection.fast.scoring")
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG)
     # One process, per IoU type and both; then workers: their start (the trainer starts them before
-    # the first epoch, start_scoring_workers), and scoring twice with them running.
-    steps = [("bbox_1_process", ["bbox"], 1), ("segm_1_process", ["segm"], 1), ("1_process", IOU_TYPES, 1),
-             ("workers_start", None, None), ("workers", IOU_TYPES, None), ("workers_again", IOU_TYPES, None)]
-    for name, iou_types, workers in steps:
+    # the first epoch, FastEvaluation.start), and scoring twice with them running.
+    one, pooled = FastEvaluation(workers=1), FastEvaluation()
+    steps = [("bbox_1_process", ["bbox"], one), ("segm_1_process", ["segm"], one), ("1_process", IOU_TYPES, one),
+             ("workers_start", None, pooled), ("workers", IOU_TYPES, pooled), ("workers_again", IOU_TYPES, pooled)]
+    for name, iou_types, evaluation in steps:
         t0 = time.perf_counter()
         if iou_types is None:
-            for started in start_scoring_workers(gt):
+            for started in evaluation.start(gt):
                 started.result()
         else:
-            stats[name] = score_results(gt, results, iou_types, workers=workers)
+            stats[name] = score_with(evaluation, gt, results, iou_types)
         timings[name] = round(time.perf_counter() - t0, 2)
         print(name, timings[name], "s", flush=True)
+    pooled.close()
     assert stats["1_process"] == stats["workers"] == stats["workers_again"]
     return {"images": n_images, "detections": len(results), "seconds": timings,
             "workers": default_workers(),

@@ -229,15 +229,16 @@ def warm_up(model, autocast, *, batch: int, eval_batch: int, size: tuple[int, in
 
 @torch.no_grad()
 def evaluate(model, loader, evaluator: CocoEvaluator, device: torch.device, autocast, main: bool) -> dict | None:
-    """Every rank runs its shard; rank 0 gathers and scores. Masks leave the GPU as RLE text.
-    Rank 0's scores carry "seconds": {"inference": ..., "scoring": ...} (the log has only the sum)."""
+    """Every rank runs its shard; rank 0 gathers and scores. Masks leave the GPU as RLE text (with
+    the evaluator's fast.scoring.FastEvaluation). Rank 0's scores carry "seconds": {"inference": ...,
+    "scoring": ...} (the log has only the sum)."""
     model.eval()
     started = time.perf_counter()
     for images, targets in loader:
         images = [img.to(device, non_blocking=True).float().div_(255) for img in images]
         with autocast():
             outputs = model(images)
-        # The evaluator copies boxes and scores off the device and writes the masks' RLE text there.
+        # The evaluator copies boxes and scores off the device (and, fast, writes the masks' RLE text there).
         evaluator.update(outputs, [t["image_id"] for t in targets])
     evaluator.gather()
     if not main:

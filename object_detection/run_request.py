@@ -40,9 +40,10 @@ class RunRequest:
                                     "(default: invoke.yaml)", default="Backend.AI MLPerf")
     status: str | None = _option(f"submission_status in the logs: {', '.join(STATUSES)} (default: invoke.yaml)",
                                  default="cloud", choices=STATUSES)
-    speed: str | None = _option("fast (default) or stock: torchvision's model code and a plain loop, without "
-                                "object_detection.fast (the baseline, and a first check when a run misbehaves only "
-                                "with the speed code); fast-without:LEVER[,LEVER...] turns single levers off",
+    speed: str | None = _option("fast (default) or stock: torchvision's model code, pycocotools' evaluation and a "
+                                "plain loop, none of object_detection.fast (the baseline, and a first check when a "
+                                "run misbehaves only with the speed code); fast-without:LEVER[,LEVER...] turns "
+                                "single levers off",
                                 default="fast", type=speed_spec)
     resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint of this log's run",
                                                   "parser": {"action": "store_true"}})

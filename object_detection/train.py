@@ -28,8 +28,8 @@ from object_detection import data as D
 from object_detection.console import Console
 from object_detection.engine import (Diverged, Trainer, amp_dtype, evaluate, freeze_setup, make_optimizer,
                                      train_one_epoch, warm_up)
-from object_detection.evaluate import (PARALLEL_MIN_RESULTS, CocoEvaluator, default_workers,
-                                       start_scoring_workers)
+from object_detection.evaluate import CocoEvaluator, StockEvaluation
+from object_detection.fast.scoring import PARALLEL_MIN_RESULTS, FastEvaluation, default_workers
 from object_detection.mllog import MLLogger
 from object_detection.model import NUM_CLASSES_COCO, build_model
 from object_detection.reference import BackboneFileError
@@ -165,8 +165,14 @@ def data_loaders(args, run: Run, master_seed: int):
 def scores_in_workers(args, run: Run, profile: Profile) -> bool:
     """Whether rank 0 scores in worker processes (COCO: 500k results): decided from the manifest's
     count, before any data is read, so that the workers can start in initialisation."""
-    return (run.main and default_workers() > 1 and args.eval_images is not None
+    return (run.main and fast.options_for(args.speed, run.device.type).evaluation and default_workers() > 1
+            and args.eval_images is not None
             and args.eval_images * profile.detections_per_image >= PARALLEL_MIN_RESULTS)
+
+
+def evaluation_speed(args) -> FastEvaluation | StockEvaluation:
+    """Evaluation's half of --speed, kept for the run (a FastEvaluation's worker processes)."""
+    return FastEvaluation() if fast.options_for(args.speed, "cpu").evaluation else StockEvaluation()
 
 
 def trainer_for(args, run: Run, profile: Profile, schedule) -> Trainer:
@@ -224,12 +230,14 @@ def begin_log(log: MLLogger, args, run: Run) -> None:
 
 
 def evaluate_epoch(epoch: int, log: MLLogger, run: Run, trainer: Trainer, val_set, val_loader, profile: Profile,
-                   targets: dict) -> dict:
-    """The evaluation after an epoch, its records and its console line; every rank gets the scores."""
+                   targets: dict, evaluation) -> dict:
+    """The evaluation after an epoch, its records and its console line; every rank gets the scores.
+    `evaluation`: evaluation_speed(args), the same for every epoch (a FastEvaluation keeps its workers)."""
     model = trainer.model.module if run.world_size > 1 else trainer.model
     log.start(C.EVAL_START, epoch_num=epoch)
     started = time.time()
-    evaluator = CocoEvaluator(val_set.coco, val_set.label_to_category, box_offset=profile.recipe.box_offset)
+    evaluator = CocoEvaluator(val_set.coco, val_set.label_to_category, box_offset=profile.recipe.box_offset,
+                              speed=evaluation)
     scores = run.broadcast(evaluate(model, val_loader, evaluator, run.device, trainer.autocast, run.main))
     log.end(C.EVAL_STOP, epoch_num=epoch)
     trainer.console.evaluation(epoch, scores, targets, time.time() - started)
@@ -257,8 +265,9 @@ def main(argv=None) -> int:
     seed_everything(master_seed, run.rank, 0)  # model initialisation
     trainer = trainer_for(args, run, profile, schedule)
     model = trainer.model.module if run.world_size > 1 else trainer.model
+    evaluation = evaluation_speed(args)
     if scores_in_workers(args, run, profile):
-        start_scoring_workers()  # the processes only: they may not read the ground truth yet
+        evaluation.start()  # the processes only: they may not read the ground truth yet
     first_epoch, iteration = 1, 0
     if resume_state is not None:
         first_epoch, iteration = checkpoint.restore(resume_state, model=model, optimizer=trainer.optimizer,
@@ -278,7 +287,7 @@ def main(argv=None) -> int:
         log.event(C.TRAIN_SAMPLES, len(train_set))
         log.event(C.EVAL_SAMPLES, len(val_set))
     if scores_in_workers(args, run, profile):
-        start_scoring_workers(val_set.coco)  # the workers index the ground truth while epoch 1 trains
+        evaluation.start(val_set.coco)  # the workers index the ground truth while epoch 1 trains
     if fast.options_for(args.speed, run.device.type).freeze_setup:
         freeze_setup()  # before the first epoch forks the loader workers
 
@@ -296,7 +305,7 @@ def main(argv=None) -> int:
             log.end(C.BLOCK_STOP, first_epoch_num=epoch)
             break
         log.end(C.EPOCH_STOP, epoch_num=epoch)
-        scores = evaluate_epoch(epoch, log, run, trainer, val_set, val_loader, profile, targets)
+        scores = evaluate_epoch(epoch, log, run, trainer, val_set, val_loader, profile, targets, evaluation)
         if scores["bbox"] >= targets["BBOX"] and scores["segm"] >= targets["SEGM"]:
             status = C.SUCCESS
             break

@@ -18,10 +18,11 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from object_detection import rle
-from object_detection.rle import encode_tensors
-from object_detection.evaluate import (CocoEvaluator, detections_to_coco,
-                                       evaluate_results, score_results)
+from object_detection.coco_results import detections_to_coco
+from object_detection.evaluate import CocoEvaluator
+from object_detection.fast import rle_gpu
+from object_detection.fast.rle_gpu import encode_tensors
+from object_detection.fast.scoring import FastEvaluation, evaluate_results, score_results
 from mlperf.datasets.shapes import make_shapes
 
 # Contiguous labels to COCO ids, permuted on purpose so that a mapping left out would show.
@@ -77,7 +78,7 @@ def noisy_outputs(coco: COCO, image_id: int, rng: np.random.Generator) -> dict:
 
 
 def pycocotools_directly(coco: COCO, outputs: dict, iou_type: str) -> list[float]:
-    """The same detections scored by hand, per instance, without object_detection.evaluate."""
+    """The same detections scored by hand, per instance, without object_detection's evaluation."""
     results = []
     for image_id, out in outputs.items():
         for box, label, score, mask in zip(out["boxes"].tolist(), out["labels"].tolist(),
@@ -196,7 +197,7 @@ def test_run_lengths_found_by_torch_are_the_bytes_pycocotools_encodes():
 
 
 def test_a_batch_encoded_in_one_pass_gives_what_each_image_gives(coco_gt, monkeypatch):
-    """detections_to_coco routes GPU masks of a whole batch through one encode_tensors pass; with
+    """The fast encoder routes GPU masks of a whole batch through one encode_tensors pass; with
     CPU tensors taken for GPU ones, the results are those of the image-by-image path, also for an
     image without detections and one without masks in the same batch."""
     image_ids = coco_gt.getImgIds()[:5]
@@ -205,11 +206,11 @@ def test_a_batch_encoded_in_one_pass_gives_what_each_image_gives(coco_gt, monkey
     outputs[3] = {key: value for key, value in outputs[3].items() if key != "masks"}
     expected = [r for out, i in zip(outputs, image_ids) for r in detections_to_coco([out], [i], LABEL_TO_CATEGORY)]
     assert any("segmentation" not in r for r in expected) and sum("segmentation" in r for r in expected) > 3
-    monkeypatch.setattr(rle, "on_gpu", lambda masks: isinstance(masks, torch.Tensor))
+    monkeypatch.setattr(rle_gpu, "on_gpu", lambda masks: isinstance(masks, torch.Tensor))
     calls = []
-    encode = rle.encode_tensors
-    monkeypatch.setattr(rle, "encode_tensors", lambda binaries: calls.append(len(binaries)) or encode(binaries))
-    assert detections_to_coco(outputs, image_ids, LABEL_TO_CATEGORY) == expected
+    encode = rle_gpu.encode_tensors
+    monkeypatch.setattr(rle_gpu, "encode_tensors", lambda binaries: calls.append(len(binaries)) or encode(binaries))
+    assert detections_to_coco(outputs, image_ids, LABEL_TO_CATEGORY, encode=rle_gpu.encode_all) == expected
     assert calls == [3]  # the three images with detections and masks
 
 
@@ -236,6 +237,77 @@ def test_only_the_evaluated_images_are_scored_and_nothing_scores_zero(coco_gt):
     assert empty.summarize() == {"bbox": 0.0, "segm": 0.0}
 
 
+def evaluated_stats(coco: COCO, outputs: dict[int, dict], speed) -> dict[str, list[float]]:
+    """The 12 numbers per IoU type of a CocoEvaluator with this `speed`, fed in batches of 4."""
+    evaluator = CocoEvaluator(coco, LABEL_TO_CATEGORY, speed=speed)
+    image_ids = sorted(outputs)
+    for start in range(0, len(image_ids), 4):
+        batch = image_ids[start:start + 4]
+        evaluator.update([outputs[i] for i in batch], batch)
+    evaluator.summarize()
+    return evaluator.stats
+
+
+def test_speed_stock_and_fast_evaluations_give_the_same_scores(coco_gt, monkeypatch):
+    """`--speed stock` evaluates as torchvision does (pycocotools' encoder, loadRes and COCOeval in
+    one process) and gives the numbers of `--speed fast`: the trainer's FastEvaluation (faster-coco-
+    eval where installed: to its 1e-4), and, to the last bit, every fast piece at once on pycocotools
+    (masks through the GPU encoder, here on CPU tensors; the results loader; worker processes)."""
+    from object_detection.evaluate import StockEvaluation
+    from object_detection.rle import encode_on_host
+    from object_detection.train import evaluation_speed, parse_args
+
+    outputs = all_outputs(coco_gt, noisy_outputs)
+    required = ["--data-root", "data", "--result-log", "log.txt"]
+    stock_speed = evaluation_speed(parse_args([*required, "--speed", "stock"]))
+    assert isinstance(stock_speed, StockEvaluation) and stock_speed.encode is encode_on_host
+    stock = evaluated_stats(coco_gt, outputs, stock_speed)
+    assert 0.1 < stock["bbox"][0] < 0.9 and 0.1 < stock["segm"][0] < 0.9
+    fast_speed = evaluation_speed(parse_args(required))
+    assert isinstance(fast_speed, FastEvaluation) and fast_speed.encode is rle_gpu.encode_all
+    with fast_speed:
+        fast = evaluated_stats(coco_gt, outputs, fast_speed)
+    for iou_type in ("bbox", "segm"):
+        assert fast[iou_type] == pytest.approx(stock[iou_type], abs=1e-4)
+    monkeypatch.setattr(rle_gpu, "on_gpu", lambda masks: isinstance(masks, torch.Tensor))
+    calls = []
+    encode = rle_gpu.encode_tensors
+    monkeypatch.setattr(rle_gpu, "encode_tensors", lambda binaries: calls.append(len(binaries)) or encode(binaries))
+    with FastEvaluation(backend="pycocotools", workers=2) as every_piece:
+        assert evaluated_stats(coco_gt, outputs, every_piece) == stock
+        assert every_piece.pool is not None and not every_piece.failed
+    assert calls  # the GPU encoder ran
+
+
+def test_the_stock_evaluation_loads_nothing_of_the_speed_code(tmp_path, coco_gt):
+    """CocoEvaluator's default, and what `--speed stock` gives it, runs without object_detection.fast:
+    a fresh interpreter scores with it and has not imported any of it."""
+    import subprocess
+    import sys
+
+    annotations = tmp_path / "gt.json"
+    annotations.write_text(json.dumps(coco_gt.dataset))
+    code = (
+        "import sys, torch\n"
+        "from pycocotools.coco import COCO\n"
+        "from object_detection.evaluate import CocoEvaluator\n"
+        f"gt = COCO({str(annotations)!r})\n"
+        "anns = gt.loadAnns(gt.getAnnIds(imgIds=[1]))\n"
+        "evaluator = CocoEvaluator(gt, {c: c for c in gt.getCatIds()})\n"
+        "evaluator.update([{'boxes': torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a['bbox'] for a in anns)]),\n"
+        "                   'labels': torch.tensor([a['category_id'] for a in anns]),\n"
+        "                   'scores': torch.full((len(anns),), 0.9),\n"
+        "                   'masks': torch.stack([torch.from_numpy(gt.annToMask(a)) for a in anns])[:, None]}], [1])\n"
+        "print(evaluator.summarize())\n"
+        "print(sorted(m for m in sys.modules if m.startswith('object_detection.fast')))\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    scores, fast_modules = done.stdout.splitlines()[-2:]
+    assert fast_modules == "[]"
+    assert scores == "{'bbox': 1.0, 'segm': 1.0}"  # its ground truth fed back
+
+
 def _rank_main(rank: int, world_size: int, port: int, outputs: dict, annotation_file: str,
                answer: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -244,7 +316,7 @@ def _rank_main(rank: int, world_size: int, port: int, outputs: dict, annotation_
         with contextlib.redirect_stdout(io.StringIO()):
             coco = COCO(annotation_file)
         mine = sorted(outputs)[rank::world_size]
-        evaluator = CocoEvaluator(coco, LABEL_TO_CATEGORY)
+        evaluator = CocoEvaluator(coco, LABEL_TO_CATEGORY, speed=FastEvaluation())
         for start in range(0, len(mine), 4):  # a few batches, as in the training loop
             batch = mine[start:start + 4]
             evaluator.update([outputs[i] for i in batch], batch)
@@ -296,7 +368,7 @@ def test_results_columns_survive_pickling_and_subsets(coco_gt):
     """What goes to the scoring workers (compact masks on the way) comes back as the same results."""
     import pickle
 
-    from object_detection.evaluate import CocoResults
+    from object_detection.coco_results import CocoResults
 
     results = to_results(all_outputs(coco_gt, noisy_outputs))
     columns = CocoResults.from_dicts(results)
@@ -321,7 +393,7 @@ def test_a_script_without_a_main_guard_still_scores_with_a_warning(tmp_path):
     script = tmp_path / "score.py"
     script.write_text(
         "from pycocotools.coco import COCO\n"
-        "from object_detection.evaluate import score_results\n"
+        "from object_detection.fast.scoring import score_results\n"
         "gt = COCO()\n"
         "gt.dataset = {'images': [{'id': 1, 'width': 10, 'height': 10}], 'categories': [{'id': 1}, {'id': 2}],\n"
         "              'annotations': [{'id': 1, 'image_id': 1, 'category_id': 1, 'bbox': [1, 1, 3, 3],\n"

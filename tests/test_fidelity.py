@@ -186,18 +186,20 @@ def test_the_warm_up_trains_nothing_and_leaves_no_gradients():
 
 def test_scoring_workers_start_without_the_ground_truth():
     """In initialisation the trainer starts the processes only; the ground truth follows run_start."""
-    from object_detection import evaluate
+    from object_detection.fast.scoring import FastEvaluation
 
-    workers = evaluate.start_scoring_workers(workers=2)
-    assert len(workers) == 2 and all(w.result(timeout=120) > 0 for w in workers)
-    assert not evaluate._GROUND_TRUTH_FILES  # nothing of a dataset written for them, so nothing read
+    with FastEvaluation(workers=2) as evaluation:
+        workers = evaluation.start()
+        assert len(workers) == 2 and all(w.result(timeout=120) > 0 for w in workers)
+        assert not evaluation.pool.ground_truth_files  # nothing of a dataset written for them, so nothing read
     code = textwrap.dedent("""
-        from object_detection import evaluate
+        from object_detection.fast.scoring import FastEvaluation
         import pycocotools.coco as c
         gt = c.COCO(); gt.dataset = {"images": [{"id": 1, "width": 4, "height": 4}], "annotations": [],
                                      "categories": [{"id": 1}]}; gt.createIndex()
-        futures = evaluate.start_scoring_workers(gt, workers=2)
-        assert all(f.result(timeout=120) > 0 for f in futures) and len(evaluate._GROUND_TRUTH_FILES) == 1
+        evaluation = FastEvaluation(workers=2)
+        futures = evaluation.start(gt)
+        assert all(f.result(timeout=120) > 0 for f in futures) and len(evaluation.pool.ground_truth_files) == 1
     """)
     import subprocess
     import sys

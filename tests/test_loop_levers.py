@@ -51,6 +51,13 @@ def test_the_stock_speed_turns_the_loop_levers_off_too():
     assert not (stock.persistent_workers or stock.prefetch or stock.freeze_setup)
     alone = fast.options_for("fast-without:prefetch", "cuda")
     assert not alone.prefetch and alone.persistent_workers and alone.channels_last
+    from object_detection.evaluate import StockEvaluation
+    from object_detection.fast.scoring import FastEvaluation
+
+    required = ["--data-root=/nowhere", "--result-log=/nowhere/log.txt"]
+    assert isinstance(train.evaluation_speed(train.parse_args(required)), FastEvaluation)
+    for speed in ("stock", "fast-without:evaluation"):  # evaluation's pieces are a lever like the others
+        assert isinstance(train.evaluation_speed(train.parse_args([*required, f"--speed={speed}"])), StockEvaluation)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(

@@ -305,7 +305,7 @@ def test_the_trainer_refuses_a_hostile_backbone_in_one_line(tmp_path):
 
 
 def test_results_of_the_reference_model_have_inclusive_widths():
-    from object_detection.evaluate import detections_to_coco
+    from object_detection.coco_results import detections_to_coco
 
     output = {"boxes": torch.tensor([[10.0, 10.0, 19.0, 29.0]]), "labels": torch.tensor([1]),
               "scores": torch.tensor([0.9])}

@@ -15,6 +15,10 @@ The loop around the model reads three more: loader workers that live for the who
 while a step computes (`prefetch`, engine.on_device), and the set-up's objects out of the garbage
 collector's passes (`freeze_setup`, engine.freeze_setup).
 
+Evaluation's speed pieces are under the same switch (`evaluation`): scoring.FastEvaluation hands
+CocoEvaluator the GPU mask encoder (rle_gpu), the one-pass results loader, faster-coco-eval and the
+worker processes; the trainer's `--speed stock` gives it evaluate.StockEvaluation instead.
+
 Several pieces build on private torchvision functions, so `apply` checks the torchvision version
 against the range they were tested with; outside it the model stays stock (one warning line) and
 still trains, only slower.
@@ -25,7 +29,7 @@ import sys
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # importable without torch: the launcher checks --speed before any process starts
+if TYPE_CHECKING:  # importable without torch: the launcher checks --speed, evaluation's pieces import it
     from torchvision.models.detection import MaskRCNN
 
 # torchvision releases the speed pieces were checked against: 0.26 (H200, the same-function checks
@@ -47,6 +51,7 @@ class Options:
     persistent_workers: bool = True  # no loader start-up at every epoch (and evaluation)
     prefetch: bool = True            # CUDA: batch copies on a side stream, overlapping the step
     freeze_setup: bool = True        # gc.freeze() after set-up: the annotations leave every collection
+    evaluation: bool = True          # evaluation's pieces (scoring.FastEvaluation), not evaluate.StockEvaluation
 
     @classmethod
     def for_device(cls, device_type: str) -> Options:
@@ -54,7 +59,7 @@ class Options:
 
 
 STOCK = Options(fold_bn=False, fuse_bias=False, sync_free=False, batched_sampler=False, transform=False,
-                channels_last=False, persistent_workers=False, prefetch=False, freeze_setup=False)
+                channels_last=False, persistent_workers=False, prefetch=False, freeze_setup=False, evaluation=False)
 
 
 WITHOUT = "fast-without:"
