@@ -2,7 +2,7 @@
 
     .venv/bin/python -m benchmarks.fetch_verify [--workdir /tmp] [--repeats 3]
 
-Fetch: one 1 GiB file from the sendfile-based server in tests/http_server.py (the same server for
+Fetch: one 1 GiB file from the sendfile-based server in tests/support/http_server.py (the same server for
 both clients), fresh destination each time. `curl -o` neither hashes nor checks; `curl -o && md5sum`
 is what the reference download + verify scripts do, shown for context. Verify: three files, 2 GiB in
 all, from the page cache (read once before timing), `invoke verify --force` (hashing every file)
@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from mlperf import PROJECT_ROOT as ROOT
-from tests.http_server import FileServer, Faults
+from tests.support.http_server import FileServer, Faults
 
 MiB = 1 << 20
 GiB = 1 << 30

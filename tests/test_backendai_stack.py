@@ -9,7 +9,7 @@ Needs the local stack (tools/backendai/stack.py, root): run by hand with
 Without MLPERF_INTEGRATION=1 every test here skips (the unit suite has no stack). Nothing is mocked:
 `invoke image --build` on the stack's dockerd, the manager's rescan, `invoke session.*` through the
 real backend.ai client 23.9.10 against the real manager, storage proxy and agent. The fake manager
-(tests/fake_manager.py) stays for newer managers' answers, which a 23.09 stack cannot give.
+(tests/support/fake_manager.py) stays for newer managers' answers, which a 23.09 stack cannot give.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """`--nodes all` in a cluster session whose hosts do not share a project tree: every other host
 checked over the cluster's SSH, brought up to main1's project and venv, or named with what it lacks.
 
-Each "host" is a real sshd on 127.0.0.1 in a mount namespace of its own (tests/sshd.py), so it sees
+Each "host" is a real sshd on 127.0.0.1 in a mount namespace of its own (tests/support/sshd.py), so it sees
 its own tree at the project's path: sub1 starts empty, sub2 holds an older copy (other requirements,
 a stale module, a venv without torch, a user's own files), sub4 lacks main1's Python and the data,
 sub3 has no server at all, same1 is main1's server under another name (a tree shared as a vfolder). The project main1 runs is a copy of this one with a
@@ -28,7 +28,7 @@ from mlperf.cluster import env_words, forwarded_env, host_network_problem, prepa
 from mlperf.errors import UserError
 from mlperf.project import runtime_files
 from mlperf.remote import run_parallel
-from sshd import cluster_ssh_config, free_port, own_trees_supported, start_sshd
+from tests.support.sshd import cluster_ssh_config, free_port, own_trees_supported, start_sshd
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 A real HTTP server on 127.0.0.1 stands in for raw.githubusercontent.com (--mirror): it serves NVIDIA's
 v3.0 DGX H100 logs the project carries (tests/data/README.md) at the paths the catalog names. The
-CPU series is written with tests/mllog_writer.py (a real CPU run that converges takes too long here).
+CPU series is written with tests/support/mllog_writer.py (a real CPU run that converges takes too long here).
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, one_error_line, run_invoke
-from http_server import FileServer
-from mllog_writer import write_log
+from tests.support.http_server import FileServer
+from tests.support.mllog_writer import write_log
 from mlperf.results import catalog
 from mlperf.results.logs import parse_log, result_files
 from mlperf.results.score import run_result, score

@@ -149,7 +149,7 @@ def test_a_cluster_without_infiniband_or_socket_interface_is_warned(tmp_path):
 
 
 def test_cluster_ssh_row_names_the_host_whose_port_does_not_answer(tmp_path):
-    from sshd import cluster_ssh_config, free_port, start_sshd
+    from tests.support.sshd import cluster_ssh_config, free_port, start_sshd
 
     server = start_sshd(tmp_path / "sshd")
     try:

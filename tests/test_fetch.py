@@ -1,4 +1,4 @@
-"""`invoke fetch` against a real HTTP server on 127.0.0.1 that injects faults (tests/http_server.py)."""
+"""`invoke fetch` against a real HTTP server on 127.0.0.1 that injects faults (tests/support/http_server.py)."""
 from __future__ import annotations
 
 import hashlib
@@ -19,7 +19,7 @@ from mlperf.datasets import extract as extracting
 from mlperf.datasets import transfer
 from mlperf.errors import UserError
 from tests.conftest import ROOT, run_invoke
-from tests.http_server import Faults, FileServer, free_port, make_file
+from tests.support.http_server import Faults, FileServer, free_port, make_file
 
 FAST_RETRY = {"MLPERF_FETCH_BACKOFF": "0.01", "MLPERF_FETCH_RETRIES": "3"}
 SIZE = 3_000_000  # not a multiple of any read size, so drops land mid-chunk

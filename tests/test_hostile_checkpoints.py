@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from conftest import ROOT, mllog, one_error_line, run_invoke
-from mllog_writer import write_log
+from tests.support.mllog_writer import write_log
 from object_detection import checkpoint
 
 NO_CLUSTER = {"BACKENDAI_CLUSTER_HOSTS": "", "BACKENDAI_CLUSTER_HOST": "", "BACKENDAI_CLUSTER_SIZE": ""}

@@ -3,7 +3,7 @@
 A manifest is a user's file and an annotation file is data: neither may exhaust memory, crash the
 tool, print a terminal-reversing character raw, point training outside the dataset, or pass `verify`
 with sizes, boxes or masks that make training allocate gigabytes or crash hours later. Every case is
-one `error:` line and exit 1. Downloads go to a real HTTP server on 127.0.0.1 (tests/http_server.py).
+one `error:` line and exit 1. Downloads go to a real HTTP server on 127.0.0.1 (tests/support/http_server.py).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from mlperf.datasets import content
 from mlperf.datasets import load_manifest, resolve
 from mlperf.datasets import verify as verifying
 from tests.conftest import ROOT, one_error_line, run_invoke
-from tests.http_server import FileServer, make_file
+from tests.support.http_server import FileServer, make_file
 
 BIDI = "\u202e"
 

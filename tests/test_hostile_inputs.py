@@ -19,7 +19,7 @@ from mlperf.datasets import load_manifest, redact_url
 from mlperf.errors import UserError
 from test_fetch import SIZE, Link, entry, fetch, md5, tar_bytes, write_manifest, zip_bytes
 from conftest import ROOT, one_error_line, run_invoke
-from tests.http_server import Faults, FileServer, make_file
+from tests.support.http_server import Faults, FileServer, make_file
 
 DEEP = "/".join(f"d{i}" for i in range(1, 13))  # d1/d2/.../d12
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import one_error_line, run_invoke
-from mllog_writer import T0, write_log
+from tests.support.mllog_writer import T0, write_log
 from mlperf import project
 from test_results import NVIDIA_SYSTEM_INFO, REFERENCE, nvidia_series
 

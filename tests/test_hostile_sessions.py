@@ -1,6 +1,6 @@
 """`invoke session.*` against a Backend.AI manager that answers wrongly or with hostile data.
 
-Mocked: the manager, its storage proxy and agent (tests/fake_manager.py), as in test_session.py, since
+Mocked: the manager, its storage proxy and agent (tests/support/fake_manager.py), as in test_session.py, since
 no real manager runs here; a real 23.09 stack cannot be made to send these answers anyway (names
 that leave a folder, a status that is a list, a greeting nested 100000 deep, a download that stops
 mid-file), so each is the fake with one answer changed. The shape of a failed start's status_data is
@@ -14,7 +14,7 @@ import time
 import pytest
 
 from conftest import one_error_line, run_invoke
-from fake_manager import Stream
+from tests.support.fake_manager import Stream
 from test_session import (IMAGE, backendai_client, client_bin, client_user, inv, manager,  # noqa: F401
                           user)
 

@@ -17,7 +17,7 @@ from dockerfile_parse import DockerfileParser
 from mlperf import image as imaging
 from mlperf import labels as label_rules
 from mlperf.errors import UserError
-from backendai_client import backendai_client  # noqa: F401  (pytest fixture)
+from tests.support.backendai_client import backendai_client  # noqa: F401  (pytest fixture)
 from conftest import ROOT, one_error_line, run_invoke
 
 DEFAULTS = yaml.safe_load((ROOT / "invoke.yaml").read_text())["mlperf"]["image"]

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import ROOT, run_invoke
 from mlperf.tasking import task_argv
-from nap_step import make_harness
+from tests.support.nap_step import make_harness
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from mlperf.remote import run_parallel
-from sshd import free_port, start_sshd
+from tests.support.sshd import free_port, start_sshd
 
 ALL_REDUCE = """
 import torch, torch.distributed as dist

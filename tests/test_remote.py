@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from nap_step import add_nap_to, make_harness
-from sshd import free_port, start_sshd
+from tests.support.nap_step import add_nap_to, make_harness
+from tests.support.sshd import free_port, start_sshd
 
 
 def fab(args: list[str], env: dict, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -1,5 +1,5 @@
 """`invoke time`: scoring rules, the real compliance checker, summary files, plot, refusal to overwrite,
-and the system description. Logs are synthetic (tests/mllog_writer.py) or NVIDIA's published ones."""
+and the system description. Logs are synthetic (tests/support/mllog_writer.py) or NVIDIA's published ones."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, one_error_line, run_invoke
-from mllog_writer import write_log
+from tests.support.mllog_writer import write_log
 from mlperf import host, project
 from mlperf.errors import UserError
 from mlperf.results import system_desc

@@ -1,10 +1,10 @@
 """`invoke session.create|status|logs|results|destroy`, through the real Backend.AI client.
 
-Mocked: the Backend.AI manager, with the storage proxy and agent behind it (tests/fake_manager.py),
+Mocked: the Backend.AI manager, with the storage proxy and agent behind it (tests/support/fake_manager.py),
 because a real one needs PostgreSQL, Redis, etcd and a Docker-based agent, none of which run here.
 The fake answers the REST and GraphQL calls the client makes as manager 23.09.11 answers them and
 checks every request's HMAC signature as the manager does. Everything else is real: `invoke` as a
-user types it; the real backend.ai-client 23.9.10 CLI (tests/backendai_client.py installs it once
+user types it; the real backend.ai-client 23.9.10 CLI (tests/support/backendai_client.py installs it once
 into .cache/) signing real HTTP requests; the session's startup command run by /bin/sh, with a
 stand-in `invoke` on its PATH (the benchmark itself needs GPUs and COCO) that prints, writes results
 to the vfolder and exits with $MLPERF_STUB_EXIT, which reaches it the way every MLPERF_* variable
@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from backendai_client import backendai_client  # noqa: F401  (the session fixture)
+from tests.support.backendai_client import backendai_client  # noqa: F401  (the session fixture)
 from conftest import ROOT, run_invoke
-from fake_manager import FakeManager
+from tests.support.fake_manager import FakeManager
 from mlperf import backendai_cli as client_cli, session_results, session_spec
 
 ACCESS, SECRET = "AKIAMLPERFTEST0001", "s3cret-KEY-never-shown-0123456789abcdef"

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # Appended to a tasks.py that defines `ns` (the deployed copy on the test's "remote" host).
 NAP_SOURCE = '''
 
-# --- added by the tests (tests/nap_step.py) ---
+# --- added by the tests (tests/support/nap_step.py) ---
 import time as _time
 
 from invoke import task as _task
