@@ -279,6 +279,7 @@ def test_speed_stock_and_fast_evaluations_give_the_same_scores(coco_gt, monkeypa
     assert calls  # the GPU encoder ran
 
 
+@pytest.mark.slow
 def test_the_stock_evaluation_loads_nothing_of_the_speed_code(tmp_path, coco_gt):
     """CocoEvaluator's default, and what `--speed stock` gives it, runs without object_detection.fast:
     a fresh interpreter scores with it and has not imported any of it."""

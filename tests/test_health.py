@@ -3,6 +3,8 @@ one synchronisation the progress display needs anyway) and a loss that is not fi
 with one line and run_stop aborted, whatever the console shows."""
 from __future__ import annotations
 
+import pytest
+
 from contextlib import nullcontext
 
 import torch
@@ -11,6 +13,7 @@ from conftest import mllog
 from object_detection import engine, train
 
 
+@pytest.mark.slow
 def test_a_loss_that_goes_infinite_stops_the_run_with_one_line(tiny_shapes, tmp_path, monkeypatch, capsys):
     steps = []
     real_step = engine.train_step

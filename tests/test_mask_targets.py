@@ -70,6 +70,7 @@ def targets_of(images) -> list[torch.Tensor]:
                               [shape for *_, shape in images])
 
 
+@pytest.mark.slow
 def test_the_targets_are_the_reference_s_bit_for_bit():
     cases = random_instances(600)
     edges, owner = MT.polygon_edges([polygons for polygons, _ in cases])

@@ -3,6 +3,8 @@ a run: what the task asks for reaches the trainer's parser unchanged, and each o
 same in `invoke train --help` and the trainer's."""
 from __future__ import annotations
 
+import pytest
+
 import subprocess
 import sys
 from dataclasses import fields
@@ -28,6 +30,7 @@ def test_options_left_out_take_the_trainer_s_defaults():
                                                                                             False, "cloud")
 
 
+@pytest.mark.slow
 def test_the_task_and_the_trainer_show_each_option_s_one_help():
     task_help = run_invoke(["train", "--help"], check=True).stdout
     trainer_help = subprocess.run([sys.executable, "-m", "object_detection.train", "--help"], cwd=ROOT,
