@@ -22,6 +22,9 @@ from torchvision.models.detection.roi_heads import project_masks_on_boxes
 
 UPSAMPLE = 5.0                       # rleFrPoly's scale: the boundary is traced on a 5x finer integer grid
 GRID = 28                            # the mask head's resolution (the reference's discretization size)
+# RoI-edge pairs rasterised at once: each takes ~2 KB of temporaries (28 columns, 4 candidate steps, in
+# int64/float64), so a batch with one long polygon (hundreds of points pad every RoI) goes in chunks.
+EDGES_AT_ONCE = 2**18
 
 
 def polygon_edges(polygons: list[list[list[float]]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,8 +158,11 @@ def polygon_targets(targets: list[dict], proposals: list[torch.Tensor], matched:
         owner.append(F.pad(t["polygon_owner"][m], (0, pad), value=-1))
         limits.append(m.new_full((len(m), 2), height, dtype=torch.float32).index_fill_(1, m.new_ones(1), width))
     polygons = max(t["polygons"] for t in targets)
-    drawn = rasterise(crop_and_scale(torch.cat(edges), torch.cat(proposals), torch.cat(limits), size),
-                      torch.cat(owner), polygons, size).float()
+    edges, owner, boxes, limits = torch.cat(edges), torch.cat(owner), torch.cat(proposals), torch.cat(limits)
+    chunk = max(1, EDGES_AT_ONCE // max(longest, 1))
+    drawn = torch.cat([rasterise(crop_and_scale(edges[i:i + chunk], boxes[i:i + chunk], limits[i:i + chunk], size),
+                                 owner[i:i + chunk], polygons, size)
+                       for i in range(0, max(len(boxes), 1), chunk)]).float()
     return list(drawn.split([len(m) for m in matched]))
 
 

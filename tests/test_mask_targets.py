@@ -98,9 +98,11 @@ def test_rois_pick_their_matched_instance_and_padding_draws_nothing():
     assert ours[2].sum() == 0                        # the other instance lies outside this box
 
 
-def test_a_batch_is_drawn_at_once_whatever_its_images_sizes_and_edge_counts():
+@pytest.mark.parametrize("edges_at_once", [MT.EDGES_AT_ONCE, 200])
+def test_a_batch_is_drawn_at_once_whatever_its_images_sizes_and_edge_counts(edges_at_once, monkeypatch):
     """Images of several sizes, instances of different edge counts, an image without RoIs: one
     rasterisation for the batch, each image's targets as the reference makes them in its own image."""
+    monkeypatch.setattr(MT, "EDGES_AT_ONCE", edges_at_once)  # 200: a few RoIs a chunk, as a very long polygon makes
     sizes = [(480, 640), (800, 1067), (100, 90)]
     images, wanted = [], []
     for k, (height, width) in enumerate(sizes):
