@@ -156,7 +156,9 @@ def polygon_targets(targets: list[dict], proposals: list[torch.Tensor], matched:
         pad = longest - t["polygon_edges"].shape[1]
         edges.append(F.pad(t["polygon_edges"][m], (0, 0, 0, pad)))
         owner.append(F.pad(t["polygon_owner"][m], (0, pad), value=-1))
-        limits.append(m.new_full((len(m), 2), height, dtype=torch.float32).index_fill_(1, m.new_ones(1), width))
+        limit = m.new_empty((len(m), 2), dtype=torch.float32)  # filled on the device: no copy from the host
+        limit[:, 0], limit[:, 1] = height, width
+        limits.append(limit)
     polygons = max(t["polygons"] for t in targets)
     edges, owner, boxes, limits = torch.cat(edges), torch.cat(owner), torch.cat(proposals), torch.cat(limits)
     chunk = max(1, EDGES_AT_ONCE // max(longest, 1))
