@@ -23,13 +23,15 @@ def main() -> None:
     p.add_argument("--shapes", action="store_true", help="also list the heaviest elementwise operators by input shape")
     p.add_argument("--tvsync", action="store_true", help="torchvision's heads (no object_detection.fast.sync_free)")
     p.add_argument("--nofuse", action="store_true", help="biases added separately (no object_detection.fast.fuse_bias)")
+    p.add_argument("--roialign", action="store_true",
+                   help="multi-scale RoIAlign in one kernel (object_detection.fast.roi_align)")
     p.add_argument("--recipe", choices=["reference", "torchvision"], default="reference",
                    help="the closed profile's model (reference) or the open profiles' (torchvision)")
     args = p.parse_args()
     device = torch.device("cuda")
     backbone = random_backbone()
     model = our_model(device, backbone, channels_last="rpn", sync_free=not args.tvsync, fuse_bias=not args.nofuse,
-                      recipe=args.recipe)
+                      recipe=args.recipe, roi_align=args.roialign)
     opt = make_optimizer(model, 0.01, fused=True)
     batches = [synthetic_batch(args.batch, "cpu", seed=s) for s in range(2)]
     batches = [pinned(b) for b in batches]

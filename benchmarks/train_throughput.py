@@ -99,12 +99,12 @@ def torchvision_model(backbone: Path):
 
 def our_model(device, backbone: Path, channels_last: bool | str, fold_bn: bool = True, compile_backbone: bool = False,
               batched_sampler: bool = True, sync_free: bool = True, fuse_bias: bool = True, fixed_canvas: bool = False,
-              recipe: str = "torchvision"):
+              recipe: str = "torchvision", roi_align: bool = False):
     """channels_last: "rpn" (what the trainer runs), True (backbone only), "all" (every module).
     recipe: "torchvision" (the open profiles') or "reference" (the closed profile's model)."""
     speed = fast.Options(fold_bn=fold_bn, fuse_bias=fuse_bias, batched_sampler=batched_sampler, sync_free=sync_free,
                          channels_last=channels_last in (True, "rpn"), rpn_channels_last=channels_last == "rpn",
-                         fixed_canvas=fixed_canvas)
+                         fixed_canvas=fixed_canvas, roi_align=roi_align)
     weights = random_msra_backbone() if recipe == "reference" else backbone
     model = build_model(81, backbone_weights=weights, proposals_per_image=1000, speed=speed,
                         recipe=RECIPES[recipe]).to(device)
@@ -168,8 +168,13 @@ def same_losses(device, ours, stock) -> dict:
 
 def check_same_function(device, backbone: Path) -> dict:
     """Our step against torchvision's MaskRCNN with the same (torchvision) recipe."""
-    return same_losses(device, our_model(device, backbone, channels_last=device.type == "cuda"),
+    return same_losses(device, our_model(device, backbone, channels_last=_trainer_layout(device)),
                        torchvision_model(backbone).to(device))
+
+
+def _trainer_layout(device) -> str | bool:
+    """The trainer's layout: channels_last backbone and RPN head on a GPU."""
+    return "rpn" if device.type == "cuda" else False
 
 
 def check_reference(device, backbone: Path) -> dict:
@@ -177,8 +182,12 @@ def check_reference(device, backbone: Path) -> dict:
     model (object_detection.reference without object_detection.fast)."""
     stock = build_model(81, backbone_weights=random_msra_backbone(), proposals_per_image=1000, speed=fast.STOCK,
                         recipe=RECIPES["reference"]).to(device)
-    return same_losses(device, our_model(device, backbone, channels_last=device.type == "cuda", recipe="reference"),
-                       stock)
+    result = same_losses(device, our_model(device, backbone, channels_last=_trainer_layout(device), recipe="reference"),
+                         stock)
+    if device.type == "cuda":  # the same with fast.roi_align (off in the trainer until it pays)
+        result["with_roi_align"] = same_losses(device, our_model(device, backbone, channels_last="rpn",
+                                                                 recipe="reference", roi_align=True), stock)
+    return result
 
 
 def check_greedy_nms(device, groups: int = 80, k: int = 2000) -> dict:
@@ -245,6 +254,44 @@ def check_fused_training(device, backbone: Path) -> dict:
     return report
 
 
+def check_roi_align(device) -> dict:
+    """object_detection.fast.roi_align against torchvision's roi_align per level, forward and backward,
+    on FPN maps of an 800x1344 batch of 4 (channels_last) with 2000 RoIs of every size, at the box
+    (7x7) and mask (14x14) poolers' sizes; bf16 maps are compared with torchvision's pooling of the
+    same values in float32 (what autocast gives it), so the kernel's only rounding is its output's."""
+    from torchvision.ops import roi_align
+
+    from object_detection.fast.roi_align import multiscale_roi_align
+
+    g = torch.Generator().manual_seed(0)
+    shapes, scales = [(200, 336), (100, 168), (50, 84), (25, 42)], [1 / 4, 1 / 8, 1 / 16, 1 / 32]
+    k = 2000
+    corner = torch.rand(k, 2, generator=g) * torch.tensor([1344.0, 800.0])
+    size = torch.rand(k, 2, generator=g) ** 3 * 600
+    rois = torch.cat([torch.randint(0, 4, (k, 1), generator=g).float(), corner - 20, corner + size], 1).to(device)
+    levels = torch.randint(0, 4, (k,), generator=g).to(device)
+    worst = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        maps = [torch.randn(4, 256, h, w, generator=g).to(device, dtype).to(memory_format=torch.channels_last)
+                .requires_grad_() for h, w in shapes]
+        for out_size in (7, 14):
+            pooled = multiscale_roi_align(maps, rois, levels, scales, (out_size, out_size), 2)
+            grad = torch.randn(pooled.shape, generator=g).to(device, dtype)
+            ours = torch.autograd.grad(pooled, maps, grad)
+            wide = [m.detach().float().contiguous().requires_grad_() for m in maps]
+            expected = torch.zeros(pooled.shape, device=device)
+            for level in range(4):
+                chosen = levels == level
+                expected[chosen] = roi_align(wide[level], rois[chosen], out_size, scales[level], 2)
+            theirs = torch.autograd.grad(expected, wide, grad.float())
+            key = f"{str(dtype)[6:]}-{out_size}"
+            worst[key] = {"forward": (pooled.float() - expected).abs().max().item(),
+                          "backward_rel": max(((a.float() - b).norm() / b.norm()).item() for a, b in zip(ours, theirs))}
+    ok = (all(v["forward"] < 1e-5 and v["backward_rel"] < 1e-5 for k, v in worst.items() if k.startswith("float32"))
+          and all(v["forward"] < 0.04 and v["backward_rel"] < 1e-2 for k, v in worst.items() if k.startswith("bfloat16")))
+    return {"max_diff": worst, "ok": ok}
+
+
 def check_bias_act(device) -> dict:
     """object_detection.fast.bias_act (the Triton kernel on CUDA) against the separate torch operations,
     forward and backward, in both layouts, fp32 and bf16, on a P2-sized map."""
@@ -280,7 +327,9 @@ VARIANTS_HELP = (
     "(and its sync-heavy heads), -tvsync torchvision's heads with our batched sampler (no "
     "object_detection.fast.sync_free), -nofold keeps FrozenBatchNorm as separate layers, -nofuse adds the "
     "backbone's convolution biases separately (no object_detection.fast.fuse_bias), -compile torch.compile on "
-    "the backbone, -pad every batch padded to 800x1344 (fast.Options.fixed_canvas), -cudnnbench "
+    "the backbone, -roialign multi-scale RoIAlign in one kernel on the channels_last maps (fast.roi_align; "
+    "without it torchvision's roi_align per level on NCHW maps), "
+    "-pad every batch padded to 800x1344 (fast.Options.fixed_canvas), -cudnnbench "
     "cudnn.benchmark on, -nogc Python's garbage collector off while it runs")
 
 
@@ -300,6 +349,7 @@ def make_variant(variant: str, device, backbone: Path):
                           compile_backbone="-compile" in variant, batched_sampler="-tvsampler" not in variant,
                           sync_free="-tvsync" not in variant and "-tvsampler" not in variant,
                           fuse_bias="-nofuse" not in variant, fixed_canvas="-pad" in variant,
+                          roi_align="-roialign" in variant,
                           recipe="reference" if variant.startswith("ref-") else "torchvision")
         dtype = amp_dtype("bf16" if "bf16" in variant else "fp16", device)
         optimizer = make_optimizer(model, lr=0.01, fused="-fused" in variant and device.type == "cuda",
@@ -390,6 +440,7 @@ def main(argv=None) -> int:
     if args.check:
         for name, check in (("check", check_same_function), ("check_reference", check_reference),
                             ("check_nms", check_greedy_nms), ("check_bias_act", check_bias_act),
+                            ("check_roi_align", check_roi_align),
                             ("check_fused_training", check_fused_training)):
             takes_backbone = name in ("check", "check_reference", "check_fused_training")
             result[name] = check(device, backbone) if takes_backbone else check(device)

@@ -8,7 +8,9 @@ parameters and state-dict keys stay):
 - sync_free: detection heads without host synchronisations (nms, sampler);
 - transform: the input transform without synchronisations, batched mask pasting, and (optionally)
   one padded input shape per orientation;
-- channels_last: backbone and RPN head in channels_last (GPUs).
+- channels_last: backbone and RPN head in channels_last (GPUs);
+- roi_align: then multi-scale RoIAlign in one Triton kernel reading those maps in their own dtype
+  (off: on a step bound by the host's launches it did not pay yet; BENCHMARKS.md).
 
 The loop around the model reads three more: loader workers that live for the whole run
 (`persistent_workers`, object_detection/train.py), the next batch copied to the GPU on a side stream
@@ -47,6 +49,7 @@ class Options:
     transform: bool = True
     channels_last: bool = False      # pays on GPUs only (tensor cores); on a CPU it is slower
     rpn_channels_last: bool = True   # with channels_last: the RPN head takes channels_last maps too
+    roi_align: bool = False          # with channels_last: one kernel pools every level (fast.roi_align)
     fixed_canvas: bool = False       # pad every batch to the largest input (800x1344): fixed shapes
     persistent_workers: bool = True  # no loader start-up at every epoch (and evaluation)
     prefetch: bool = True            # CUDA: batch copies on a side stream, overlapping the step
@@ -59,7 +62,7 @@ class Options:
 
 
 STOCK = Options(fold_bn=False, fuse_bias=False, sync_free=False, batched_sampler=False, transform=False,
-                channels_last=False, persistent_workers=False, prefetch=False, freeze_setup=False, evaluation=False)
+                channels_last=False, roi_align=False, persistent_workers=False, prefetch=False, freeze_setup=False, evaluation=False)
 
 
 WITHOUT = "fast-without:"
@@ -122,5 +125,9 @@ def apply(model: MaskRCNN, options: Options = Options()) -> MaskRCNN:
     elif options.batched_sampler:
         sampler.use_batched_sampler(model)
     if options.channels_last:
-        use_channels_last(model, rpn_channels_last=options.rpn_channels_last)
+        use_channels_last(model, rpn_channels_last=options.rpn_channels_last, contiguous_heads=not options.roi_align)
+        if options.roi_align:
+            from object_detection.fast.roi_align import use_fused_roi_align
+
+            use_fused_roi_align(model)
     return model

@@ -34,12 +34,15 @@ class ContiguousFeatures:
         return super().forward({name: f.contiguous() for name, f in features.items()}, *args, **kwargs)
 
 
-def use_channels_last(model: MaskRCNN, rpn_channels_last: bool = True) -> MaskRCNN:
+def use_channels_last(model: MaskRCNN, rpn_channels_last: bool = True, contiguous_heads: bool = True) -> MaskRCNN:
+    """contiguous_heads=False: the RoI heads take the channels_last maps as they are (their poolers
+    read them directly: fast.roi_align)."""
     model.backbone.to(memory_format=torch.channels_last)
     mix_in(model.backbone, ChannelsLastInput)
     if rpn_channels_last:
         model.rpn.head.to(memory_format=torch.channels_last)
-        mix_in(model.roi_heads, ContiguousFeatures)
+        if contiguous_heads:
+            mix_in(model.roi_heads, ContiguousFeatures)
     else:
         mix_in(model.backbone, ContiguousOutput)
     return model
