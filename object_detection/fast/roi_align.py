@@ -7,7 +7,8 @@ channels_last gradients in slow, unvectorised additions, and each level adds ind
 Here one Triton kernel pools every RoI from its own level, reading the channels_last maps as they are
 (bf16 values widened to float32: the same numbers torchvision pools after its cast) and accumulating in
 float32; the backward adds into float32 channels_last buffers, cast once to the maps' dtype. Same
-arithmetic as torchvision's roi_align (sampling grid, clamping, bilinear weights, the mean).
+arithmetic as torchvision's roi_align (sampling grid, clamping, bilinear weights, the mean; IEEE
+division where Triton's own is approximate).
 
 It needs the maps channels_last (fast.channels_last) and a fixed sampling ratio (the recipe's 2); other
 inputs take the per-level path. On a CPU it runs only under Triton's interpreter (TRITON_INTERPRET=1:
@@ -90,7 +91,7 @@ class _RoIAlign(torch.autograd.Function):
     def backward(ctx, grad):
         rois, levels = ctx.saved_tensors
         scales, (height, width), samples, aligned = ctx.spec
-        (n, channels, _, _), dtype = ctx.shapes[0]
+        channels = ctx.shapes[0][0][1]
         # float32 accumulators laid out [N, H, W, C]: the maps' channels_last order
         buffers = [grad.new_zeros((shape[0], shape[2], shape[3], shape[1]), dtype=torch.float32)
                    for shape, _ in ctx.shapes]
@@ -172,7 +173,7 @@ if triton is not None:  # Triton resolves a kernel's helpers among the module's 
 
     @triton.jit
     def _roi(rois_ptr, levels_ptr, k, h0, h1, h2, h3, w0, w1, w2, w3, s0, s1, s2, s3,
-             PH: tl.constexpr, PW: tl.constexpr, SAMPLES: tl.constexpr, ALIGNED: tl.constexpr):
+             PH: tl.constexpr, PW: tl.constexpr, ALIGNED: tl.constexpr):
         """RoI k's level, image, map size and sampling grid origin and steps (torchvision's roi_align)."""
         level = tl.load(levels_ptr + k)
         image = tl.load(rois_ptr + k * 5).to(tl.int64)
@@ -195,7 +196,7 @@ if triton is not None:  # Triton resolves a kernel's helpers among the module's 
                           ALIGNED: tl.constexpr, BLOCK_BINS: tl.constexpr, BLOCK_C: tl.constexpr):
         k = tl.program_id(0)
         level, image, height, width, start_y, start_x, bin_h, bin_w = _roi(
-            rois_ptr, levels_ptr, k, h0, h1, h2, h3, w0, w1, w2, w3, s0, s1, s2, s3, PH, PW, SAMPLES, ALIGNED)
+            rois_ptr, levels_ptr, k, h0, h1, h2, h3, w0, w1, w2, w3, s0, s1, s2, s3, PH, PW, ALIGNED)
         base = _level(level, f0, f1, f2, f3) + image * height * width * channels
         bins = tl.arange(0, BLOCK_BINS)
         ph = (bins // PW).to(tl.float32)
@@ -224,7 +225,7 @@ if triton is not None:  # Triton resolves a kernel's helpers among the module's 
                            ALIGNED: tl.constexpr, BLOCK_BINS: tl.constexpr, BLOCK_C: tl.constexpr):
         k = tl.program_id(0)
         level, image, height, width, start_y, start_x, bin_h, bin_w = _roi(
-            rois_ptr, levels_ptr, k, h0, h1, h2, h3, w0, w1, w2, w3, s0, s1, s2, s3, PH, PW, SAMPLES, ALIGNED)
+            rois_ptr, levels_ptr, k, h0, h1, h2, h3, w0, w1, w2, w3, s0, s1, s2, s3, PH, PW, ALIGNED)
         base = _level(level, g0, g1_, g2_, g3_) + image * height * width * channels
         bins = tl.arange(0, BLOCK_BINS)
         ph = (bins // PW).to(tl.float32)
