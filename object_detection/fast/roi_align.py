@@ -45,10 +45,10 @@ class FusedRoIAlign:
         if self.scales is None or self.map_levels is None:
             self.scales, self.map_levels = _setup_scales(features, image_shapes, self.canonical_scale,
                                                           self.canonical_level)
-        levels = self.map_levels(boxes) if len(features) > 1 else torch.zeros(
-            sum(len(b) for b in boxes), dtype=torch.int64, device=features[0].device)
-        return multiscale_roi_align(features, _convert_to_roi_format(boxes), levels, self.scales,
-                                    self.output_size, self.sampling_ratio)
+        rois = _convert_to_roi_format(boxes)
+        levels = (self.map_levels([rois[:, 1:]]) if len(features) > 1
+                  else torch.zeros(len(rois), dtype=torch.int64, device=rois.device))
+        return multiscale_roi_align(features, rois, levels, self.scales, self.output_size, self.sampling_ratio)
 
 
 def use_fused_roi_align(model) -> None:

@@ -223,7 +223,7 @@ class SyncFreeRPN(RegionProposalNetwork):
 
 class SyncFreeRoIAlign(MultiScaleRoIAlign):
     """Multi-scale RoIAlign with one wait per call (the RoI count of each level) instead of one
-    `torch.where` per level."""
+    `torch.where` per level, and the RoIs' levels found for the whole batch at once."""
 
     def forward(self, x, boxes, image_shapes):
         features = _filter_input(x, self.featmap_names)
@@ -233,7 +233,7 @@ class SyncFreeRoIAlign(MultiScaleRoIAlign):
         rois = _convert_to_roi_format(boxes)
         if len(features) == 1:
             return roi_align(features[0], rois, self.output_size, self.scales[0], self.sampling_ratio)
-        levels = self.map_levels(boxes)
+        levels = self.map_levels([rois[:, 1:]])  # the same areas, for all images in one go
         order = torch.argsort(levels, stable=True)
         counts = (levels[None, :] == torch.arange(len(features), device=levels.device)[:, None]).sum(1).tolist()
         pooled = [roi_align(f, r, self.output_size, scale, self.sampling_ratio).to(features[0].dtype)
