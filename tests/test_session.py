@@ -167,6 +167,24 @@ def test_create_defaults_come_from_invoke_yaml(manager, client_user):
 
 
 @pytest.mark.slow
+def test_a_cluster_on_one_agent_asks_for_single_node(manager, client_user):
+    """--cluster-mode single-node: the manager gets it (all containers on one agent, as the local stack
+    has one); the session still runs `invoke all --nodes all`. The default for --nodes 2 stays multi-node."""
+    proc = inv({**client_user, "MLPERF_STUB_LINES": "1"}, "session.create", "--gpus", "0", "--nodes", "2",
+               "--cluster-mode", "single-node", "--cpu", "1", "--mem", "3g", "--shmem", "256m",
+               "--image", IMAGE, "--dataset", "shapes", "--runs", "1", "--name", "mlperf-one-agent")
+    assert proc.returncode == 0, proc.stderr
+    body = created(manager, "mlperf-one-agent")
+    assert (body["clusterSize"], body["clusterMode"]) == (2, "single-node")
+    assert "--nodes all" in body["startupCommand"]
+    assert body["config"]["resources"] == {"cpu": "1", "mem": "3g"}
+    dry = inv(client_user, "session.create", "--dry-run", "--nodes", "2", "--cluster-mode", "multi-node",
+              "--image", IMAGE)
+    argv = shlex.split(dry.stdout.split("\n", 1)[0])
+    assert argv[argv.index("--cluster-mode") + 1] == "multi-node"
+
+
+@pytest.mark.slow
 def test_a_newer_manager_is_named_with_the_client_it_needs(client_user, tmp_path):
     with fake_manager(tmp_path / "newer", version="24.09.14", api_version="v8.20240915") as newer:
         proc = inv({**client_user, "BACKEND_ENDPOINT": newer.url}, "session.create", "--name", "mlperf-newer")
@@ -353,6 +371,8 @@ def test_credentials_from_a_dotenv_are_redacted_too(tmp_path):
 def test_bad_options_are_one_line(user):
     for args, words in [(["--gpus", "eight"], "--gpus 'eight'"), (["--nodes", "0"], "--nodes '0'"),
                         (["--name", "x"], "'x' is not a Backend.AI session name"),
-                        (["--vfolder", "a:b"], "--vfolder 'a:b'"), (["--mem", "lots"], "--mem 'lots'")]:
+                        (["--vfolder", "a:b"], "--vfolder 'a:b'"), (["--mem", "lots"], "--mem 'lots'"),
+                        (["--nodes", "2", "--cluster-mode", "one-box"], "--cluster-mode 'one-box' is not one of"),
+                        (["--cluster-mode", "multi-node"], "pass --nodes 2 or more")]:
         assert words in one_error(inv(user, "session.create", "--dry-run", *args))
     assert "is not a Backend.AI session name" in one_error(inv(user, "session.status", 'x" | name != "'))
