@@ -259,6 +259,22 @@ def test_follow_status_and_results_of_a_finished_session(manager, client_user, t
 
 
 @pytest.mark.slow
+def test_follow_waits_out_the_moment_an_ended_sessions_console_is_gone(manager, client_user):
+    """23.09 removes the containers before the session is TERMINATED and answers the console with 500
+    meanwhile (seen on the local stack): --follow asks again at the next poll and loses nothing."""
+    manager.removal_window = 1.5
+    env = {**client_user, "MLPERF_STUB_LINES": "2", "MLPERF_STUB_DELAY": "0.5"}
+    assert inv(env, "session.create", "--name", "mlperf-gone", "--gpus", "1").returncode == 0
+    follow = inv(env, "session.logs", "mlperf-gone", "--follow")
+    sess = manager.wait_ended("mlperf-gone")
+    assert follow.returncode == 0, follow.stderr
+    assert follow.stdout == sess.console and f"{EXIT_LINE} 0" in follow.stdout
+    assert "result SUCCESS, exit code 0" in follow.stderr and "error" not in follow.stderr
+    answers = [r.status for r in manager.requests if r.path == "/session/mlperf-gone/logs"]
+    assert 500 in answers and answers[-1] == 200, answers
+
+
+@pytest.mark.slow
 def test_a_failed_run_reports_its_exit_code(manager, client_user):
     env = {**client_user, "MLPERF_STUB_EXIT": "3"}
     assert inv(env, "session.create", "--name", "mlperf-fails").returncode == 0
