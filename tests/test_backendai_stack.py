@@ -106,8 +106,7 @@ def test_a_two_container_cluster_trains_on_both(image, tmp_path):
     """--nodes 2 --cluster-mode single-node: the one agent runs main1 and sub1 on a bridge network of
     their own (23.09 makes bai-singlenode-<id>), with the BACKENDAI_CLUSTER_* variables, the cluster key
     and ~/.ssh/config it writes; `invoke all --nodes all` on main1 reaches sub1 over the intrinsic sshd
-    (port 2200) and starts torchrun on both: one gloo job of world size 2. The stack's default,
-    multi-node, needs a Docker swarm for its overlay network, which this stack does not have."""
+    (port 2200) and starts torchrun on both: one gloo job of world size 2."""
     vfolder, name = new_vfolder(), f"it-{uuid.uuid4().hex[:6]}"   # its own: another test's series is not resumed
     proc = create(name, image, vfolder, "--nodes", "2", "--cluster-mode", "single-node")
     assert proc.returncode == 0 and f"session {name} started" in proc.stdout, proc.stdout + proc.stderr
@@ -133,6 +132,26 @@ def test_a_two_container_cluster_trains_on_both(image, tmp_path):
         assert json.loads(summary.read_text())["platform"] == "2xCPU"
         [system] = (results / name).rglob("systems/*.json")
         assert json.loads(system.read_text())["number_of_nodes"] == "2"
+    finally:
+        run_invoke(["session.destroy", name], env=client_env(), timeout=120)
+
+
+def test_the_default_multi_node_cluster_starts_both_containers_on_the_one_agent(image):
+    """--nodes 2 without --cluster-mode asks for multi-node, as a real cluster does: 23.09 places both
+    containers on the stack's one agent and gives them an overlay network, which needs the one-node
+    Docker swarm the stack makes. Started and stopped: the training is the test above, in single-node."""
+    if not stack.swarm_active():
+        pytest.skip("the stack's dockerd is no swarm manager (see `stack.py start`'s output): multi-node "
+                    "sessions cannot start without an overlay network")
+    vfolder, name = new_vfolder(), f"it-{uuid.uuid4().hex[:6]}"
+    proc = create(name, image, vfolder, "--nodes", "2")
+    try:
+        assert proc.returncode == 0 and f"session {name} started" in proc.stdout, proc.stdout + proc.stderr
+        status = run_invoke(["session.status", name], env=client_env(), timeout=120)
+        assert "RUNNING" in status.stdout and "2 node(s)" in status.stdout, status.stdout + status.stderr
+        networks = subprocess.run(["docker", "ps", "--filter", "label=ai.backend.kernel-id", "--format",
+                                   "{{.Networks}}"], capture_output=True, text=True, timeout=60).stdout.split()
+        assert len([n for n in networks if n.startswith("bai-multinode-")]) == 2, networks
     finally:
         run_invoke(["session.destroy", name], env=client_env(), timeout=120)
 

@@ -216,6 +216,40 @@ def ensure_network() -> None:
         run(["docker", "network", "create", "--driver", "bridge", NETWORK])
 
 
+SWARM_MARK = "swarm-ours"   # in STATE: this stack made the daemon a swarm manager, `stop` undoes it
+
+
+def ensure_swarm() -> None:
+    """A one-node Docker swarm on 127.0.0.1, so that multi-node cluster sessions (the default for
+    --nodes > 1) can start: 23.09's manager gives them an overlay network, which only a swarm
+    manager creates (registry.py AgentRegistry.start_session: "This node is not a swarm manager").
+    Best effort: without it, single-node clusters and everything else still work."""
+    state = subprocess.run(["docker", "info", "--format", "{{.Swarm.LocalNodeState}}"], capture_output=True,
+                           text=True, timeout=60).stdout.strip()
+    if state == "active":
+        return
+    made = subprocess.run(["docker", "swarm", "init", "--advertise-addr", HOST, "--listen-addr", f"{HOST}:2377"],
+                          capture_output=True, text=True, timeout=120)
+    if made.returncode != 0:
+        log(f"no Docker swarm ({(made.stderr or made.stdout).strip()[:200]}): multi-node cluster sessions "
+            "cannot start, single-node ones can")
+        return
+    (STATE / SWARM_MARK).touch()
+    log("Docker swarm on 127.0.0.1 (one node), for multi-node clusters' overlay networks")
+
+
+def leave_swarm() -> None:
+    if (STATE / SWARM_MARK).exists() and shutil.which("docker") and docker_answers():
+        subprocess.run(["docker", "swarm", "leave", "--force"], capture_output=True, timeout=120)
+        log("left the Docker swarm it made")
+    (STATE / SWARM_MARK).unlink(missing_ok=True)
+
+
+def swarm_active() -> bool:
+    return subprocess.run(["docker", "info", "--format", "{{.Swarm.ControlAvailable}}"], capture_output=True,
+                          text=True, timeout=60).stdout.strip() == "true"
+
+
 # --- the base image ------------------------------------------------------------------------------------
 
 def base_key() -> str:
@@ -660,6 +694,7 @@ def start(args) -> None:
     ensure_apt()
     start_docker()
     ensure_network()
+    ensure_swarm()
     ensure_base()
     ensure_venv()
     write_configs()
@@ -674,6 +709,7 @@ def start(args) -> None:
 
 def stop(args) -> None:
     remove_sessions()
+    leave_swarm()
     for name in SERVICES:
         stop_pid(name)
     if getattr(args, "docker", True):
