@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 
 import pytest
@@ -66,10 +67,23 @@ def new_vfolder() -> str:
     return name
 
 
+def delete_vfolder(name: str) -> None:
+    """Teardown: the stack's user may hold 10 vfolders (fixtures.json) and its database outlives the
+    runs. A session that mounted it may still be terminating: a few tries."""
+    for _ in range(10):
+        proc = subprocess.run([str(stack.VENV / "bin" / "backend.ai"), "vfolder", "delete", name],
+                              env={**os.environ, **stack.client_env()}, capture_output=True, text=True, timeout=120)
+        if proc.returncode == 0:
+            return
+        time.sleep(3)
+
+
 @pytest.fixture(scope="module")
-def vfolder() -> str:
+def vfolder():
     """A new vfolder per test run: `invoke all` resumes a series it finds, which would train nothing."""
-    return new_vfolder()
+    name = new_vfolder()
+    yield name
+    delete_vfolder(name)
 
 
 def create(name: str, image: str, vfolder: str, *more: str, **env) -> subprocess.CompletedProcess:
@@ -134,6 +148,7 @@ def test_a_two_container_cluster_trains_on_both(image, tmp_path):
         assert json.loads(system.read_text())["number_of_nodes"] == "2"
     finally:
         run_invoke(["session.destroy", name], env=client_env(), timeout=120)
+        delete_vfolder(vfolder)
 
 
 def test_the_default_multi_node_cluster_starts_both_containers_on_the_one_agent(image):
@@ -154,6 +169,7 @@ def test_the_default_multi_node_cluster_starts_both_containers_on_the_one_agent(
         assert len([n for n in networks if n.startswith("bai-multinode-")]) == 2, networks
     finally:
         run_invoke(["session.destroy", name], env=client_env(), timeout=120)
+        delete_vfolder(vfolder)
 
 
 def test_a_wrong_secret_key_is_one_error_line(image, vfolder):
