@@ -341,7 +341,9 @@ SESSION_NAME_HELP = "the session's name (invoke session.create prints it)"
 
 @task(name="create", help={
     "gpus": "GPUs per node (-r cuda.device; default 8, mlperf.session.gpus)",
-    "nodes": "containers; more than 1 makes a multi-node cluster running `invoke all --nodes all`",
+    "nodes": "containers; more than 1 makes a cluster running `invoke all --nodes all`",
+    "cluster_mode": "where a cluster's containers go: multi-node (default: one per agent, as a cluster of GPU "
+                    "machines needs) or single-node (all on one agent that has the resources for all of them)",
     "vfolder": "storage folder for data/ and results/, mounted at /home/work/<vfolder> (default mlperf-data)",
     "image": "image as Backend.AI registered it (default: mlperf.image.tag, the one `invoke image` builds)",
     "dataset": "what the session benchmarks (default coco2017, mlperf.session.dataset)",
@@ -354,7 +356,7 @@ SESSION_NAME_HELP = "the session's name (invoke session.create prints it)"
 })
 @local_only
 def session_create(c, gpus=None, nodes=None, vfolder=None, image=None, dataset=None, runs=None, cpu=None,
-                   mem=None, shmem=None, name=None, dry_run=False):
+                   mem=None, shmem=None, name=None, cluster_mode=None, dry_run=False):
     """Start the whole benchmark in a Backend.AI batch session, everything on a vfolder."""
     from mlperf import session, session_spec
 
@@ -364,7 +366,7 @@ def session_create(c, gpus=None, nodes=None, vfolder=None, image=None, dataset=N
         vfolder=option(c, vfolder, "session.vfolder"), dataset=option(c, dataset, "session.dataset"),
         runs=option(c, runs, "runs"), gpus=option(c, gpus, "session.gpus"), nodes=option(c, nodes, "session.nodes"),
         cpu=cpu, mem=mem, shmem=shmem, per_gpu=dict(option(c, None, "session.per_gpu")),
-        max_wait=option(c, None, "session.max_wait"),
+        max_wait=option(c, None, "session.max_wait"), cluster_mode=cluster_mode,
     )
     session.create(spec, dry_run=dry_run, client=option(c, None, "session.client"))
 

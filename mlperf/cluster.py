@@ -154,6 +154,20 @@ def ssh_reachability(hosts, ssh_config: str | None = None, timeout: float = 2.0)
         return dict(zip(hosts, pool.map(one, hosts)))
 
 
+def _as_root_hint(exc: BaseException, uid: int | None = None) -> str:
+    """Why a root session's SSH login fails where the sshd answered: Backend.AI's own sshd refuses
+    root (23.09: dropbear -w, ai/backend/kernel/intrinsic.py prepare_sshd_service), and a root
+    session has no other user. Nothing to add for a host that did not answer, or for another user."""
+    import paramiko
+
+    uid = os.geteuid() if uid is None else uid
+    if uid != 0 or not isinstance(exc, paramiko.SSHException):
+        return ""
+    return ("; this session runs as root, and Backend.AI's own sshd on port 2200 refuses root logins: ask the "
+            "admin for a non-root kernel uid (the agent's [container] kernel-uid), or pass MLPERF_SSH_CONFIG "
+            "naming an sshd on every host that lets root in")
+
+
 def _reason(exc: BaseException) -> str:
     return re.sub(r"^\[Errno [^\]]*\]\s*", "", str(exc).strip()).rstrip(".") or type(exc).__name__
 
@@ -205,7 +219,7 @@ def probe_remote(conn, command: str, config_name: str) -> dict | str:
             return str(refused)
         return (f"cannot connect over the cluster's SSH ({_reason(exc)}): check that the host is up and that "
                 f"{config_name} has an entry for it (Backend.AI writes Host main*/sub*, port 2200, "
-                "IdentityFile /home/config/ssh/id_cluster)")
+                "IdentityFile /home/config/ssh/id_cluster)" + _as_root_hint(exc))
     except CommandTimedOut:
         return f"the check did not answer within {PROBE_TIMEOUT} s there"
     except UserError as exc:   # e.g. a port out of range in the ssh config

@@ -277,14 +277,27 @@ class Cluster:
         return len(self.hosts)
 
 
+def rank_order(hosts) -> tuple[str, ...]:
+    """The hosts as node ranks: main1 first, then sub1, sub2, ... sub10 by number. The manager does
+    not keep an order: 23.09 joins the session's kernels as the database returns them
+    (registry.py AgentRegistry.start_session), and the local stack gave `sub1,main1` as often as
+    `main1,sub1`. Every host sorts the same set the same way, so all agree on each other's rank."""
+    def key(name: str):
+        m = re.fullmatch(r"(.*?)(\d+)", name)
+        role, index = (m.group(1), int(m.group(2))) if m else (name, 0)
+        return role != "main", role, index, name
+
+    return tuple(sorted(hosts, key=key))
+
+
 def cluster_from_env(env=os.environ) -> Cluster | None:
     """A Backend.AI cluster session from its BACKENDAI_CLUSTER_* variables; None on a single host.
 
-    Nothing in such a session sets MASTER_ADDR or RANK: the master is the first host
-    (main1), a node's rank is its position in BACKENDAI_CLUSTER_HOSTS. MLPERF_MASTER_ADDR and
-    MLPERF_MASTER_PORT override the address and port where host names do not resolve.
+    Nothing in such a session sets MASTER_ADDR or RANK: the master is main1, a node's rank is its
+    position among the hosts in rank_order. MLPERF_MASTER_ADDR and MLPERF_MASTER_PORT override the
+    address and port where host names do not resolve.
     """
-    hosts = tuple(h for h in env.get("BACKENDAI_CLUSTER_HOSTS", "").split(",") if h)
+    hosts = rank_order(h for h in env.get("BACKENDAI_CLUSTER_HOSTS", "").split(",") if h)
     size = env.get("BACKENDAI_CLUSTER_SIZE")
     if hosts and size and size.strip() != str(len(hosts)):
         raise UserError(f"BACKENDAI_CLUSTER_SIZE={size} but BACKENDAI_CLUSTER_HOSTS lists {len(hosts)} hosts")

@@ -36,6 +36,7 @@ from mlperf.session_spec import EXIT_MARK, Spec, check_name
 ENDED = {"TERMINATED", "CANCELLED", "ERROR"}
 NOT_STARTED = {"PENDING", "SCHEDULED", "PREPARING", "PULLING"}
 INFO_FIELDS = "id,name,type,status,status_info,status_data,result,image,cluster_size,mounts,created_at,terminated_at"
+CONSOLE_RETRIES = 6       # `logs --follow`: polls a console may fail in a row (a session between its end and TERMINATED)
 STATUS_DATA_CAP = 1 << 20  # status_data is a small JSON document (scheduler retries, an error's repr)
 
 
@@ -240,7 +241,7 @@ def logs(name: str, *, follow: bool = False, client: str | None = None, poll: fl
     exit code (ended_code)."""
     check_name(name)
     exe = find_client(client)
-    printed, waiting = "", False
+    printed, waiting, misses = "", False, 0
     while True:
         info = known_session(exe, name)
         state = info.get("status")
@@ -251,7 +252,21 @@ def logs(name: str, *, follow: bool = False, client: str | None = None, poll: fl
             if not follow:
                 return 0
         else:
-            printed = _emit(printed, final_console(exe, name, state) if state in ENDED else console(exe, name), out)
+            try:
+                text = "" if state == "CANCELLED" else console(exe, name)
+            except UserError:
+                # 23.09 removes an ended session's containers before it calls the session TERMINATED, and
+                # asks the agent for the console until then: 500 "No such container" for a moment. Asked
+                # again after the next poll it answers, live or from what it kept.
+                if follow and misses < CONSOLE_RETRIES:
+                    misses += 1
+                    time.sleep(poll)
+                    continue
+                if state not in ENDED:
+                    raise
+                text = ""
+            misses = 0
+            printed = _emit(printed, text, out)
             if not printed and state in ENDED:
                 print(f"session {name} is {said(state)} and left no console", file=sys.stderr)
             if not follow:

@@ -24,6 +24,10 @@ ENV_PREFIXES = ("NCCL_", "MLPERF_", "TORCH_")
 _NAME = re.compile(r"^(?=.{4,64}$)\w[\w.-]*\w$", re.ASCII)     # the manager's rule (23.09 api/session.py)
 VFOLDER_NAME = re.compile(r"^[A-Za-z0-9_][\w.-]*$", re.ASCII)   # no ':' or '=': the client splits -v on them
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)([kmgtp]?)$", re.IGNORECASE)
+# Where a cluster's containers go: multi-node spreads them over agents (a real cluster, one node per
+# machine); single-node puts all of them on one agent, which must have the resources for all of them
+# together (a rehearsal on one machine, or several GPU groups of one big host). The manager's words.
+CLUSTER_MODES = ("multi-node", "single-node")
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,7 @@ class Spec:
     shmem: str
     max_wait: int
     env: dict = field(default_factory=dict)
+    cluster_mode: str = "single-node"
 
     def startup_command(self) -> str:
         root = f"{WORK}/{self.vfolder}"
@@ -56,7 +61,7 @@ class Spec:
         argv = [client, "session", "create", "--type", "batch", "--name", self.name, "--arch", ARCH,
                 "--no-reuse", "--max-wait", str(self.max_wait)]
         if self.nodes > 1:
-            argv += ["--cluster-size", str(self.nodes), "--cluster-mode", "multi-node"]
+            argv += ["--cluster-size", str(self.nodes), "--cluster-mode", self.cluster_mode]
         argv += ["-r", f"cpu={self.cpu}", "-r", f"mem={self.mem}"]
         if self.gpus:
             argv += ["-r", f"cuda.device={self.gpus}"]
@@ -69,7 +74,7 @@ class Spec:
         """What the manager is asked for, in the names of its REST API (POST /session)."""
         resources = {"cpu": self.cpu, "mem": self.mem, **({"cuda.device": str(self.gpus)} if self.gpus else {})}
         return {"name": self.name, "type": "batch", "image": self.image, "architecture": ARCH,
-                "cluster_size": self.nodes, "cluster_mode": "multi-node" if self.nodes > 1 else "single-node",
+                "cluster_size": self.nodes, "cluster_mode": self.cluster_mode,
                 "resources": resources, "resource_opts": {"shmem": self.shmem}, "mounts": [self.vfolder],
                 "mount_path": f"{WORK}/{self.vfolder}", "environ": dict(sorted(self.env.items())),
                 "startup_command": self.startup_command(), "max_wait_seconds": self.max_wait}
@@ -83,8 +88,9 @@ def default_image(tag: str | None, base: str) -> str:
 
 
 def make_spec(*, name, image, vfolder, dataset, runs, gpus, nodes, cpu, mem, shmem, per_gpu: dict,
-              max_wait, environ=os.environ) -> Spec:
-    """A checked Spec from the task's options; --cpu/--mem/--shmem default to per_gpu times --gpus."""
+              max_wait, cluster_mode=None, environ=os.environ) -> Spec:
+    """A checked Spec from the task's options; --cpu/--mem/--shmem default to per_gpu times --gpus,
+    --cluster-mode to multi-node for more than one node (one container per agent)."""
     from mlperf.datasets import available
 
     if dataset not in available():   # the image holds the same catalog
@@ -103,9 +109,22 @@ def make_spec(*, name, image, vfolder, dataset, runs, gpus, nodes, cpu, mem, shm
         raise UserError(f"--cpu {cpu!r} is not a positive number of CPU cores")
     mem, shmem = _resource(mem, "mem", per_gpu, factor), _resource(shmem, "shmem", per_gpu, factor)
     env = {k: v for k, v in environ.items() if k.startswith(ENV_PREFIXES)}
+    mode = _cluster_mode(cluster_mode, nodes)
     return Spec(name=name, image=str(image), vfolder=str(vfolder), dataset=str(dataset),
                 runs=_count(runs, "--runs", 1), gpus=gpus, nodes=nodes, cpu=cpu, mem=mem, shmem=shmem,
-                max_wait=_count(max_wait, "mlperf.session.max_wait", 0), env=env)
+                max_wait=_count(max_wait, "mlperf.session.max_wait", 0), env=env, cluster_mode=mode)
+
+
+def _cluster_mode(given, nodes: int) -> str:
+    """--cluster-mode as given, else multi-node for a cluster; one container is single-node always."""
+    if given in (None, ""):
+        return "multi-node" if nodes > 1 else "single-node"
+    if given not in CLUSTER_MODES:
+        raise UserError(f"--cluster-mode {shown(str(given))} is not one of {', '.join(CLUSTER_MODES)}: multi-node puts "
+                        "each container on its own agent, single-node all of them on one agent")
+    if nodes < 2 and given != "single-node":
+        raise UserError(f"--cluster-mode {given} is for a cluster of containers: pass --nodes 2 or more with it")
+    return given
 
 
 def check_vfolder(vfolder, flag: str = "--vfolder") -> str:

@@ -159,6 +159,25 @@ def test_hosts_that_cannot_take_part_get_one_line_each_and_nothing_is_copied(sit
 
 
 @pytest.mark.slow
+def test_a_login_the_sshd_refuses_says_why_a_root_session_cannot_log_in(site, tmp_path):
+    """The sshd answers but takes no key of ours: as root (a Backend.AI session with kernel uid 0, whose
+    own sshd refuses root: dropbear -w in 23.09), the line says so; as any other user it does not."""
+    stranger = tmp_path / "id_stranger"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)], check=True)
+    text = site.ssh_config.read_text()
+    port = int(text.split("Host main1\n", 1)[1].split("Port ", 1)[1].split()[0])
+    config = cluster_ssh_config(tmp_path / "ssh_config", {"main1": port, "sub1": port}, stranger,
+                                tmp_path / "known_hosts")
+    with pytest.raises(UserError) as caught:
+        prepare_hosts(cluster_of("main1,sub1"), 1, ["--device=cpu"], dict(os.environ), str(config),
+                      root=site.project, python=site.python)
+    [sub1] = [line for line in str(caught.value).splitlines() if line.startswith("  sub1: ")]
+    assert "cannot connect over the cluster's SSH" in sub1
+    assert ("this session runs as root, and Backend.AI's own sshd on port 2200 refuses root logins" in sub1) \
+        == (os.geteuid() == 0), sub1
+
+
+@pytest.mark.slow
 def test_a_host_with_fewer_gpus_or_cores_than_processes_is_refused(site):
     with pytest.raises(UserError, match=r"same1: torch sees 0 GPU\(s\) there but the run starts 2 process"):
         prepare(site, "main1,same1", nproc=2, trainer=("--device=cuda",))

@@ -39,6 +39,18 @@ def test_cluster_variables_give_node_rank_master_and_node_count():
     assert "--node-rank=2" in launch.torchrun_args(8, cluster, node_rank=2)
 
 
+def test_hosts_are_ranked_main_first_whatever_order_the_manager_lists_them_in():
+    """23.09 lists the session's kernels in database order: the local stack's two-container sessions
+    got BACKENDAI_CLUSTER_HOSTS=sub1,main1 about half the time. main1 stays rank 0 and the master."""
+    for listed in ("sub1,main1", "main1,sub1"):
+        cluster = host.cluster_from_env({"BACKENDAI_CLUSTER_HOSTS": listed, "BACKENDAI_CLUSTER_HOST": "main1",
+                                         "BACKENDAI_CLUSTER_SIZE": "2"})
+        assert (cluster.hosts, cluster.node_rank, cluster.master_addr) == (("main1", "sub1"), 0, "main1")
+    assert host.rank_order("sub10,sub2,main1,sub1".split(",")) == ("main1", "sub1", "sub2", "sub10")
+    cluster = host.cluster_from_env({**CLUSTER, "BACKENDAI_CLUSTER_HOSTS": "sub2,sub1,main1"})
+    assert (cluster.node_rank, cluster.master_addr) == (1, "main1")
+
+
 def test_master_address_and_port_can_be_overridden():
     cluster = host.cluster_from_env({**CLUSTER, "MLPERF_MASTER_ADDR": "10.0.0.5", "MLPERF_MASTER_PORT": "29600"})
     assert (cluster.master_addr, cluster.master_port) == ("10.0.0.5", 29600)

@@ -167,6 +167,24 @@ def test_create_defaults_come_from_invoke_yaml(manager, client_user):
 
 
 @pytest.mark.slow
+def test_a_cluster_on_one_agent_asks_for_single_node(manager, client_user):
+    """--cluster-mode single-node: the manager gets it (all containers on one agent, as the local stack
+    has one); the session still runs `invoke all --nodes all`. The default for --nodes 2 stays multi-node."""
+    proc = inv({**client_user, "MLPERF_STUB_LINES": "1"}, "session.create", "--gpus", "0", "--nodes", "2",
+               "--cluster-mode", "single-node", "--cpu", "1", "--mem", "3g", "--shmem", "256m",
+               "--image", IMAGE, "--dataset", "shapes", "--runs", "1", "--name", "mlperf-one-agent")
+    assert proc.returncode == 0, proc.stderr
+    body = created(manager, "mlperf-one-agent")
+    assert (body["clusterSize"], body["clusterMode"]) == (2, "single-node")
+    assert "--nodes all" in body["startupCommand"]
+    assert body["config"]["resources"] == {"cpu": "1", "mem": "3g"}
+    dry = inv(client_user, "session.create", "--dry-run", "--nodes", "2", "--cluster-mode", "multi-node",
+              "--image", IMAGE)
+    argv = shlex.split(dry.stdout.split("\n", 1)[0])
+    assert argv[argv.index("--cluster-mode") + 1] == "multi-node"
+
+
+@pytest.mark.slow
 def test_a_newer_manager_is_named_with_the_client_it_needs(client_user, tmp_path):
     with fake_manager(tmp_path / "newer", version="24.09.14", api_version="v8.20240915") as newer:
         proc = inv({**client_user, "BACKEND_ENDPOINT": newer.url}, "session.create", "--name", "mlperf-newer")
@@ -238,6 +256,22 @@ def test_follow_status_and_results_of_a_finished_session(manager, client_user, t
 
     gone = one_error(inv(env, "session.destroy", "mlperf-run"))
     assert "no active session named mlperf-run" in gone and "invoke session.status mlperf-run" in gone
+
+
+@pytest.mark.slow
+def test_follow_waits_out_the_moment_an_ended_sessions_console_is_gone(manager, client_user):
+    """23.09 removes the containers before the session is TERMINATED and answers the console with 500
+    meanwhile (seen on the local stack): --follow asks again at the next poll and loses nothing."""
+    manager.removal_window = 3.0   # a poll or two land in it even on a loaded machine
+    env = {**client_user, "MLPERF_STUB_LINES": "2", "MLPERF_STUB_DELAY": "0.5"}
+    assert inv(env, "session.create", "--name", "mlperf-gone", "--gpus", "1").returncode == 0
+    follow = inv(env, "session.logs", "mlperf-gone", "--follow")
+    sess = manager.wait_ended("mlperf-gone")
+    assert follow.returncode == 0, follow.stderr
+    assert follow.stdout == sess.console and f"{EXIT_LINE} 0" in follow.stdout
+    assert "result SUCCESS, exit code 0" in follow.stderr and "error" not in follow.stderr
+    answers = [r.status for r in manager.requests if r.path == "/session/mlperf-gone/logs"]
+    assert 500 in answers and answers[-1] == 200, answers
 
 
 @pytest.mark.slow
@@ -353,6 +387,8 @@ def test_credentials_from_a_dotenv_are_redacted_too(tmp_path):
 def test_bad_options_are_one_line(user):
     for args, words in [(["--gpus", "eight"], "--gpus 'eight'"), (["--nodes", "0"], "--nodes '0'"),
                         (["--name", "x"], "'x' is not a Backend.AI session name"),
-                        (["--vfolder", "a:b"], "--vfolder 'a:b'"), (["--mem", "lots"], "--mem 'lots'")]:
+                        (["--vfolder", "a:b"], "--vfolder 'a:b'"), (["--mem", "lots"], "--mem 'lots'"),
+                        (["--nodes", "2", "--cluster-mode", "one-box"], "--cluster-mode 'one-box' is not one of"),
+                        (["--cluster-mode", "multi-node"], "pass --nodes 2 or more")]:
         assert words in one_error(inv(user, "session.create", "--dry-run", *args))
     assert "is not a Backend.AI session name" in one_error(inv(user, "session.status", 'x" | name != "'))

@@ -32,6 +32,7 @@ import secrets
 import stat
 import subprocess
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -114,6 +115,9 @@ class FakeManager:
         self.extra_entries: dict[str, dict[str, bytes]] = {}   # folder -> {listed name: content}
         self.stalled: set[str] = set()               # vfolder paths whose download stops half way
         self.failing_images: dict[str, tuple[str, str]] = {}   # image -> (agent error name, its repr)
+        # Seconds an ended session stays TERMINATING with its container gone, the console answering 500
+        # as 23.09's does then (the local stack showed it: registry.get_logs_from_agent, DockerError 404)
+        self.removal_window = 0.0
         handler = type("Handler", (_Handler,), {"manager": self})
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -274,8 +278,12 @@ class FakeManager:
             with self.lock:
                 sess.console += chunk.decode(errors="replace")
         code = sess.process.wait()
+        if self.removal_window:
+            with self.lock:
+                sess.status = "TERMINATING" if sess.status == "RUNNING" else sess.status
+            time.sleep(self.removal_window)
         with self.lock:
-            if sess.status == "RUNNING":   # not destroyed meanwhile
+            if sess.status in ("RUNNING", "TERMINATING"):   # not destroyed meanwhile
                 sess.result = "SUCCESS" if code == 0 else "FAILURE"
                 self._end(sess, "task-finished")
 
@@ -297,6 +305,9 @@ class FakeManager:
             raise ApiError(404, "object-not-found", "No such session.")
         if sess.status == "PENDING":
             raise ApiError(500, "internal-server-error", "Internal server error.")   # no agent to ask
+        if sess.status == "TERMINATING":
+            raise ApiError(500, "kernel-execution-failed", "Executing user code in the kernel has failed.",
+                           "Agent-side exception occurred. (DockerError(404, 'No such container: 7659'))")
         with self.lock:
             return 200, {"result": {"logs": sess.console}}
 

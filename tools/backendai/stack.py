@@ -63,6 +63,12 @@ NAMESPACE = "mlperf"
 DB_PASSWORD = "rehearsal"              # a local throwaway database on 127.0.0.1
 STORAGE_SECRET = "mlperf-rehearsal-storage-secret"
 VOLUME = "local:volume1"
+# Kernels run as this host user, not root: 23.09's intrinsic sshd refuses root logins (dropbear -w,
+# ai/backend/kernel/intrinsic.py prepare_sshd_service), so a root cluster session has no SSH between
+# its containers. The storage proxy runs as the same user, so that sessions can write the vfolders
+# it creates (mode 0755). The uid must be one the image does not have: its entrypoint then makes
+# the user `work` with home /home/work, where the agent puts the cluster's ssh config and keys.
+KERNEL_USER, KERNEL_UID = "mlperf-kernel", 1100
 
 FIXTURES = json.loads((HERE / "fixtures.json").read_text())
 USER_KEYPAIR = next(k for k in FIXTURES["insert"]["keypairs"] if not k["is_admin"])
@@ -208,6 +214,40 @@ def start_docker() -> None:
 def ensure_network() -> None:
     if subprocess.run(["docker", "network", "inspect", NETWORK], capture_output=True).returncode != 0:
         run(["docker", "network", "create", "--driver", "bridge", NETWORK])
+
+
+SWARM_MARK = "swarm-ours"   # in STATE: this stack made the daemon a swarm manager, `stop` undoes it
+
+
+def ensure_swarm() -> None:
+    """A one-node Docker swarm on 127.0.0.1, so that multi-node cluster sessions (the default for
+    --nodes > 1) can start: 23.09's manager gives them an overlay network, which only a swarm
+    manager creates (registry.py AgentRegistry.start_session: "This node is not a swarm manager").
+    Best effort: without it, single-node clusters and everything else still work."""
+    state = subprocess.run(["docker", "info", "--format", "{{.Swarm.LocalNodeState}}"], capture_output=True,
+                           text=True, timeout=60).stdout.strip()
+    if state == "active":
+        return
+    made = subprocess.run(["docker", "swarm", "init", "--advertise-addr", HOST, "--listen-addr", f"{HOST}:2377"],
+                          capture_output=True, text=True, timeout=120)
+    if made.returncode != 0:
+        log(f"no Docker swarm ({(made.stderr or made.stdout).strip()[:200]}): multi-node cluster sessions "
+            "cannot start, single-node ones can")
+        return
+    (STATE / SWARM_MARK).touch()
+    log("Docker swarm on 127.0.0.1 (one node), for multi-node clusters' overlay networks")
+
+
+def leave_swarm() -> None:
+    if (STATE / SWARM_MARK).exists() and shutil.which("docker") and docker_answers():
+        subprocess.run(["docker", "swarm", "leave", "--force"], capture_output=True, timeout=120)
+        log("left the Docker swarm it made")
+    (STATE / SWARM_MARK).unlink(missing_ok=True)
+
+
+def swarm_active() -> bool:
+    return subprocess.run(["docker", "info", "--format", "{{.Swarm.ControlAvailable}}"], capture_output=True,
+                          text=True, timeout=60).stdout.strip() == "true"
 
 
 # --- the base image ------------------------------------------------------------------------------------
@@ -433,8 +473,49 @@ format = "simple"
 """
 
 
+def kernel_ids() -> tuple[int, int]:
+    """uid and gid of KERNEL_USER, made on this host (a system user, no home) where it is missing."""
+    import grp
+    import pwd
+
+    try:
+        entry = pwd.getpwnam(KERNEL_USER)
+        return entry.pw_uid, entry.pw_gid
+    except KeyError:
+        pass
+    owners = {"uid": _owner(pwd.getpwuid, KERNEL_UID), "gid": _owner(grp.getgrgid, KERNEL_UID)}
+    for what, owner in owners.items():
+        if owner:
+            fail(f"{what} {KERNEL_UID} belongs to {owner!r} here: the stack runs kernels as a user {KERNEL_USER} "
+                 f"of that uid and gid; change KERNEL_UID in {Path(__file__).name}")
+    run(["groupadd", "--system", "--gid", str(KERNEL_UID), KERNEL_USER])
+    run(["useradd", "--system", "--uid", str(KERNEL_UID), "--gid", str(KERNEL_UID), "--no-create-home",
+         "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", KERNEL_USER])
+    log(f"host user {KERNEL_USER} ({KERNEL_UID}) made: kernels and the storage proxy run as it")
+    return KERNEL_UID, KERNEL_UID
+
+
+def own_tree(root: Path, uid: int, gid: int) -> None:
+    """chown what is not the kernel user's yet under the volume (vfolders of a stack that ran as root)."""
+    for folder, dirs, files in os.walk(root):
+        for path in [folder, *(os.path.join(folder, name) for name in dirs + files)]:
+            st = os.lstat(path)
+            if (st.st_uid, st.st_gid) != (uid, gid):
+                os.lchown(path, uid, gid)
+
+
+def _owner(lookup, number: int) -> str | None:
+    try:
+        return lookup(number)[0]
+    except KeyError:
+        return None
+
+
 def write_configs() -> None:
-    (STATE / "vfroot" / "local" / "volume1").mkdir(parents=True, exist_ok=True)
+    uid, gid = kernel_ids()
+    volume = STATE / "vfroot" / "local" / "volume1"
+    volume.mkdir(parents=True, exist_ok=True)
+    own_tree(volume, uid, gid)   # the storage proxy, as that user, makes the vfolders in it
     for folder in ("scratches", "var", "tmp", "logs"):
         (STATE / folder).mkdir(parents=True, exist_ok=True)
     db = f"postgresql+asyncpg://postgres:{DB_PASSWORD}@{HOST}:{PORTS['postgres']}/backend"
@@ -473,6 +554,8 @@ num-proc = 1
 pid-file = "{STATE / 'storage-proxy.pid'}"
 event-loop = "asyncio"
 scandir-limit = 1000
+user = {uid}
+group = {gid}
 max-upload-size = "100g"
 secret = "{STORAGE_SECRET}-client"
 session-expire = "1d"
@@ -506,8 +589,8 @@ mount-path = "{STATE / 'vfroot' / 'local'}"
 cohabiting-storage-proxy = true
 [container]
 port-range = [{CONTAINER_PORTS[0]}, {CONTAINER_PORTS[1]}]
-kernel-uid = -1
-kernel-gid = -1
+kernel-uid = {uid}
+kernel-gid = {gid}
 bind-host = "{HOST}"
 advertised-host = "{HOST}"
 alternative-bridge = "{NETWORK}"
@@ -611,6 +694,7 @@ def start(args) -> None:
     ensure_apt()
     start_docker()
     ensure_network()
+    ensure_swarm()
     ensure_base()
     ensure_venv()
     write_configs()
@@ -625,6 +709,7 @@ def start(args) -> None:
 
 def stop(args) -> None:
     remove_sessions()
+    leave_swarm()
     for name in SERVICES:
         stop_pid(name)
     if getattr(args, "docker", True):
