@@ -77,9 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 class Run:
-    """Process-group facts of this process."""
+    """Process-group facts of this process, and the speed pieces (`speed`: fast.Options) it runs with."""
 
-    def __init__(self, device_arg: str | None):
+    def __init__(self, device_arg: str | None, speed: str = "fast"):
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.rank = int(os.environ.get("RANK", 0))
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -89,6 +89,7 @@ class Run:
             self.device = torch.device("cuda", self.local_rank)
         else:
             self.device = torch.device("cpu")
+        self.speed = fast.options_for(speed, self.device.type)
         if self.world_size > 1:
             dist.init_process_group("nccl" if use_cuda else "gloo")
 
@@ -153,7 +154,7 @@ def data_loaders(args, run: Run, master_seed: int):
     # loader that starts its workers each epoch would shift the model's random draws (the RoI
     # sampler's) against one whose workers persist.
     loader_kw = dict(collate_fn=D.collate, pin_memory=run.device.type == "cuda", num_workers=args.workers,
-                     persistent_workers=args.workers > 0 and fast.options_for(args.speed, run.device.type).persistent_workers,
+                     persistent_workers=args.workers > 0 and run.speed.persistent_workers,
                      generator=torch.Generator().manual_seed(D.derive_seed(master_seed, run.rank, D.LOADER_SEEDS)))
     train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler,
                                                worker_init_fn=D.WorkerInit(master_seed, run.rank), **loader_kw)
@@ -165,7 +166,7 @@ def data_loaders(args, run: Run, master_seed: int):
 def scores_in_workers(args, run: Run, profile: Profile) -> bool:
     """Whether rank 0 scores in worker processes (COCO: 500k results): decided from the manifest's
     count, before any data is read, so that the workers can start in initialisation."""
-    return (run.main and fast.options_for(args.speed, run.device.type).evaluation and default_workers() > 1
+    return (run.main and run.speed.evaluation and default_workers() > 1
             and args.eval_images is not None
             and args.eval_images * profile.detections_per_image >= PARALLEL_MIN_RESULTS)
 
@@ -182,7 +183,7 @@ def trainer_for(args, run: Run, profile: Profile, schedule) -> Trainer:
                         min_size=profile.min_size, max_size=profile.max_size,
                         proposals_per_image=profile.proposals_per_image, rois_per_image=profile.rois_per_image,
                         test_candidates=profile.test_candidates, detections_per_image=profile.detections_per_image,
-                        speed=fast.options_for(args.speed, run.device.type),
+                        speed=run.speed,
                         model=profile.model,
                         recipe=profile.recipe).to(run.device)
     dtype = amp_dtype(args.amp, run.device)
@@ -202,7 +203,7 @@ def trainer_for(args, run: Run, profile: Profile, schedule) -> Trainer:
                    scaler=torch.amp.GradScaler("cuda") if dtype == torch.float16 else None, schedule=schedule,
                    autocast=autocast, device=run.device, world_size=run.world_size,
                    console=Console(run.main), check_every=args.print_freq,
-                   prefetch=fast.options_for(args.speed, run.device.type).prefetch)
+                   prefetch=run.speed.prefetch)
 
 
 def master_seed_of(args, run: Run, resume_state: dict | None) -> int:
@@ -249,7 +250,7 @@ def evaluate_epoch(epoch: int, log: MLLogger, run: Run, trainer: Trainer, val_se
 def main(argv=None) -> int:
     die_with_launcher()
     args = parse_args(argv)
-    run = Run(args.device)
+    run = Run(args.device, args.speed)
     profile = PROFILES[args.profile]
     global_batch = args.per_gpu_batch * run.world_size
     schedule = profile.schedule_for(global_batch, args.ruleset)
@@ -288,7 +289,7 @@ def main(argv=None) -> int:
         log.event(C.EVAL_SAMPLES, len(val_set))
     if scores_in_workers(args, run, profile):
         evaluation.start(val_set.coco)  # the workers index the ground truth while epoch 1 trains
-    if fast.options_for(args.speed, run.device.type).freeze_setup:
+    if run.speed.freeze_setup:
         freeze_setup()  # before the first epoch forks the loader workers
 
     status, diverged = C.ABORTED, None
