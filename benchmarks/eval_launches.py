@@ -20,15 +20,13 @@ Counts, not times: on a CPU the arithmetic dominates and says nothing of a GPU.
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import sys
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-
 from benchmarks import save_result
+from benchmarks.op_count import CountOps
 from object_detection import evaluate
 from object_detection.fast import nms, sync_free
 from object_detection.model import build_model
@@ -38,17 +36,6 @@ try:
     from object_detection.fast import rle_gpu
 except ImportError:  # code before evaluation's speed pieces moved to object_detection.fast
     detections_to_results, rle_gpu = evaluate.detections_to_results, None
-
-
-class CountOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.counts = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view:
-            self.counts[func.__name__] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def gpu_path_on_cpu() -> None:

@@ -1,6 +1,6 @@
 """How many operators the host issues in a training step, by stage and by code site, and how many
 of them each extra image adds: on a step bound by the host's launches (BENCHMARKS.md, stage 3) the
-operator count is what to cut. Views (select, slice, view, ...) launch nothing and are left out.
+operator count is what to cut. Views launch nothing and are left out (benchmarks.op_count).
 
 Counts one forward and backward of the closed profile's model (the reference recipe with its polygon
 mask targets, the speed code as the trainer runs it) at two batch sizes with a dispatch-mode counter; the difference over the
@@ -23,9 +23,8 @@ import traceback
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-
 from benchmarks import random_msra_backbone, save_result
+from benchmarks.op_count import CountOps
 from benchmarks.train_throughput import synthetic_batch
 from object_detection import fast
 from object_detection.mask_targets import polygon_edges
@@ -33,14 +32,12 @@ from object_detection.model import build_model
 from object_detection.recipe import RECIPES
 
 RESULTS = Path(__file__).resolve().parent / "results"
-VIEWS = {"select", "slice", "view", "unsqueeze", "squeeze", "unbind", "split", "split_with_sizes", "t",
-         "transpose", "permute", "expand", "alias", "detach", "lift_fresh", "_unsafe_view", "reshape",
-         "as_strided", "flatten"}
 STAGES = ("transform", "backbone", "rpn", "roi_heads")
+ROOT = str(Path(__file__).resolve().parent.parent) + "/"
 
 
-class OperatorCounter(TorchDispatchMode):
-    """Non-view operators by stage and by code site (innermost object_detection/torchvision frame)."""
+class OperatorCounter(CountOps):
+    """The counted operators by stage and by code site (innermost object_detection/torchvision frame)."""
 
     def __init__(self):
         super().__init__()
@@ -48,17 +45,15 @@ class OperatorCounter(TorchDispatchMode):
         self.by_stage: collections.Counter = collections.Counter()
         self.by_site: collections.Counter = collections.Counter()
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__ not in VIEWS:
-            frames = [f for f in traceback.extract_stack()[:-1]
-                      if "object_detection" in f.filename or "torchvision" in f.filename]
-            nms = any("fast/nms.py" in f.filename for f in frames)
-            site = frames[-1] if frames else None
-            self.by_stage["nms" if nms else self.stage] += 1
-            if not nms and site is not None:
-                self.by_site[f"{site.filename.split('site-packages/')[-1].split('/work/')[-1]}:{site.lineno} "
-                             f"{site.name}"] += 1
-        return func(*args, **(kwargs or {}))
+    def record(self, func) -> None:
+        frames = [f for f in traceback.extract_stack()[:-2]
+                  if "object_detection" in f.filename or "torchvision" in f.filename]
+        nms = any("fast/nms.py" in f.filename for f in frames)
+        self.by_stage["nms" if nms else self.stage] += 1
+        if frames and not nms:
+            site = frames[-1]
+            where = site.filename.removeprefix(ROOT).split("site-packages/")[-1]
+            self.by_site[f"{where}:{site.lineno} {site.name}"] += 1
 
 
 def with_polygons(targets: list[dict]) -> list[dict]:
