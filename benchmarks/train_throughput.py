@@ -258,10 +258,9 @@ def check_roi_align(device) -> dict:
     """object_detection.fast.roi_align against torchvision's roi_align per level, forward and backward,
     on FPN maps of an 800x1344 batch of 4 (channels_last) with 2000 RoIs of every size, at the box
     (7x7) and mask (14x14) poolers' sizes; bf16 maps are compared with torchvision's pooling of the
-    same values in float32 (what autocast gives it), so the kernel's only rounding is its output's."""
-    from torchvision.ops import roi_align
-
-    from object_detection.fast.roi_align import multiscale_roi_align
+    same values in float32 (what autocast gives it), so the kernel's only rounding is its output's.
+    The comparison is the CPU tests' (tests/support/roi_align_checks.py)."""
+    from tests.support.roi_align_checks import compare_with_torchvision
 
     g = torch.Generator().manual_seed(0)
     shapes, scales = [(200, 336), (100, 168), (50, 84), (25, 42)], [1 / 4, 1 / 8, 1 / 16, 1 / 32]
@@ -275,18 +274,8 @@ def check_roi_align(device) -> dict:
         maps = [torch.randn(4, 256, h, w, generator=g).to(device, dtype).to(memory_format=torch.channels_last)
                 .requires_grad_() for h, w in shapes]
         for out_size in (7, 14):
-            pooled = multiscale_roi_align(maps, rois, levels, scales, (out_size, out_size), 2)
-            grad = torch.randn(pooled.shape, generator=g).to(device, dtype)
-            ours = torch.autograd.grad(pooled, maps, grad)
-            wide = [m.detach().float().contiguous().requires_grad_() for m in maps]
-            expected = torch.zeros(pooled.shape, device=device)
-            for level in range(4):
-                chosen = levels == level
-                expected[chosen] = roi_align(wide[level], rois[chosen], out_size, scales[level], 2)
-            theirs = torch.autograd.grad(expected, wide, grad.float())
-            key = f"{str(dtype)[6:]}-{out_size}"
-            worst[key] = {"forward": (pooled.float() - expected).abs().max().item(),
-                          "backward_rel": max(((a.float() - b).norm() / b.norm()).item() for a, b in zip(ours, theirs))}
+            found = compare_with_torchvision(maps, rois, levels, scales, out_size, generator=g)
+            worst[f"{str(dtype)[6:]}-{out_size}"] = {"forward": found["forward"], "backward_rel": found["backward_rel"]}
     ok = (all(v["forward"] < 1e-5 and v["backward_rel"] < 1e-5 for k, v in worst.items() if k.startswith("float32"))
           and all(v["forward"] < 0.04 and v["backward_rel"] < 1e-2 for k, v in worst.items() if k.startswith("bfloat16")))
     return {"max_diff": worst, "ok": ok}

@@ -146,9 +146,10 @@ if triton is not None:  # Triton resolves a kernel's helpers among the module's 
         return tl.math.div_rn(x, tl.zeros_like(x) + n)
 
     @triton.jit
-    def _corners(y, x, height, width):
-        """torchvision's bilinear_interpolate(_gradient): the four pixels' flat positions (y * W + x)
-        and weights of each sampling point, zero for points beyond the map."""
+    def _corners(y, x, height, width, channels, c):
+        """torchvision's bilinear_interpolate(_gradient) for a column of sampling points: the four pixels'
+        element offsets in the image's [H, W, C] map for channels `c`, their weights (zero for points
+        beyond the map), and which points lie inside."""
         inside = (y >= -1.0) & (y <= height) & (x >= -1.0) & (x <= width)
         y = tl.maximum(y, 0.0)
         x = tl.maximum(x, 0.0)
@@ -167,14 +168,23 @@ if triton is not None:  # Triton resolves a kernel's helpers among the module's 
         hy = 1.0 - ly
         hx = 1.0 - lx
         zero = tl.zeros_like(ly)
-        return (y_low * width + x_low, y_low * width + x_high, y_high * width + x_low, y_high * width + x_high,
-                tl.where(inside, hy * hx, zero), tl.where(inside, hy * lx, zero),
-                tl.where(inside, ly * hx, zero), tl.where(inside, ly * lx, zero), inside)
+        return ((y_low * width + x_low)[:, None] * channels + c[None, :],
+                (y_low * width + x_high)[:, None] * channels + c[None, :],
+                (y_high * width + x_low)[:, None] * channels + c[None, :],
+                (y_high * width + x_high)[:, None] * channels + c[None, :],
+                tl.where(inside, hy * hx, zero)[:, None], tl.where(inside, hy * lx, zero)[:, None],
+                tl.where(inside, ly * hx, zero)[:, None], tl.where(inside, ly * lx, zero)[:, None], inside[:, None])
 
     @triton.jit
-    def _roi(rois_ptr, levels_ptr, k, h0, h1, h2, h3, w0, w1, w2, w3, s0, s1, s2, s3,
-             PH: tl.constexpr, PW: tl.constexpr, ALIGNED: tl.constexpr):
-        """RoI k's level, image, map size and sampling grid origin and steps (torchvision's roi_align)."""
+    def _program(rois_ptr, levels_ptr, m0, m1, m2, m3, h0, h1, h2, h3, w0, w1, w2, w3, s0, s1, s2, s3, channels,
+                 PH: tl.constexpr, PW: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_BINS: tl.constexpr,
+                 BLOCK_C: tl.constexpr):
+        """This program's share (RoI program_id(0), channel block program_id(1)), as torchvision's
+        roi_align sets it up: the start of the RoI's image in its level's map (m0..m3: maps or their
+        gradient buffers), that map's size, the sampling grid's origin and bin size, each bin's row and
+        column, the channels, which (bin, channel) pairs exist and where they are in the pooled
+        [K, C, PH, PW] tensor."""
+        k = tl.program_id(0)
         level = tl.load(levels_ptr + k)
         image = tl.load(rois_ptr + k * 5).to(tl.int64)
         scale = _level(level, s0, s1, s2, s3)
@@ -188,60 +198,56 @@ if triton is not None:  # Triton resolves a kernel's helpers among the module's 
         if not ALIGNED:
             roi_w = tl.maximum(roi_w, 1.0)
             roi_h = tl.maximum(roi_h, 1.0)
-        return level, image, height, width, start_y, start_x, _divide(roi_h, PH), _divide(roi_w, PW)
+        base = _level(level, m0, m1, m2, m3) + image * height * width * channels
+        bins = tl.arange(0, BLOCK_BINS)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        wanted = (bins < PH * PW)[:, None] & (c < channels)[None, :]
+        pooled = k.to(tl.int64) * channels * PH * PW + c[None, :] * (PH * PW) + bins[:, None]
+        return (base, height, width, start_y, start_x, _divide(roi_h, PH), _divide(roi_w, PW),
+                (bins // PW).to(tl.float32), (bins % PW).to(tl.float32), c, wanted, pooled)
+
+    @triton.jit
+    def _sample(start, bin_index, bin_size, i: tl.constexpr, SAMPLES: tl.constexpr):
+        """Sampling point i of each bin along one axis: start + bin * size + (i + 0.5) * size / samples."""
+        return start + bin_index * bin_size + _divide((i + 0.5) * bin_size, SAMPLES)
 
     @triton.jit
     def roi_align_forward(rois_ptr, levels_ptr, out_ptr, f0, f1, f2, f3, h0, h1, h2, h3, w0, w1, w2, w3,
                           s0, s1, s2, s3, channels, PH: tl.constexpr, PW: tl.constexpr, SAMPLES: tl.constexpr,
                           ALIGNED: tl.constexpr, BLOCK_BINS: tl.constexpr, BLOCK_C: tl.constexpr):
-        k = tl.program_id(0)
-        level, image, height, width, start_y, start_x, bin_h, bin_w = _roi(
-            rois_ptr, levels_ptr, k, h0, h1, h2, h3, w0, w1, w2, w3, s0, s1, s2, s3, PH, PW, ALIGNED)
-        base = _level(level, f0, f1, f2, f3) + image * height * width * channels
-        bins = tl.arange(0, BLOCK_BINS)
-        ph = (bins // PW).to(tl.float32)
-        pw = (bins % PW).to(tl.float32)
-        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        wanted = (bins < PH * PW)[:, None] & (c < channels)[None, :]
+        base, height, width, start_y, start_x, bin_h, bin_w, ph, pw, c, wanted, pooled = _program(
+            rois_ptr, levels_ptr, f0, f1, f2, f3, h0, h1, h2, h3, w0, w1, w2, w3, s0, s1, s2, s3, channels,
+            PH, PW, ALIGNED, BLOCK_BINS, BLOCK_C)
         total = tl.zeros([BLOCK_BINS, BLOCK_C], dtype=tl.float32)
         for iy in tl.static_range(SAMPLES):
-            y = start_y + ph * bin_h + _divide((iy + 0.5) * bin_h, SAMPLES)
+            y = _sample(start_y, ph, bin_h, iy, SAMPLES)
             for ix in tl.static_range(SAMPLES):
-                x = start_x + pw * bin_w + _divide((ix + 0.5) * bin_w, SAMPLES)
-                p1, p2, p3, p4, g1, g2, g3, g4, inside = _corners(y, x, height, width)
-                load = wanted & inside[:, None]
-                v1 = tl.load(base + p1[:, None] * channels + c[None, :], mask=load, other=0.0).to(tl.float32)
-                v2 = tl.load(base + p2[:, None] * channels + c[None, :], mask=load, other=0.0).to(tl.float32)
-                v3 = tl.load(base + p3[:, None] * channels + c[None, :], mask=load, other=0.0).to(tl.float32)
-                v4 = tl.load(base + p4[:, None] * channels + c[None, :], mask=load, other=0.0).to(tl.float32)
-                total += g1[:, None] * v1 + g2[:, None] * v2 + g3[:, None] * v3 + g4[:, None] * v4
+                x = _sample(start_x, pw, bin_w, ix, SAMPLES)
+                a1, a2, a3, a4, g1, g2, g3, g4, inside = _corners(y, x, height, width, channels, c)
+                load = wanted & inside
+                v1 = tl.load(base + a1, mask=load, other=0.0).to(tl.float32)
+                v2 = tl.load(base + a2, mask=load, other=0.0).to(tl.float32)
+                v3 = tl.load(base + a3, mask=load, other=0.0).to(tl.float32)
+                v4 = tl.load(base + a4, mask=load, other=0.0).to(tl.float32)
+                total += g1 * v1 + g2 * v2 + g3 * v3 + g4 * v4
         total = _divide(total, SAMPLES * SAMPLES)
-        out = out_ptr + k.to(tl.int64) * channels * PH * PW + c[None, :] * (PH * PW) + bins[:, None]
-        tl.store(out, total.to(out_ptr.dtype.element_ty), mask=wanted)
+        tl.store(out_ptr + pooled, total.to(out_ptr.dtype.element_ty), mask=wanted)
 
     @triton.jit
-    def roi_align_backward(rois_ptr, levels_ptr, grad_ptr, g0, g1_, g2_, g3_, h0, h1, h2, h3, w0, w1, w2, w3,
+    def roi_align_backward(rois_ptr, levels_ptr, grad_ptr, b0, b1, b2, b3, h0, h1, h2, h3, w0, w1, w2, w3,
                            s0, s1, s2, s3, channels, PH: tl.constexpr, PW: tl.constexpr, SAMPLES: tl.constexpr,
                            ALIGNED: tl.constexpr, BLOCK_BINS: tl.constexpr, BLOCK_C: tl.constexpr):
-        k = tl.program_id(0)
-        level, image, height, width, start_y, start_x, bin_h, bin_w = _roi(
-            rois_ptr, levels_ptr, k, h0, h1, h2, h3, w0, w1, w2, w3, s0, s1, s2, s3, PH, PW, ALIGNED)
-        base = _level(level, g0, g1_, g2_, g3_) + image * height * width * channels
-        bins = tl.arange(0, BLOCK_BINS)
-        ph = (bins // PW).to(tl.float32)
-        pw = (bins % PW).to(tl.float32)
-        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        wanted = (bins < PH * PW)[:, None] & (c < channels)[None, :]
-        grad = tl.load(grad_ptr + k.to(tl.int64) * channels * PH * PW + c[None, :] * (PH * PW) + bins[:, None],
-                       mask=wanted, other=0.0).to(tl.float32)
-        grad = _divide(grad, SAMPLES * SAMPLES)
+        base, height, width, start_y, start_x, bin_h, bin_w, ph, pw, c, wanted, pooled = _program(
+            rois_ptr, levels_ptr, b0, b1, b2, b3, h0, h1, h2, h3, w0, w1, w2, w3, s0, s1, s2, s3, channels,
+            PH, PW, ALIGNED, BLOCK_BINS, BLOCK_C)
+        grad = _divide(tl.load(grad_ptr + pooled, mask=wanted, other=0.0).to(tl.float32), SAMPLES * SAMPLES)
         for iy in tl.static_range(SAMPLES):
-            y = start_y + ph * bin_h + _divide((iy + 0.5) * bin_h, SAMPLES)
+            y = _sample(start_y, ph, bin_h, iy, SAMPLES)
             for ix in tl.static_range(SAMPLES):
-                x = start_x + pw * bin_w + _divide((ix + 0.5) * bin_w, SAMPLES)
-                p1, p2, p3, p4, g1, g2, g3, g4, inside = _corners(y, x, height, width)
-                add = wanted & inside[:, None]
-                tl.atomic_add(base + p1[:, None] * channels + c[None, :], grad * g1[:, None], mask=add, sem="relaxed")
-                tl.atomic_add(base + p2[:, None] * channels + c[None, :], grad * g2[:, None], mask=add, sem="relaxed")
-                tl.atomic_add(base + p3[:, None] * channels + c[None, :], grad * g3[:, None], mask=add, sem="relaxed")
-                tl.atomic_add(base + p4[:, None] * channels + c[None, :], grad * g4[:, None], mask=add, sem="relaxed")
+                x = _sample(start_x, pw, bin_w, ix, SAMPLES)
+                a1, a2, a3, a4, g1, g2, g3, g4, inside = _corners(y, x, height, width, channels, c)
+                add = wanted & inside
+                tl.atomic_add(base + a1, grad * g1, mask=add, sem="relaxed")
+                tl.atomic_add(base + a2, grad * g2, mask=add, sem="relaxed")
+                tl.atomic_add(base + a3, grad * g3, mask=add, sem="relaxed")
+                tl.atomic_add(base + a4, grad * g4, mask=add, sem="relaxed")

@@ -24,6 +24,29 @@ def rois_of_every_kind(count: int, images: int, g: torch.Generator) -> torch.Ten
     return torch.cat([torch.randint(0, images, (count, 1), generator=g).float(), corner, corner + size], 1)
 
 
+def compare_with_torchvision(maps: list[torch.Tensor], rois: torch.Tensor, levels: torch.Tensor, scales: list[float],
+                             output: int, aligned: bool = False, generator: torch.Generator | None = None) -> dict:
+    """The kernel's pooling of `maps` (channels_last, requiring gradients) against torchvision's roi_align
+    level by level on the same values in float32 (what autocast gives it), forward and backward for one
+    random output gradient: the largest differences, the gradients' scale, and whether the kernel kept
+    the maps' dtype and layout. Also the GPU check (benchmarks/train_throughput.py check_roi_align)."""
+    pooled = multiscale_roi_align(maps, rois, levels, scales, (output, output), 2, aligned)
+    grad = torch.randn(pooled.shape, generator=generator).to(pooled.device, pooled.dtype)
+    ours = torch.autograd.grad(pooled, maps, grad)
+    wide = [m.detach().float().contiguous().requires_grad_() for m in maps]
+    expected = torch.zeros(pooled.shape, device=pooled.device)
+    for level in range(len(maps)):
+        chosen = levels == level
+        expected[chosen] = roi_align(wide[level], rois[chosen], output, scales[level], 2, aligned)
+    theirs = torch.autograd.grad(expected, wide, grad.float())
+    return {"forward": (pooled.float() - expected).abs().max().item(),
+            "backward": max((a.float() - b).abs().max().item() for a, b in zip(ours, theirs)),
+            "backward_rel": max(((a.float() - b).norm() / b.norm()).item() for a, b in zip(ours, theirs)),
+            "grad_scale": max(b.abs().max().item() for b in theirs),
+            "dtype_kept": pooled.dtype == maps[0].dtype and all(a.dtype == maps[0].dtype for a in ours),
+            "channels_last_grads": all(a.is_contiguous(memory_format=torch.channels_last) for a in ours)}
+
+
 def against_torchvision(levels_used: int, dtype: torch.dtype, output: int, aligned: bool, count: int = 23) -> dict:
     g = torch.Generator().manual_seed(levels_used * 100 + output)
     maps = [torch.randn(2, 70, h, w, generator=g).to(dtype).to(memory_format=torch.channels_last).requires_grad_()
@@ -31,20 +54,7 @@ def against_torchvision(levels_used: int, dtype: torch.dtype, output: int, align
     assert usable(maps, 2)
     rois = rois_of_every_kind(count, 2, g)
     levels = torch.randint(0, levels_used, (count,), generator=g)
-    pooled = multiscale_roi_align(maps, rois, levels, SCALES[:levels_used], (output, output), 2, aligned)
-    grad = torch.randn(pooled.shape, generator=g).to(dtype)
-    ours = torch.autograd.grad(pooled, maps, grad)
-    wide = [m.detach().float().contiguous().requires_grad_() for m in maps]
-    expected = torch.zeros(pooled.shape)
-    for level in range(levels_used):
-        chosen = levels == level
-        expected[chosen] = roi_align(wide[level], rois[chosen], output, SCALES[level], 2, aligned)
-    theirs = torch.autograd.grad(expected, wide, grad.float())
-    return {"forward": (pooled.float() - expected).abs().max().item(),
-            "backward": max((a.float() - b).abs().max().item() for a, b in zip(ours, theirs)),
-            "grad_scale": max(b.abs().max().item() for b in theirs),
-            "dtype_kept": pooled.dtype == dtype and all(a.dtype == dtype for a in ours),
-            "channels_last_grads": all(a.is_contiguous(memory_format=torch.channels_last) for a in ours)}
+    return compare_with_torchvision(maps, rois, levels, SCALES[:levels_used], output, aligned, g)
 
 
 def in_the_model() -> dict:
