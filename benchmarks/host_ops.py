@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from benchmarks import random_msra_backbone, save_result
 from benchmarks.op_count import CountOps
+from mlperf import PROJECT_ROOT
 from benchmarks.train_throughput import synthetic_batch
 from object_detection import fast
 from object_detection.mask_targets import polygon_edges
@@ -33,7 +34,6 @@ from object_detection.recipe import RECIPES
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STAGES = ("transform", "backbone", "rpn", "roi_heads")
-ROOT = str(Path(__file__).resolve().parent.parent) + "/"
 
 
 class OperatorCounter(CountOps):
@@ -52,7 +52,7 @@ class OperatorCounter(CountOps):
         self.by_stage["nms" if nms else self.stage] += 1
         if frames and not nms:
             site = frames[-1]
-            where = site.filename.removeprefix(ROOT).split("site-packages/")[-1]
+            where = site.filename.removeprefix(f"{PROJECT_ROOT}/").split("site-packages/")[-1]
             self.by_site[f"{where}:{site.lineno} {site.name}"] += 1
 
 
