@@ -2,7 +2,8 @@
 # What one device session runs on the H200 (see BENCHMARKS.md): wheels, a GPU smoke run through
 # `invoke train`, the throughput benchmark, then the shapes-4k convergence run for the time left.
 # EPOCH_SPEED: the trainer's --speed for `epoch` (e.g. fast-without:prefetch: a lever's effect).
-# usage: bash benchmarks/gpu_session.sh PART...   (PART: smoke | doctor | bench | coco | epoch | parts | layout | eval | converge | stability)
+# usage: bash benchmarks/gpu_session.sh PART...   (PART: smoke | doctor | bench | coco | syncs | epoch | parts | layout | eval | converge | stability)
+# SYNCS_FLAGS: profile_step.py's flags for `syncs` (the host waits of one step at 12, by site), e.g. --roialign.
 # BENCH_VARIANTS: train_throughput.py --variants (default: its own). `layout` times the tree in .old/
 # (an earlier commit: git archive COMMIT | tar -x -C .old) and this one on the same legacy batches.
 set -uo pipefail
@@ -44,6 +45,10 @@ case "$part" in
     timeout ${BENCH_S:-300} python3 -m benchmarks.train_throughput --check --batch-sizes 12 --iterations 15 \
       --rounds 2 ${BENCH_VARIANTS:+--variants "$BENCH_VARIANTS"} --output "$OUT/train_throughput-coco.json" 2>&1 \
       | tee "$OUT/coco.txt" | grep -v '^{' | tail -24
+    ;;
+  syncs)
+    timeout ${SYNCS_S:-150} python3 -m benchmarks.profile_step --recipe reference --batch 12 --syncs ${SYNCS_FLAGS:-} 2>&1 \
+      | tee "$OUT/syncs$(echo ${SYNCS_FLAGS:-} | tr -d ' -').txt" | tail -12
     ;;
   layout)
     for bs in ${LAYOUT_BATCHES:-16}; do

@@ -15,7 +15,7 @@ from benchmarks.train_throughput import our_model, pinned, synthetic_batch
 from object_detection.engine import make_optimizer, to_device
 
 
-def main() -> None:
+def parse_args():
     p = argparse.ArgumentParser()
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=5)
@@ -25,13 +25,20 @@ def main() -> None:
     p.add_argument("--nofuse", action="store_true", help="biases added separately (no object_detection.fast.fuse_bias)")
     p.add_argument("--roialign", action="store_true",
                    help="multi-scale RoIAlign in one kernel (object_detection.fast.roi_align)")
+    p.add_argument("--padheads", action="store_true", help="proposals and samples at fixed sizes (fast.Options.padded_heads)")
+    p.add_argument("--nmsscan", action="store_true", help="NMS without host waits (fast.Options.nms_scan)")
     p.add_argument("--recipe", choices=["reference", "torchvision"], default="reference",
                    help="the closed profile's model (reference) or the open profiles' (torchvision)")
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     device = torch.device("cuda")
     backbone = random_backbone()
     model = our_model(device, backbone, channels_last="rpn", sync_free=not args.tvsync, fuse_bias=not args.nofuse,
-                      recipe=args.recipe, roi_align=args.roialign)
+                      recipe=args.recipe, roi_align=args.roialign, padded_heads=args.padheads,
+                      nms_scan=args.nmsscan or args.padheads)
     opt = make_optimizer(model, 0.01, fused=True)
     batches = [synthetic_batch(args.batch, "cpu", seed=s) for s in range(2)]
     batches = [pinned(b) for b in batches]

@@ -99,12 +99,12 @@ def torchvision_model(backbone: Path):
 
 def our_model(device, backbone: Path, channels_last: bool | str, fold_bn: bool = True, compile_backbone: bool = False,
               batched_sampler: bool = True, sync_free: bool = True, fuse_bias: bool = True, fixed_canvas: bool = False,
-              recipe: str = "torchvision", roi_align: bool = False):
+              recipe: str = "torchvision", roi_align: bool = False, padded_heads: bool = False, nms_scan: bool = False):
     """channels_last: "rpn" (what the trainer runs), True (backbone only), "all" (every module).
     recipe: "torchvision" (the open profiles') or "reference" (the closed profile's model)."""
     speed = fast.Options(fold_bn=fold_bn, fuse_bias=fuse_bias, batched_sampler=batched_sampler, sync_free=sync_free,
                          channels_last=channels_last in (True, "rpn"), rpn_channels_last=channels_last == "rpn",
-                         fixed_canvas=fixed_canvas, roi_align=roi_align)
+                         fixed_canvas=fixed_canvas, roi_align=roi_align, padded_heads=padded_heads, nms_scan=nms_scan)
     weights = random_msra_backbone() if recipe == "reference" else backbone
     model = build_model(81, backbone_weights=weights, proposals_per_image=1000, speed=speed,
                         recipe=RECIPES[recipe]).to(device)
@@ -152,7 +152,11 @@ def same_losses(device, ours, stock) -> dict:
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     # The sampler draws its random subsets differently (same distribution): give both the same one.
+    # The padded heads draw the RoIs over a padded row, so the same seed picks others: both RoI heads
+    # take every candidate instead (no draw).
     use_batched_sampler(stock)
+    for model in (ours, stock):
+        model.roi_heads.fg_bg_sampler.batch_size_per_image = 100_000
     stock.load_state_dict(ours.state_dict())
     images, targets = to_device(*synthetic_batch(2, "cpu", seed=123), device)
     losses = {}
@@ -184,18 +188,20 @@ def check_reference(device, backbone: Path) -> dict:
                         recipe=RECIPES["reference"]).to(device)
     result = same_losses(device, our_model(device, backbone, channels_last=_trainer_layout(device), recipe="reference"),
                          stock)
-    if device.type == "cuda":  # the same with fast.roi_align (off in the trainer until it pays)
+    if device.type == "cuda":  # the same with fast.roi_align and the padded heads (off in the trainer until they pay)
         result["with_roi_align"] = same_losses(device, our_model(device, backbone, channels_last="rpn",
-                                                                 recipe="reference", roi_align=True), stock)
+                                                                 recipe="reference", roi_align=True,
+                                                                 padded_heads=True, nms_scan=True), stock)
     return result
 
 
 def check_greedy_nms(device, groups: int = 80, k: int = 2000) -> dict:
-    """object_detection.fast.nms.greedy_nms (the compiled fixed point on CUDA) against torchvision.ops.nms, group by
-    group, on crowded random boxes of RPN size: 80 groups (16 images x 5 levels) of 2000."""
+    """object_detection.fast.nms.greedy_nms, both ways (the Triton scan and the compiled fixed point on CUDA),
+    against torchvision.ops.nms, group by group, on crowded random boxes of RPN size: 80 groups (16 images
+    x 5 levels) of 2000; and each way's time (CUDA events, the fixed point's host waits included)."""
     from torchvision.ops import nms
 
-    from object_detection.fast.nms import greedy_nms
+    from object_detection.fast.nms import fixed_point_nms, greedy_nms
 
     g = torch.Generator().manual_seed(0)
     centres = torch.rand(groups, 40, 2, generator=g) * 1000
@@ -204,15 +210,33 @@ def check_greedy_nms(device, groups: int = 80, k: int = 2000) -> dict:
     boxes = torch.cat([xy, xy + 30 + torch.rand(groups, k, 2, generator=g) * 150], dim=-1).to(device)
     scores = torch.rand(groups, k, generator=g).to(device).sort(dim=1, descending=True).values
     valid = (torch.rand(groups, k, generator=g) > 0.05).to(device)
-    keep = greedy_nms(boxes, valid, 0.7)
-    mismatched = 0
-    for i in range(groups):
-        idx = valid[i].nonzero()[:, 0]
-        want = torch.zeros(k, dtype=torch.bool, device=device)
-        want[idx[nms(boxes[i, idx], scores[i, idx], 0.7)]] = True
-        mismatched += int((want != keep[i]).sum())
-    return {"groups": groups, "boxes_per_group": k, "kept": int(keep.sum()), "mismatched": mismatched,
-            "ok": mismatched == 0}
+    ways = {"scan": lambda: greedy_nms(boxes, valid, 0.7, scan=True),
+            "fixed_point": lambda: fixed_point_nms(boxes, valid, 0.7)}
+    report = {"groups": groups, "boxes_per_group": k}
+    for name, way in ways.items():
+        keep = way()
+        mismatched = 0
+        for i in range(groups):
+            idx = valid[i].nonzero()[:, 0]
+            want = torch.zeros(k, dtype=torch.bool, device=device)
+            want[idx[nms(boxes[i, idx], scores[i, idx], 0.7)]] = True
+            mismatched += int((want != keep[i]).sum())
+        report[name] = {"kept": int(keep.sum()), "mismatched": mismatched, "ms": _cuda_ms(way) if device.type == "cuda" else None}
+    report["ok"] = all(report[name]["mismatched"] == 0 for name in ways)
+    return report
+
+
+def _cuda_ms(fn, repeats: int = 10) -> float:
+    """fn's mean time in milliseconds by CUDA events, after one call that compiles."""
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return round(start.elapsed_time(end) / repeats, 3)
 
 
 def check_fused_training(device, backbone: Path) -> dict:
@@ -317,7 +341,10 @@ VARIANTS_HELP = (
     "object_detection.fast.sync_free), -nofold keeps FrozenBatchNorm as separate layers, -nofuse adds the "
     "backbone's convolution biases separately (no object_detection.fast.fuse_bias), -compile torch.compile on "
     "the backbone, -roialign multi-scale RoIAlign in one kernel on the channels_last maps (fast.roi_align; "
-    "without it torchvision's roi_align per level on NCHW maps), "
+    "without it torchvision's roi_align per level on NCHW maps), -padheads the RPN's proposals and RoI "
+    "heads' samples at fixed sizes, one host wait a forward (fast.Options.padded_heads, with nms_scan), -nmsscan "
+    "NMS by a Triton walk per group without host waits (fast.Options.nms_scan; without it a fixed point with a "
+    "wait per block of passes), "
     "-pad every batch padded to 800x1344 (fast.Options.fixed_canvas), -cudnnbench "
     "cudnn.benchmark on, -nogc Python's garbage collector off while it runs")
 
@@ -338,7 +365,8 @@ def make_variant(variant: str, device, backbone: Path):
                           compile_backbone="-compile" in variant, batched_sampler="-tvsampler" not in variant,
                           sync_free="-tvsync" not in variant and "-tvsampler" not in variant,
                           fuse_bias="-nofuse" not in variant, fixed_canvas="-pad" in variant,
-                          roi_align="-roialign" in variant,
+                          roi_align="-roialign" in variant, padded_heads="-padheads" in variant,
+                          nms_scan="-nmsscan" in variant or "-padheads" in variant,
                           recipe="reference" if variant.startswith("ref-") else "torchvision")
         dtype = amp_dtype("bf16" if "bf16" in variant else "fp16", device)
         optimizer = make_optimizer(model, lr=0.01, fused="-fused" in variant and device.type == "cuda",

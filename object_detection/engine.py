@@ -71,7 +71,14 @@ def train_step(model, optimizer, scaler, images, targets, autocast):
 
 
 def to_device(images, targets, device: torch.device):
-    """A loader's batch on the device: uint8 images as floats in [0, 1], target tensors as they are."""
+    """A loader's batch on the device: uint8 images as floats in [0, 1], target tensors as they are.
+    Boxes still on the host are checked here, where it costs no wait (the model's padded heads,
+    fast.sync_free, do not check them on the device)."""
+    from object_detection.fast.sync_free import check_boxes
+
+    on_host = [t["boxes"] for t in targets if "boxes" in t and not t["boxes"].is_cuda]
+    if on_host:
+        check_boxes(torch.cat(on_host))
     images = [img.to(device, non_blocking=True).float().div_(255) for img in images]
     targets = [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()}
                for t in targets]

@@ -67,7 +67,7 @@ def test_prefetched_batches_are_the_loader_s_batches(device):
     though it was copied on a side stream while the consumer worked on the one before."""
     torch.manual_seed(0)
     batches = [([torch.randint(0, 256, (3, 64 + 8 * i, 80), dtype=torch.uint8) for _ in range(2)],
-                [{"boxes": torch.rand(3, 4) * 50, "masks": torch.randint(0, 2, (3, 64 + 8 * i, 80), dtype=torch.uint8),
+                [{"boxes": (torch.rand(3, 4) * 25).cumsum(1), "masks": torch.randint(0, 2, (3, 64 + 8 * i, 80), dtype=torch.uint8),
                   "image_id": 10 * i + k} for k in range(2)]) for i in range(6)]
     where = torch.device(device)
     plain = [engine.to_device(images, targets, where) for images, targets in batches]
@@ -84,4 +84,13 @@ def test_prefetched_batches_are_the_loader_s_batches(device):
         for got, want in zip(targets, want_targets):
             assert got.keys() == want.keys() and got["image_id"] == want["image_id"]
             assert torch.equal(got["boxes"], want["boxes"]) and torch.equal(got["masks"], want["masks"])
+
+
+def test_a_batch_with_a_box_without_area_stops_before_it_reaches_the_device():
+    """The padded heads do not check boxes on the device (that would wait for it): to_device checks the
+    host's copy, with torchvision's message."""
+    images = [torch.zeros(3, 32, 32, dtype=torch.uint8)]
+    targets = [{"boxes": torch.tensor([[1.0, 1.0, 9.0, 9.0], [5.0, 5.0, 5.0, 12.0]]), "labels": torch.tensor([1, 2])}]
+    with pytest.raises(ValueError, match=r"positive height and width. Found invalid box \[5.0, 5.0, 5.0, 12.0\]"):
+        engine.to_device(images, targets, torch.device("cpu"))
 

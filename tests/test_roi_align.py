@@ -64,9 +64,9 @@ def test_no_rois_pool_to_an_empty_batch(report):
 
 
 def test_heads_take_channels_last_maps_only_where_the_kernel_pools_them():
-    """With the lever the RoI heads get the channels_last maps as they are; without it (the trainer's
-    default until it pays, BENCHMARKS.md) they get contiguous ones, which torchvision's roi_align
-    wants (fast.channels_last)."""
+    """With the lever (the trainer's default on GPUs) the RoI heads get the channels_last maps as they
+    are; without it (`--speed fast-without:roi_align`) they get contiguous ones, which torchvision's
+    roi_align wants (fast.channels_last)."""
     def maps_seen(speed: Options):
         model = build_model(81, backbone_weights=None, min_size=96, max_size=128, speed=speed).eval()
         seen = []
@@ -78,5 +78,6 @@ def test_heads_take_channels_last_maps_only_where_the_kernel_pools_them():
 
     assert all(f.is_contiguous(memory_format=torch.channels_last) and not f.is_contiguous()
                for f in maps_seen(Options(channels_last=True, roi_align=True)))
-    assert all(f.is_contiguous() for f in maps_seen(Options(channels_last=True)))
-    assert not options_for("fast", "cuda").roi_align and not options_for("stock", "cuda").roi_align
+    assert all(f.is_contiguous() for f in maps_seen(Options(channels_last=True, roi_align=False)))
+    assert options_for("fast", "cuda").roi_align and not options_for("stock", "cuda").roi_align
+    assert not options_for("fast-without:roi_align", "cuda").roi_align

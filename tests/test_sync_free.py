@@ -6,27 +6,32 @@ would go wrong if it stopped early.
 """
 from __future__ import annotations
 
+import collections
 import copy
+import json
+import os
+import subprocess
+import sys
+import traceback
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 from torchvision.models.detection._utils import Matcher
 from torchvision.models.detection.rpn import RegionProposalNetwork
+from torch.overrides import TorchFunctionMode
 from torchvision.ops import MultiScaleRoIAlign, nms
 
-from object_detection.fast import Options, sync_free
+from object_detection.fast import Options, padded_heads, sync_free
 from object_detection.fast import nms as fast_nms
 from object_detection.fast.sampler import BatchedBalancedSampler
+from benchmarks.host_ops import with_polygons
+from benchmarks.train_throughput import synthetic_batch
+from conftest import ROOT
 from object_detection.model import build_model
-
-
-def crowded_boxes(n: int, generator: torch.Generator, span: float = 200.0) -> torch.Tensor:
-    """Boxes jittered around a few centres: heavy overlaps, long suppression chains."""
-    centres = torch.rand(6, 2, generator=generator) * span
-    pick = torch.randint(0, 6, (n,), generator=generator)
-    xy = centres[pick] + torch.randn(n, 2, generator=generator) * 6
-    wh = 20 + torch.rand(n, 2, generator=generator) * 30
-    return torch.cat([xy, xy + wh], dim=1)
+from object_detection.recipe import RECIPES
+from tests.support.boxes import crowded_boxes
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -90,6 +95,30 @@ def test_proposal_filtering_matches_torchvision():
         assert len(wb) == len(gb) > 0
         torch.testing.assert_close(gs, ws)                  # same order: best first over all levels
         torch.testing.assert_close(gb, wb)
+
+
+def test_padded_proposals_are_the_survivors_then_unit_squares_beyond_the_image():
+    """padded_heads: every image's row as wide as the widest, its survivors first and as the cut
+    lists have them, then unit squares marked invalid (the rest of the row may hold boxes of
+    negative width, for which the poolers have no level) beyond the image, where RoIAlign samples
+    nothing and its backward adds nothing."""
+    g = torch.Generator().manual_seed(3)
+    levels = [900, 500, 120]
+    proposals = torch.stack([crowded_boxes(sum(levels), g, span=300) for _ in range(3)])
+    proposals[0, :40, 2] = proposals[0, :40, 0] - 0.5                 # negative width: removed before NMS
+    objectness = torch.randn(3, sum(levels), generator=g)
+    shapes = [(320, 300), (250, 330), (333, 333)]
+    cut = make_rpn(sync_free.SyncFreeRPN).train()
+    padded = make_rpn(padded_heads.PaddedRPN).train()
+    cut.proposals_per = padded.proposals_per = "batch"  # the reference's: rows of 3 x 300 for 3 images
+    want, _ = cut.filter_proposals(proposals, objectness, shapes, levels)
+    got, _ = padded.filter_proposals(proposals, objectness, shapes, levels)
+    assert isinstance(got, padded_heads.PaddedProposals) and len({len(b) for b in got}) == 1
+    for wanted, row, valid in zip(want, got, got.valid):
+        n = len(wanted)
+        assert valid[:n].all() and not valid[n:].any() and n < len(row)
+        assert torch.equal(row[:n], wanted)
+        assert (row[n:] == torch.tensor([-128.0, -128.0, -127.0, -127.0])).all()
 
 
 def test_matcher_matches_torchvision_including_low_quality_ties():
@@ -242,3 +271,72 @@ def test_nms_falls_back_to_eager_once_when_compiling_fails(capsys):
     assert torch.equal(relax(suppresses, valid, valid), expected)
     assert torch.equal(relax(suppresses, valid, valid), expected)
     assert len(calls) == 1 and "running it eagerly" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_scan_nms_keeps_what_torchvision_nms_keeps():
+    """fast.nms.scan_nms, the walk the GPU runs (no host wait), as Triton's interpreter runs it on the
+    CPU: crowded groups at three thresholds, several chunks, one box, none valid, none at all."""
+    pytest.importorskip("triton")
+    proc = subprocess.run([sys.executable, "-m", "tests.support.nms_scan_checks"], cwd=ROOT, timeout=600,
+                          env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report == dict.fromkeys(report, True) and len(report) == 6
+
+
+class HostWaits(TorchFunctionMode):
+    """The calls that read a tensor's values on the host (on a GPU each waits for it), by innermost
+    object_detection frame. CPU-only ones are left out: NMS (on a GPU fast.nms's scan reads nothing)
+    and torchvision's random choice of the input size (a CPU tensor on every device)."""
+
+    READS = {"tolist", "item", "__bool__", "__int__", "__float__", "__index__", "nonzero"}
+
+    def __init__(self):
+        super().__init__()
+        self.sites = collections.Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.READS:
+            frames = traceback.extract_stack()[:-1]
+            ours = [f for f in frames if "object_detection" in f.filename]
+            if ours and not any("fast/nms.py" in f.filename or f.name == "torch_choice" for f in frames):
+                self.sites[f"{Path(ours[-1].filename).name} {ours[-1].name}"] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_padded_heads_train_the_same_function_with_one_host_wait():
+    """fast.Options.padded_heads against the sync-free heads it extends, on the reference recipe's
+    model with polygon targets and an image without boxes: the samplers take every candidate (no
+    random draw), so losses and gradients must agree, and the forward reads one thing from the device
+    (the mask branch's RoI count) besides the per-level poolers' counts, which fast.roi_align removes."""
+    models = {}
+    for padded in (False, True):
+        torch.manual_seed(0)
+        models[padded] = build_model(81, backbone_weights=None, min_size=64, max_size=96, recipe=RECIPES["reference"],
+                                     speed=replace(Options.for_device("cpu"), padded_heads=padded)).train()
+        for sampler in (models[padded].rpn.fg_bg_sampler, models[padded].roi_heads.fg_bg_sampler):
+            sampler.batch_size_per_image = 100_000
+        models[padded].rpn._pre_nms_top_n["training"], models[padded].rpn._post_nms_top_n["training"] = 300, 60
+    models[True].load_state_dict(models[False].state_dict())
+    images, targets = synthetic_batch(3, "cpu", seed=1)
+    images, targets = [image.float() / 255 for image in images], with_polygons(targets)
+    targets[1] = {**targets[1], "boxes": targets[1]["boxes"][:0], "labels": targets[1]["labels"][:0],
+                  "polygon_edges": targets[1]["polygon_edges"][:0], "polygon_owner": targets[1]["polygon_owner"][:0]}
+    losses, waits = {}, {}
+    for padded, model in models.items():
+        with torch.no_grad():
+            model(images, targets)  # the poolers' one-time set-up reads the maps' sizes
+        with HostWaits() as counted:
+            losses[padded] = model(images, targets)
+        sum(losses[padded].values()).backward()
+        waits[padded] = counted.sites
+    assert losses[True].keys() == losses[False].keys()
+    for name, value in losses[False].items():
+        torch.testing.assert_close(losses[True][name], value, rtol=1e-5, atol=1e-7)
+    stock = dict(models[False].named_parameters())
+    for name, parameter in models[True].named_parameters():
+        if parameter.grad is not None:
+            torch.testing.assert_close(parameter.grad, stock[name].grad, rtol=1e-4, atol=1e-6)
+    assert waits[True] == {"padded_heads.py forward_padded": 1, "sync_free.py forward": 2, "sync_free.py check_boxes": 1}
+    assert sum(waits[False].values()) > sum(waits[True].values())

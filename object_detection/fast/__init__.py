@@ -5,12 +5,15 @@ parameters and state-dict keys stay):
 
 - fold_bn: frozen BatchNorm folded into the convolutions;
 - fuse_bias: then each backbone bias, residual and ReLU in one pass (bias_act's Triton kernel);
-- sync_free: detection heads without host synchronisations (nms, sampler);
+- sync_free: detection heads without host synchronisations (nms, sampler; nms_scan: none in NMS);
+- padded_heads: then the RPN's proposals and the RoI heads' samples at fixed sizes: one wait per
+  training forward (with roi_align and nms_scan). Both off: the step measured the same without the
+  waits (BENCHMARKS.md); they are the fixed shapes CUDA graphs over the heads will need;
 - transform: the input transform without synchronisations, batched mask pasting, and (optionally)
   one padded input shape per orientation;
 - channels_last: backbone and RPN head in channels_last (GPUs);
-- roi_align: then multi-scale RoIAlign in one Triton kernel reading those maps in their own dtype
-  (off: on a step bound by the host's launches it did not pay yet; BENCHMARKS.md).
+- roi_align: then multi-scale RoIAlign in one Triton kernel reading those maps in their own dtype,
+  with no per-level counts read on the host.
 
 The loop around the model reads three more: loader workers that live for the whole run
 (`persistent_workers`, object_detection/train.py), the next batch copied to the GPU on a side stream
@@ -45,11 +48,13 @@ class Options:
     fold_bn: bool = True
     fuse_bias: bool = True           # needs fold_bn
     sync_free: bool = True           # implies batched_sampler
+    padded_heads: bool = False       # with sync_free: fixed proposal and RoI slots, one wait per training forward
+    nms_scan: bool = False           # with sync_free: NMS by a Triton walk per group, no wait (GPUs)
     batched_sampler: bool = True
     transform: bool = True
     channels_last: bool = False      # pays on GPUs only (tensor cores); on a CPU it is slower
     rpn_channels_last: bool = True   # with channels_last: the RPN head takes channels_last maps too
-    roi_align: bool = False          # with channels_last: one kernel pools every level (fast.roi_align)
+    roi_align: bool = True           # with channels_last: one kernel pools every level (fast.roi_align)
     fixed_canvas: bool = False       # pad every batch to the largest input (800x1344): fixed shapes
     persistent_workers: bool = True  # no loader start-up at every epoch (and evaluation)
     prefetch: bool = True            # CUDA: batch copies on a side stream, overlapping the step
@@ -61,7 +66,8 @@ class Options:
         return cls(channels_last=device_type == "cuda")
 
 
-STOCK = Options(fold_bn=False, fuse_bias=False, sync_free=False, batched_sampler=False, transform=False,
+STOCK = Options(fold_bn=False, fuse_bias=False, sync_free=False, padded_heads=False, nms_scan=False,
+                batched_sampler=False, transform=False,
                 channels_last=False, roi_align=False, persistent_workers=False, prefetch=False, freeze_setup=False, evaluation=False)
 
 
@@ -109,7 +115,7 @@ def apply(model: MaskRCNN, options: Options = Options()) -> MaskRCNN:
                   "(slower) model code", file=sys.stderr)
             _warned.append(True)
         return model
-    from object_detection.fast import fold_bn, fuse_bias, patch, sampler, sync_free, transform
+    from object_detection.fast import fold_bn, fuse_bias, padded_heads, patch, sampler, sync_free, transform
     from object_detection.fast.channels_last import use_channels_last
 
     if options.fold_bn:
@@ -121,7 +127,9 @@ def apply(model: MaskRCNN, options: Options = Options()) -> MaskRCNN:
         canvas = (size, -(-model.transform.max_size // divisible) * divisible) if options.fixed_canvas else None
         patch.swap(model.transform, transform.SyncFreeTransform, canvas=canvas)
     if options.sync_free:
-        sync_free.make_sync_free(model)
+        sync_free.make_sync_free(model, nms_scan=options.nms_scan)
+        if options.padded_heads:
+            padded_heads.use_padded_heads(model)
     elif options.batched_sampler:
         sampler.use_batched_sampler(model)
     if options.channels_last:

@@ -1,9 +1,11 @@
-"""Greedy NMS for many groups of boxes at once, exact, computed as a fixed point on the GPU.
+"""Greedy NMS for many groups of boxes at once, exact, on the GPU.
 
 torchvision's `batched_nms` runs group by group (and above 5000 boxes one NMS per level or class),
 each making the host wait for the GPU; here every (image, level) or (image, class) group is
-suppressed in one set of kernels with one wait per block of passes. `tests/test_sync_free.py`
-checks it against `torchvision.ops.nms`.
+suppressed in one set of kernels. Two ways, the same answer: `scan_nms` walks each group's boxes in
+order in one Triton program per group and never makes the host wait (what a step needs to keep the
+host ahead of the GPU); `fixed_point_nms` iterates a fixed point with one wait per block of passes
+(where Triton is missing). `tests/test_sync_free.py` checks both against `torchvision.ops.nms`.
 """
 from __future__ import annotations
 
@@ -80,14 +82,17 @@ def _eager_if_compiling_fails(compiled, eager):
     return call
 
 
-def greedy_nms(boxes: torch.Tensor, valid: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+def greedy_nms(boxes: torch.Tensor, valid: torch.Tensor, iou_threshold: float, scan: bool = False) -> torch.Tensor:
     """Greedy NMS in each of G groups; boxes [G, K, 4] already sorted by score within a group.
 
     Returns keep [G, K]: exactly what torchvision.ops.nms keeps of each group's valid boxes (invalid
-    ones neither survive nor suppress). On a GPU all groups at once (`fixed_point_nms`); on a CPU,
-    where waiting costs nothing, torchvision's NMS group by group, which does far less arithmetic.
+    ones neither survive nor suppress). On a GPU all groups at once (`scan_nms` where `scan` and
+    Triton allow, else `fixed_point_nms`); on a CPU, where waiting costs nothing, torchvision's NMS
+    group by group, which does far less arithmetic.
     """
     if boxes.device.type == "cuda":
+        if scan and _scan_kernel() is not None:
+            return scan_nms(boxes, valid, iou_threshold)
         return fixed_point_nms(boxes, valid, iou_threshold)
     keep = torch.zeros_like(valid)
     rank = torch.arange(boxes.shape[1], 0, -1, dtype=torch.float32)  # the given order as scores
@@ -133,6 +138,62 @@ def fixed_point_nms(boxes: torch.Tensor, valid: torch.Tensor, iou_threshold: flo
             return torch.cat(keeps)[:, :width].contiguous()
 
 
+def scan_nms(boxes: torch.Tensor, valid: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """greedy_nms for all groups at once without making the host wait.
+
+    The pairwise suppression bits come from the same compiled kernel as the fixed point's; then one
+    Triton program per group walks its boxes best first, as torchvision's NMS does on the host: a box
+    is kept iff it is valid and no box kept before it suppresses it, the kept set held as bits. The
+    walk is sequential within a group (K steps of one K-bit row each), parallel over groups.
+    """
+    suppress_fn, _ = _kernels(boxes.device)
+    width = boxes.shape[1]
+    if width == 0 or boxes.shape[0] == 0:
+        return valid.clone()
+    padded = -(-width // NMS_WIDTH_STEP) * NMS_WIDTH_STEP  # a multiple of 32: rows are whole int32 words
+    if padded != width:
+        boxes = F.pad(boxes, (0, 0, 0, padded - width))
+        valid = F.pad(valid, (0, padded - width))
+    per_chunk = max(1, NMS_CHUNK_ENTRIES // padded ** 2)
+    words = padded // 32
+    keeps = []
+    for b, v in zip(_any_count(boxes.split(per_chunk)), valid.split(per_chunk)):
+        bits = suppress_fn(b, iou_threshold).contiguous().view(torch.int32)  # [g, K, K/32]: bit j%32 of word j//32
+        keep = torch.empty(v.shape, dtype=torch.int8, device=v.device)
+        _scan_kernel()[(len(b),)](bits, v.to(torch.int8).contiguous(), keep, padded, words,
+                                  BLOCK=1 << (words - 1).bit_length(), num_warps=1)
+        keeps.append(keep)
+    return torch.cat(keeps)[:, :width].bool()
+
+
+def _scan_kernel():
+    """The Triton walk of scan_nms, or None where Triton is not installed."""
+    if "scan" not in _compiled:
+        try:
+            import triton
+            import triton.language as tl
+        except ImportError:
+            _compiled["scan"] = None
+            return None
+
+        @triton.jit
+        def greedy_walk(bits_ptr, valid_ptr, keep_ptr, K, WORDS, BLOCK: tl.constexpr):
+            group = tl.program_id(0).to(tl.int64)
+            word = tl.arange(0, BLOCK)
+            real = word < WORDS
+            kept = tl.zeros([BLOCK], dtype=tl.int32)
+            rows = bits_ptr + group * K * WORDS
+            for i in range(0, K):
+                row = tl.load(rows + i * WORDS + word, mask=real, other=0)  # who, ranked before i, suppresses i
+                hit = tl.max(((row & kept) != 0).to(tl.int32), axis=0)
+                keep = (tl.load(valid_ptr + group * K + i) != 0) & (hit == 0)
+                tl.store(keep_ptr + group * K + i, keep.to(tl.int8))
+                kept = kept | tl.where(word == i // 32, keep.to(tl.int32) << (i % 32), 0)
+
+        _compiled["scan"] = greedy_walk
+    return _compiled["scan"]
+
+
 def _any_count(chunks: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     """Tell torch.compile that the number of groups varies (batch size, the last chunk), so that
     one kernel serves every count instead of one compilation each, up to its limit of 8 (after
@@ -154,3 +215,5 @@ def precompile(device: torch.device, widths=range(NMS_WIDTH_STEP, 1024 + 1, NMS_
         boxes = torch.cat([corners, corners + 10 + torch.rand(2, width, 2, device=device, generator=generator) * 90],
                           dim=-1)
         fixed_point_nms(boxes, torch.ones(2, width, dtype=torch.bool, device=device), 0.5)
+        if _scan_kernel() is not None:
+            scan_nms(boxes, torch.ones(2, width, dtype=torch.bool, device=device), 0.5)

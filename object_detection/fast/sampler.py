@@ -20,10 +20,13 @@ class BatchedBalancedSampler:
 
     def padded(self, matched_idxs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Positive and negative masks, [images, longest] bool, rows padded with False."""
-        matched = torch.nn.utils.rnn.pad_sequence(matched_idxs, batch_first=True, padding_value=-1)
-        positive = _random_subset(matched >= 1, int(self.batch_size_per_image * self.positive_fraction))
+        return self.draw(torch.nn.utils.rnn.pad_sequence(matched_idxs, batch_first=True, padding_value=-1))
+
+    def draw(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positive and negative masks for [images, N] labels (1 and up positive, 0 negative, -1 neither)."""
+        positive = _random_subset(labels >= 1, int(self.batch_size_per_image * self.positive_fraction))
         wanted = self.batch_size_per_image - positive.sum(dim=1, keepdim=True)
-        negative = _random_subset(matched == 0, wanted)
+        negative = _random_subset(labels == 0, wanted)
         return positive, negative
 
     def __call__(self, matched_idxs: list[torch.Tensor]):

@@ -21,6 +21,8 @@ of score ties) with a handful of synchronisations per step:
 - Evaluation: detections of every (image, class) are suppressed at once by `greedy_nms` too,
   instead of torchvision's two `torch.where` per image and, above 5000 candidates, one NMS per class.
 
+fast.padded_heads takes the training forward down to one wait.
+
 `tests/test_sync_free.py` checks each piece against torchvision's on the CPU;
 `benchmarks/train_throughput.py --check` checks the whole step on the GPU.
 """
@@ -84,27 +86,38 @@ class SyncFreeMatcher(Matcher):
     def __call__(self, match_quality_matrix: torch.Tensor) -> torch.Tensor:
         if match_quality_matrix.numel() == 0:
             return super().__call__(match_quality_matrix)  # raises torchvision's error
-        return _batched_match(match_quality_matrix[None], None, self)[0]
+        return batched_match(match_quality_matrix[None], None, self)[0]
 
 
-def _labels_from_matches(matched: torch.Tensor, foreground: torch.Tensor, matcher: Matcher):
+def labels_from_matches(matched: torch.Tensor, foreground: torch.Tensor, matcher: Matcher):
     """Background below the low threshold, ignored (-1) between the thresholds."""
     labels = foreground.masked_fill(matched == matcher.BELOW_LOW_THRESHOLD, 0)
     return labels.masked_fill(matched == matcher.BETWEEN_THRESHOLDS, -1)
 
 
-def _padded_targets(boxes: list[torch.Tensor], labels: list[torch.Tensor]):
-    """Ground truth of a batch as [B, G, 4] boxes, [B, G] labels and [B, G] presence. Padding boxes
-    are unit squares, so whatever picks them up still encodes to finite regression targets."""
-    pad = torch.nn.utils.rnn.pad_sequence
-    present = pad(labels, batch_first=True, padding_value=-1) >= 0
-    unit = torch.zeros(4, dtype=boxes[0].dtype, device=boxes[0].device)
+def unit_box(like: torch.Tensor) -> torch.Tensor:
+    """The box (0, 0, 1, 1), made on the device (a tensor of Python numbers would be a copy that waits)."""
+    unit = torch.zeros(4, dtype=like.dtype, device=like.device)
     unit[2:] = 1
-    gt = torch.where(present[..., None], pad(boxes, batch_first=True), unit)
+    return unit
+
+
+def padded_targets(boxes: list[torch.Tensor], labels: list[torch.Tensor], at_least: int = 0):
+    """Ground truth of a batch as [B, G, 4] boxes, [B, G] labels and [B, G] presence, G at least
+    `at_least`. Padding boxes are unit squares, so whatever picks them up still encodes to finite
+    regression targets."""
+    pad = torch.nn.utils.rnn.pad_sequence
+    if max((len(b) for b in boxes), default=0) < at_least:
+        boxes = [*boxes, boxes[0].new_zeros((at_least, 4))]  # widens the padding, dropped below
+        labels = [*labels, labels[0].new_full((at_least,), -1)]
+        gt, classes, present = padded_targets(boxes, labels)
+        return gt[:-1], classes[:-1], present[:-1]
+    present = pad(labels, batch_first=True, padding_value=-1) >= 0
+    gt = torch.where(present[..., None], pad(boxes, batch_first=True), unit_box(boxes[0]))
     return gt, pad(labels, batch_first=True), present
 
 
-def _batched_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+def batched_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
     """torchvision's box_iou with a batch dimension: [B, N, 4] x [B or 1, M, 4] -> [B, N, M]."""
     area1 = (boxes1[..., 2] - boxes1[..., 0]) * (boxes1[..., 3] - boxes1[..., 1])
     area2 = (boxes2[..., 2] - boxes2[..., 0]) * (boxes2[..., 3] - boxes2[..., 1])
@@ -115,7 +128,7 @@ def _batched_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor
     return inter / (area1[:, :, None] + area2[:, None, :] - inter)
 
 
-def _batched_match(quality: torch.Tensor, present: torch.Tensor | None, matcher: Matcher) -> torch.Tensor:
+def batched_match(quality: torch.Tensor, present: torch.Tensor | None, matcher: Matcher) -> torch.Tensor:
     """Matcher's matches for [B, G, M] quality, a batch at once; `present` [B, G] marks the ground
     truth that exists (padding rows are set to -1 and never win), None when all of it does."""
     if present is not None:
@@ -139,6 +152,8 @@ def _batched_match(quality: torch.Tensor, present: torch.Tensor | None, matcher:
 
 
 class SyncFreeRPN(RegionProposalNetwork):
+    padded_proposals: bool = False   # training: fast.padded_heads.PaddedProposals, and no host wait
+    nms_scan: bool = False           # greedy_nms's wait-free scan where Triton is (fast.Options.nms_scan)
 
     def assign_targets_to_anchors(self, anchors, targets):
         """All images in one batched IoU and match, not one loop turn (some 20 kernels) per image.
@@ -146,10 +161,10 @@ class SyncFreeRPN(RegionProposalNetwork):
         on the padded batch size only), so the first image's stand for all."""
         gt_boxes = [t["boxes"] for t in targets]
         if all(len(b) for b in gt_boxes) and all(a.shape == anchors[0].shape for a in anchors):
-            gt, _, present = _padded_targets(gt_boxes, [t["labels"] for t in targets])
-            matched = _batched_match(_batched_box_iou(gt, anchors[0][None]), present, self.proposal_matcher)
+            gt, _, present = padded_targets(gt_boxes, [t["labels"] for t in targets])
+            matched = batched_match(batched_box_iou(gt, anchors[0][None]), present, self.proposal_matcher)
             matched_gt = gt.gather(1, matched.clamp(min=0)[..., None].expand(-1, -1, 4))
-            labels = _labels_from_matches(matched, (matched >= 0).float(), self.proposal_matcher)
+            labels = labels_from_matches(matched, (matched >= 0).float(), self.proposal_matcher)
             return list(labels.unbind(0)), list(matched_gt.unbind(0))
         labels, matched_gt_boxes = [], []
         for anchors_per_image, target in zip(anchors, targets):
@@ -160,10 +175,18 @@ class SyncFreeRPN(RegionProposalNetwork):
                 continue
             matched = self.proposal_matcher(self.box_similarity(gt_boxes, anchors_per_image))
             matched_gt_boxes.append(gt_boxes[matched.clamp(min=0)])
-            labels.append(_labels_from_matches(matched, (matched >= 0).float(), self.proposal_matcher))
+            labels.append(labels_from_matches(matched, (matched >= 0).float(), self.proposal_matcher))
         return labels, matched_gt_boxes
 
     def filter_proposals(self, proposals, objectness, image_shapes, num_anchors_per_level):
+        best_boxes, best_scores = self.best_proposals(proposals, objectness, image_shapes, num_anchors_per_level)
+        counts = (best_scores > float("-inf")).sum(dim=1).tolist()  # the one wait
+        return ([b[:n] for b, n in zip(best_boxes, counts)],
+                [s[:n] for s, n in zip(best_scores, counts)])
+
+    def best_proposals(self, proposals, objectness, image_shapes, num_anchors_per_level):
+        """Each image's proposals after NMS, best first, as [images, W, 4] boxes and [images, W]
+        scores: the survivors, then (scored -inf) whatever fills the row."""
         num_images = proposals.shape[0]
         objectness = objectness.detach().reshape(num_images, -1)
         top_n_idx = self._get_top_n_idx(objectness, num_anchors_per_level)  # per level, best first
@@ -184,7 +207,7 @@ class SyncFreeRPN(RegionProposalNetwork):
                    for p in pieces]
             groups.append(torch.stack(pad, dim=1).flatten(0, 1))  # [images * levels, width, ...]
         group_boxes, group_valid, group_scores = groups
-        keep = greedy_nms(group_boxes, group_valid, self.nms_thresh)
+        keep = greedy_nms(group_boxes, group_valid, self.nms_thresh, scan=self.nms_scan)
 
         # the image's best post_nms_top_n survivors over all its levels, best first (as batched_nms);
         # the reference's recipe in training: the best post_nms_top_n x images over the whole batch
@@ -194,15 +217,13 @@ class SyncFreeRPN(RegionProposalNetwork):
         if self.training and getattr(self, "proposals_per", "image") == "batch":
             flat = kept_scores.flatten()
             chosen = torch.zeros_like(survivors).flatten()
-            chosen[flat.topk(min(take * num_images, flat.numel())).indices] = True
+            chosen.index_fill_(0, flat.topk(min(take * num_images, flat.numel())).indices, True)  # (`[i] = True` copies)
             survivors = survivors & chosen.view_as(survivors)
             kept_scores = kept_scores.masked_fill(~survivors, float("-inf"))
             take = min(take * num_images, kept_scores.shape[1])
         best_scores, best = kept_scores.topk(take, dim=1)
         best_boxes = group_boxes.reshape(num_images, -1, 4).gather(1, best[..., None].expand(-1, -1, 4))
-        counts = survivors.sum(dim=1).clamp(max=take).tolist()  # the one wait
-        return ([b[:n] for b, n in zip(best_boxes, counts)],
-                [s[:n] for s, n in zip(best_scores, counts)])
+        return best_boxes, best_scores
 
     def compute_loss(self, objectness, pred_bbox_deltas, labels, regression_targets):
         positive, negative = self.fg_bg_sampler.padded(labels)
@@ -261,11 +282,11 @@ class SyncFreeRoIHeads(RoIHeads):
     def assign_targets_to_proposals(self, proposals, gt_boxes, gt_labels):
         """Batched over images (proposals padded with empty boxes, which match nothing)."""
         if all(len(b) for b in gt_boxes):
-            gt, classes, present = _padded_targets(gt_boxes, gt_labels)
+            gt, classes, present = padded_targets(gt_boxes, gt_labels)
             padded = torch.nn.utils.rnn.pad_sequence(proposals, batch_first=True)
-            matched = _batched_match(_batched_box_iou(gt, padded), present, self.proposal_matcher)
+            matched = batched_match(batched_box_iou(gt, padded), present, self.proposal_matcher)
             clamped = matched.clamp(min=0)
-            labels = _labels_from_matches(matched, classes.gather(1, clamped).to(torch.int64), self.proposal_matcher)
+            labels = labels_from_matches(matched, classes.gather(1, clamped).to(torch.int64), self.proposal_matcher)
             lengths = [len(p) for p in proposals]
             return [c[:n] for c, n in zip(clamped, lengths)], [c[:n] for c, n in zip(labels, lengths)]
         matched_idxs, labels = [], []
@@ -278,8 +299,17 @@ class SyncFreeRoIHeads(RoIHeads):
             matched = self.proposal_matcher(box_ops.box_iou(boxes, proposals_in_image))
             clamped = matched.clamp(min=0)
             matched_idxs.append(clamped)
-            labels.append(_labels_from_matches(matched, classes[clamped].to(torch.int64), self.proposal_matcher))
+            labels.append(labels_from_matches(matched, classes[clamped].to(torch.int64), self.proposal_matcher))
         return matched_idxs, labels
+
+    @staticmethod
+    def check_target_types(targets) -> None:
+        """torchvision's type checks of the training targets, which cost nothing."""
+        for t in targets:
+            if t["boxes"].dtype not in (torch.float, torch.double, torch.half):
+                raise TypeError(f"target boxes must of float type, instead got {t['boxes'].dtype}")
+            if t["labels"].dtype != torch.int64:
+                raise TypeError(f"target labels must of int64 type, instead got {t['labels'].dtype}")
 
     def select_training_samples(self, proposals, targets):
         """torchvision's selection, with each image's sampled RoIs ordered positives first; also
@@ -308,11 +338,7 @@ class SyncFreeRoIHeads(RoIHeads):
     def forward(self, features, proposals, image_shapes, targets=None):
         if not self.training or self.keypoint_roi_pool is not None:
             return super().forward(features, proposals, image_shapes, targets)
-        for t in targets:  # torchvision's type checks, which cost nothing
-            if t["boxes"].dtype not in (torch.float, torch.double, torch.half):
-                raise TypeError(f"target boxes must of float type, instead got {t['boxes'].dtype}")
-            if t["labels"].dtype != torch.int64:
-                raise TypeError(f"target labels must of int64 type, instead got {t['labels'].dtype}")
+        self.check_target_types(targets)
         proposals, matched_idxs, labels, regression_targets, num_positive = \
             self.select_training_samples(proposals, targets)
         box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
@@ -358,7 +384,8 @@ class SyncFreeRoIHeads(RoIHeads):
         longest = int((valid * torch.arange(1, width + 1, device=valid.device)).amax())  # a wait
         width = max(longest, 1)
         scores, boxes, valid = scores[..., :width], boxes[:, :, :width], valid[..., :width]
-        keep = greedy_nms(boxes.reshape(-1, width, 4), valid.reshape(-1, width), self.nms_thresh)
+        keep = greedy_nms(boxes.reshape(-1, width, 4), valid.reshape(-1, width), self.nms_thresh,
+                          scan=getattr(self, "nms_scan", False))
         kept = scores.masked_fill(~keep.view_as(valid), float("-inf")).reshape(num_images, -1)
         take = min(self.detections_per_img, kept.shape[1])
         best_scores, best = kept.topk(take, dim=1)                             # best first, as torchvision
@@ -372,6 +399,16 @@ class SyncFreeRoIHeads(RoIHeads):
 # ---------------------------------------------------------------- the whole model
 
 
+DEGENERATE = "All bounding boxes should have positive height and width"
+
+
+def check_boxes(boxes: torch.Tensor) -> None:
+    """torchvision's check of a batch's target boxes (xyxy): a ValueError naming the first without area."""
+    degenerate = (boxes[:, 2:] <= boxes[:, :2]).any(dim=1)
+    if len(boxes) and bool(degenerate.any()):
+        raise ValueError(f"{DEGENERATE}. Found invalid box {boxes[degenerate][0].tolist()}")
+
+
 class SyncFreeMaskRCNN(MaskRCNN):
     """The training forward of GeneralizedRCNN with one degenerate-box check for the batch instead
     of one per image; the evaluation forward is torchvision's (its heads post-process as above)."""
@@ -383,9 +420,12 @@ class SyncFreeMaskRCNN(MaskRCNN):
             raise ValueError("targets should not be None when in training mode")
         images, targets = self.transform(images, targets)
         boxes = torch.cat([t["boxes"] for t in targets])
-        if len(boxes) and bool((boxes[:, 2:] <= boxes[:, :2]).any()):  # the wait
-            bad = boxes[(boxes[:, 2:] <= boxes[:, :2]).any(dim=1)][0].tolist()
-            raise ValueError(f"All bounding boxes should have positive height and width. Found invalid box {bad}")
+        if boxes.is_cuda and getattr(self.rpn, "padded_proposals", False):
+            # without a wait: the trainer checked its batches on the host (engine.to_device); anything
+            # else stops at a device-side assertion
+            torch._assert_async(~(boxes[:, 2:] <= boxes[:, :2]).any(), DEGENERATE)
+        else:
+            check_boxes(boxes)  # the wait, on a GPU
         features = self.backbone(images.tensors)
         proposals, proposal_losses = self.rpn(images, features, targets)
         _, detector_losses = self.roi_heads(features, proposals, images.image_sizes, targets)
@@ -398,8 +438,9 @@ def _layer(module, cls: type) -> None:
     swap(module, cls) if issubclass(cls, type(module)) else mix_in(module, cls)
 
 
-def make_sync_free(model: MaskRCNN) -> MaskRCNN:
-    """Swap in the classes above; parameters, buffers and state-dict keys stay as they are."""
+def make_sync_free(model: MaskRCNN, nms_scan: bool = False) -> MaskRCNN:
+    """Swap in the classes above; parameters, buffers and state-dict keys stay as they are.
+    `nms_scan`: greedy_nms by its wait-free scan on GPUs."""
     use_batched_sampler(model)  # the heads above take its padded masks
     swap(model, SyncFreeMaskRCNN)
     _layer(model.rpn, SyncFreeRPN)
@@ -411,4 +452,5 @@ def make_sync_free(model: MaskRCNN) -> MaskRCNN:
     for pool in (model.roi_heads.box_roi_pool, model.roi_heads.mask_roi_pool):
         if pool is not None:
             swap(pool, SyncFreeRoIAlign)
+    model.rpn.nms_scan = model.roi_heads.nms_scan = nms_scan
     return model
