@@ -43,7 +43,7 @@ class RunRequest:
     speed: str | None = _option("fast (default) or stock: torchvision's model code, pycocotools' evaluation and a "
                                 "plain loop, none of object_detection.fast (the baseline, and a first check when a "
                                 "run misbehaves only with the speed code); fast-without:LEVER[,LEVER...] turns "
-                                "single levers off",
+                                "single levers off, fast-with:LEVER[,LEVER...] on",
                                 default="fast", type=speed_spec)
     resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint of this log's run",
                                                   "parser": {"action": "store_true"}})

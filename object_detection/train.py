@@ -84,12 +84,16 @@ class Run:
         self.rank = int(os.environ.get("RANK", 0))
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         use_cuda = torch.cuda.is_available() if device_arg is None else device_arg == "cuda"
+        self.speed = fast.options_for(speed, "cuda" if use_cuda else "cpu")
+        if use_cuda and self.speed.cuda_graphs and self.world_size > 1:
+            # make_graphed_callables beside DDP's gradient hooks is not measured here: refuse, not guess
+            raise SystemExit(f"error: --speed {speed}: cuda_graphs runs on one GPU only so far, not on "
+                             f"{self.world_size} processes; leave cuda_graphs out of --speed")
         if use_cuda:
             torch.cuda.set_device(self.local_rank)
             self.device = torch.device("cuda", self.local_rank)
         else:
             self.device = torch.device("cpu")
-        self.speed = fast.options_for(speed, self.device.type)
         if self.world_size > 1:
             dist.init_process_group("nccl" if use_cuda else "gloo")
 

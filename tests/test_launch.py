@@ -120,7 +120,7 @@ def test_speed_stock_runs_torchvisions_model_code_end_to_end(tiny_shapes, tmp_pa
 
 
 @pytest.mark.parametrize("speed, said", [
-    ("turbo", "--speed must be fast, stock or fast-without:LEVER[,LEVER...], not 'turbo'"),
+    ("turbo", "--speed must be fast, stock, fast-without:LEVER[,LEVER...] or fast-with:LEVER[,LEVER...], not 'turbo'"),
     ("fast-without:prefetch,warp", "--speed fast-without:prefetch,warp: no lever named warp (levers: fold_bn,"),
 ])
 def test_an_unknown_speed_or_lever_is_one_error_line(tiny_shapes, tmp_path, speed, said):

@@ -3,12 +3,16 @@ freeze_setup) leave a run as it was: the same batches, the same losses, the same
 turned off alone with `--speed fast-without:LEVER` (how BENCHMARKS.md measures them)."""
 from __future__ import annotations
 
+import dataclasses
 import gc
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from conftest import mllog
+from conftest import ROOT, mllog
 from object_detection import engine, fast, train
 
 LOOP_LEVERS = "persistent_workers,prefetch,freeze_setup"
@@ -51,6 +55,8 @@ def test_the_stock_speed_turns_the_loop_levers_off_too():
     assert not (stock.persistent_workers or stock.prefetch or stock.freeze_setup)
     alone = fast.options_for("fast-without:prefetch", "cuda")
     assert not alone.prefetch and alone.persistent_workers and alone.channels_last
+    graphed = fast.options_for("fast-with:cuda_graphs,padded_heads", "cuda")  # levers off until they pay
+    assert graphed == dataclasses.replace(fast.Options.for_device("cuda"), cuda_graphs=True, padded_heads=True)
     from object_detection.evaluate import StockEvaluation
     from object_detection.fast.scoring import FastEvaluation
 
@@ -58,6 +64,19 @@ def test_the_stock_speed_turns_the_loop_levers_off_too():
     assert isinstance(train.evaluation_speed(train.parse_args(required)), FastEvaluation)
     for speed in ("stock", "fast-without:evaluation"):  # evaluation's pieces are a lever like the others
         assert isinstance(train.evaluation_speed(train.parse_args([*required, f"--speed={speed}"])), StockEvaluation)
+
+
+def test_the_trainer_refuses_cuda_graphs_on_several_processes_in_one_line(tmp_path):
+    """Graphs beside DDP's gradient hooks are not measured: the trainer says so before it starts
+    (WORLD_SIZE as torchrun sets it; the refusal comes before any GPU or process group is touched)."""
+    done = subprocess.run([sys.executable, "-m", "object_detection.train", f"--data-root={tmp_path}",
+                           f"--result-log={tmp_path / 'result_0.txt'}", "--device=cuda",
+                           "--speed=fast-with:cuda_graphs"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"})
+    assert done.returncode == 1, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "cuda_graphs" in lines[0], done.stderr
+    assert not (tmp_path / "result_0.txt").exists()
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(

@@ -264,3 +264,26 @@ def test_a_fixed_canvas_gives_one_input_shape_per_orientation_and_the_same_pixel
         assert torch.equal(batch.tensors[..., :h, :w], plain.tensors)          # the same pixels
         assert not batch.tensors[..., h:, :].any() and not batch.tensors[..., :, w:].any()  # zeros beyond
         assert batch.image_sizes == plain.image_sizes
+
+
+def test_cuda_graphs_take_the_fixed_canvas_and_leave_a_cpu_model_as_it_was():
+    """fast.Options.cuda_graphs graphs the backbone and RPN head on GPUs only (the GPU check is
+    benchmarks/train_throughput.py --check, check_graphs); on a CPU the forward is the plain one."""
+    torch.manual_seed(0)
+    plain = build_model(81, backbone_weights=None, min_size=96, max_size=160, speed=Options(fixed_canvas=True))
+    graphed = build_model(81, backbone_weights=None, min_size=96, max_size=160, speed=Options(cuda_graphs=True))
+    graphed.load_state_dict(plain.state_dict())
+    assert graphed.transform.canvas == plain.transform.canvas == (96, 160)
+    g = torch.Generator().manual_seed(3)
+    images = [torch.rand(3, 72, 96, generator=g), torch.rand(3, 60, 96, generator=g)]
+    targets = [{"boxes": torch.tensor([[10.0, 10.0, 50.0, 40.0]]), "labels": torch.tensor([3]),
+                "masks": torch.zeros(1, h, w, dtype=torch.uint8)} for h, w in ((72, 96), (60, 96))]
+    losses = {}
+    for name, model in (("plain", plain), ("graphed", graphed)):
+        model.train()
+        torch.manual_seed(1)
+        losses[name] = model(images, targets)
+        sum(losses[name].values()).backward()
+    assert graphed.backbone._captured == {} and graphed.rpn.head._captured == {}
+    assert all(torch.equal(losses["plain"][k], losses["graphed"][k]) for k in losses["plain"])
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(plain.parameters(), graphed.parameters()) if a.grad is not None)

@@ -13,7 +13,9 @@ parameters and state-dict keys stay):
   one padded input shape per orientation;
 - channels_last: backbone and RPN head in channels_last (GPUs);
 - roi_align: then multi-scale RoIAlign in one Triton kernel reading those maps in their own dtype,
-  with no per-level counts read on the host.
+  with no per-level counts read on the host;
+- cuda_graphs: the backbone with its FPN, and the RPN head, replayed as CUDA graphs in training (on
+  the fixed canvas, which it implies).
 
 The loop around the model reads three more: loader workers that live for the whole run
 (`persistent_workers`, object_detection/train.py), the next batch copied to the GPU on a side stream
@@ -56,6 +58,7 @@ class Options:
     rpn_channels_last: bool = True   # with channels_last: the RPN head takes channels_last maps too
     roi_align: bool = True           # with channels_last: one kernel pools every level (fast.roi_align)
     fixed_canvas: bool = False       # pad every batch to the largest input (800x1344): fixed shapes
+    cuda_graphs: bool = False        # GPUs: backbone, FPN and RPN head as CUDA graphs (implies fixed_canvas)
     persistent_workers: bool = True  # no loader start-up at every epoch (and evaluation)
     prefetch: bool = True            # CUDA: batch copies on a side stream, overlapping the step
     freeze_setup: bool = True        # gc.freeze() after set-up: the annotations leave every collection
@@ -68,28 +71,31 @@ class Options:
 
 STOCK = Options(fold_bn=False, fuse_bias=False, sync_free=False, padded_heads=False, nms_scan=False,
                 batched_sampler=False, transform=False,
-                channels_last=False, roi_align=False, persistent_workers=False, prefetch=False, freeze_setup=False, evaluation=False)
+                channels_last=False, roi_align=False, cuda_graphs=False, persistent_workers=False, prefetch=False, freeze_setup=False, evaluation=False)
 
 
-WITHOUT = "fast-without:"
+WITHOUT, WITH = "fast-without:", "fast-with:"
 
 
 def options_for(speed: str, device_type: str) -> Options:
-    """The pieces `--speed` names: `fast` (all that pay on this device), `stock` (none), or
+    """The pieces `--speed` names: `fast` (all that pay on this device), `stock` (none),
     `fast-without:LEVER[,LEVER...]` (all but those: how a lever's effect is measured, or a
-    suspected one ruled out). A ValueError says what is wrong in one line."""
+    suspected one ruled out) or `fast-with:LEVER[,LEVER...]` (those on too: a lever that is off
+    until it pays). A ValueError says what is wrong in one line."""
     if speed == "stock":
         return STOCK
     if speed == "fast":
         return Options.for_device(device_type)
     levers = [field.name for field in fields(Options)]
-    off = speed[len(WITHOUT):].split(",") if speed.startswith(WITHOUT) else None
-    if not off or not all(off):
-        raise ValueError(f"--speed must be fast, stock or {WITHOUT}LEVER[,LEVER...], not {speed!r}")
-    unknown = [name for name in off if name not in levers]
+    prefix = next((p for p in (WITHOUT, WITH) if speed.startswith(p)), None)
+    named = speed[len(prefix):].split(",") if prefix else None
+    if not named or not all(named):
+        raise ValueError(f"--speed must be fast, stock, {WITHOUT}LEVER[,LEVER...] or {WITH}LEVER[,LEVER...], "
+                         f"not {speed!r}")
+    unknown = [name for name in named if name not in levers]
     if unknown:
         raise ValueError(f"--speed {speed}: no lever named {', '.join(unknown)} (levers: {', '.join(levers)})")
-    return replace(Options.for_device(device_type), **dict.fromkeys(off, False))
+    return replace(Options.for_device(device_type), **dict.fromkeys(named, prefix == WITH))
 
 
 def torchvision_tested(version: str | None = None) -> bool:
@@ -124,7 +130,8 @@ def apply(model: MaskRCNN, options: Options = Options()) -> MaskRCNN:
             fuse_bias.fuse_bias_relu(model.backbone)
     if options.transform:
         size, divisible = max(model.transform.min_size), model.transform.size_divisible
-        canvas = (size, -(-model.transform.max_size // divisible) * divisible) if options.fixed_canvas else None
+        fixed = options.fixed_canvas or options.cuda_graphs
+        canvas = (size, -(-model.transform.max_size // divisible) * divisible) if fixed else None
         patch.swap(model.transform, transform.SyncFreeTransform, canvas=canvas)
     if options.sync_free:
         sync_free.make_sync_free(model, nms_scan=options.nms_scan)
@@ -138,4 +145,8 @@ def apply(model: MaskRCNN, options: Options = Options()) -> MaskRCNN:
             from object_detection.fast.roi_align import use_fused_roi_align
 
             use_fused_roi_align(model)
+    if options.cuda_graphs:
+        from object_detection.fast.graphs import capture_in_training
+
+        capture_in_training(model)
     return model
