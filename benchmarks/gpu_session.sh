@@ -2,9 +2,12 @@
 # What one device session runs on the H200 (see BENCHMARKS.md): wheels, a GPU smoke run through
 # `invoke train`, the throughput benchmark, then the shapes-4k convergence run for the time left.
 # EPOCH_SPEED: the trainer's --speed for `epoch` (e.g. fast-without:prefetch: a lever's effect).
-# usage: bash benchmarks/gpu_session.sh PART...   (PART: smoke | doctor | bench | coco | syncs | epoch | parts | layout | eval | converge | stability)
+# EPOCH_TRAIN / EPOCH_VAL: the set's sizes for `epoch` and `parts`; PARTS_WORKERS: epoch_parts --workers.
+# usage: bash benchmarks/gpu_session.sh PART...   (PART: smoke | doctor | bench | coco | syncs | profile | epoch | parts | layout | eval | converge | stability)
 # SYNCS_FLAGS: profile_step.py's flags for `syncs` (the host waits of one step at 12, by site), e.g. --roialign.
-# BENCH_VARIANTS: train_throughput.py --variants (default: its own). `layout` times the tree in .old/
+# BENCH_VARIANTS: train_throughput.py --variants (default: its own); BENCH_CHECKS: its --checks (default: all).
+# PROFILE_FLAGS: profile_step.py's flags for `profile` (stages and top operators of a step at 12).
+# `layout` times the tree in .old/
 # (an earlier commit: git archive COMMIT | tar -x -C .old) and this one on the same legacy batches.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -33,7 +36,7 @@ case "$part" in
     ;;
   parts)
     timeout ${PARTS_S:-300} python3 -m benchmarks.epoch_parts --steps ${PARTS_STEPS:-100} \
-      --output "$OUT/epoch_parts.json" > "$OUT/parts.txt" 2>&1
+      --train-images ${EPOCH_TRAIN:-6000} --val-images ${EPOCH_VAL:-5000} --workers ${PARTS_WORKERS:-8} --output "$OUT/epoch_parts.json" > "$OUT/parts.txt" 2>&1
     echo "epoch_parts exit $?"; grep -v "^epoch 1 iter" "$OUT/parts.txt" | tail -22
     ;;
   bench)
@@ -43,12 +46,17 @@ case "$part" in
     ;;
   coco)
     timeout ${BENCH_S:-300} python3 -m benchmarks.train_throughput --check --batch-sizes 12 --iterations 15 \
-      --rounds 2 ${BENCH_VARIANTS:+--variants "$BENCH_VARIANTS"} --output "$OUT/train_throughput-coco.json" 2>&1 \
+      --rounds ${BENCH_ROUNDS:-2} ${BENCH_CHECKS:+--checks "$BENCH_CHECKS"} ${BENCH_VARIANTS:+--variants "$BENCH_VARIANTS"} --output "$OUT/train_throughput-coco.json" 2>&1 \
       | tee "$OUT/coco.txt" | grep -v '^{' | tail -24
     ;;
   syncs)
     timeout ${SYNCS_S:-150} python3 -m benchmarks.profile_step --recipe reference --batch 12 --syncs ${SYNCS_FLAGS:-} 2>&1 \
       | tee "$OUT/syncs$(echo ${SYNCS_FLAGS:-} | tr -d ' -').txt" | tail -12
+    ;;
+  profile)
+    timeout ${PROFILE_S:-150} python3 -m benchmarks.profile_step --recipe reference --batch 12 ${PROFILE_FLAGS:-} 2>&1 \
+      > "$OUT/profile$(echo ${PROFILE_FLAGS:-} | tr -d ' -').txt"; echo "profile_step exit $?"
+    head -9 "$OUT/profile$(echo ${PROFILE_FLAGS:-} | tr -d ' -').txt"
     ;;
   layout)
     for bs in ${LAYOUT_BATCHES:-16}; do

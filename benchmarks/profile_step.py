@@ -27,6 +27,8 @@ def parse_args():
                    help="multi-scale RoIAlign in one kernel (object_detection.fast.roi_align)")
     p.add_argument("--padheads", action="store_true", help="proposals and samples at fixed sizes (fast.Options.padded_heads)")
     p.add_argument("--nmsscan", action="store_true", help="NMS without host waits (fast.Options.nms_scan)")
+    p.add_argument("--graphs", action="store_true",
+                   help="backbone, FPN and RPN head as CUDA graphs on the fixed canvas (fast.Options.cuda_graphs)")
     p.add_argument("--recipe", choices=["reference", "torchvision"], default="reference",
                    help="the closed profile's model (reference) or the open profiles' (torchvision)")
     return p.parse_args()
@@ -38,7 +40,7 @@ def main() -> None:
     backbone = random_backbone()
     model = our_model(device, backbone, channels_last="rpn", sync_free=not args.tvsync, fuse_bias=not args.nofuse,
                       recipe=args.recipe, roi_align=args.roialign, padded_heads=args.padheads,
-                      nms_scan=args.nmsscan or args.padheads)
+                      nms_scan=args.nmsscan or args.padheads, cuda_graphs=args.graphs)
     opt = make_optimizer(model, 0.01, fused=True)
     batches = [synthetic_batch(args.batch, "cpu", seed=s) for s in range(2)]
     batches = [pinned(b) for b in batches]

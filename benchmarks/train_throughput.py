@@ -24,6 +24,7 @@ import argparse
 import datetime as dt
 import gc
 import json
+import math
 import platform
 import statistics
 import sys
@@ -99,12 +100,14 @@ def torchvision_model(backbone: Path):
 
 def our_model(device, backbone: Path, channels_last: bool | str, fold_bn: bool = True, compile_backbone: bool = False,
               batched_sampler: bool = True, sync_free: bool = True, fuse_bias: bool = True, fixed_canvas: bool = False,
-              recipe: str = "torchvision", roi_align: bool = False, padded_heads: bool = False, nms_scan: bool = False):
+              recipe: str = "torchvision", roi_align: bool = False, padded_heads: bool = False, nms_scan: bool = False,
+              cuda_graphs: bool = False):
     """channels_last: "rpn" (what the trainer runs), True (backbone only), "all" (every module).
     recipe: "torchvision" (the open profiles') or "reference" (the closed profile's model)."""
     speed = fast.Options(fold_bn=fold_bn, fuse_bias=fuse_bias, batched_sampler=batched_sampler, sync_free=sync_free,
                          channels_last=channels_last in (True, "rpn"), rpn_channels_last=channels_last == "rpn",
-                         fixed_canvas=fixed_canvas, roi_align=roi_align, padded_heads=padded_heads, nms_scan=nms_scan)
+                         fixed_canvas=fixed_canvas, roi_align=roi_align, padded_heads=padded_heads, nms_scan=nms_scan,
+                         cuda_graphs=cuda_graphs)
     weights = random_msra_backbone() if recipe == "reference" else backbone
     model = build_model(81, backbone_weights=weights, proposals_per_image=1000, speed=speed,
                         recipe=RECIPES[recipe]).to(device)
@@ -193,6 +196,57 @@ def check_reference(device, backbone: Path) -> dict:
                                                                  recipe="reference", roi_align=True,
                                                                  padded_heads=True, nms_scan=True), stock)
     return result
+
+
+def check_graphs(device, backbone: Path, steps: int = 4) -> dict:
+    """fast.Options.cuda_graphs: the graphed model's losses and gradients against the same model's
+    without graphs, in fp32 with TF32 off, step by step on batches of both orientations (L, P, L, P:
+    each orientation's graphs are captured on its first batch and replayed in step 3 and 4, after
+    the weights moved). Before each step both take the eager model's weights (copied in place, as
+    the optimizer writes them), so each step compares one step's function: over free-running steps
+    a few 1e-6 of kernel noise grow chaotically (proposal top-k and matching flip), which a second
+    eager copy showed as well as the graphed one. That second copy (`control`) gives the noise
+    floor the graphed model must stay near."""
+    if device.type != "cuda":
+        return {"ok": None, "why": "CUDA graphs need a GPU"}
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    models = {name: our_model(device, backbone, channels_last="rpn", roi_align=True, fixed_canvas=True,
+                              cuda_graphs=name == "graphed") for name in ("eager", "control", "graphed")}
+    # lr 0.005: the eager model's weights move ~1e-3 a step (far above the noise floor) and stay
+    # finite; at 0.02 its fourth step's losses were not finite
+    optimizers = {name: make_optimizer(model, lr=0.005) for name, model in models.items()}
+    batches = [to_device(*synthetic_batch(2, "cpu", seed=seed), device) for seed in (123, 3, 2, 11)]  # L, P, L, P
+    report = {"steps": []}
+    try:
+        for step in range(steps):
+            images, targets = batches[step % len(batches)]
+            losses, grads = {}, {}
+            weights = {k: v.clone() for k, v in models["eager"].state_dict().items()}
+            for name, model in models.items():
+                model.load_state_dict(weights)
+                model.train()
+                torch.manual_seed(step)
+                _, parts = train_step(model, optimizers[name], None, images, targets,
+                                      lambda: torch.autocast(device.type, enabled=False))
+                losses[name] = {k: v.item() for k, v in parts.items()}
+                grads[name] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            entry = {"portrait": images[0].shape[-2] > images[0].shape[-1]}
+            for name in ("control", "graphed"):
+                entry[name] = {
+                    "loss": max(abs(losses[name][k] - e) / max(abs(e), 1e-12) for k, e in losses["eager"].items()),
+                    "grad": max(((g - grads["eager"][n]).norm() / grads["eager"][n].norm().clamp_min(1e-12)).item()
+                                for n, g in grads[name].items())}
+            report["steps"].append(entry)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    graphed = models["graphed"]
+    report["graphs"] = {"backbone": len(graphed.backbone._captured), "rpn_head": len(graphed.rpn.head._captured)}
+    diffs = {name: [s[name][k] for s in report["steps"] for k in ("loss", "grad")] for name in ("control", "graphed")}
+    finite = all(math.isfinite(d) for d in diffs["control"] + diffs["graphed"])
+    report["ok"] = (finite and max(diffs["graphed"]) <= max(10 * max(diffs["control"]), 1e-4)
+                    and report["graphs"] == {"backbone": 2, "rpn_head": 2})
+    return report
 
 
 def check_greedy_nms(device, groups: int = 80, k: int = 2000) -> dict:
@@ -345,7 +399,8 @@ VARIANTS_HELP = (
     "heads' samples at fixed sizes, one host wait a forward (fast.Options.padded_heads, with nms_scan), -nmsscan "
     "NMS by a Triton walk per group without host waits (fast.Options.nms_scan; without it a fixed point with a "
     "wait per block of passes), "
-    "-pad every batch padded to 800x1344 (fast.Options.fixed_canvas), -cudnnbench "
+    "-pad every batch padded to 800x1344 (fast.Options.fixed_canvas), -graphs backbone, FPN and RPN head "
+    "as CUDA graphs in training (fast.Options.cuda_graphs, on that canvas), -cudnnbench "
     "cudnn.benchmark on, -nogc Python's garbage collector off while it runs")
 
 
@@ -366,7 +421,7 @@ def make_variant(variant: str, device, backbone: Path):
                           sync_free="-tvsync" not in variant and "-tvsampler" not in variant,
                           fuse_bias="-nofuse" not in variant, fixed_canvas="-pad" in variant,
                           roi_align="-roialign" in variant, padded_heads="-padheads" in variant,
-                          nms_scan="-nmsscan" in variant or "-padheads" in variant,
+                          nms_scan="-nmsscan" in variant or "-padheads" in variant, cuda_graphs="-graphs" in variant,
                           recipe="reference" if variant.startswith("ref-") else "torchvision")
         dtype = amp_dtype("bf16" if "bf16" in variant else "fp16", device)
         optimizer = make_optimizer(model, lr=0.01, fused="-fused" in variant and device.type == "cuda",
@@ -421,6 +476,11 @@ def measure(batch_size: int, variants: list[str], args, device, backbone: Path) 
     return runs
 
 
+CHECKS = {"check": check_same_function, "check_reference": check_reference, "check_nms": check_greedy_nms,
+          "check_bias_act": check_bias_act, "check_roi_align": check_roi_align, "check_graphs": check_graphs,
+          "check_fused_training": check_fused_training}
+
+
 def print_table(runs: list[dict], baseline: str) -> None:
     base = {r["batch"]: r.get("img_per_s") for r in runs if r["variant"] == baseline}
     print(f"\n{'variant':<30} {'batch':>5} {'img/s':>8} {'step ms':>8} {'peak GiB':>8} {'vs ' + baseline:>20}")
@@ -443,6 +503,7 @@ def main(argv=None) -> int:
                    help=VARIANTS_HELP)
     p.add_argument("--baseline", default="torchvision-bf16", help="the variant ratios are given against")
     p.add_argument("--check", action="store_true", help="also check that our step computes torchvision's function")
+    p.add_argument("--checks", help=f"with --check, only these (of {','.join(CHECKS)})")
     p.add_argument("--output", type=Path)
     args = p.parse_args(argv)
 
@@ -455,11 +516,10 @@ def main(argv=None) -> int:
               "command": "python -m benchmarks.train_throughput " + " ".join(sys.argv[1:] if argv is None else argv),
               "runs": []}
     if args.check:
-        for name, check in (("check", check_same_function), ("check_reference", check_reference),
-                            ("check_nms", check_greedy_nms), ("check_bias_act", check_bias_act),
-                            ("check_roi_align", check_roi_align),
-                            ("check_fused_training", check_fused_training)):
-            takes_backbone = name in ("check", "check_reference", "check_fused_training")
+        for name, check in CHECKS.items():
+            if args.checks and name not in args.checks.split(","):
+                continue
+            takes_backbone = name in ("check", "check_reference", "check_fused_training", "check_graphs")
             result[name] = check(device, backbone) if takes_backbone else check(device)
             print(f"{name}:", json.dumps(result[name]), flush=True)
     for bs in [int(b) for b in args.batch_sizes.split(",")]:
