@@ -1,11 +1,14 @@
 """Where an epoch's time goes, beside the step benchmark: the trainer's own loader and model on the
 COCO-shaped set of benchmarks/epoch_level (made first by that benchmark, or here).
 
-    python -m benchmarks.epoch_parts [--steps 120] [--batch 12] [--workers 8,14] [--data-dir /tmp/mlperf-epoch-level]
+    python -m benchmarks.epoch_parts [--steps 120] [--batch 12] [--workers 8,14] [--train-images 6000]
+        [--val-images 5000] [--data-dir /tmp/mlperf-epoch-level]
 
 One process, one GPU, the objects object_detection.train builds (data_loaders, trainer_for):
 - loader: batches from the training loader moved to the GPU, nothing else (the host pipeline alone);
 - cached: training steps on batches already on the GPU (what train_throughput measures, real data);
+- beside it, train_throughput's figure taken apart (step_benchmark_beside): its synthetic batches
+  through the trainer's model, its own model on them, its timing of the trainer's model;
 - loader+train: training steps fed by the loader, as an epoch runs;
 - the same with Python's garbage collector off;
 the loader parts once per --workers count.
@@ -25,7 +28,7 @@ import torch
 from benchmarks import save_result
 from benchmarks.epoch_level import BACKBONE, RESULTS, prepare
 from object_detection import train as T
-from object_detection.engine import set_lr, to_device, train_step
+from object_detection.engine import on_device, set_lr, to_device, train_step
 from object_detection.recipe import PROFILES
 
 
@@ -40,10 +43,11 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=12)
     p.add_argument("--workers", default="8", help="comma-separated loader worker counts")
     p.add_argument("--train-images", type=int, default=6000)
+    p.add_argument("--val-images", type=int, default=5000, help="the set's (epoch_level's set of the same counts)")
     p.add_argument("--data-dir", type=Path, default=Path("/tmp/mlperf-epoch-level"))
     p.add_argument("--output", type=Path, default=RESULTS / f"epoch_parts-{datetime.date.today().isoformat()}.json")
     a = p.parse_args(argv)
-    prepare(a.data_dir, a.train_images, 5000)
+    prepare(a.data_dir, a.train_images, a.val_images)
     root = a.data_dir / "coco-shaped"
     args = T.parse_args([f"--data-root={root}", "--profile=coco", f"--per-gpu-batch={a.batch}", "--num-classes=81",
                          f"--backbone={root / 'downloads' / BACKBONE}", f"--result-log={a.data_dir / 'parts.txt'}"])
@@ -66,11 +70,11 @@ def main(argv=None) -> int:
 def measure(trainer, schedule, loader, sampler, steps: int, device, out: dict, prefix: str) -> None:
     """The four rates of the docstring into `out` (the cached ones only the first time)."""
     def batches():
-        sampler.set_epoch(len(out))  # a fresh order (and fresh workers) for each measurement
-        for i, (images, targets) in enumerate(loader):
+        sampler.set_epoch(len(out))  # a fresh order for each measurement
+        for i, batch in enumerate(on_device(loader, device, trainer.prefetch)):  # as the epoch moves them
             if i == steps:
                 return
-            yield to_device(images, targets, device)
+            yield batch
 
     torch.cuda.synchronize()
     started = time.perf_counter()
@@ -78,25 +82,47 @@ def measure(trainer, schedule, loader, sampler, steps: int, device, out: dict, p
         torch.cuda.synchronize()
     out[prefix + "loader_img_s"] = rate(steps * loader.batch_sampler.batch_size, started)
     cached = [b for _, b in zip(range(20), batches())]
-    out["mask_mb_per_batch"] = round(sum(t["masks"].numel() for t in cached[0][1]) / 2**20, 1)
+    out["target_mb_per_batch"] = round(sum(v.numel() * v.element_size() for t in cached[0][1]
+                                           for v in t.values() if torch.is_tensor(v)) / 2**20, 2)
 
-    def train(feed, label):
-        train_step(trainer.model, trainer.optimizer, trainer.scaler, *cached[0], trainer.autocast)
+    def train(feed, label, model=trainer.model, optimizer=trainer.optimizer, autocast=trainer.autocast):
+        train_step(model, optimizer, trainer.scaler, *cached[0], autocast)
         started, n = time.perf_counter(), 0
         for i, (images, targets) in zip(range(steps), feed):
-            set_lr(trainer.optimizer, schedule, i)
-            loss, _ = train_step(trainer.model, trainer.optimizer, trainer.scaler, images, targets, trainer.autocast)
+            set_lr(optimizer, schedule, i)
+            loss, _ = train_step(model, optimizer, trainer.scaler, images, targets, autocast)
             n += len(images)
         out[label] = rate(n, started)
         print(json.dumps({label: out[label]}), flush=True)
 
     if "cached_img_s" not in out:
         train((cached[i % len(cached)] for i in range(steps)), "cached_img_s")
+        step_benchmark_beside(trainer, train, loader.batch_sampler.batch_size, steps, device, out)
     train(batches(), prefix + "loader_train_img_s")
     gc.disable()
     train(batches(), prefix + "loader_train_nogc_img_s")
     gc.enable()
 
+
+
+def step_benchmark_beside(trainer, train, batch: int, steps: int, device, out: dict) -> None:
+    """What separates train_throughput's figure from this set's step, one difference at a time:
+    its synthetic COCO-shaped batches (full-image masks, not polygons) through the trainer's model;
+    its own model (`ref-bf16-rpncl-fused-roialign`, built the benchmark's way: the same fast.Options
+    and recipe, backbone weights calibrated on random pixels) on those batches; and its timing (a
+    synchronisation per step, the batch's copy inside it) of the trainer's model."""
+    from benchmarks.train_throughput import make_variant, pinned, synthetic_batch, time_steps
+
+    on_host = [pinned(synthetic_batch(batch, "cpu", seed=seed)) for seed in range(4)]
+    drawn = [to_device(*b, device) for b in on_host]
+    train((drawn[i % len(drawn)] for i in range(steps)), "synthetic_cached_img_s")
+    model, optimizer, dtype, _ = make_variant("ref-bf16-rpncl-fused-roialign", device, None)
+    train((drawn[i % len(drawn)] for i in range(steps)), "benchmark_model_synthetic_cached_img_s", model, optimizer,
+          lambda: torch.autocast("cuda", dtype=dtype))
+    del model, optimizer
+    timed = time_steps(trainer.model, trainer.optimizer, on_host, device, dtype, trainer.scaler, steps, 3)
+    out["benchmark_timing_synthetic_img_s"] = timed["img_per_s"]
+    print(json.dumps({"benchmark_timing_synthetic_img_s": timed["img_per_s"]}), flush=True)
 
 if __name__ == "__main__":
     sys.exit(main())
