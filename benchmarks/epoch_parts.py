@@ -2,7 +2,7 @@
 COCO-shaped set of benchmarks/epoch_level (made first by that benchmark, or here).
 
     python -m benchmarks.epoch_parts [--steps 120] [--batch 12] [--workers 8,14] [--train-images 6000]
-        [--val-images 5000] [--data-dir /tmp/mlperf-epoch-level]
+        [--val-images 5000] [--speed fast] [--data-dir /tmp/mlperf-epoch-level]
 
 One process, one GPU, the objects object_detection.train builds (data_loaders, trainer_for):
 - loader: batches from the training loader moved to the GPU, nothing else (the host pipeline alone);
@@ -42,6 +42,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=120)
     p.add_argument("--batch", type=int, default=12)
     p.add_argument("--workers", default="8", help="comma-separated loader worker counts")
+    p.add_argument("--speed", default="fast", help="the trainer's --speed, e.g. fast-with:nms_scan")
     p.add_argument("--train-images", type=int, default=6000)
     p.add_argument("--val-images", type=int, default=5000, help="the set's (epoch_level's set of the same counts)")
     p.add_argument("--data-dir", type=Path, default=Path("/tmp/mlperf-epoch-level"))
@@ -50,12 +51,12 @@ def main(argv=None) -> int:
     prepare(a.data_dir, a.train_images, a.val_images)
     root = a.data_dir / "coco-shaped"
     args = T.parse_args([f"--data-root={root}", "--profile=coco", f"--per-gpu-batch={a.batch}", "--num-classes=81",
-                         f"--backbone={root / 'downloads' / BACKBONE}", f"--result-log={a.data_dir / 'parts.txt'}"])
-    run = T.Run(None)
+                         f"--backbone={root / 'downloads' / BACKBONE}", f"--result-log={a.data_dir / 'parts.txt'}", f"--speed={a.speed}"])
+    run = T.Run(None, args.speed)
     profile = PROFILES["coco"]
     schedule = profile.schedule_for(a.batch)
     trainer = T.trainer_for(args, run, profile, schedule)
-    out = {"per_gpu_batch": a.batch, "steps": a.steps}
+    out = {"per_gpu_batch": a.batch, "steps": a.steps, "speed": a.speed}
     for workers in [int(w) for w in a.workers.split(",")]:
         args.workers = workers
         _, _, sampler, loader, _ = T.data_loaders(args, run, master_seed=1)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What one device session runs on the H200 (see BENCHMARKS.md): wheels, a GPU smoke run through
 # `invoke train`, the throughput benchmark, then the shapes-4k convergence run for the time left.
-# EPOCH_SPEED: the trainer's --speed for `epoch` (e.g. fast-without:prefetch: a lever's effect).
+# EPOCH_SPEED: the trainer's --speed for `epoch` and `parts` (e.g. fast-without:prefetch: a lever's effect).
 # EPOCH_TRAIN / EPOCH_VAL: the set's sizes for `epoch` and `parts`; PARTS_WORKERS: epoch_parts --workers.
 # usage: bash benchmarks/gpu_session.sh PART...   (PART: smoke | doctor | bench | coco | syncs | profile | epoch | parts | layout | eval | converge | stability)
 # SYNCS_FLAGS: profile_step.py's flags for `syncs` (the host waits of one step at 12, by site), e.g. --roialign.
@@ -36,7 +36,7 @@ case "$part" in
     ;;
   parts)
     timeout ${PARTS_S:-300} python3 -m benchmarks.epoch_parts --steps ${PARTS_STEPS:-100} \
-      --train-images ${EPOCH_TRAIN:-6000} --val-images ${EPOCH_VAL:-5000} --workers ${PARTS_WORKERS:-8} --output "$OUT/epoch_parts.json" > "$OUT/parts.txt" 2>&1
+      --train-images ${EPOCH_TRAIN:-6000} --val-images ${EPOCH_VAL:-5000} --workers ${PARTS_WORKERS:-8} --speed ${EPOCH_SPEED:-fast} --output "$OUT/epoch_parts.json" > "$OUT/parts.txt" 2>&1
     echo "epoch_parts exit $?"; grep -v "^epoch 1 iter" "$OUT/parts.txt" | tail -22
     ;;
   bench)
