@@ -86,11 +86,13 @@ def measure(trainer, schedule, loader, sampler, steps: int, device, out: dict, p
     out["target_mb_per_batch"] = round(sum(v.numel() * v.element_size() for t in cached[0][1]
                                            for v in t.values() if torch.is_tensor(v)) / 2**20, 2)
 
-    def train(feed, label, model=trainer.model, optimizer=trainer.optimizer, autocast=trainer.autocast):
+    def train(feed, label, model=trainer.model, optimizer=trainer.optimizer, autocast=trainer.autocast,
+              scheduled=True):
         train_step(model, optimizer, trainer.scaler, *cached[0], autocast)
         started, n = time.perf_counter(), 0
         for i, (images, targets) in zip(range(steps), feed):
-            set_lr(optimizer, schedule, i)
+            if scheduled:  # the run's learning rate (its warm-up), else the optimizer's own
+                set_lr(optimizer, schedule, i)
             loss, _ = train_step(model, optimizer, trainer.scaler, images, targets, autocast)
             n += len(images)
         out[label] = rate(n, started)
@@ -110,16 +112,22 @@ def step_benchmark_beside(trainer, train, batch: int, steps: int, device, out: d
     """What separates train_throughput's figure from this set's step, one difference at a time:
     its synthetic COCO-shaped batches (full-image masks, not polygons) through the trainer's model;
     its own model (`ref-bf16-rpncl-fused-roialign`, built the benchmark's way: the same fast.Options
-    and recipe, backbone weights calibrated on random pixels) on those batches; and its timing (a
-    synchronisation per step, the batch's copy inside it) of the trainer's model."""
+    and recipe, backbone weights calibrated on random pixels) on those batches, at the run's learning
+    rate and then at its own; and its timing (a synchronisation per step, the batch's copy inside it)
+    of the trainer's model."""
     from benchmarks.train_throughput import make_variant, pinned, synthetic_batch, time_steps
 
     on_host = [pinned(synthetic_batch(batch, "cpu", seed=seed)) for seed in range(4)]
     drawn = [to_device(*b, device) for b in on_host]
     train((drawn[i % len(drawn)] for i in range(steps)), "synthetic_cached_img_s")
     model, optimizer, dtype, _ = make_variant("ref-bf16-rpncl-fused-roialign", device, None)
+    autocast = lambda: torch.autocast("cuda", dtype=dtype)  # noqa: E731
     train((drawn[i % len(drawn)] for i in range(steps)), "benchmark_model_synthetic_cached_img_s", model, optimizer,
-          lambda: torch.autocast("cuda", dtype=dtype))
+          autocast)
+    # then at the benchmark's own learning rate (0.01 from the first step): the weights move, and
+    # with them the proposals and the heads' positives
+    train((drawn[i % len(drawn)] for i in range(steps)), "benchmark_model_own_lr_synthetic_cached_img_s", model,
+          optimizer, autocast, scheduled=False)
     del model, optimizer
     timed = time_steps(trainer.model, trainer.optimizer, on_host, device, dtype, trainer.scaler, steps, 3)
     out["benchmark_timing_synthetic_img_s"] = timed["img_per_s"]
