@@ -107,7 +107,6 @@ def measure(trainer, schedule, loader, sampler, steps: int, device, out: dict, p
     gc.enable()
 
 
-
 def step_benchmark_beside(trainer, train, batch: int, steps: int, device, out: dict) -> None:
     """What separates train_throughput's figure from this set's step, one difference at a time:
     its synthetic COCO-shaped batches (full-image masks, not polygons) through the trainer's model;
@@ -132,6 +131,7 @@ def step_benchmark_beside(trainer, train, batch: int, steps: int, device, out: d
     timed = time_steps(trainer.model, trainer.optimizer, on_host, device, dtype, trainer.scaler, steps, 3)
     out["benchmark_timing_synthetic_img_s"] = timed["img_per_s"]
     print(json.dumps({"benchmark_timing_synthetic_img_s": timed["img_per_s"]}), flush=True)
+
 
 if __name__ == "__main__":
     sys.exit(main())

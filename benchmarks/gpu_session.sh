@@ -54,9 +54,10 @@ case "$part" in
       | tee "$OUT/syncs$(echo ${SYNCS_FLAGS:-} | tr -d ' -').txt" | tail -12
     ;;
   profile)
-    timeout ${PROFILE_S:-150} python3 -m benchmarks.profile_step --recipe reference --batch 12 ${PROFILE_FLAGS:-} 2>&1 \
-      > "$OUT/profile$(echo ${PROFILE_FLAGS:-} | tr -d ' -').txt"; echo "profile_step exit $?"
-    head -9 "$OUT/profile$(echo ${PROFILE_FLAGS:-} | tr -d ' -').txt"
+    report="$OUT/profile$(echo ${PROFILE_FLAGS:-} | tr -d ' -').txt"
+    timeout ${PROFILE_S:-150} python3 -m benchmarks.profile_step --recipe reference --batch 12 ${PROFILE_FLAGS:-} \
+      > "$report" 2>&1; echo "profile_step exit $?"
+    head -9 "$report"
     ;;
   layout)
     for bs in ${LAYOUT_BATCHES:-16}; do
