@@ -21,6 +21,7 @@ import gc
 import json
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -28,7 +29,7 @@ import torch
 from benchmarks import save_result
 from benchmarks.epoch_level import BACKBONE, RESULTS, prepare
 from object_detection import train as T
-from object_detection.engine import on_device, set_lr, to_device, train_step
+from object_detection.engine import on_device, set_lr, to_device, train_step, warm_up
 from object_detection.recipe import PROFILES
 
 
@@ -60,7 +61,9 @@ def main(argv=None) -> int:
     for workers in [int(w) for w in a.workers.split(",")]:
         args.workers = workers
         _, _, sampler, loader, _ = T.data_loaders(args, run, master_seed=1)
-        measure(trainer, schedule, loader, sampler, min(a.steps, len(loader)), run.device, out, f"w{workers}_")
+        measure(trainer, schedule, loader, sampler, min(a.steps, len(loader)), run.device, out, f"w{workers}_",
+                args.backbone, partial(warm_up, batch=a.batch, eval_batch=args.eval_batch,
+                                       size=(profile.min_size, profile.max_size), device=run.device))
     out["date"] = datetime.date.today().isoformat()
     out["device"] = torch.cuda.get_device_name()
     print(json.dumps(out, indent=1))
@@ -68,7 +71,8 @@ def main(argv=None) -> int:
     return 0
 
 
-def measure(trainer, schedule, loader, sampler, steps: int, device, out: dict, prefix: str) -> None:
+def measure(trainer, schedule, loader, sampler, steps: int, device, out: dict, prefix: str, backbone: Path,
+            warm) -> None:
     """The four rates of the docstring into `out` (the cached ones only the first time)."""
     def batches():
         sampler.set_epoch(len(out))  # a fresh order for each measurement
@@ -100,33 +104,42 @@ def measure(trainer, schedule, loader, sampler, steps: int, device, out: dict, p
 
     if "cached_img_s" not in out:
         train((cached[i % len(cached)] for i in range(steps)), "cached_img_s")
-        step_benchmark_beside(trainer, train, loader.batch_sampler.batch_size, steps, device, out)
+        step_benchmark_beside(trainer, train, loader.batch_sampler.batch_size, steps, device, out, backbone, warm)
     train(batches(), prefix + "loader_train_img_s")
     gc.disable()
     train(batches(), prefix + "loader_train_nogc_img_s")
     gc.enable()
 
 
-def step_benchmark_beside(trainer, train, batch: int, steps: int, device, out: dict) -> None:
+def step_benchmark_beside(trainer, train, batch: int, steps: int, device, out: dict, backbone: Path,
+                          warm) -> None:
     """What separates train_throughput's figure from this set's step, one difference at a time:
     its synthetic COCO-shaped batches (full-image masks, not polygons) through the trainer's model;
     its own model (`ref-bf16-rpncl-fused-roialign`, built the benchmark's way: the same fast.Options
     and recipe, backbone weights calibrated on random pixels) on those batches, at the run's learning
-    rate and then at its own; and its timing (a synchronisation per step, the batch's copy inside it)
-    of the trainer's model."""
+    rate and then at its own; the same build with the trainer's weight file (calibrated on the set's
+    images), then after the trainer's warm-up pass; and the benchmark's timing (a synchronisation
+    per step, the batch's copy inside it) of the trainer's model."""
     from benchmarks.train_throughput import make_variant, pinned, synthetic_batch, time_steps
 
     on_host = [pinned(synthetic_batch(batch, "cpu", seed=seed)) for seed in range(4)]
     drawn = [to_device(*b, device) for b in on_host]
-    train((drawn[i % len(drawn)] for i in range(steps)), "synthetic_cached_img_s")
+
+    def cycle():
+        return (drawn[i % len(drawn)] for i in range(steps))
+
+    train(cycle(), "synthetic_cached_img_s")
     model, optimizer, dtype, _ = make_variant("ref-bf16-rpncl-fused-roialign", device, None)
     autocast = lambda: torch.autocast("cuda", dtype=dtype)  # noqa: E731
-    train((drawn[i % len(drawn)] for i in range(steps)), "benchmark_model_synthetic_cached_img_s", model, optimizer,
-          autocast)
+    train(cycle(), "benchmark_model_synthetic_cached_img_s", model, optimizer, autocast)
     # then at the benchmark's own learning rate (0.01 from the first step): the weights move, and
     # with them the proposals and the heads' positives
-    train((drawn[i % len(drawn)] for i in range(steps)), "benchmark_model_own_lr_synthetic_cached_img_s", model,
-          optimizer, autocast, scheduled=False)
+    train(cycle(), "benchmark_model_own_lr_synthetic_cached_img_s", model, optimizer, autocast, scheduled=False)
+    torch.manual_seed(0)
+    model, optimizer, _, _ = make_variant("ref-bf16-rpncl-fused-roialign", device, None, reference_weights=backbone)
+    train(cycle(), "benchmark_model_trainer_weights_synthetic_cached_img_s", model, optimizer, autocast)
+    warm(model, autocast)  # the trainer's warm-up pass (trainer_for's)
+    train(cycle(), "benchmark_model_trainer_weights_warmed_synthetic_cached_img_s", model, optimizer, autocast)
     del model, optimizer
     timed = time_steps(trainer.model, trainer.optimizer, on_host, device, dtype, trainer.scaler, steps, 3)
     out["benchmark_timing_synthetic_img_s"] = timed["img_per_s"]

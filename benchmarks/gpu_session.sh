@@ -15,6 +15,8 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 df -h /dev/shm | tee -a "$OUT/gpu.txt"; nproc | tee -a "$OUT/gpu.txt"
+# cores against hardware threads: loader workers share the cores the trainer's host thread runs on
+lscpu | grep -E "^(Model name|Thread\(s\) per core|Core\(s\) per socket|Socket\(s\)|CPU\(s\)|NUMA node\(s\))" >> "$OUT/gpu.txt"
 export INVOKE_MLPERF_DATA_DIR=/tmp/data INVOKE_MLPERF_RESULTS_DIR=/tmp/results
 for part in "${@:-bench}"; do
 case "$part" in

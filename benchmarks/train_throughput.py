@@ -102,14 +102,15 @@ def torchvision_model(backbone: Path):
 def our_model(device, backbone: Path, channels_last: bool | str, fold_bn: bool = True, compile_backbone: bool = False,
               batched_sampler: bool = True, sync_free: bool = True, fuse_bias: bool = True, fixed_canvas: bool = False,
               recipe: str = "torchvision", roi_align: bool = False, padded_heads: bool = False, nms_scan: bool = False,
-              cuda_graphs: bool = False):
+              cuda_graphs: bool = False, reference_weights: Path | None = None):
     """channels_last: "rpn" (what the trainer runs), True (backbone only), "all" (every module).
-    recipe: "torchvision" (the open profiles') or "reference" (the closed profile's model)."""
+    recipe: "torchvision" (the open profiles') or "reference" (the closed profile's model), whose
+    backbone is `reference_weights` (an R-50.pkl) or else random_msra_backbone's."""
     speed = fast.Options(fold_bn=fold_bn, fuse_bias=fuse_bias, batched_sampler=batched_sampler, sync_free=sync_free,
                          channels_last=channels_last in (True, "rpn"), rpn_channels_last=channels_last == "rpn",
                          fixed_canvas=fixed_canvas, roi_align=roi_align, padded_heads=padded_heads, nms_scan=nms_scan,
                          cuda_graphs=cuda_graphs)
-    weights = random_msra_backbone() if recipe == "reference" else backbone
+    weights = (reference_weights or random_msra_backbone()) if recipe == "reference" else backbone
     model = build_model(81, backbone_weights=weights, proposals_per_image=1000, speed=speed,
                         recipe=RECIPES[recipe]).to(device)
     if channels_last == "all":
@@ -410,8 +411,9 @@ VARIANTS_HELP = (
     "cudnn.benchmark on, -nogc Python's garbage collector off while it runs")
 
 
-def make_variant(variant: str, device, backbone: Path):
-    """(model, optimizer, autocast dtype, grad scaler) for a variant name."""
+def make_variant(variant: str, device, backbone: Path, reference_weights: Path | None = None):
+    """(model, optimizer, autocast dtype, grad scaler) for a variant name (our_model says what
+    reference_weights is)."""
     if variant.startswith("stock"):
         model = stock_model(device)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
@@ -428,7 +430,8 @@ def make_variant(variant: str, device, backbone: Path):
                           fuse_bias="-nofuse" not in variant, fixed_canvas="-pad" in variant,
                           roi_align="-roialign" in variant, padded_heads="-padheads" in variant,
                           nms_scan="-nmsscan" in variant or "-padheads" in variant, cuda_graphs="-graphs" in variant,
-                          recipe="reference" if variant.startswith("ref-") else "torchvision")
+                          recipe="reference" if variant.startswith("ref-") else "torchvision",
+                          reference_weights=reference_weights)
         dtype = amp_dtype("bf16" if "bf16" in variant else "fp16", device)
         optimizer = make_optimizer(model, lr=0.01, fused="-fused" in variant and device.type == "cuda",
                                    loss_scaled=dtype == torch.float16)
