@@ -6,6 +6,7 @@
 # usage: bash benchmarks/gpu_session.sh PART...   (PART: smoke | doctor | bench | coco | syncs | profile | epoch | parts | layout | eval | converge | stability)
 # SYNCS_FLAGS: profile_step.py's flags for `syncs` (the host waits of one step at 12, by site), e.g. --roialign.
 # BENCH_VARIANTS: train_throughput.py --variants (default: its own); BENCH_CHECKS: its --checks (default: all).
+# BENCH_CALIBRATE: its --calibrate-on for `coco` (e.g. /tmp/mlperf-epoch-level/coco-shaped/train2017 after `parts`).
 # PROFILE_FLAGS: profile_step.py's flags for `profile` (stages and top operators of a step at 12).
 # `layout` times the tree in .old/
 # (an earlier commit: git archive COMMIT | tar -x -C .old) and this one on the same legacy batches.
@@ -48,7 +49,8 @@ case "$part" in
     ;;
   coco)
     timeout ${BENCH_S:-300} python3 -m benchmarks.train_throughput --check --batch-sizes 12 --iterations 15 \
-      --rounds ${BENCH_ROUNDS:-2} ${BENCH_CHECKS:+--checks "$BENCH_CHECKS"} ${BENCH_VARIANTS:+--variants "$BENCH_VARIANTS"} --output "$OUT/train_throughput-coco.json" 2>&1 \
+      --rounds ${BENCH_ROUNDS:-2} ${BENCH_CHECKS:+--checks "$BENCH_CHECKS"} ${BENCH_VARIANTS:+--variants "$BENCH_VARIANTS"} \
+      ${BENCH_CALIBRATE:+--calibrate-on "$BENCH_CALIBRATE"} --output "$OUT/train_throughput-coco.json" 2>&1 \
       | tee "$OUT/coco.txt" | grep -v '^{' | tail -24
     ;;
   syncs)

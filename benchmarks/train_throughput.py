@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import gc
+import hashlib
 import inspect
 import json
 import math
@@ -460,7 +461,7 @@ def measure(batch_size: int, variants: list[str], args, device, backbone: Path) 
     built, rounds = {}, {v: [] for v in variants}
     for variant in variants:
         torch.manual_seed(0)
-        built[variant] = make_variant(variant, device, backbone)
+        built[variant] = make_variant(variant, device, backbone, getattr(args, "reference_weights", None))
     for _ in range(args.rounds):
         for variant in variants:
             with switches(variant):
@@ -513,15 +514,29 @@ def main(argv=None) -> int:
     p.add_argument("--baseline", default="torchvision-bf16", help="the variant ratios are given against")
     p.add_argument("--check", action="store_true", help="also check that our step computes torchvision's function")
     p.add_argument("--checks", help=f"with --check, only these (of {','.join(CHECKS)})")
+    p.add_argument("--calibrate-on", type=Path, metavar="DIR",
+                   help="the random backbones' BatchNorm statistics measured on 16 JPEGs of DIR (as epoch_level's "
+                        "trainer gets them), not on random pixels")
     p.add_argument("--output", type=Path)
     args = p.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cudnn.benchmark = False
-    backbone = random_backbone()
+    if args.calibrate_on:
+        if not any(args.calibrate_on.glob("*.jpg")):
+            raise SystemExit(f"--calibrate-on {args.calibrate_on}: no .jpg files there; give a folder of JPEGs "
+                             "(e.g. /tmp/mlperf-epoch-level/coco-shaped/train2017 after benchmarks.epoch_level)")
+        # a file per folder: random_backbone keeps what it made once
+        args.reference_weights = random_msra_backbone(
+            Path(f"/tmp/bench_R-50-calibrated-on-{hashlib.sha1(str(args.calibrate_on.resolve()).encode()).hexdigest()[:12]}.pkl"),
+            images=args.calibrate_on)
+        backbone = args.reference_weights.with_suffix(".pth")  # torchvision's layout, made on the way
+    else:
+        args.reference_weights, backbone = None, random_backbone()
     result = {"date": dt.datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "torchvision": torchvision.__version__, "shapes": args.shapes,
+              "backbone_statistics": str(args.calibrate_on or "random pixels"),
               "command": "python -m benchmarks.train_throughput " + " ".join(sys.argv[1:] if argv is None else argv),
               "runs": []}
     if args.check:
