@@ -44,6 +44,7 @@ class OperatorCounter(CountOps):
         self.stage = "other"
         self.by_stage: collections.Counter = collections.Counter()
         self.by_site: collections.Counter = collections.Counter()
+        self.by_file: collections.Counter = collections.Counter()   # (stage, file): where a stage's operators come from
 
     def record(self, func) -> None:
         frames = [f for f in traceback.extract_stack()[:-2]
@@ -54,6 +55,7 @@ class OperatorCounter(CountOps):
             site = frames[-1]
             where = site.filename.removeprefix(f"{PROJECT_ROOT}/").split("site-packages/")[-1]
             self.by_site[f"{where}:{site.lineno} {site.name}"] += 1
+            self.by_file[f"{self.stage} {where}"] += 1
 
 
 def with_polygons(targets: list[dict]) -> list[dict]:
@@ -117,6 +119,8 @@ def main(argv=None) -> int:
                           "per_image": (counts[large].by_stage[s] - counts[small].by_stage[s]) / images} for s in stages},
         "fixed_outside_nms": sum(counts[small].by_stage[s] for s in stages if s != "nms")
         - small * sum((counts[large].by_stage[s] - counts[small].by_stage[s]) / images for s in stages if s != "nms"),
+        f"heads_by_file_at_{large}": {k: n for k, n in counts[large].by_file.most_common()
+                                      if k.split()[0] in ("rpn", "roi_heads")},
         "per_image_sites": dict(sorted(((k, v) for k, v in per_site.items() if v > 0), key=lambda kv: -kv[1])[:args.sites]),
     }
     for stage, row in result["per_stage"].items():
@@ -125,6 +129,9 @@ def main(argv=None) -> int:
     print(f"fixed per step outside NMS: {result['fixed_outside_nms']:.0f}; per image, by site:")
     for site, n in result["per_image_sites"].items():
         print(f"  {n:6.1f}  {site}")
+    print(f"the heads' operators at {large} images (RPN and RoI heads, outside NMS), by file:")
+    for where, n in result[f"heads_by_file_at_{large}"].items():
+        print(f"  {n:6d}  {where}")
     save_result(result, args.output)
     print(json.dumps({k: result[k] for k in ("benchmark", "date", "fixed_outside_nms")}))
     return 0
