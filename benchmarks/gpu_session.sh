@@ -3,7 +3,7 @@
 # `invoke train`, the throughput benchmark, then the shapes-4k convergence run for the time left.
 # EPOCH_SPEED: the trainer's --speed for `epoch` and `parts` (e.g. fast-without:prefetch: a lever's effect).
 # EPOCH_TRAIN / EPOCH_VAL: the set's sizes for `epoch` and `parts`; PARTS_WORKERS: epoch_parts --workers.
-# usage: bash benchmarks/gpu_session.sh PART...   (PART: smoke | doctor | bench | coco | syncs | profile | epoch | parts | layout | eval | converge | stability)
+# usage: bash benchmarks/gpu_session.sh PART...   (PART: smoke | doctor | bench | coco | syncs | profile | epoch | parts | masks | layout | eval | converge | stability)
 # SYNCS_FLAGS: profile_step.py's flags for `syncs` (the host waits of one step at 12, by site), e.g. --roialign.
 # BENCH_VARIANTS: train_throughput.py --variants (default: its own); BENCH_CHECKS: its --checks (default: all).
 # BENCH_CALIBRATE: its --calibrate-on for `coco` (e.g. /tmp/mlperf-epoch-level/coco-shaped/train2017 after `parts`).
@@ -41,6 +41,9 @@ case "$part" in
     timeout ${PARTS_S:-300} python3 -m benchmarks.epoch_parts --steps ${PARTS_STEPS:-100} \
       --train-images ${EPOCH_TRAIN:-6000} --val-images ${EPOCH_VAL:-5000} --workers ${PARTS_WORKERS:-8} --speed ${EPOCH_SPEED:-fast} --output "$OUT/epoch_parts.json" > "$OUT/parts.txt" 2>&1
     echo "epoch_parts exit $?"; grep -v "^epoch 1 iter" "$OUT/parts.txt" | tail -22
+    ;;
+  masks)  # the mask targets' ways (fast.rasterise's kernel: its time and the RoIs it draws differently)
+    timeout ${MASKS_S:-180} python3 -m benchmarks.mask_targets --output "$OUT/mask_targets.json" 2>&1 | tail -3
     ;;
   bench)
     timeout ${BENCH_S:-330} python3 -m benchmarks.train_throughput --check --batch-sizes 8,16,32 --iterations 15 \

@@ -1,6 +1,8 @@
 """What the mask branch's targets cost a training step: the reference's polygons rasterised for the whole
-batch at once (object_detection.mask_targets, what the closed profile runs), the same drawn image by
-image (the first version, which cost the epoch 15-18% on an H100), and torchvision's RoIAlign of
+batch at once (object_detection.mask_targets, what the closed profile runs), the same in one Triton
+kernel (fast.rasterise, `--speed fast-with:mask_targets_kernel`; the RoIs whose targets differ from the
+tensor operations' are counted: 0 is bit for bit), the same drawn image by image (the first version,
+which cost the epoch 15-18% on an H100), and torchvision's RoIAlign of
 full-image masks (the open profiles, and the closed profile before), on one batch of COCO's shape:
 12 images of 800x1088, 7 instances each (COCO's mean), 1-2 polygons of 12-40 points, 40 positive RoIs
 an image around them. Times are per step, synchronised, the median of `--repeat`.
@@ -23,6 +25,7 @@ from torchvision.models.detection.roi_heads import project_masks_on_boxes
 
 from benchmarks import save_result
 from object_detection import mask_targets as MT
+from object_detection.fast.rasterise import crop_and_rasterise, usable
 
 RESULTS = Path(__file__).resolve().parent / "results"
 IMAGES, INSTANCES, ROIS, HEIGHT, WIDTH = 12, 7, 40, 800, 1088
@@ -73,6 +76,18 @@ def timed(fn, device: torch.device, repeat: int) -> float:
     return round(statistics.median(times), 3)
 
 
+def one_kernel(targets, rois, matched, shapes, device: torch.device, repeat: int) -> dict:
+    """The kernel's time and how many RoIs' targets differ from the tensor operations' (where it runs)."""
+    if not usable(targets[0]["polygon_edges"], MT.GRID):
+        return {"polygons_one_kernel": "not run (needs Triton on a GPU)"}
+    ours = torch.cat(MT.polygon_targets(targets, rois, matched, shapes, draw=crop_and_rasterise))
+    theirs = torch.cat(MT.polygon_targets(targets, rois, matched, shapes))
+    return {"polygons_one_kernel_ms": timed(lambda: MT.polygon_targets(targets, rois, matched, shapes,
+                                                                       draw=crop_and_rasterise), device, repeat),
+            "polygons_one_kernel_differing_rois": int((ours != theirs).flatten(1).any(1).sum()),
+            "rois": len(ours)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -87,6 +102,7 @@ def main(argv=None) -> int:
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "", "images": IMAGES,
         "rois_per_image": ROIS,
         "polygons_batch_ms": timed(lambda: MT.polygon_targets(targets, rois, matched, shapes), device, args.repeat),
+        **one_kernel(targets, rois, matched, shapes, device, args.repeat),
         "polygons_per_image_ms": timed(lambda: [MT.polygon_targets([t], [r], [m], [s])
                                                for t, r, m, s in zip(targets, rois, matched, shapes)],
                                        device, args.repeat),

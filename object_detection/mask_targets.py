@@ -145,11 +145,21 @@ def rasterise(edges: torch.Tensor, owner: torch.Tensor, polygons: int, size: int
     return inside.any(1).transpose(1, 2).to(torch.uint8)
 
 
+def draw_in_chunks(edges: torch.Tensor, boxes: torch.Tensor, limits: torch.Tensor, owner: torch.Tensor,
+                   polygons: int, size: int) -> torch.Tensor:
+    """rasterise(crop_and_scale(...)) of every RoI, EDGES_AT_ONCE RoI-edge pairs at a time: (R, size,
+    size) uint8. fast.rasterise.crop_and_rasterise draws the same in one Triton kernel."""
+    chunk = max(1, EDGES_AT_ONCE // max(edges.shape[1], 1))
+    return torch.cat([rasterise(crop_and_scale(edges[i:i + chunk], boxes[i:i + chunk], limits[i:i + chunk], size),
+                                owner[i:i + chunk], polygons, size)
+                      for i in range(0, max(len(boxes), 1), chunk)])
+
+
 def polygon_targets(targets: list[dict], proposals: list[torch.Tensor], matched: list[torch.Tensor],
-                    image_shapes: list[tuple[int, int]], size: int = GRID) -> list[torch.Tensor]:
+                    image_shapes: list[tuple[int, int]], size: int = GRID, draw=draw_in_chunks) -> list[torch.Tensor]:
     """The mask targets of the images whose instances came as polygons, in one rasterisation for the
-    batch (a few hundred kernels a step, not that many per image): for each positive RoI (in its
-    resized image), its matched instance's polygons in the RoI's size x size frame, as float."""
+    batch (a few hundred kernels a step with draw_in_chunks, not that many per image): for each positive
+    RoI (in its resized image), its matched instance's polygons in the RoI's size x size frame, as float."""
     longest = max(t["polygon_edges"].shape[1] for t in targets)
     edges, owner, limits = [], [], []
     for t, m, (height, width) in zip(targets, matched, image_shapes):
@@ -161,23 +171,21 @@ def polygon_targets(targets: list[dict], proposals: list[torch.Tensor], matched:
         limits.append(limit)
     polygons = max(t["polygons"] for t in targets)
     edges, owner, boxes, limits = torch.cat(edges), torch.cat(owner), torch.cat(proposals), torch.cat(limits)
-    chunk = max(1, EDGES_AT_ONCE // max(longest, 1))
-    drawn = torch.cat([rasterise(crop_and_scale(edges[i:i + chunk], boxes[i:i + chunk], limits[i:i + chunk], size),
-                                 owner[i:i + chunk], polygons, size)
-                       for i in range(0, max(len(boxes), 1), chunk)]).float()
+    drawn = draw(edges, boxes, limits, owner, polygons, size).float()
     return list(drawn.split([len(m) for m in matched]))
 
 
 def mask_loss(mask_logits: torch.Tensor, proposals: list[torch.Tensor], targets: list[dict],
-              matched: list[torch.Tensor], image_shapes: list[tuple[int, int]]) -> torch.Tensor:
+              matched: list[torch.Tensor], image_shapes: list[tuple[int, int]], draw=None) -> torch.Tensor:
     """torchvision's maskrcnn_loss, each image's targets from its polygons where the loader gave them
-    (the reference's recipe), else from its full masks by RoIAlign (torchvision's)."""
+    (the reference's recipe; drawn by `draw`, polygon_targets' default unless given), else from its full
+    masks by RoIAlign (torchvision's)."""
     size = mask_logits.shape[-1]
     labels = torch.cat([t["labels"][m] for t, m in zip(targets, matched)])
     drawn = [i for i, t in enumerate(targets) if "polygon_edges" in t]
     per_image = dict(zip(drawn, polygon_targets([targets[i] for i in drawn], [proposals[i] for i in drawn],
                                                 [matched[i] for i in drawn], [image_shapes[i] for i in drawn],
-                                                size))) if drawn else {}
+                                                size, draw or draw_in_chunks))) if drawn else {}
     mask_targets = torch.cat([
         per_image[i] if i in per_image else project_masks_on_boxes(t["masks"], p, m, size)
         for i, (t, p, m) in enumerate(zip(targets, proposals, matched))])

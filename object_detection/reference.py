@@ -334,6 +334,7 @@ class ReferenceRoIHeads(RoIHeads):
     """torchvision's RoI heads, training with the box-head loss's beta of the recipe."""
 
     box_loss_beta: float = 1.0 / 9
+    draw_mask_targets = None  # polygon targets by mask_targets.draw_in_chunks; fast.mask_targets_kernel: one kernel
 
     def check_targets(self, targets):
         """torchvision's checks; an image's mask targets may come as polygons (mask_targets.mask_loss)."""
@@ -356,7 +357,8 @@ class ReferenceRoIHeads(RoIHeads):
             positive_matches = [m[i] for m, i in zip(matched_idxs, positive)]
             mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, mask_proposals,
                                                                                 image_shapes)))
-            losses["loss_mask"] = mask_loss(mask_logits, mask_proposals, targets, positive_matches, image_shapes)
+            losses["loss_mask"] = mask_loss(mask_logits, mask_proposals, targets, positive_matches, image_shapes,
+                                          self.draw_mask_targets)
         return [], losses
 
 

@@ -4,15 +4,22 @@ frPyObjects, merge and decode, RoI by RoI, as mlcommons/training object_detectio
 structures/segmentation_mask.py and modeling/roi_heads/mask_head/loss.py run them."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 from pycocotools import mask as mask_utils
 from torchvision.models.detection.roi_heads import maskrcnn_loss
 
+from conftest import ROOT
 from object_detection import mask_targets as MT
+from tests.support.polygons import H, W, random_instances
 
-H, W, M = 480, 640, 28
+M = 28
 
 
 def reference_target(polygons: list[list[float]], box: list[float], height: int, width: int) -> np.ndarray:
@@ -35,32 +42,6 @@ def reference_target(polygons: list[list[float]], box: list[float], height: int,
             p[1::2] *= ratio_h
         scaled.append(p.numpy().astype(np.float64))
     return mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(scaled, M, M)))
-
-
-def random_instances(count: int, seed: int = 0) -> list[tuple[list[list[float]], list[float]]]:
-    """(polygons, RoI) pairs as training meets them: 1-3 polygons of 3-40 points (some on integer
-    coordinates, some self-crossing), RoIs from sub-pixel to larger than the object, partly outside
-    the image, so the cropped coordinates go negative and far beyond the 28x28 frame."""
-    rng = np.random.default_rng(seed)
-    cases = []
-    for _ in range(count):
-        cx, cy, radius = rng.uniform(0, W), rng.uniform(0, H), rng.uniform(2, 200)
-        polygons = []
-        for _ in range(rng.integers(1, 4)):
-            k = rng.integers(3, 41)
-            angles = rng.uniform(0, 2 * np.pi, k)
-            if rng.random() < 0.7:
-                angles = np.sort(angles)  # a simple polygon; otherwise self-crossing
-            radii = radius * rng.uniform(0.3, 1.0, k)
-            points = np.stack([cx + radii * np.cos(angles), cy + radii * np.sin(angles)], 1)
-            if rng.random() < 0.3:
-                points = np.round(points)
-            points[:, 0], points[:, 1] = points[:, 0].clip(0, W), points[:, 1].clip(0, H)
-            polygons.append(points.reshape(-1).tolist())
-        bw, bh = rng.uniform(0.3, 2 * radius), rng.uniform(0.3, 2 * radius)
-        bx, by = cx + rng.uniform(-radius, radius) - bw / 2, cy + rng.uniform(-radius, radius) - bh / 2
-        cases.append((polygons, [bx, by, bx + bw, by + bh]))
-    return cases
 
 
 def targets_of(images) -> list[torch.Tensor]:
@@ -164,3 +145,40 @@ def test_a_batch_s_polygon_loss_matches_the_reference_targets(device):
                           for i, (p, _) in enumerate(cases)])
     expected = torch.nn.functional.binary_cross_entropy_with_logits(logits[torch.arange(len(cases)), labels], wanted)
     assert ours.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_the_one_kernel_draws_the_same_targets_bit_for_bit():
+    """fast.rasterise's kernel (`--speed fast-with:mask_targets_kernel`) as Triton's interpreter runs it
+    on the CPU, against the tensor operations above: one image, a batch of three sizes with its RoIs
+    matched in another order, and an image without RoIs (tests/support/rasterise_checks.py)."""
+    pytest.importorskip("triton")
+    proc = subprocess.run([sys.executable, "-m", "tests.support.rasterise_checks"], cwd=ROOT, timeout=600,
+                          env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report == {"usable": True, "one image": 0, "three images, one matched backwards": 0,
+                      "an image without RoIs": 0}
+
+
+def test_the_lever_hands_the_heads_the_kernel_and_a_cpu_still_draws_with_tensor_operations():
+    """The trainer's `--speed fast-with:mask_targets_kernel` reaches the RoI heads; where the kernel
+    cannot run (a CPU without the interpreter) the same losses come from the tensor operations."""
+    from benchmarks.host_ops import with_polygons
+    from benchmarks.train_throughput import synthetic_batch
+    from object_detection.fast import options_for
+    from object_detection.fast.rasterise import crop_and_rasterise
+    from object_detection.model import build_model
+    from object_detection.recipe import RECIPES
+
+    losses = []
+    for speed in ("fast", "fast-with:mask_targets_kernel"):
+        torch.manual_seed(0)
+        model = build_model(81, backbone_weights=None, min_size=256, max_size=320, proposals_per_image=100,
+                            rois_per_image=64, speed=options_for(speed, "cpu"), recipe=RECIPES["reference"]).train()
+        assert model.roi_heads.draw_mask_targets is (crop_and_rasterise if speed != "fast" else None)
+        images, targets = synthetic_batch(2, "cpu", seed=3, shapes="legacy")
+        torch.manual_seed(1)
+        losses.append(model([image.float() / 255 for image in images], with_polygons(targets)))
+    assert losses[0].keys() == losses[1].keys() and losses[0]["loss_mask"] > 0
+    assert all(torch.equal(losses[0][k], losses[1][k]) for k in losses[0])

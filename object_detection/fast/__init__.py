@@ -15,7 +15,9 @@ parameters and state-dict keys stay):
 - roi_align: then multi-scale RoIAlign in one Triton kernel reading those maps in their own dtype,
   with no per-level counts read on the host;
 - cuda_graphs: the backbone with its FPN, and the RPN head, replayed as CUDA graphs in training (on
-  the fixed canvas, which it implies).
+  the fixed canvas, which it implies);
+- mask_targets_kernel: the reference recipe's polygon mask targets drawn in one Triton kernel (rasterise)
+  instead of ~170 tensor operations a step.
 
 The loop around the model reads three more: loader workers that live for the whole run
 (`persistent_workers`, object_detection/train.py), the next batch copied to the GPU on a side stream
@@ -59,6 +61,7 @@ class Options:
     roi_align: bool = True           # with channels_last: one kernel pools every level (fast.roi_align)
     fixed_canvas: bool = False       # pad every batch to the largest input (800x1344): fixed shapes
     cuda_graphs: bool = False        # GPUs: backbone, FPN and RPN head as CUDA graphs (implies fixed_canvas)
+    mask_targets_kernel: bool = False  # GPUs: the polygon mask targets in one Triton kernel (fast.rasterise)
     persistent_workers: bool = True  # no loader start-up at every epoch (and evaluation)
     prefetch: bool = True            # CUDA: batch copies on a side stream, overlapping the step
     freeze_setup: bool = True        # gc.freeze() after set-up: the annotations leave every collection
@@ -71,7 +74,8 @@ class Options:
 
 STOCK = Options(fold_bn=False, fuse_bias=False, sync_free=False, padded_heads=False, nms_scan=False,
                 batched_sampler=False, transform=False,
-                channels_last=False, roi_align=False, cuda_graphs=False, persistent_workers=False, prefetch=False, freeze_setup=False, evaluation=False)
+                channels_last=False, roi_align=False, cuda_graphs=False, mask_targets_kernel=False,
+                persistent_workers=False, prefetch=False, freeze_setup=False, evaluation=False)
 
 
 WITHOUT, WITH = "fast-without:", "fast-with:"
@@ -149,4 +153,8 @@ def apply(model: MaskRCNN, options: Options = Options()) -> MaskRCNN:
         from object_detection.fast.graphs import capture_in_training
 
         capture_in_training(model)
+    if options.mask_targets_kernel:
+        from object_detection.fast.rasterise import crop_and_rasterise
+
+        model.roi_heads.draw_mask_targets = crop_and_rasterise
     return model

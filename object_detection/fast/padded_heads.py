@@ -125,7 +125,8 @@ class PaddedRoIHeads(SyncFreeRoIHeads):
             positive_matches = [m[:n] for m, n in zip(matched, counts)]
             mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, mask_proposals,
                                                                                 image_shapes)))
-            losses["loss_mask"] = mask_loss(mask_logits, mask_proposals, targets, positive_matches, image_shapes)
+            losses["loss_mask"] = mask_loss(mask_logits, mask_proposals, targets, positive_matches, image_shapes,
+                                          getattr(self, "draw_mask_targets", None))
         return [], losses
 
 

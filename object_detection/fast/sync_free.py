@@ -352,7 +352,8 @@ class SyncFreeRoIHeads(RoIHeads):
             positive_matches = [m[:n] for m, n in zip(matched_idxs, num_positive)]
             mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, mask_proposals,
                                                                                 image_shapes)))
-            losses["loss_mask"] = mask_loss(mask_logits, mask_proposals, targets, positive_matches, image_shapes)
+            losses["loss_mask"] = mask_loss(mask_logits, mask_proposals, targets, positive_matches, image_shapes,
+                                          getattr(self, "draw_mask_targets", None))
         return [], losses
 
     def postprocess_detections(self, class_logits, box_regression, proposals, image_shapes):
