@@ -35,9 +35,9 @@ def crop_and_rasterise(edges: torch.Tensor, boxes: torch.Tensor, limits: torch.T
     if not usable(edges, size):
         return draw_in_chunks(edges, boxes, limits, owner, polygons, size)
     rois, count = owner.shape
-    out = torch.zeros((rois, size, size), dtype=torch.uint8, device=edges.device)
     if rois == 0 or count == 0:
-        return out
+        return torch.zeros((rois, size, size), dtype=torch.uint8, device=edges.device)
+    out = torch.empty((rois, size, size), dtype=torch.uint8, device=edges.device)  # every pixel is stored
     _kernel[(rois,)](edges.float().contiguous(), boxes.float().contiguous(), limits.float().contiguous(),
                      owner.contiguous(), out, count, max(polygons, 1), size=size, BLOCK=BLOCK,
                      enable_fp_fusion=False)  # a*b+c as two roundings, as the tensor operations compute it
