@@ -182,3 +182,22 @@ def test_the_lever_hands_the_heads_the_kernel_and_a_cpu_still_draws_with_tensor_
         losses.append(model([image.float() / 255 for image in images], with_polygons(targets)))
     assert losses[0].keys() == losses[1].keys() and losses[0]["loss_mask"] > 0
     assert all(torch.equal(losses[0][k], losses[1][k]) for k in losses[0])
+
+
+def test_the_kernel_compiles_for_hopper_without_fused_float64_arithmetic():
+    """Triton compiles the kernel for an H100 (sm_90) here too, without a GPU: the float64 divisions are
+    IEEE's (div.rn, not Triton's approximate float32 kind) and, with fusion off as crop_and_rasterise
+    launches it, no multiply-add is fused (pycocotools rounds a*b and then +c; with fusion on this kernel
+    gets 14 fma.rn.f64), so the GPU draws what the interpreter checks above draw."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+
+    from object_detection.fast import rasterise
+
+    signature = {"edges_ptr": "*fp32", "boxes_ptr": "*fp32", "limits_ptr": "*fp32", "owner_ptr": "*i64",
+                 "out_ptr": "*u8", "count": "i32", "polygons": "i32", "size": "constexpr", "BLOCK": "constexpr"}
+    source = triton.compiler.ASTSource(fn=rasterise._kernel, signature=signature,
+                                       constexprs={"size": M, "BLOCK": rasterise.BLOCK})
+    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False}).asm["ptx"]
+    assert "div.rn.f64" in ptx and "div.full" not in ptx
+    assert "fma.rn" not in ptx
