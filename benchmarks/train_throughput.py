@@ -461,7 +461,7 @@ def measure(batch_size: int, variants: list[str], args, device, backbone: Path) 
     built, rounds = {}, {v: [] for v in variants}
     for variant in variants:
         torch.manual_seed(0)
-        built[variant] = make_variant(variant, device, backbone, getattr(args, "reference_weights", None))
+        built[variant] = make_variant(variant, device, backbone, args.reference_weights)
     for _ in range(args.rounds):
         for variant in variants:
             with switches(variant):

@@ -5,6 +5,7 @@ move freely between the fast and the stock model.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -48,3 +49,9 @@ class DeviceConstants:
         if key not in cache:
             cache[key] = torch.as_tensor(key[0], dtype=like.dtype, device=like.device)
         return cache[key]
+
+
+def triton_runs_on(tensor: torch.Tensor) -> bool:
+    """Whether the speed code's Triton kernels can take `tensor`: on a GPU, or anywhere under Triton's
+    interpreter (TRITON_INTERPRET=1: the tests run them so on a CPU)."""
+    return tensor.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"

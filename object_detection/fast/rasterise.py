@@ -8,14 +8,13 @@ the 5x grid and where it crosses every pixel column's centre line (the same floa
 same order, floating-point contraction off, IEEE division), the crossings toggling a row per column,
 each polygon's parity, and the union of the instance's polygons. Every target equals
 mask_targets.rasterise's bit for bit (tests/test_mask_targets.py, under Triton's interpreter on a CPU;
-`python -m benchmarks.train_throughput --check` on a GPU).
+`python -m benchmarks.mask_targets` counts the RoIs drawn differently on a GPU).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
+from object_detection.fast.patch import triton_runs_on
 from object_detection.mask_targets import draw_in_chunks
 
 BLOCK = 32                       # lanes for the 28 pixel columns and the 29 crossing rows
@@ -23,7 +22,7 @@ BLOCK = 32                       # lanes for the 28 pixel columns and the 29 cro
 
 def usable(edges: torch.Tensor, size: int) -> bool:
     """Whether the kernel can draw these RoIs: Triton, a GPU (or the interpreter), the grid in a block."""
-    return triton is not None and size < BLOCK and (edges.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+    return triton is not None and size < BLOCK and triton_runs_on(edges)
 
 
 def crop_and_rasterise(edges: torch.Tensor, boxes: torch.Tensor, limits: torch.Tensor, owner: torch.Tensor,

@@ -16,10 +16,10 @@ the tests).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
+
+from object_detection.fast.patch import triton_runs_on
 
 MAX_LEVELS = 4
 _BLOCK_CHANNELS = 64
@@ -29,7 +29,7 @@ def usable(features: list[torch.Tensor], sampling_ratio: int) -> bool:
     """Whether the kernel can pool these maps: channels_last, one dtype and device, at most four levels."""
     first = features[0]
     return (0 < len(features) <= MAX_LEVELS and sampling_ratio > 0 and _kernels() is not None
-            and (first.is_cuda or _interpreted()) and first.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and triton_runs_on(first) and first.dtype in (torch.float32, torch.bfloat16, torch.float16)
             and all(f.dim() == 4 and f.is_contiguous(memory_format=torch.channels_last) and f.dtype == first.dtype
                     and f.device == first.device and f.shape[:2] == first.shape[:2] for f in features))
 
@@ -118,10 +118,6 @@ def _level_args(maps: list[torch.Tensor], scales, nhwc: bool = False) -> list:
 
 def _pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
-
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _kernels():
