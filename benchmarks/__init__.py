@@ -78,3 +78,21 @@ def random_msra_backbone(path: Path = Path("/tmp/bench_R-50-calibrated.pkl"), im
     with open(path, "wb") as handle:
         pickle.dump(msra_blobs(state), handle, protocol=2)
     return path
+
+
+def calibrated_backbones(images: Path | None) -> tuple[Path | None, Path]:
+    """(R-50.pkl or None, torchvision's .pth): random backbones whose BatchNorm statistics come from 16
+    JPEGs of the folder `images` (one pair of files per folder, kept), or from random pixels when it is
+    None (the .pkl then being random_msra_backbone's default, which our_model takes by itself). A folder
+    without JPEGs is refused with one line."""
+    import hashlib
+
+    if images is None:
+        return None, random_backbone()
+    if not any(images.glob("*.jpg")):
+        raise SystemExit(f"--calibrate-on {images}: no .jpg files there; give a folder of JPEGs "
+                         "(e.g. /tmp/mlperf-epoch-level/coco-shaped/train2017 after benchmarks.epoch_level)")
+    tag = hashlib.sha1(str(images.resolve()).encode()).hexdigest()[:12]
+    msra = random_msra_backbone(Path(f"/tmp/bench_R-50-calibrated-on-{tag}.pkl"), images=images)
+    return msra, msra.with_suffix(".pth")  # torchvision's layout, made on the way
+

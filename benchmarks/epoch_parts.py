@@ -28,6 +28,7 @@ import torch
 
 from benchmarks import save_result
 from benchmarks.epoch_level import BACKBONE, RESULTS, prepare
+from benchmarks.train_throughput import StepWork
 from object_detection import train as T
 from object_detection.engine import on_device, set_lr, to_device, train_step, warm_up
 from object_detection.recipe import PROFILES
@@ -93,14 +94,17 @@ def measure(trainer, schedule, loader, sampler, steps: int, device, out: dict, p
     def train(feed, label, model=trainer.model, optimizer=trainer.optimizer, autocast=trainer.autocast,
               scheduled=True):
         train_step(model, optimizer, trainer.scaler, *cached[0], autocast)
+        work = StepWork(model)
         started, n = time.perf_counter(), 0
         for i, (images, targets) in zip(range(steps), feed):
             if scheduled:  # the run's learning rate (its warm-up), else the optimizer's own
                 set_lr(optimizer, schedule, i)
             loss, _ = train_step(model, optimizer, trainer.scaler, images, targets, autocast)
+            work.add(loss)
             n += len(images)
         out[label] = rate(n, started)
-        print(json.dumps({label: out[label]}), flush=True)
+        out[label + "_work"] = work.report(len(images))
+        print(json.dumps({label: out[label], "work": out[label + "_work"]}), flush=True)
 
     if "cached_img_s" not in out:
         train((cached[i % len(cached)] for i in range(steps)), "cached_img_s")

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
-from benchmarks import random_backbone
-from benchmarks.train_throughput import our_model, pinned, synthetic_batch
+from benchmarks import calibrated_backbones
+from benchmarks.train_throughput import StepWork, our_model, pinned, synthetic_batch
 from object_detection.engine import make_optimizer, to_device
 
 
@@ -31,16 +32,20 @@ def parse_args():
                    help="backbone, FPN and RPN head as CUDA graphs on the fixed canvas (fast.Options.cuda_graphs)")
     p.add_argument("--recipe", choices=["reference", "torchvision"], default="reference",
                    help="the closed profile's model (reference) or the open profiles' (torchvision)")
+    p.add_argument("--calibrate-on", type=Path, metavar="DIR",
+                   help="the random backbone's BatchNorm statistics from 16 JPEGs of DIR (as the trainer's on a "
+                        "set), not from random pixels: the weights decide the heads' work (BENCHMARKS.md)")
     return p.parse_args()
 
 
 def main() -> None:
     args = parse_args()
     device = torch.device("cuda")
-    backbone = random_backbone()
+    reference_weights, backbone = calibrated_backbones(args.calibrate_on)
     model = our_model(device, backbone, channels_last="rpn", sync_free=not args.tvsync, fuse_bias=not args.nofuse,
                       recipe=args.recipe, roi_align=args.roialign, padded_heads=args.padheads,
-                      nms_scan=args.nmsscan or args.padheads, cuda_graphs=args.graphs)
+                      nms_scan=args.nmsscan or args.padheads, cuda_graphs=args.graphs,
+                      reference_weights=reference_weights)
     opt = make_optimizer(model, 0.01, fused=True)
     batches = [synthetic_batch(args.batch, "cpu", seed=s) for s in range(2)]
     batches = [pinned(b) for b in batches]
@@ -76,6 +81,7 @@ def main() -> None:
         opt.step()
         torch.cuda.synchronize()
         stages["optimizer"] = stages.get("optimizer", 0) + time.perf_counter() - t
+        return loss
 
     for i in range(3):
         step(i)
@@ -83,11 +89,12 @@ def main() -> None:
         count_syncs(lambda: step(0))
         return
     stages.clear()
+    work = StepWork(model)
     t0 = time.perf_counter()
     for i in range(args.steps):
-        step(i)
+        work.add(step(i))
     total = time.perf_counter() - t0
-    print(f"batch {args.batch}: {total / args.steps * 1000:.1f} ms/step (synchronised stages)")
+    print(f"batch {args.batch}: {total / args.steps * 1000:.1f} ms/step (synchronised stages); {work.report(args.batch)}")
     for k, v in stages.items():
         print(f"  {k:<14} {v / args.steps * 1000:8.1f} ms")
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import gc
-import hashlib
 import inspect
 import json
 import math
@@ -41,7 +40,7 @@ from torchvision.models.detection import MaskRCNN, maskrcnn_resnet50_fpn
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.ops import FrozenBatchNorm2d
 
-from benchmarks import random_backbone, random_msra_backbone, save_result
+from benchmarks import calibrated_backbones, random_msra_backbone, save_result
 from object_detection import fast
 from object_detection.engine import amp_dtype, make_optimizer, to_device, train_step
 from object_detection.fast.sampler import use_batched_sampler
@@ -121,9 +120,31 @@ def our_model(device, backbone: Path, channels_last: bool | str, fold_bn: bool =
     return model
 
 
+class StepWork:
+    """What timed steps did besides take time: whether every loss was finite (a model whose loss is
+    not finite trains on NaN boxes and times less work than a training one) and the mask branch's RoIs
+    per image (the heads' positives: the weights decide them, and the step's time follows them)."""
+
+    def __init__(self, model):
+        self.losses, self.mask_rois = [], []
+        self._hook = model.roi_heads.mask_head.register_forward_hook(
+            lambda module, inputs, output: self.mask_rois.append(inputs[0].shape[0]))  # a host value: no wait
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.losses.append(loss.detach())
+
+    def report(self, images_per_step: int) -> dict:
+        self._hook.remove()
+        finite = torch.isfinite(torch.stack(self.losses).float()).cpu()
+        first_bad = (~finite).nonzero()
+        return {"losses_finite": bool(finite.all()),
+                "first_nonfinite_step": int(first_bad[0]) if len(first_bad) else None,
+                "mask_rois_per_image": round(sum(self.mask_rois) / max(len(self.mask_rois), 1) / images_per_step, 1)}
+
+
 def time_steps(model, optimizer, batches, device, dtype, scaler, iterations: int, warmup: int) -> dict:
     """Mean and median step time over `iterations` steps (whole cycles of the batches) after `warmup`,
-    with a CUDA sync per step."""
+    with a CUDA sync per step; and StepWork's report of those steps."""
     model.train()
     times = []
     autocast = ((lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None
@@ -133,21 +154,25 @@ def time_steps(model, optimizer, batches, device, dtype, scaler, iterations: int
     iterations = -(-iterations // len(batches)) * len(batches)  # whole cycles: every batch as often
     for i in range(warmup + iterations):
         images, targets = batches[i % len(batches)]
+        if i == warmup:
+            work = StepWork(model)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         images, targets = to_device(images, targets, device)
-        train_step(model, optimizer, scaler, images, targets, autocast)
+        loss, _ = train_step(model, optimizer, scaler, images, targets, autocast)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+            work.add(loss)
     n = len(batches[0][0])
     median = statistics.median(times)
     # Throughput over whole cycles of the batches (they differ in size by design); the median step too.
     return {"step_ms": round(sum(times) / len(times) * 1000, 1), "img_per_s": round(n * len(times) / sum(times), 1),
             "median_step_ms": round(median * 1000, 1),
-            "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None}
+            "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
+            **work.report(n)}
 
 
 @contextmanager
@@ -477,7 +502,9 @@ def measure(batch_size: int, variants: list[str], args, device, backbone: Path) 
             "step_ms": statistics.median(m["step_ms"] for m in ok),
             "img_per_s": round(statistics.median(m["img_per_s"] for m in ok), 1),
             "rounds_img_per_s": [m["img_per_s"] for m in ok],
-            "peak_mem_gib": max((m["peak_mem_gib"] or 0) for m in ok) or None}
+            "peak_mem_gib": max((m["peak_mem_gib"] or 0) for m in ok) or None,
+            "losses_finite": all(m["losses_finite"] for m in ok),
+            "rounds_mask_rois_per_image": [m["mask_rois_per_image"] for m in ok]}
         runs.append({**stats, "variant": variant, "batch": batch_size})
         print(json.dumps(runs[-1]), flush=True)
     del built
@@ -493,12 +520,15 @@ CHECKS = {"check": check_same_function, "check_reference": check_reference, "che
 
 def print_table(runs: list[dict], baseline: str) -> None:
     base = {r["batch"]: r.get("img_per_s") for r in runs if r["variant"] == baseline}
-    print(f"\n{'variant':<30} {'batch':>5} {'img/s':>8} {'step ms':>8} {'peak GiB':>8} {'vs ' + baseline:>20}")
+    print(f"\n{'variant':<30} {'batch':>5} {'img/s':>8} {'step ms':>8} {'peak GiB':>8} {'mask RoIs/img':>14} "
+          f"{'vs ' + baseline:>20}")
     for r in runs:
         ratio = r.get("img_per_s", 0) / base[r["batch"]] if base.get(r["batch"]) else float("nan")
         r[f"ratio_vs_{baseline}"] = round(ratio, 2)
+        rois = "/".join(str(x) for x in r.get("rounds_mask_rois_per_image", []))
         print(f"{r['variant']:<30} {r['batch']:>5} {r.get('img_per_s', 0):>8} {r.get('step_ms', 0):>8} "
-              f"{str(r.get('peak_mem_gib')):>8} {ratio:>20.2f}")
+              f"{str(r.get('peak_mem_gib')):>8} {rois:>14} {ratio:>20.2f}"
+              + ("" if r.get("losses_finite", True) else "  (a loss was not finite: it timed NaN boxes)"))
 
 
 def main(argv=None) -> int:
@@ -522,17 +552,7 @@ def main(argv=None) -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cudnn.benchmark = False
-    if args.calibrate_on:
-        if not any(args.calibrate_on.glob("*.jpg")):
-            raise SystemExit(f"--calibrate-on {args.calibrate_on}: no .jpg files there; give a folder of JPEGs "
-                             "(e.g. /tmp/mlperf-epoch-level/coco-shaped/train2017 after benchmarks.epoch_level)")
-        # a file per folder: random_backbone keeps what it made once
-        args.reference_weights = random_msra_backbone(
-            Path(f"/tmp/bench_R-50-calibrated-on-{hashlib.sha1(str(args.calibrate_on.resolve()).encode()).hexdigest()[:12]}.pkl"),
-            images=args.calibrate_on)
-        backbone = args.reference_weights.with_suffix(".pth")  # torchvision's layout, made on the way
-    else:
-        args.reference_weights, backbone = None, random_backbone()
+    args.reference_weights, backbone = calibrated_backbones(args.calibrate_on)
     result = {"date": dt.datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "torchvision": torchvision.__version__, "shapes": args.shapes,
