@@ -61,7 +61,7 @@ class Options:
     roi_align: bool = True           # with channels_last: one kernel pools every level (fast.roi_align)
     fixed_canvas: bool = False       # pad every batch to the largest input (800x1344): fixed shapes
     cuda_graphs: bool = False        # GPUs: backbone, FPN and RPN head as CUDA graphs (implies fixed_canvas)
-    mask_targets_kernel: bool = False  # GPUs: the polygon mask targets in one Triton kernel (fast.rasterise)
+    mask_targets_kernel: bool = False  # GPUs (for_device): the polygon mask targets in one Triton kernel (fast.rasterise)
     persistent_workers: bool = True  # no loader start-up at every epoch (and evaluation)
     prefetch: bool = True            # CUDA: batch copies on a side stream, overlapping the step
     freeze_setup: bool = True        # gc.freeze() after set-up: the annotations leave every collection
@@ -69,7 +69,8 @@ class Options:
 
     @classmethod
     def for_device(cls, device_type: str) -> Options:
-        return cls(channels_last=device_type == "cuda")
+        cuda = device_type == "cuda"
+        return cls(channels_last=cuda, mask_targets_kernel=cuda)
 
 
 STOCK = Options(fold_bn=False, fuse_bias=False, sync_free=False, padded_heads=False, nms_scan=False,

@@ -8,7 +8,7 @@ the 5x grid and where it crosses every pixel column's centre line (the same floa
 same order, floating-point contraction off, IEEE division), the crossings toggling a row per column,
 each polygon's parity, and the union of the instance's polygons. Every target equals
 mask_targets.rasterise's bit for bit (tests/test_mask_targets.py, under Triton's interpreter on a CPU;
-`python -m benchmarks.mask_targets` counts the RoIs drawn differently on a GPU).
+on a GPU `python -m benchmarks.mask_targets` counts the RoIs drawn differently: none on an H100).
 """
 from __future__ import annotations
 
