@@ -61,7 +61,7 @@ case "$part" in
       | tee "$OUT/syncs$(echo ${SYNCS_FLAGS:-} | tr -d ' -').txt" | tail -12
     ;;
   profile)
-    report="$OUT/profile$(echo ${PROFILE_FLAGS:-} | tr -d ' -').txt"
+    report="$OUT/profile$(echo ${PROFILE_FLAGS:-} | tr -d ' -' | tr / _).txt"
     timeout ${PROFILE_S:-150} python3 -m benchmarks.profile_step --recipe reference --batch 12 ${PROFILE_FLAGS:-} \
       > "$report" 2>&1; echo "profile_step exit $?"
     head -9 "$report"

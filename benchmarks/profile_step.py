@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from benchmarks import calibrated_backbones
-from benchmarks.train_throughput import StepWork, our_model, pinned, synthetic_batch
-from object_detection.engine import make_optimizer, to_device
+from benchmarks.train_throughput import StepWork, learning_rates, our_model, pinned, synthetic_batch
+from object_detection.engine import make_optimizer, set_lr, to_device
 
 
 def parse_args():
@@ -47,6 +47,7 @@ def main() -> None:
                       nms_scan=args.nmsscan or args.padheads, cuda_graphs=args.graphs,
                       reference_weights=reference_weights)
     opt = make_optimizer(model, 0.01, fused=True)
+    schedule, steps_done = learning_rates("schedule", args.batch), [0]  # as train_throughput's steps
     batches = [synthetic_batch(args.batch, "cpu", seed=s) for s in range(2)]
     batches = [pinned(b) for b in batches]
 
@@ -68,6 +69,8 @@ def main() -> None:
     model.roi_heads.forward = timed("roi_heads", model.roi_heads.forward)
 
     def step(i):
+        set_lr(opt, schedule, steps_done[0])
+        steps_done[0] += 1
         images, targets = to_device(*batches[i % 2], device)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = sum(model(images, targets).values())

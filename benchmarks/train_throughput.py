@@ -42,11 +42,11 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from benchmarks import calibrated_backbones, random_msra_backbone, save_result
 from object_detection import fast
-from object_detection.engine import amp_dtype, make_optimizer, to_device, train_step
+from object_detection.engine import amp_dtype, make_optimizer, set_lr, to_device, train_step
 from object_detection.fast.sampler import use_batched_sampler
 from mlperf.datasets.shapes import COCO_SHAPES, COCO_WEIGHTS, PORTRAIT_SHARE  # COCO's image shapes
 from object_detection.model import build_model
-from object_detection.recipe import RECIPES
+from object_detection.recipe import CLOSED_PROFILE, PROFILES, RECIPES, Schedule
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -142,9 +142,11 @@ class StepWork:
                 "mask_rois_per_image": round(sum(self.mask_rois) / max(len(self.mask_rois), 1) / images_per_step, 1)}
 
 
-def time_steps(model, optimizer, batches, device, dtype, scaler, iterations: int, warmup: int) -> dict:
+def time_steps(model, optimizer, batches, device, dtype, scaler, iterations: int, warmup: int,
+               schedule: Schedule | None = None, steps_done: int = 0) -> dict:
     """Mean and median step time over `iterations` steps (whole cycles of the batches) after `warmup`,
-    with a CUDA sync per step; and StepWork's report of those steps."""
+    with a CUDA sync per step; and StepWork's report of those steps. With a schedule each step takes
+    its learning rate, counting from `steps_done`; else the optimizer's own."""
     model.train()
     times = []
     autocast = ((lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None
@@ -159,6 +161,8 @@ def time_steps(model, optimizer, batches, device, dtype, scaler, iterations: int
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
+        if schedule is not None:
+            set_lr(optimizer, schedule, steps_done + i)
         images, targets = to_device(images, targets, device)
         loss, _ = train_step(model, optimizer, scaler, images, targets, autocast)
         if device.type == "cuda":
@@ -172,7 +176,7 @@ def time_steps(model, optimizer, batches, device, dtype, scaler, iterations: int
     return {"step_ms": round(sum(times) / len(times) * 1000, 1), "img_per_s": round(n * len(times) / sum(times), 1),
             "median_step_ms": round(median * 1000, 1),
             "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
-            **work.report(n)}
+            "steps_run": warmup + iterations, **work.report(n)}
 
 
 @contextmanager
@@ -442,7 +446,8 @@ def make_variant(variant: str, device, backbone: Path, reference_weights: Path |
     reference_weights is)."""
     if variant.startswith("stock"):
         model = stock_model(device)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+        optimizer = torch.optim.SGD([{"params": list(model.parameters()), "lr_factor": 1.0}], lr=0.01, momentum=0.9,
+                                    weight_decay=1e-4)
         dtype = torch.float16 if device.type == "cuda" else None
     elif variant.startswith("torchvision"):
         model = torchvision_model(backbone).to(device)
@@ -464,6 +469,22 @@ def make_variant(variant: str, device, backbone: Path, reference_weights: Path |
     return model, optimizer, dtype, torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
 
 
+def learning_rates(lr: str, batch: int) -> Schedule:
+    """--lr: "schedule", the closed profile's learning rates for `batch` images a step from a run's
+    first step (its warm-up, as the trainer's first steps take them), or one rate for every step.
+    At a constant 0.01 from the first step every model here, torchvision's too, had non-finite
+    losses within ten steps on the noise batches, and a diverged model times NaN boxes, not training
+    (BENCHMARKS.md)."""
+    if lr == "schedule":
+        return PROFILES[CLOSED_PROFILE].schedule_for(batch)
+    try:
+        rate = float(lr)
+    except ValueError:
+        raise SystemExit(f"--lr {lr}: give 'schedule' or a learning rate such as 0.01") from None
+    return Schedule(batch=batch, lr=rate, decay_steps=(), warmup_steps=0, warmup_factor=1.0, image_candidates=0,
+                    source=f"--lr {lr}")
+
+
 @contextmanager
 def switches(variant: str):
     """The process-wide settings a variant asks for, restored after it."""
@@ -483,27 +504,30 @@ def measure(batch_size: int, variants: list[str], args, device, backbone: Path) 
     batches = [synthetic_batch(batch_size, "cpu", seed=s, shapes=args.shapes) for s in range(args.batches)]
     if device.type == "cuda":
         batches = [pinned(b) for b in batches]
-    built, rounds = {}, {v: [] for v in variants}
+    built, rounds, done = {}, {v: [] for v in variants}, dict.fromkeys(variants, 0)
     for variant in variants:
         torch.manual_seed(0)
         built[variant] = make_variant(variant, device, backbone, args.reference_weights)
+    schedule = learning_rates(args.lr, batch_size)
     for _ in range(args.rounds):
         for variant in variants:
             with switches(variant):
                 try:
                     rounds[variant].append(time_steps(*built[variant][:2], batches, device, *built[variant][2:],
-                                                      args.iterations, args.warmup))
+                                                      args.iterations, args.warmup, schedule, done[variant]))
+                    done[variant] += rounds[variant][-1]["steps_run"]
                 except torch.OutOfMemoryError:
                     rounds[variant].append({"error": "out of memory"})
     runs = []
     for variant, measured in rounds.items():
         ok = [m for m in measured if "error" not in m]
         stats = {"error": "out of memory"} if not ok else {
-            "step_ms": statistics.median(m["step_ms"] for m in ok),
+            "step_ms": round(statistics.median(m["step_ms"] for m in ok), 1),
             "img_per_s": round(statistics.median(m["img_per_s"] for m in ok), 1),
             "rounds_img_per_s": [m["img_per_s"] for m in ok],
             "peak_mem_gib": max((m["peak_mem_gib"] or 0) for m in ok) or None,
             "losses_finite": all(m["losses_finite"] for m in ok),
+            "rounds_first_nonfinite_step": [m["first_nonfinite_step"] for m in ok],
             "rounds_mask_rois_per_image": [m["mask_rois_per_image"] for m in ok]}
         runs.append({**stats, "variant": variant, "batch": batch_size})
         print(json.dumps(runs[-1]), flush=True)
@@ -519,11 +543,13 @@ CHECKS = {"check": check_same_function, "check_reference": check_reference, "che
 
 
 def print_table(runs: list[dict], baseline: str) -> None:
-    base = {r["batch"]: r.get("img_per_s") for r in runs if r["variant"] == baseline}
+    # a ratio against or of a model whose loss was not finite compares NaN boxes: none is given
+    base = {r["batch"]: r.get("img_per_s") for r in runs if r["variant"] == baseline and r.get("losses_finite", True)}
     print(f"\n{'variant':<30} {'batch':>5} {'img/s':>8} {'step ms':>8} {'peak GiB':>8} {'mask RoIs/img':>14} "
           f"{'vs ' + baseline:>20}")
     for r in runs:
-        ratio = r.get("img_per_s", 0) / base[r["batch"]] if base.get(r["batch"]) else float("nan")
+        ratio = r.get("img_per_s", 0) / base[r["batch"]] if base.get(r["batch"]) and r.get("losses_finite", True) \
+            else float("nan")
         r[f"ratio_vs_{baseline}"] = round(ratio, 2)
         rois = "/".join(str(x) for x in r.get("rounds_mask_rois_per_image", []))
         print(f"{r['variant']:<30} {r['batch']:>5} {r.get('img_per_s', 0):>8} {r.get('step_ms', 0):>8} "
@@ -544,6 +570,8 @@ def main(argv=None) -> int:
     p.add_argument("--baseline", default="torchvision-bf16", help="the variant ratios are given against")
     p.add_argument("--check", action="store_true", help="also check that our step computes torchvision's function")
     p.add_argument("--checks", help=f"with --check, only these (of {','.join(CHECKS)})")
+    p.add_argument("--lr", default="schedule",
+                   help="'schedule' (the closed profile's warm-up from the first step, as a run starts) or a rate")
     p.add_argument("--calibrate-on", type=Path, metavar="DIR",
                    help="the random backbones' BatchNorm statistics measured on 16 JPEGs of DIR (as epoch_level's "
                         "trainer gets them), not on random pixels")
@@ -556,7 +584,7 @@ def main(argv=None) -> int:
     result = {"date": dt.datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "torchvision": torchvision.__version__, "shapes": args.shapes,
-              "backbone_statistics": str(args.calibrate_on or "random pixels"),
+              "backbone_statistics": str(args.calibrate_on or "random pixels"), "lr": args.lr,
               "command": "python -m benchmarks.train_throughput " + " ".join(sys.argv[1:] if argv is None else argv),
               "runs": []}
     if args.check:

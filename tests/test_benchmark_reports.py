@@ -1,0 +1,50 @@
+"""What the step benchmarks report beside their times: a model whose loss went non-finite times NaN
+boxes, not training, so its ratio is withheld; the mask branch's RoIs per image say how much work
+the timed steps did (on an H100 every model at a constant 0.01 diverged within ten steps and still
+printed a rate: BENCHMARKS.md)."""
+import math
+
+import pytest
+import torch
+
+from benchmarks.train_throughput import StepWork, learning_rates, print_table, synthetic_batch
+from object_detection.model import build_model
+from object_detection.recipe import CLOSED_PROFILE, PROFILES, RECIPES
+
+
+def test_a_model_whose_loss_was_not_finite_gets_no_ratio(capsys):
+    runs = [{"variant": "torchvision-bf16", "batch": 12, "img_per_s": 60.0, "losses_finite": True},
+            {"variant": "ours", "batch": 12, "img_per_s": 150.0, "losses_finite": False},
+            {"variant": "ours-other", "batch": 12, "img_per_s": 120.0, "losses_finite": True}]
+    print_table(runs, "torchvision-bf16")
+    assert math.isnan(runs[1]["ratio_vs_torchvision-bf16"]) and runs[2]["ratio_vs_torchvision-bf16"] == 2.0
+    assert "a loss was not finite" in capsys.readouterr().out
+
+    runs[0]["losses_finite"] = False  # a diverged baseline: no ratio for anyone
+    print_table(runs, "torchvision-bf16")
+    assert all(math.isnan(r["ratio_vs_torchvision-bf16"]) for r in runs)
+
+
+def test_step_work_counts_the_mask_rois_and_finds_the_first_non_finite_loss():
+    torch.manual_seed(0)
+    model = build_model(81, backbone_weights=None, min_size=256, max_size=320, proposals_per_image=100,
+                        rois_per_image=64, recipe=RECIPES["reference"]).train()
+    images, targets = synthetic_batch(2, "cpu", seed=3, shapes="legacy")
+    work = StepWork(model)
+    for _ in range(2):
+        work.add(sum(model([image.float() / 255 for image in images], targets).values()))
+    work.add(torch.tensor(float("nan")))
+    report = work.report(images_per_step=2)
+    assert report["losses_finite"] is False and report["first_nonfinite_step"] == 2
+    # every ground-truth box is among the positives the mask branch gets: at least that many RoIs
+    assert report["mask_rois_per_image"] >= sum(len(t["boxes"]) for t in targets) / 2
+    model(images=[image.float() / 255 for image in images], targets=targets)  # the hook is gone
+    assert len(work.mask_rois) == 2
+
+
+def test_the_benchmark_steps_at_the_closed_schedule_or_a_given_rate():
+    assert learning_rates("schedule", 12) == PROFILES[CLOSED_PROFILE].schedule_for(12)
+    constant = learning_rates("0.01", 12)
+    assert constant.lr_of_step(0) == constant.lr_of_step(500) == 0.01
+    with pytest.raises(SystemExit, match="--lr fast: give 'schedule' or a learning rate"):
+        learning_rates("fast", 12)
