@@ -11,7 +11,8 @@ One process, one GPU, the objects object_detection.train builds (data_loaders, t
   through the trainer's model, its own model on them, its timing of the trainer's model;
 - loader+train: training steps fed by the loader, as an epoch runs;
 - the same with Python's garbage collector off;
-the loader parts once per --workers count.
+the loader parts once per --workers count. Each training row also records what its steps did
+(`ROW_work`: train_throughput.StepWork's mask RoIs per image and whether every loss was finite).
 """
 from __future__ import annotations
 

@@ -7,6 +7,7 @@
 # SYNCS_FLAGS: profile_step.py's flags for `syncs` (the host waits of one step at 12, by site), e.g. --roialign.
 # BENCH_VARIANTS: train_throughput.py --variants (default: its own); BENCH_CHECKS: its --checks (default: all).
 # BENCH_CALIBRATE: its --calibrate-on for `coco` (e.g. /tmp/mlperf-epoch-level/coco-shaped/train2017 after `parts`).
+# BENCH_LR: its --lr for `bench` and `coco` (default: the closed schedule from a run's first step; 0.01: the old constant).
 # PROFILE_FLAGS: profile_step.py's flags for `profile` (stages and top operators of a step at 12).
 # `layout` times the tree in .old/
 # (an earlier commit: git archive COMMIT | tar -x -C .old) and this one on the same legacy batches.
@@ -47,13 +48,13 @@ case "$part" in
     ;;
   bench)
     timeout ${BENCH_S:-330} python3 -m benchmarks.train_throughput --check --batch-sizes 8,16,32 --iterations 15 \
-      ${BENCH_VARIANTS:+--variants "$BENCH_VARIANTS"} --output "$OUT/train_throughput.json" 2>&1 \
+      ${BENCH_VARIANTS:+--variants "$BENCH_VARIANTS"} ${BENCH_LR:+--lr "$BENCH_LR"} --output "$OUT/train_throughput.json" 2>&1 \
       | tee "$OUT/bench.txt" | grep -v '^{' | tail -20
     ;;
   coco)
     timeout ${BENCH_S:-300} python3 -m benchmarks.train_throughput --check --batch-sizes 12 --iterations 15 \
       --rounds ${BENCH_ROUNDS:-2} ${BENCH_CHECKS:+--checks "$BENCH_CHECKS"} ${BENCH_VARIANTS:+--variants "$BENCH_VARIANTS"} \
-      ${BENCH_CALIBRATE:+--calibrate-on "$BENCH_CALIBRATE"} --output "$OUT/train_throughput-coco.json" 2>&1 \
+      ${BENCH_CALIBRATE:+--calibrate-on "$BENCH_CALIBRATE"} ${BENCH_LR:+--lr "$BENCH_LR"} --output "$OUT/train_throughput-coco.json" 2>&1 \
       | tee "$OUT/coco.txt" | grep -v '^{' | tail -24
     ;;
   syncs)
