@@ -76,16 +76,24 @@ def timed(fn, device: torch.device, repeat: int) -> float:
     return round(statistics.median(times), 3)
 
 
+def kernel_differences(targets, rois, matched, shapes) -> tuple[int, int]:
+    """(RoIs whose targets fast.rasterise's kernel draws differently from the tensor operations', RoIs):
+    0 is bit for bit; -1 where the two do not even give the same shape. The GPU's check here and the
+    interpreter's in the tests (tests/support/rasterise_checks.py)."""
+    ours = torch.cat(MT.polygon_targets(targets, rois, matched, shapes, draw=crop_and_rasterise))
+    theirs = torch.cat(MT.polygon_targets(targets, rois, matched, shapes))
+    differing = int((ours != theirs).flatten(1).any(1).sum()) if ours.shape == theirs.shape else -1
+    return differing, len(theirs)
+
+
 def one_kernel(targets, rois, matched, shapes, device: torch.device, repeat: int) -> dict:
     """The kernel's time and how many RoIs' targets differ from the tensor operations' (where it runs)."""
     if not usable(targets[0]["polygon_edges"], MT.GRID):
         return {"polygons_one_kernel": "not run (needs Triton on a GPU)"}
-    ours = torch.cat(MT.polygon_targets(targets, rois, matched, shapes, draw=crop_and_rasterise))
-    theirs = torch.cat(MT.polygon_targets(targets, rois, matched, shapes))
+    differing, count = kernel_differences(targets, rois, matched, shapes)
     return {"polygons_one_kernel_ms": timed(lambda: MT.polygon_targets(targets, rois, matched, shapes,
                                                                        draw=crop_and_rasterise), device, repeat),
-            "polygons_one_kernel_differing_rois": int((ours != theirs).flatten(1).any(1).sum()),
-            "rois": len(ours)}
+            "polygons_one_kernel_differing_rois": differing, "rois": count}
 
 
 def main(argv=None) -> int:

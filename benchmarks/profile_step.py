@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def main() -> None:
                       nms_scan=args.nmsscan or args.padheads, cuda_graphs=args.graphs,
                       reference_weights=reference_weights)
     opt = make_optimizer(model, 0.01, fused=True)
-    schedule, steps_done = learning_rates("schedule", args.batch), [0]  # as train_throughput's steps
+    schedule, steps_done = learning_rates("schedule", args.batch), itertools.count()  # as train_throughput's steps
     batches = [synthetic_batch(args.batch, "cpu", seed=s) for s in range(2)]
     batches = [pinned(b) for b in batches]
 
@@ -69,8 +70,7 @@ def main() -> None:
     model.roi_heads.forward = timed("roi_heads", model.roi_heads.forward)
 
     def step(i):
-        set_lr(opt, schedule, steps_done[0])
-        steps_done[0] += 1
+        set_lr(opt, schedule, next(steps_done))
         images, targets = to_device(*batches[i % 2], device)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = sum(model(images, targets).values())

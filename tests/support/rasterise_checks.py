@@ -1,9 +1,10 @@
 """object_detection.fast.rasterise's kernel against mask_targets' tensor operations (which
 tests/test_mask_targets.py checks against pycocotools), run under Triton's interpreter on the CPU:
 `TRITON_INTERPRET=1 python -m tests.support.rasterise_checks` prints one JSON object, case -> the
-number of RoIs whose targets differ (0: bit for bit) or a failure's text; tests/test_mask_targets.py
-runs it in a process of its own (the variable must be set before Triton compiles anything). On a GPU
-`python -m benchmarks.mask_targets` counts the same at COCO's sizes.
+number of RoIs whose targets differ (benchmarks.mask_targets.kernel_differences: 0 is bit for bit)
+or a failure's text; tests/test_mask_targets.py runs it in a process of its own (the variable must
+be set before Triton compiles anything). On a GPU `python -m benchmarks.mask_targets` counts the
+same at COCO's sizes.
 
 The interpreter runs every program's loops in Python, so the polygons are short (3-8 points): the
 kernel's loops do not depend on the edge count beyond their trip count.
@@ -15,7 +16,8 @@ import json
 import torch
 
 from object_detection import mask_targets as MT
-from object_detection.fast.rasterise import crop_and_rasterise, usable
+from benchmarks.mask_targets import kernel_differences
+from object_detection.fast.rasterise import usable
 from tests.support.polygons import H, W, random_instances
 
 
@@ -29,9 +31,7 @@ def differing(images) -> int:
         rois.append(torch.tensor([box for _, box in cases], dtype=torch.float32)[order])
         matched.append(order)
         shapes.append(shape)
-    ours = torch.cat(MT.polygon_targets(targets, rois, matched, shapes, draw=crop_and_rasterise))
-    theirs = torch.cat(MT.polygon_targets(targets, rois, matched, shapes))
-    return int((ours != theirs).flatten(1).any(1).sum()) if ours.shape == theirs.shape else -1
+    return kernel_differences(targets, rois, matched, shapes)[0]
 
 
 def main() -> None:
