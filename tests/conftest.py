@@ -12,6 +12,17 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def pytest_collection_modifyitems(config, items):
+    """Modules with the most `slow` tests first, each module kept together: under pytest-xdist
+    (.ci/run's -n 2) the long runs then start at once and the quick tests fill the workers' ends,
+    instead of a pipeline run starting last and holding one worker alone; kept together, a
+    module's fixtures are made once a worker."""
+    slow: dict[str, int] = {}
+    for item in items:
+        slow[item.module.__name__] = slow.get(item.module.__name__, 0) + (item.get_closest_marker("slow") is not None)
+    items.sort(key=lambda item: -slow[item.module.__name__])  # stable: the order within a module stays
+
+
 def run_invoke(args: list[str], *, env: dict | None = None, cwd: Path = ROOT, timeout: float = 600,
                check: bool = False) -> subprocess.CompletedProcess:
     """`invoke <args>` as a user types it, from the project root; output captured as text."""
