@@ -133,8 +133,13 @@ class StepWork:
     def add(self, loss: torch.Tensor) -> None:
         self.losses.append(loss.detach())
 
-    def report(self, images_per_step: int) -> dict:
+    def close(self) -> None:
+        """The hook off the model (again: harmless); a step that failed (out of memory) must not leave it
+        counting the next round's steps."""
         self._hook.remove()
+
+    def report(self, images_per_step: int) -> dict:
+        self.close()
         finite = torch.isfinite(torch.stack(self.losses).float()).cpu()
         first_bad = (~finite).nonzero()
         return {"losses_finite": bool(finite.all()),
@@ -154,22 +159,28 @@ def time_steps(model, optimizer, batches, device, dtype, scaler, iterations: int
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     iterations = -(-iterations // len(batches)) * len(batches)  # whole cycles: every batch as often
-    for i in range(warmup + iterations):
-        images, targets = batches[i % len(batches)]
-        if i == warmup:
-            work = StepWork(model)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        if schedule is not None:
-            set_lr(optimizer, schedule, steps_done + i)
-        images, targets = to_device(images, targets, device)
-        loss, _ = train_step(model, optimizer, scaler, images, targets, autocast)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-            work.add(loss)
+    work = None
+    try:
+        for i in range(warmup + iterations):
+            images, targets = batches[i % len(batches)]
+            if i == warmup:
+                work = StepWork(model)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            if schedule is not None:
+                set_lr(optimizer, schedule, steps_done + i)
+            images, targets = to_device(images, targets, device)
+            loss, _ = train_step(model, optimizer, scaler, images, targets, autocast)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+                work.add(loss)
+    except BaseException:
+        if work is not None:
+            work.close()
+        raise
     n = len(batches[0][0])
     median = statistics.median(times)
     # Throughput over whole cycles of the batches (they differ in size by design); the median step too.

@@ -48,3 +48,24 @@ def test_the_benchmark_steps_at_the_closed_schedule_or_a_given_rate():
     assert constant.lr_of_step(0) == constant.lr_of_step(500) == 0.01
     with pytest.raises(SystemExit, match="--lr fast: give 'schedule' or a learning rate"):
         learning_rates("fast", 12)
+
+
+def test_a_round_that_runs_out_of_memory_leaves_no_counter_on_the_model(monkeypatch):
+    """The benchmark goes on to the next round after an out-of-memory step: StepWork's hook must be off
+    the model then, or it would count that round's mask RoIs into a report of its own."""
+    import benchmarks.train_throughput as bench
+
+    model = build_model(81, backbone_weights=None, min_size=64, max_size=96, recipe=RECIPES["reference"])
+    steps = []
+
+    def step_until_memory_runs_out(*args):
+        steps.append(1)
+        if len(steps) > 1:  # the first timed step, after one warm-up step
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return torch.tensor(1.0), {}
+
+    monkeypatch.setattr(bench, "train_step", step_until_memory_runs_out)
+    batches = [synthetic_batch(1, "cpu", seed=0, shapes="legacy")]
+    with pytest.raises(torch.OutOfMemoryError):
+        bench.time_steps(model, None, batches, torch.device("cpu"), None, None, iterations=2, warmup=1)
+    assert len(steps) == 2 and not model.roi_heads.mask_head._forward_hooks
