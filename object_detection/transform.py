@@ -48,24 +48,29 @@ class InputTransform(GeneralizedRCNNTransform):
     resize_rule: str = "scale"
 
     def resize(self, image, target=None):
+        if self.training and getattr(self, "_skip_resize", False):
+            return image, target
         height, width = image.shape[-2:]
-        if self.training:
-            if getattr(self, "_skip_resize", False):
-                return image, target
-            size = self.torch_choice(self.min_size)
-        else:
-            size = self.min_size[-1]
-        if self.resize_rule == "round":
-            image, target = resize_to(image, reference_size(height, width, size, self.max_size), target)
-        else:
-            image, target = _resize_image_and_masks(image, size, self.max_size, target, self.fixed_size)
+        image, target = self.resize_image(image, target)
         if target is not None:
-            target["boxes"] = self.resize_boxes(target["boxes"], (height, width), image.shape[-2:])
-            if "polygon_edges" in target:
-                target["polygon_edges"] = scale_edges(target["polygon_edges"], (height, width), image.shape[-2:])
-            if "keypoints" in target:
-                target["keypoints"] = resize_keypoints(target["keypoints"], (height, width), image.shape[-2:])
+            self.scale_target(target, (height, width), image.shape[-2:])
         return image, target
+
+    def resize_image(self, image, target=None):
+        """The image and the target's masks resized; boxes, polygons and keypoints are scale_target's."""
+        size = self.torch_choice(self.min_size) if self.training else self.min_size[-1]
+        if self.resize_rule == "round":
+            return resize_to(image, reference_size(image.shape[-2], image.shape[-1], size, self.max_size), target)
+        return _resize_image_and_masks(image, size, self.max_size, target, self.fixed_size)
+
+    def scale_target(self, target: dict, original_size, new_size) -> None:
+        """The target's coordinates (boxes, polygon edges, keypoints) moved from an image of
+        `original_size` to the same image at `new_size`, in place of the old tensors."""
+        target["boxes"] = self.resize_boxes(target["boxes"], original_size, new_size)
+        if "polygon_edges" in target:
+            target["polygon_edges"] = scale_edges(target["polygon_edges"], original_size, new_size)
+        if "keypoints" in target:
+            target["keypoints"] = resize_keypoints(target["keypoints"], original_size, new_size)
 
     def resize_boxes(self, boxes: torch.Tensor, original_size, new_size) -> torch.Tensor:
         return resize_boxes(boxes, original_size, new_size)

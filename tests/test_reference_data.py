@@ -333,14 +333,19 @@ def sample(height: int, width: int, seed: int):
     xy = torch.rand(4, 2, generator=g) * torch.tensor([width / 2, height / 2])
     boxes = torch.cat([xy, xy + torch.tensor([width / 3, height / 3])], dim=1)
     masks = (torch.rand(4, height, width, generator=g) > 0.5).to(torch.uint8)
-    return image, {"boxes": boxes, "labels": torch.tensor([1, 2, 3, 4]), "masks": masks}
+    edges = torch.rand(4, 3 + seed, 4, generator=g) * torch.tensor([width, height] * 2)  # rows of x, y, x, y
+    return image, {"boxes": boxes, "labels": torch.tensor([1, 2, 3, 4]), "masks": masks, "polygon_edges": edges}
 
 
 def test_the_stock_transform_resizes_by_the_rule_and_the_fast_one_equals_it():
+    from object_detection.fast.transform import batchable
+
     stock, fast = transforms("round")
     assert type(stock) is InputTransform and stock.resize_rule == fast.resize_rule == "round"
     for training in (True, False):
         images, targets = zip(*(sample(h, w, s) for s, (h, w) in enumerate([(300, 640), (640, 300), (427, 640)])))
+        targets = [*targets[:2], {k: v[:0] for k, v in targets[2].items()}]  # an image without instances
+        assert batchable(images, targets)  # the fast transform's batched way, not its fallback
         stock.train(training)
         fast.train(training)
         a, ta = stock([i.clone() for i in images], [{k: v.clone() for k, v in t.items()} for t in targets])
@@ -348,7 +353,7 @@ def test_the_stock_transform_resizes_by_the_rule_and_the_fast_one_equals_it():
         assert a.image_sizes == b.image_sizes == [(625, 1333), (1333, 625), (800, 1199)]
         assert torch.equal(a.tensors, b.tensors)
         for x, y in zip(ta, tb):
-            assert torch.equal(x["boxes"], y["boxes"]) and torch.equal(x["masks"], y["masks"])
+            assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
         first = ta[0]["boxes"] / targets[0]["boxes"]  # boxes follow the image: x by 1333/640, y by 625/300
         torch.testing.assert_close(first, torch.tensor([1333 / 640, 625 / 300] * 2).expand_as(first))
 

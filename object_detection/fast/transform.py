@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
 
 from object_detection.fast.patch import DeviceConstants
@@ -67,13 +68,61 @@ def paste_masks_batch(masks: list[torch.Tensor], boxes: list[torch.Tensor],
     return [p[:, None, :ih, :iw] for p, (ih, iw) in zip(pasted.split(counts), image_shapes)]
 
 
+def box_ratios(original_size, new_size) -> tuple[float, float]:
+    """(height, width) ratios as torchvision's resize_boxes computes them: float32 quotients."""
+    ratio_h, ratio_w = (float(np.float32(new) / np.float32(old)) for new, old in zip(new_size, original_size))
+    return ratio_h, ratio_w
+
+
 def scale_boxes(boxes: torch.Tensor, original_size, new_size) -> torch.Tensor:
     """torchvision's resize_boxes with the ratios as Python numbers: it builds them as four scalar
     tensors on the GPU, and each copy there makes the host wait for the GPU (64 waits a step at
     batch 16). The ratios are the same float32 quotients, so the boxes are bit-identical."""
-    ratio_h, ratio_w = (float(np.float32(new) / np.float32(old)) for new, old in zip(new_size, original_size))
+    ratio_h, ratio_w = box_ratios(original_size, new_size)
     x0, y0, x1, y1 = boxes.unbind(1)
     return torch.stack((x0 * ratio_w, y0 * ratio_h, x1 * ratio_w, y1 * ratio_h), dim=1)
+
+
+def scale_targets(targets: list[dict], moves: list[tuple]) -> None:
+    """InputTransform.scale_target for a whole batch in one multiplication: every image's boxes and
+    polygon edges are rows of (x, y, x, y), each row times its image's ratios (the boxes' float32
+    quotients, the edges' float64 ones rounded to float32, as each way multiplies by them), and each
+    target gets its rows back as views. `moves`: each image's (original size, new size). On a GPU the
+    ratios go over from pinned memory without a wait; the same numbers bit for bit."""
+    rows, factors, counts = [], [], []
+    for target, (old, new) in zip(targets, moves):
+        box_h, box_w = box_ratios(old, new)
+        edge_h, edge_w = (float(n) / float(o) for n, o in zip(new, old))
+        rows.append(target["boxes"])
+        factors.append((box_w, box_h, box_w, box_h))
+        if "polygon_edges" in target:
+            rows.append(target["polygon_edges"].reshape(-1, 4))
+            factors.append((edge_w, edge_h, edge_w, edge_h))
+    counts = [len(r) for r in rows]
+    flat = torch.cat(rows)
+    per_row = torch.from_numpy(np.repeat(np.array(factors, dtype=np.float32), counts, axis=0))
+    if flat.is_cuda:
+        per_row = per_row.pin_memory().to(flat.device, non_blocking=True)
+    scaled = iter((flat * per_row.to(flat.dtype)).split(counts))
+    for target in targets:
+        target["boxes"] = next(scaled)
+        if "polygon_edges" in target:
+            target["polygon_edges"] = next(scaled).view(target["polygon_edges"].shape)
+
+
+def batchable(images, targets) -> bool:
+    """Whether SyncFreeTransform.forward's batched way takes these: 3-d float images with the mean's
+    channels, on one device and dtype, and targets whose boxes and edges share one dtype and device
+    and which have no keypoints (those take torchvision's way, image by image)."""
+    if not images or any(i.dim() != 3 or not i.is_floating_point() for i in images):
+        return False
+    if len({(i.dtype, i.device) for i in images}) > 1:
+        return False
+    if targets is None:
+        return True
+    coordinates = [t[k] for t in targets for k in ("boxes", "polygon_edges") if k in t]
+    return (all("boxes" in t and "keypoints" not in t for t in targets)
+            and len({(c.dtype, c.device) for c in coordinates}) == 1)
 
 
 class SyncFreeTransform(DeviceConstants, InputTransform):
@@ -102,6 +151,40 @@ class SyncFreeTransform(DeviceConstants, InputTransform):
         for padded, image in zip(batch, images):
             padded[:, :image.shape[-2], :image.shape[-1]].copy_(image)
         return batch
+
+    def forward(self, images, targets=None):
+        """GeneralizedRCNNTransform.forward with the per-image operators that do not need an image's
+        own shape issued once for the batch, on a step bound by the host's launches: the
+        normalisation (foreach operators over every image's channels) and the boxes' and polygon
+        edges' scaling (scale_targets). The same numbers bit for bit; what batchable refuses, or a
+        skipped resize, takes torchvision's way."""
+        images = list(images)
+        if (not batchable(images, targets) or any(i.shape[0] != len(self.image_mean) for i in images)
+                or (self.training and getattr(self, "_skip_resize", False))):
+            return super().forward(images, targets)
+        images = self.normalize_batch(images)
+        targets = None if targets is None else [dict(t) for t in targets]
+        moves = []
+        for i, image in enumerate(images):
+            images[i], resized = self.resize_image(image, None if targets is None else targets[i])
+            if targets is not None:
+                targets[i] = resized
+            moves.append((tuple(image.shape[-2:]), tuple(images[i].shape[-2:])))
+        if targets is not None:
+            scale_targets(targets, moves)
+        sizes = [new for _, new in moves]
+        return ImageList(self.batch_images(images, size_divisible=self.size_divisible), sizes), targets
+
+    def normalize_batch(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        """normalize for every image at once: a copy, a subtraction and a division over all the images'
+        channels (foreach operators: a few launches for the batch instead of two an image), with the
+        mean and deviation as float32 scalars, as normalize's broadcast takes them."""
+        out = [torch.empty_like(image, memory_format=torch.contiguous_format) for image in images]
+        channels = [c for image in out for c in image.unbind(0)]
+        torch._foreach_copy_(channels, [c for image in images for c in image.unbind(0)])
+        torch._foreach_sub_(channels, [float(m) for m in self.image_mean] * len(images))
+        torch._foreach_div_(channels, [float(s) for s in self.image_std] * len(images))
+        return out
 
     def normalize(self, image: torch.Tensor) -> torch.Tensor:
         """The same arithmetic with the mean and std kept on the device: torchvision copies them
