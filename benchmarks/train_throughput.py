@@ -407,6 +407,44 @@ def check_roi_align(device) -> dict:
     return {"max_diff": worst, "ok": ok}
 
 
+def check_inputs(device) -> dict:
+    """The batched input path against the image-by-image one, bit for bit, on the device: to_device
+    (the targets' small tensors in one copy per dtype, uint8 images to floats in one kernel) against a
+    copy and a cast per tensor, and the fast transform's batched normalisation and scaling
+    (fast.transform.SyncFreeTransform.forward) against InputTransform's per-image way, in training
+    with the reference's resize and mean, on a COCO-shaped batch of 12 with polygon edges."""
+    import copy
+
+    from object_detection.mask_targets import polygon_edges
+    from object_detection.transform import InputTransform
+
+    images, targets = synthetic_batch(12, "cpu", seed=5)
+    for t in targets:
+        corners = [[[x0, y0, x1, y0, x1, y1, x0, y1]] for x0, y0, x1, y1 in t["boxes"].tolist()]
+        t["polygon_edges"], t["polygon_owner"] = polygon_edges(corners)
+    if device.type == "cuda":
+        images, targets = pinned((images, targets))
+    got_images, got = to_device(images, targets, device)
+    want_images = [image.to(device).float().div_(255) for image in images]
+    want = [{k: v.to(device) for k, v in t.items()} for t in targets]
+    differ = [f"to_device image {n}" for n, (a, b) in enumerate(zip(got_images, want_images)) if not torch.equal(a, b)]
+    differ += [f"to_device target {n} {k}" for n, (a, b) in enumerate(zip(got, want)) for k in b
+               if not (a[k].shape == b[k].shape and torch.equal(a[k], b[k]))]
+    fast_transform = build_model(81, backbone_weights=None, recipe=RECIPES["reference"]).transform.train()
+    stock_transform = copy.copy(fast_transform)
+    stock_transform.__class__ = InputTransform
+    results = []
+    for transform in (fast_transform, stock_transform):
+        torch.manual_seed(0)  # the same draw of the training size
+        results.append(transform(want_images, [dict(t) for t in want]))
+    (fast_list, fast_targets), (stock_list, stock_targets) = results
+    if fast_list.image_sizes != stock_list.image_sizes or not torch.equal(fast_list.tensors, stock_list.tensors):
+        differ.append("transform images")
+    differ += [f"transform target {n} {k}" for n, (a, b) in enumerate(zip(fast_targets, stock_targets))
+               for k in ("boxes", "polygon_edges") if not torch.equal(a[k], b[k])]
+    return {"differ": differ, "images": len(images), "ok": not differ}
+
+
 def check_bias_act(device) -> dict:
     """object_detection.fast.bias_act (the Triton kernel on CUDA) against the separate torch operations,
     forward and backward, in both layouts, fp32 and bf16, on a P2-sized map."""
@@ -550,7 +588,7 @@ def measure(batch_size: int, variants: list[str], args, device, backbone: Path) 
 
 CHECKS = {"check": check_same_function, "check_reference": check_reference, "check_nms": check_greedy_nms,
           "check_bias_act": check_bias_act, "check_roi_align": check_roi_align, "check_graphs": check_graphs,
-          "check_fused_training": check_fused_training}
+          "check_fused_training": check_fused_training, "check_inputs": check_inputs}
 
 
 def print_table(runs: list[dict], baseline: str) -> None:
