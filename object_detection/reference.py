@@ -279,6 +279,9 @@ class ReferenceRPN(RegionProposalNetwork):
     straddle_thresh: float | None = None
     proposals_per: str = "image"
 
+    def ignore_straddling(self, labels: list[torch.Tensor], anchors: list[torch.Tensor], image_sizes) -> list:
+        return ignore_straddling(labels, anchors, image_sizes, self.straddle_thresh)
+
     def forward(self, images, features, targets=None):
         features = list(features.values())
         objectness, pred_bbox_deltas = self.head(features)
@@ -293,7 +296,7 @@ class ReferenceRPN(RegionProposalNetwork):
             if targets is None:
                 raise ValueError("targets should not be None")
             labels, matched_gt_boxes = self.assign_targets_to_anchors(anchors, targets)
-            labels = ignore_straddling(labels, anchors, images.image_sizes, self.straddle_thresh)
+            labels = self.ignore_straddling(labels, anchors, images.image_sizes)
             regression_targets = self.box_coder.encode(matched_gt_boxes, anchors)
             loss_objectness, loss_rpn_box_reg = self.compute_loss(objectness, pred_bbox_deltas, labels,
                                                                   regression_targets)

@@ -51,6 +51,13 @@ class DeviceConstants:
         return cache[key]
 
 
+def host_values(values, like: torch.Tensor) -> torch.Tensor:
+    """Numbers the host has (image sizes, scale ratios) as a tensor of `like`'s dtype on its device,
+    copied from pinned memory: a copy from pageable memory would make the host wait for the GPU."""
+    tensor = torch.as_tensor(values, dtype=like.dtype)
+    return tensor.pin_memory().to(like.device, non_blocking=True) if like.is_cuda else tensor
+
+
 def triton_runs_on(tensor: torch.Tensor) -> bool:
     """Whether the speed code's Triton kernels can take `tensor`: on a GPU, or anywhere under Triton's
     interpreter (TRITON_INTERPRET=1: the tests run them so on a CPU)."""

@@ -39,7 +39,7 @@ from torchvision.ops import roi_align
 from torchvision.ops.poolers import MultiScaleRoIAlign, _convert_to_roi_format, _filter_input, _setup_scales
 
 from object_detection.fast.nms import greedy_nms
-from object_detection.fast.patch import DeviceConstants, mix_in, swap
+from object_detection.fast.patch import DeviceConstants, host_values, mix_in, swap
 from object_detection.fast.sampler import use_batched_sampler
 from object_detection.mask_targets import mask_loss
 
@@ -117,6 +117,15 @@ def padded_targets(boxes: list[torch.Tensor], labels: list[torch.Tensor], at_lea
     return gt, pad(labels, batch_first=True), present
 
 
+def clip_to_images(boxes: torch.Tensor, image_shapes) -> torch.Tensor:
+    """torchvision's clip_boxes_to_image for [images, N, 4] boxes, each image's to its own (height,
+    width), in five operators for the batch instead of three an image; the same clamps."""
+    limits = host_values(image_shapes, boxes)[:, None, None]  # [images, 1, 1, 2]: height, width
+    x = torch.minimum(boxes[..., 0::2].clamp(min=0), limits[..., 1])
+    y = torch.minimum(boxes[..., 1::2].clamp(min=0), limits[..., 0])
+    return torch.stack((x, y), dim=-1).reshape(boxes.shape)
+
+
 def batched_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
     """torchvision's box_iou with a batch dimension: [B, N, 4] x [B or 1, M, 4] -> [B, N, M]."""
     area1 = (boxes1[..., 2] - boxes1[..., 0]) * (boxes1[..., 3] - boxes1[..., 1])
@@ -178,6 +187,19 @@ class SyncFreeRPN(RegionProposalNetwork):
             labels.append(labels_from_matches(matched, (matched >= 0).float(), self.proposal_matcher))
         return labels, matched_gt_boxes
 
+    def ignore_straddling(self, labels, anchors, image_sizes):
+        """The reference RPN's border filter (object_detection.reference.visible_anchors) for the whole
+        batch at once: every image has the same anchors, so one comparison with each image's size
+        instead of ~9 operators an image."""
+        thresh = getattr(self, "straddle_thresh", None)
+        if thresh is None or not all(a.shape == anchors[0].shape for a in anchors):
+            return super().ignore_straddling(labels, anchors, image_sizes)
+        a = anchors[0]
+        limits = host_values([(height + thresh, width + thresh) for height, width in image_sizes], a)
+        visible = (((a[:, 0] >= -thresh) & (a[:, 1] >= -thresh))[None]
+                   & (a[None, :, 2] < limits[:, 1:]) & (a[None, :, 3] < limits[:, :1]))
+        return list(torch.stack(labels).masked_fill(~visible, -1).unbind(0))
+
     def filter_proposals(self, proposals, objectness, image_shapes, num_anchors_per_level):
         best_boxes, best_scores = self.best_proposals(proposals, objectness, image_shapes, num_anchors_per_level)
         counts = (best_scores > float("-inf")).sum(dim=1).tolist()  # the one wait
@@ -193,8 +215,7 @@ class SyncFreeRPN(RegionProposalNetwork):
         per_level = [min(self.pre_nms_top_n(), n) for n in num_anchors_per_level]
         rows = torch.arange(num_images, device=proposals.device)[:, None]
         scores = torch.sigmoid(objectness[rows, top_n_idx])
-        boxes = torch.stack([box_ops.clip_boxes_to_image(b, shape)
-                             for b, shape in zip(proposals[rows, top_n_idx], image_shapes)])
+        boxes = clip_to_images(proposals[rows, top_n_idx], image_shapes)
         widths, heights = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
         valid = (widths >= self.min_size) & (heights >= self.min_size) & (scores >= self.score_thresh)
 

@@ -7,7 +7,7 @@ import torch
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
 
-from object_detection.fast.patch import DeviceConstants
+from object_detection.fast.patch import DeviceConstants, host_values
 from object_detection.transform import InputTransform
 
 
@@ -100,10 +100,8 @@ def scale_targets(targets: list[dict], moves: list[tuple]) -> None:
             factors.append((edge_w, edge_h, edge_w, edge_h))
     counts = [len(r) for r in rows]
     flat = torch.cat(rows)
-    per_row = torch.from_numpy(np.repeat(np.array(factors, dtype=np.float32), counts, axis=0))
-    if flat.is_cuda:
-        per_row = per_row.pin_memory().to(flat.device, non_blocking=True)
-    scaled = iter((flat * per_row.to(flat.dtype)).split(counts))
+    per_row = host_values(np.repeat(np.array(factors, dtype=np.float32), counts, axis=0), flat)
+    scaled = iter((flat * per_row).split(counts))
     for target in targets:
         target["boxes"] = next(scaled)
         if "polygon_edges" in target:
