@@ -40,7 +40,7 @@ from torchvision.ops.poolers import MultiScaleRoIAlign, _convert_to_roi_format, 
 
 from object_detection.fast.nms import greedy_nms
 from object_detection.fast.patch import DeviceConstants, host_values, mix_in, swap
-from object_detection.fast.sampler import use_batched_sampler
+from object_detection.fast.sampler import pad_rows, use_batched_sampler
 from object_detection.mask_targets import mask_loss
 
 # ---------------------------------------------------------------- box coding
@@ -106,15 +106,15 @@ def padded_targets(boxes: list[torch.Tensor], labels: list[torch.Tensor], at_lea
     """Ground truth of a batch as [B, G, 4] boxes, [B, G] labels and [B, G] presence, G at least
     `at_least`. Padding boxes are unit squares, so whatever picks them up still encodes to finite
     regression targets."""
-    pad = torch.nn.utils.rnn.pad_sequence
     if max((len(b) for b in boxes), default=0) < at_least:
         boxes = [*boxes, boxes[0].new_zeros((at_least, 4))]  # widens the padding, dropped below
         labels = [*labels, labels[0].new_full((at_least,), -1)]
         gt, classes, present = padded_targets(boxes, labels)
         return gt[:-1], classes[:-1], present[:-1]
-    present = pad(labels, batch_first=True, padding_value=-1) >= 0
-    gt = torch.where(present[..., None], pad(boxes, batch_first=True), unit_box(boxes[0]))
-    return gt, pad(labels, batch_first=True), present
+    classes = pad_rows(labels, padding_value=-1)
+    present = classes >= 0
+    gt = torch.where(present[..., None], pad_rows(boxes), unit_box(boxes[0]))
+    return gt, classes.clamp(min=0), present  # labels padded with 0 (real ones are never below 0 here)
 
 
 def clip_to_images(boxes: torch.Tensor, image_shapes) -> torch.Tensor:
@@ -304,7 +304,7 @@ class SyncFreeRoIHeads(RoIHeads):
         """Batched over images (proposals padded with empty boxes, which match nothing)."""
         if all(len(b) for b in gt_boxes):
             gt, classes, present = padded_targets(gt_boxes, gt_labels)
-            padded = torch.nn.utils.rnn.pad_sequence(proposals, batch_first=True)
+            padded = pad_rows(proposals)
             matched = batched_match(batched_box_iou(gt, padded), present, self.proposal_matcher)
             clamped = matched.clamp(min=0)
             labels = labels_from_matches(matched, classes.gather(1, clamped).to(torch.int64), self.proposal_matcher)
@@ -345,15 +345,18 @@ class SyncFreeRoIHeads(RoIHeads):
         rank = positive.to(torch.int8) * 2 + negative.to(torch.int8)  # 2 positive, 1 negative, 0 neither
         order = rank.argsort(dim=1, descending=True, stable=True)
         num_positive, num_sampled = torch.stack([positive.sum(1), (rank > 0).sum(1)]).tolist()  # the wait
-        matched_gt_boxes = []
-        for i, n in enumerate(num_sampled):
-            chosen = order[i, :n]
-            proposals[i] = proposals[i][chosen]
-            labels[i] = labels[i][chosen]
-            matched_idxs[i] = matched_idxs[i][chosen]
-            boxes = gt_boxes[i] if gt_boxes[i].numel() else gt_boxes[i].new_zeros((1, 4))
-            matched_gt_boxes.append(boxes[matched_idxs[i]])
-        regression_targets = self.box_coder.encode(matched_gt_boxes, proposals)
+        # each image's sampled RoIs (the first num_sampled of its order) gathered for the whole batch
+        # from padded rows, then each image's as a view: four gathers a batch, not four an image
+        chosen = order[:, :max(num_sampled)]
+        rows = pad_rows(proposals).gather(1, chosen[..., None].expand(-1, -1, 4))
+        matched = pad_rows(matched_idxs).gather(1, chosen)
+        sampled_labels = pad_rows(labels).gather(1, chosen)
+        gt = pad_rows([b if b.numel() else b.new_zeros((1, 4)) for b in gt_boxes])  # an image without: a zero box
+        matched_gt = gt.gather(1, matched[..., None].expand(-1, -1, 4))
+        proposals = [r[:n] for r, n in zip(rows, num_sampled)]
+        matched_idxs = [m[:n] for m, n in zip(matched, num_sampled)]
+        labels = [c[:n] for c, n in zip(sampled_labels, num_sampled)]
+        regression_targets = self.box_coder.encode([g[:n] for g, n in zip(matched_gt, num_sampled)], proposals)
         return proposals, matched_idxs, labels, regression_targets, num_positive
 
     def forward(self, features, proposals, image_shapes, targets=None):
