@@ -23,6 +23,7 @@ import torch
 
 from object_detection import data as D
 from object_detection.coco_results import CocoResults
+from object_detection.engine import images_to_device
 from object_detection.evaluate import IOU_TYPES, CocoEvaluator, score_with
 from object_detection.fast.scoring import FastEvaluation, default_workers
 from benchmarks import save_result
@@ -61,7 +62,7 @@ def inference_rate(device, images: int, batch: int, group_norm: bool = False, sc
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0, n, dets = time.perf_counter(), 0, len(evaluator.results)
-        imgs = [im.to(device, non_blocking=True).float().div_(255) for im in imgs]
+        imgs = images_to_device(imgs, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             outputs = model(imgs)
         evaluator.update(outputs, list(range(i * batch, (i + 1) * batch)))

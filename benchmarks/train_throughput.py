@@ -177,10 +177,9 @@ def time_steps(model, optimizer, batches, device, dtype, scaler, iterations: int
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
                 work.add(loss)
-    except BaseException:
+    finally:
         if work is not None:
-            work.close()
-        raise
+            work.close()  # also when a step fails (out of memory): the next round counts only its own steps
     n = len(batches[0][0])
     median = statistics.median(times)
     # Throughput over whole cycles of the batches (they differ in size by design); the median step too.

@@ -79,8 +79,12 @@ def to_device(images, targets, device: torch.device):
     on_host = [t["boxes"] for t in targets if "boxes" in t and not t["boxes"].is_cuda]
     if on_host:
         check_boxes(torch.cat(on_host))
-    images = [img.to(device, non_blocking=True).div(255) for img in images]  # uint8 to float in one kernel
-    return images, targets_to_device(targets, device)
+    return images_to_device(images, device), targets_to_device(targets, device)
+
+
+def images_to_device(images, device: torch.device) -> list[torch.Tensor]:
+    """A loader's uint8 images on the device as floats in [0, 1]: the cast and the division in one kernel."""
+    return [img.to(device, non_blocking=True).div(255) for img in images]
 
 
 # Target tensors up to this size travel together (boxes, labels, polygon edges: kilobytes); larger
@@ -268,7 +272,7 @@ def evaluate(model, loader, evaluator: CocoEvaluator, device: torch.device, auto
     model.eval()
     started = time.perf_counter()
     for images, targets in loader:
-        images = [img.to(device, non_blocking=True).float().div_(255) for img in images]
+        images = images_to_device(images, device)
         with autocast():
             outputs = model(images)
         # The evaluator copies boxes and scores off the device (and, fast, writes the masks' RLE text there).

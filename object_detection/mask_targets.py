@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.models.detection.roi_heads import project_masks_on_boxes
 
+from object_detection.fast.patch import host_values
+
 UPSAMPLE = 5.0                       # rleFrPoly's scale: the boundary is traced on a 5x finer integer grid
 GRID = 28                            # the mask head's resolution (the reference's discretization size)
 # RoI-edge pairs rasterised at once: each takes ~2 KB of temporaries (28 columns, 4 candidate steps, in
@@ -162,8 +164,6 @@ def polygon_targets(targets: list[dict], proposals: list[torch.Tensor], matched:
     RoI (in its resized image), its matched instance's polygons in the RoI's size x size frame, as float.
     Every image's instances are padded to the batch's longest edge list and gathered by one index for
     the batch (each RoI's image offset and size come from the host in pinned memory, without a wait)."""
-    from object_detection.fast.patch import host_values
-
     longest = max(t["polygon_edges"].shape[1] for t in targets)
     edges = torch.cat([F.pad(t["polygon_edges"], (0, 0, 0, longest - t["polygon_edges"].shape[1])) for t in targets])
     owner = torch.cat([F.pad(t["polygon_owner"], (0, longest - t["polygon_owner"].shape[1]), value=-1)
@@ -172,7 +172,7 @@ def polygon_targets(targets: list[dict], proposals: list[torch.Tensor], matched:
     first = np.cumsum([0] + [len(t["polygon_edges"]) for t in targets[:-1]])
     index = torch.cat(matched) + host_values(np.repeat(first, picks), matched[0])
     limits = host_values(np.repeat(np.array(image_shapes, dtype=np.float32).reshape(-1, 2), picks, axis=0),
-                         torch.empty(0, device=index.device))
+                         index, torch.float32)
     polygons = max(t["polygons"] for t in targets)
     drawn = draw(edges[index], torch.cat(proposals), limits, owner[index], polygons, size).float()
     return list(drawn.split(picks))

@@ -345,7 +345,7 @@ def test_the_stock_transform_resizes_by_the_rule_and_the_fast_one_equals_it():
     for training in (True, False):
         images, targets = zip(*(sample(h, w, s) for s, (h, w) in enumerate([(300, 640), (640, 300), (427, 640)])))
         targets = [*targets[:2], {k: v[:0] for k, v in targets[2].items()}]  # an image without instances
-        assert batchable(images, targets)  # the fast transform's batched way, not its fallback
+        assert batchable(images, targets, len(MEAN))  # the fast transform's batched way, not its fallback
         stock.train(training)
         fast.train(training)
         a, ta = stock([i.clone() for i in images], [{k: v.clone() for k, v in t.items()} for t in targets])

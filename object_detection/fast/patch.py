@@ -51,10 +51,11 @@ class DeviceConstants:
         return cache[key]
 
 
-def host_values(values, like: torch.Tensor) -> torch.Tensor:
-    """Numbers the host has (image sizes, scale ratios) as a tensor of `like`'s dtype on its device,
-    copied from pinned memory: a copy from pageable memory would make the host wait for the GPU."""
-    tensor = torch.as_tensor(values, dtype=like.dtype)
+def host_values(values, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Numbers the host has (image sizes, scale ratios) as a tensor on `like`'s device, of `like`'s
+    dtype unless given, copied from pinned memory: a copy from pageable memory would make the host
+    wait for the GPU."""
+    tensor = torch.as_tensor(values, dtype=dtype or like.dtype)
     return tensor.pin_memory().to(like.device, non_blocking=True) if like.is_cuda else tensor
 
 

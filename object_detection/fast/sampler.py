@@ -18,8 +18,7 @@ def pad_rows(rows: list[torch.Tensor], padding_value=0) -> torch.Tensor:
     flat, longest = torch.cat(rows), max(lengths)
     out = flat.new_full((len(rows), longest, *flat.shape[1:]), padding_value)
     where = np.concatenate([np.arange(n) + i * longest for i, n in enumerate(lengths)])
-    out.view(-1, *flat.shape[1:]).index_copy_(0, host_values(where, torch.empty(0, dtype=torch.int64,
-                                                                              device=flat.device)), flat)
+    out.view(-1, *flat.shape[1:]).index_copy_(0, host_values(where, flat, torch.int64), flat)
     return out
 
 

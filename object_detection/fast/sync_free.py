@@ -341,7 +341,8 @@ class SyncFreeRoIHeads(RoIHeads):
         gt_labels = [t["labels"] for t in targets]
         proposals = self.add_gt_proposals(proposals, gt_boxes)
         matched_idxs, labels = self.assign_targets_to_proposals(proposals, gt_boxes, gt_labels)
-        positive, negative = self.fg_bg_sampler.padded(labels)
+        padded_labels = pad_rows(labels, padding_value=-1)
+        positive, negative = self.fg_bg_sampler.draw(padded_labels)
         rank = positive.to(torch.int8) * 2 + negative.to(torch.int8)  # 2 positive, 1 negative, 0 neither
         order = rank.argsort(dim=1, descending=True, stable=True)
         num_positive, num_sampled = torch.stack([positive.sum(1), (rank > 0).sum(1)]).tolist()  # the wait
@@ -350,7 +351,7 @@ class SyncFreeRoIHeads(RoIHeads):
         chosen = order[:, :max(num_sampled)]
         rows = pad_rows(proposals).gather(1, chosen[..., None].expand(-1, -1, 4))
         matched = pad_rows(matched_idxs).gather(1, chosen)
-        sampled_labels = pad_rows(labels).gather(1, chosen)
+        sampled_labels = padded_labels.gather(1, chosen)  # the chosen are sampled: never the padding
         gt = pad_rows([b if b.numel() else b.new_zeros((1, 4)) for b in gt_boxes])  # an image without: a zero box
         matched_gt = gt.gather(1, matched[..., None].expand(-1, -1, 4))
         proposals = [r[:n] for r, n in zip(rows, num_sampled)]

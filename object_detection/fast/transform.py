@@ -89,7 +89,7 @@ def scale_targets(targets: list[dict], moves: list[tuple]) -> None:
     quotients, the edges' float64 ones rounded to float32, as each way multiplies by them), and each
     target gets its rows back as views. `moves`: each image's (original size, new size). On a GPU the
     ratios go over from pinned memory without a wait; the same numbers bit for bit."""
-    rows, factors, counts = [], [], []
+    rows, factors = [], []
     for target, (old, new) in zip(targets, moves):
         box_h, box_w = box_ratios(old, new)
         edge_h, edge_w = (float(n) / float(o) for n, o in zip(new, old))
@@ -108,11 +108,11 @@ def scale_targets(targets: list[dict], moves: list[tuple]) -> None:
             target["polygon_edges"] = next(scaled).view(target["polygon_edges"].shape)
 
 
-def batchable(images, targets) -> bool:
+def batchable(images, targets, channels: int) -> bool:
     """Whether SyncFreeTransform.forward's batched way takes these: 3-d float images with the mean's
     channels, on one device and dtype, and targets whose boxes and edges share one dtype and device
     and which have no keypoints (those take torchvision's way, image by image)."""
-    if not images or any(i.dim() != 3 or not i.is_floating_point() for i in images):
+    if not images or any(i.dim() != 3 or not i.is_floating_point() or i.shape[0] != channels for i in images):
         return False
     if len({(i.dtype, i.device) for i in images}) > 1:
         return False
@@ -157,8 +157,7 @@ class SyncFreeTransform(DeviceConstants, InputTransform):
         edges' scaling (scale_targets). The same numbers bit for bit; what batchable refuses, or a
         skipped resize, takes torchvision's way."""
         images = list(images)
-        if (not batchable(images, targets) or any(i.shape[0] != len(self.image_mean) for i in images)
-                or (self.training and getattr(self, "_skip_resize", False))):
+        if not batchable(images, targets, len(self.image_mean)) or (self.training and getattr(self, "_skip_resize", False)):
             return super().forward(images, targets)
         images = self.normalize_batch(images)
         targets = None if targets is None else [dict(t) for t in targets]
