@@ -71,8 +71,11 @@ def with_polygons(targets: list[dict]) -> list[dict]:
 
 
 def count_step(model, batch: int, seed: int = 1) -> OperatorCounter:
+    """The second of two steps on one batch: what the model keeps after its first step (anchors,
+    the frozen norms' constants, RoIAlign's scales) is not made again in a run's later steps."""
     images, targets = synthetic_batch(batch, "cpu", seed=seed)
     images, targets = [image.float() / 255 for image in images], with_polygons(targets)
+    sum(model(images, targets).values()).backward()
     counter = OperatorCounter()
     originals = {}
     for name in STAGES:

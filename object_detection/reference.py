@@ -18,6 +18,7 @@ attributes, so the fast model computes the same function (tests/test_reference.p
 """
 from __future__ import annotations
 
+import collections
 import pickle
 from functools import partial
 from pathlib import Path
@@ -185,19 +186,36 @@ class ReferenceAnchorGenerator(AnchorGenerator):
         super().__init__(tuple((s,) for s in sizes), (tuple(ratios),) * len(sizes))
         self.fixed_strides = tuple(strides)
         self.cell_anchors = [cell_anchors(stride, size, ratios) for stride, size in zip(strides, sizes)]
+        self._kept: collections.OrderedDict = collections.OrderedDict()
+
+    # The anchors of the last few map sizes are kept: they depend on nothing else, and making them
+    # was ~50 operators a step. A batch's padded size is a multiple of 32 between the recipe's
+    # bounds, so a run sees a few dozen map sizes, the most frequent again and again; each kept
+    # set is ~1.6 MB at 800x1344.
+    KEPT_SIZES = 32
 
     def forward(self, image_list, feature_maps):
-        grid_sizes = [feature_map.shape[-2:] for feature_map in feature_maps]
         # float32 whatever autocast made the feature maps: in bfloat16 a coordinate near 1300 moves
         # in steps of 8 pixels
         dtype, device = torch.float32, feature_maps[0].device
+        key = (tuple(tuple(feature_map.shape[-2:]) for feature_map in feature_maps), device)
+        everything = self._kept.get(key)
+        if everything is None:
+            everything = self._kept[key] = self.anchors(key[0], dtype, device)
+            if len(self._kept) > self.KEPT_SIZES:
+                self._kept.popitem(last=False)
+        else:
+            self._kept.move_to_end(key)
+        return [everything for _ in image_list.image_sizes]
+
+    def anchors(self, grid_sizes, dtype, device) -> torch.Tensor:
+        """Every level's anchors, location-major and ratio-minor, one level after another."""
         # Python ints, not tensors made on the device: each torch.tensor(s, device=cuda) is a copy the
         # host waits for (5 a step); the grid's arange times an int gives the same int32 shifts.
         strides = [[s, s] for s in self.fixed_strides]
         self.set_cell_anchors(dtype, device)
-        per_level = self.grid_anchors(grid_sizes, strides)
-        everything = torch.cat(per_level)
-        return [everything for _ in image_list.image_sizes]
+        with torch.inference_mode(False):  # kept for training steps whatever asked first
+            return torch.cat(self.grid_anchors(grid_sizes, strides))
 
 
 class ReferenceBoxCoder(BoxCoder):

@@ -200,8 +200,12 @@ def trainer_for(args, run: Run, profile: Profile, schedule) -> Trainer:
             print(f"warmed up in {seconds:.1f} s (synthetic batches; compiled the NMS kernels)", flush=True)
     ddp_model = model
     if run.world_size > 1:
+        # broadcast_buffers off: the only buffers are the frozen norms' statistics, equal on every
+        # rank; broadcasting them each forward costs a collective and, by writing them, drops
+        # fast.fold_bn's kept constants every step
         ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[run.local_rank] if run.device.type == "cuda" else None, gradient_as_bucket_view=True)
+            model, device_ids=[run.local_rank] if run.device.type == "cuda" else None, gradient_as_bucket_view=True,
+            broadcast_buffers=False)
     return Trainer(model=ddp_model, optimizer=make_optimizer(model, schedule.lr, fused=run.device.type == "cuda",
                                                              loss_scaled=dtype == torch.float16),
                    scaler=torch.amp.GradScaler("cuda") if dtype == torch.float16 else None, schedule=schedule,

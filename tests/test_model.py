@@ -95,20 +95,23 @@ def test_folded_frozen_batchnorm_is_the_same_function(tmp_path):
 
 @pytest.mark.slow
 def test_evaluation_folds_once_and_never_with_stale_weights(tmp_path, monkeypatch):
-    """Without autograd the folded weights are kept between batches; a training step (fused SGD,
-    which leaves version counters alone) or load_state_dict is seen by the next evaluation."""
+    """Without autograd the folded weights are kept between batches, and in training only the
+    trainable weights are folded again (the frozen norms' constants and the frozen stages' pairs
+    are kept); a training step (fused SGD, which leaves version counters alone) or load_state_dict
+    is seen by the next evaluation."""
     from object_detection.fast import fold_bn as model_module
 
     weights = tmp_path / "resnet50.pth"
     torch.save(torchvision.models.resnet50().state_dict(), weights)
     net = build_model(81, backbone_weights=weights, min_size=64, max_size=96)
-    folds = []
-    fold = model_module._fold
-    monkeypatch.setattr(model_module, "_fold", lambda conv, bn: folds.append(conv) or fold(conv, bn))
+    folds, norms = [], []
+    fold, norm = model_module._fold, model_module._norm
+    monkeypatch.setattr(model_module, "_fold", lambda weight, n: folds.append(weight) or fold(weight, n))
+    monkeypatch.setattr(model_module, "_norm", lambda bn: norms.append(bn) or norm(bn))
     x = torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(5))
 
     def features():
-        with torch.no_grad():
+        with torch.inference_mode():  # as evaluation runs: its tensors must not leak into training
             return net.eval().backbone(x)["0"]
 
     def fresh_features():
@@ -118,11 +121,16 @@ def test_evaluation_folds_once_and_never_with_stale_weights(tmp_path, monkeypatc
             return twin.eval().backbone(x)["0"]
 
     first = features()
-    assert len(folds) == 53  # every convolution of the ResNet-50 body
+    assert len(folds) == len(norms) == 53  # every convolution of the ResNet-50 body
     assert torch.equal(features(), first) and len(folds) == 53  # nothing folded again
     net.train()
     trainable = [p for p in net.parameters() if p.requires_grad]
-    net.backbone(x)  # a training forward; its backward would give the gradients set here:
+    trainable_convs = sum(1 for m in net.backbone.modules()
+                          if isinstance(m, model_module.FoldedConv2d) and m.weight.requires_grad)
+    assert trainable_convs == 42  # the reference trains layer2-4 (conv1 and layer1 frozen)
+    for step in (1, 2):
+        net.backbone(x)["0"].sum().backward()  # saves the kept pairs of evaluation for its backward
+        assert len(folds) == 53 + step * trainable_convs and len(norms) == 53
     for p in trainable:  # this random backbone's activations overflow a real loss
         p.grad = torch.full_like(p, 1e-3)
     torch.optim.SGD(trainable, lr=1.0, fused=True).step()

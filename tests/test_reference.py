@@ -51,6 +51,13 @@ def test_anchors_of_a_feature_map_shift_by_the_fixed_stride():
     row_13 = levels[4].view(13, 21, 3, 4)[12, 0]
     torch.testing.assert_close(row_13, reference.cell_anchors(64, 512) + torch.tensor([0, 768.0, 0, 768]))
     assert levels[0].dtype == torch.float32
+    # kept for the map sizes last seen (they depend on nothing else), the oldest dropped
+    assert generator(images, maps)[0] is anchors[0]
+    generator.KEPT_SIZES = 2
+    for rows in (7, 9):
+        generator(images, maps[:4] + [torch.zeros(2, 1, rows, 21)])
+    fresh = generator(images, maps)[0]
+    assert fresh is not anchors[0] and torch.equal(fresh, anchors[0]) and len(generator._kept) == 2
 
 
 # ---------------------------------------------------------------- box coding

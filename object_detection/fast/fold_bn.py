@@ -28,25 +28,39 @@ class FoldedConv2d(nn.Conv2d):
     def _adopt(self, bn: FrozenBatchNorm2d) -> None:
         self._folded_bn = (bn,)   # in a tuple: not a child module, so the state dict is unchanged
         self._folded_cache = None
+        self._norm_cache = None
 
     def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The weight and bias of this convolution followed by its norm, as one convolution.
 
-        Without autograd (evaluation) the pair is computed once and kept: recomputing it for each
-        batch was ~320 of the ~1600 kernel launches of an evaluation batch. Any forward with
-        autograd drops it (the optimizer steps that follow change the weights without bumping
-        their version counter: fused SGD does not); load_state_dict, .to() and other in-place
-        writes change the key.
+        Only a training forward of a trainable convolution folds anew, and then only its weight:
+        W * s, with the norm's per-channel scale s and the bias kept (the norm is frozen). Folding
+        everything every step was 318 of the backbone's 505 operators at 12 images (host_ops),
+        each a launch on a host-bound step. Otherwise (evaluation, frozen stages) the pair is
+        computed once and kept; a forward with autograd drops it for a trainable convolution (the
+        optimizer steps that follow change its weight without bumping the version counter: fused
+        SGD does not); load_state_dict, .to() and other in-place writes change the keys.
         """
         (bn,) = self._folded_bn
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and self.weight.requires_grad:
             self._folded_cache = None
-            return _fold(self, bn)
-        key = [(t.data_ptr(), t._version, t.dtype)
-               for t in (self.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)]
+            return _fold(self.weight, self._norm())
+        key = _key(self.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
         if self._folded_cache is None or self._folded_cache[0] != key:
-            self._folded_cache = (key, _fold(self, bn))
+            # ordinary tensors even in inference mode (evaluation): training's backward saves the
+            # norm's scale and a frozen stage's weight, which an inference tensor refuses
+            with torch.inference_mode(False), torch.no_grad():
+                self._folded_cache = (key, _fold(self.weight, self._norm()))
         return self._folded_cache[1]
+
+    def _norm(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frozen norm's scale (shaped to multiply the weight) and bias; kept while its buffers are."""
+        (bn,) = self._folded_bn
+        key = _key(bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        if self._norm_cache is None or self._norm_cache[0] != key:
+            with torch.no_grad():
+                self._norm_cache = (key, _norm(bn))
+        return self._norm_cache[1]
 
     def conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
@@ -55,9 +69,19 @@ class FoldedConv2d(nn.Conv2d):
         return self.conv(x, *self.folded())
 
 
-def _fold(conv: nn.Conv2d, bn: FrozenBatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+def _norm(bn: FrozenBatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
-    return conv.weight * scale.reshape(-1, 1, 1, 1), bn.bias - bn.running_mean * scale
+    return scale.reshape(-1, 1, 1, 1), bn.bias - bn.running_mean * scale
+
+
+def _fold(weight: torch.Tensor, norm: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    scale, bias = norm
+    return weight * scale, bias
+
+
+def _key(*tensors: torch.Tensor) -> list:
+    """What changes when a tensor is replaced or written in place (except by fused optimizers)."""
+    return [(t.data_ptr(), t._version, t.dtype, t.requires_grad) for t in tensors]
 
 
 def fold_frozen_batchnorm(module: nn.Module) -> int:
