@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torchvision.models.detection.roi_heads import project_masks_on_boxes
 
 from object_detection.fast.patch import host_values
+from object_detection.fast.sampler import pad_blocks
 
 UPSAMPLE = 5.0                       # rleFrPoly's scale: the boundary is traced on a 5x finer integer grid
 GRID = 28                            # the mask head's resolution (the reference's discretization size)
@@ -164,10 +165,8 @@ def polygon_targets(targets: list[dict], proposals: list[torch.Tensor], matched:
     RoI (in its resized image), its matched instance's polygons in the RoI's size x size frame, as float.
     Every image's instances are padded to the batch's longest edge list and gathered by one index for
     the batch (each RoI's image offset and size come from the host in pinned memory, without a wait)."""
-    longest = max(t["polygon_edges"].shape[1] for t in targets)
-    edges = torch.cat([F.pad(t["polygon_edges"], (0, 0, 0, longest - t["polygon_edges"].shape[1])) for t in targets])
-    owner = torch.cat([F.pad(t["polygon_owner"], (0, longest - t["polygon_owner"].shape[1]), value=-1)
-                       for t in targets])
+    edges = pad_blocks([t["polygon_edges"] for t in targets])
+    owner = pad_blocks([t["polygon_owner"] for t in targets], padding_value=-1)
     picks = [len(m) for m in matched]
     first = np.cumsum([0] + [len(t["polygon_edges"]) for t in targets[:-1]])
     index = torch.cat(matched) + host_values(np.repeat(first, picks), matched[0])
@@ -179,12 +178,15 @@ def polygon_targets(targets: list[dict], proposals: list[torch.Tensor], matched:
 
 
 def mask_loss(mask_logits: torch.Tensor, proposals: list[torch.Tensor], targets: list[dict],
-              matched: list[torch.Tensor], image_shapes: list[tuple[int, int]], draw=None) -> torch.Tensor:
+              matched: list[torch.Tensor], image_shapes: list[tuple[int, int]], draw=None,
+              labels: torch.Tensor | None = None) -> torch.Tensor:
     """torchvision's maskrcnn_loss, each image's targets from its polygons where the loader gave them
     (the reference's recipe; drawn by `draw`, polygon_targets' default unless given), else from its full
-    masks by RoIAlign (torchvision's)."""
+    masks by RoIAlign (torchvision's). `labels`: the RoIs' classes where the caller has them (a
+    positive's sampled label is its matched instance's class), instead of a gather per image."""
     size = mask_logits.shape[-1]
-    labels = torch.cat([t["labels"][m] for t, m in zip(targets, matched)])
+    if labels is None:
+        labels = torch.cat([t["labels"][m] for t, m in zip(targets, matched)])
     drawn = [i for i, t in enumerate(targets) if "polygon_edges" in t]
     per_image = dict(zip(drawn, polygon_targets([targets[i] for i in drawn], [proposals[i] for i in drawn],
                                                 [matched[i] for i in drawn], [image_shapes[i] for i in drawn],

@@ -357,3 +357,22 @@ def test_pad_rows_is_pad_sequence(lengths):
         want = pad_sequence(rows, batch_first=True, padding_value=value)
         got = pad_rows(rows, padding_value=value)
         assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("shapes", [[(2, 5), (3, 5)], [(2, 5), (0, 3), (1, 7), (3, 1)], [(0, 4), (1, 2)]])
+def test_pad_blocks_is_each_block_padded_then_concatenated(shapes):
+    """fast.sampler.pad_blocks (the polygon targets' edges and owners of a batch) against F.pad per
+    block and one cat: [instances, edges, 4] floats padded with zeros, [instances, edges] with -1."""
+    import torch.nn.functional as F
+
+    from object_detection.fast.sampler import pad_blocks
+
+    g = torch.Generator().manual_seed(len(shapes))
+    longest = max(length for _, length in shapes)
+    edges = [torch.rand(n, length, 4, generator=g) for n, length in shapes]
+    owner = [torch.randint(0, 3, (n, length), generator=g) for n, length in shapes]
+    want = torch.cat([F.pad(e, (0, 0, 0, longest - e.shape[1])) for e in edges])
+    assert torch.equal(pad_blocks(edges), want)
+    want = torch.cat([F.pad(o, (0, longest - o.shape[1]), value=-1) for o in owner])
+    got = pad_blocks(owner, padding_value=-1)
+    assert got.dtype == want.dtype and torch.equal(got, want)

@@ -8,16 +8,33 @@ from torchvision.models.detection import MaskRCNN
 from object_detection.fast.patch import host_values
 
 
-def pad_rows(rows: list[torch.Tensor], padding_value=0) -> torch.Tensor:
+def pad_rows(rows: list, padding_value=0) -> torch.Tensor:
     """torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=...) in a few operators
-    for the batch instead of a copy per row: rows of one length stacked; else concatenated and put
-    in place through an index made on the host (copied from pinned memory, no wait)."""
-    lengths = [len(row) for row in rows]
-    if len(set(lengths)) == 1:
-        return torch.stack(rows)
-    flat, longest = torch.cat(rows), max(lengths)
-    out = flat.new_full((len(rows), longest, *flat.shape[1:]), padding_value)
-    where = np.concatenate([np.arange(n) + i * longest for i, n in enumerate(lengths)])
+    for the batch instead of a copy per row. A row may come in pieces (a tuple of tensors), which
+    makes each row's torch.cat unnecessary."""
+    rows = [row if isinstance(row, tuple) else (row,) for row in rows]
+    return _padded(torch.cat([piece for row in rows for piece in row]),
+                   [sum(len(piece) for piece in row) for row in rows], padding_value)
+
+
+def pad_blocks(blocks: list[torch.Tensor], padding_value=0) -> torch.Tensor:
+    """Blocks [n_i, length_i, ...] padded to the longest length and concatenated: [sum n_i, longest, ...]
+    (torch.cat of each block padded along dim 1) in a few operators for the batch."""
+    tail = blocks[0].shape[2:]
+    return _padded(torch.cat([block.reshape(-1, *tail) for block in blocks]),
+                   [block.shape[1] for block in blocks for _ in range(len(block))], padding_value,
+                   longest=max(block.shape[1] for block in blocks))  # an empty block's length counts too
+
+
+def _padded(flat: torch.Tensor, lengths: list[int], padding_value, longest: int | None = None) -> torch.Tensor:
+    """Rows of the given lengths, back to back in flat, as [rows, longest, ...]: a view when all are
+    as long; else put in place through an index made on the host (copied from pinned memory, no wait)."""
+    longest = max(lengths, default=0) if longest is None else longest
+    if all(n == longest for n in lengths):
+        return flat.view(len(lengths), longest, *flat.shape[1:])
+    out = flat.new_full((len(lengths), longest, *flat.shape[1:]), padding_value)
+    starts = np.cumsum([0] + lengths[:-1])
+    where = np.arange(len(flat)) + np.repeat(np.arange(len(lengths)) * longest - starts, lengths)
     out.view(-1, *flat.shape[1:]).index_copy_(0, host_values(where, flat, torch.int64), flat)
     return out
 

@@ -300,11 +300,12 @@ def fastrcnn_loss_masked(class_logits, box_regression, labels, regression_target
 
 class SyncFreeRoIHeads(RoIHeads):
 
-    def assign_targets_to_proposals(self, proposals, gt_boxes, gt_labels):
-        """Batched over images (proposals padded with empty boxes, which match nothing)."""
+    def assign_targets_to_proposals(self, proposals, gt_boxes, gt_labels, padded=None):
+        """Batched over images (proposals padded with empty boxes, which match nothing; `padded`:
+        pad_rows(proposals) where the caller has it)."""
         if all(len(b) for b in gt_boxes):
             gt, classes, present = padded_targets(gt_boxes, gt_labels)
-            padded = pad_rows(proposals)
+            padded = pad_rows(proposals) if padded is None else padded
             matched = batched_match(batched_box_iou(gt, padded), present, self.proposal_matcher)
             clamped = matched.clamp(min=0)
             labels = labels_from_matches(matched, classes.gather(1, clamped).to(torch.int64), self.proposal_matcher)
@@ -339,8 +340,10 @@ class SyncFreeRoIHeads(RoIHeads):
         dtype = proposals[0].dtype
         gt_boxes = [t["boxes"].to(dtype) for t in targets]
         gt_labels = [t["labels"] for t in targets]
-        proposals = self.add_gt_proposals(proposals, gt_boxes)
-        matched_idxs, labels = self.assign_targets_to_proposals(proposals, gt_boxes, gt_labels)
+        # torchvision's add_gt_proposals (a cat per image) as the padded rows, each image's a view
+        padded_proposals = pad_rows([(p, g) for p, g in zip(proposals, gt_boxes)])
+        proposals = [row[:len(p) + len(g)] for row, p, g in zip(padded_proposals, proposals, gt_boxes)]
+        matched_idxs, labels = self.assign_targets_to_proposals(proposals, gt_boxes, gt_labels, padded_proposals)
         padded_labels = pad_rows(labels, padding_value=-1)
         positive, negative = self.fg_bg_sampler.draw(padded_labels)
         rank = positive.to(torch.int8) * 2 + negative.to(torch.int8)  # 2 positive, 1 negative, 0 neither
@@ -349,7 +352,7 @@ class SyncFreeRoIHeads(RoIHeads):
         # each image's sampled RoIs (the first num_sampled of its order) gathered for the whole batch
         # from padded rows, then each image's as a view: four gathers a batch, not four an image
         chosen = order[:, :max(num_sampled)]
-        rows = pad_rows(proposals).gather(1, chosen[..., None].expand(-1, -1, 4))
+        rows = padded_proposals.gather(1, chosen[..., None].expand(-1, -1, 4))
         matched = pad_rows(matched_idxs).gather(1, chosen)
         sampled_labels = padded_labels.gather(1, chosen)  # the chosen are sampled: never the padding
         gt = pad_rows([b if b.numel() else b.new_zeros((1, 4)) for b in gt_boxes])  # an image without: a zero box
@@ -378,7 +381,8 @@ class SyncFreeRoIHeads(RoIHeads):
             mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, mask_proposals,
                                                                                 image_shapes)))
             losses["loss_mask"] = mask_loss(mask_logits, mask_proposals, targets, positive_matches, image_shapes,
-                                          getattr(self, "draw_mask_targets", None))
+                                          getattr(self, "draw_mask_targets", None),
+                                          torch.cat([c[:n] for c, n in zip(labels, num_positive)]))
         return [], losses
 
     def postprocess_detections(self, class_logits, box_regression, proposals, image_shapes):
