@@ -83,36 +83,16 @@ def to_device(images, targets, device: torch.device):
 
 
 def images_to_device(images, device: torch.device) -> list[torch.Tensor]:
-    """A loader's uint8 images on the device as floats in [0, 1]: the cast and the division in one kernel."""
-    return [img.to(device, non_blocking=True).div(255) for img in images]
-
-
-# Target tensors up to this size travel together (boxes, labels, polygon edges: kilobytes); larger
-# ones (full-image masks: megabytes) are copied as they are rather than once more on the host.
-SMALL_TARGET_BYTES = 1 << 20
+    """A loader's uint8 images on the device as floats in [0, 1]. (Copying a batch's small target
+    tensors in one buffer and casting with one division kernel launched fewer operators but made
+    the training step slower on an H100, 10-15% by a bisection: BENCHMARKS.md, tenth session.)"""
+    return [img.to(device, non_blocking=True).float().div_(255) for img in images]
 
 
 def targets_to_device(targets: list[dict], device: torch.device) -> list[dict]:
-    """The targets' tensors on the device, the small ones in one copy per dtype for the whole batch
-    (a batch of 12 has ~48 of them, each a launch on a step bound by the host's launches): gathered
-    on the host into one buffer (pinned for a GPU: the copy does not wait), copied, and handed back
-    as views of their shapes. Larger tensors are copied one by one; everything else stays as it was."""
-    moved = [dict(t) for t in targets]
-    small = {}  # dtype -> [(image, key)], in the targets' order
-    for i, t in enumerate(targets):
-        for k, v in t.items():
-            if torch.is_tensor(v):
-                if not v.is_cuda and v.numel() * v.element_size() <= SMALL_TARGET_BYTES:
-                    small.setdefault(v.dtype, []).append((i, k))
-                else:
-                    moved[i][k] = v.to(device, non_blocking=True)
-    for dtype, group in small.items():
-        flat = [targets[i][k].reshape(-1) for i, k in group]
-        host = torch.empty(sum(f.numel() for f in flat), dtype=dtype, pin_memory=device.type == "cuda")
-        torch.cat(flat, out=host)
-        for (i, k), part in zip(group, host.to(device, non_blocking=True).split([f.numel() for f in flat])):
-            moved[i][k] = part.view(targets[i][k].shape)
-    return moved
+    """The targets' tensors on the device, each copied as it is; everything else stays as it was."""
+    return [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()}
+            for t in targets]
 
 
 def on_device(loader, device: torch.device, prefetch: bool = False):

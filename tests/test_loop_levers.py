@@ -112,33 +112,3 @@ def test_a_batch_with_a_box_without_area_stops_before_it_reaches_the_device():
     targets = [{"boxes": torch.tensor([[1.0, 1.0, 9.0, 9.0], [5.0, 5.0, 5.0, 12.0]]), "labels": torch.tensor([1, 2])}]
     with pytest.raises(ValueError, match=r"positive height and width. Found invalid box \[5.0, 5.0, 5.0, 12.0\]"):
         engine.to_device(images, targets, torch.device("cpu"))
-
-
-
-def test_to_device_gives_every_target_tensor_as_it_was_though_the_small_ones_travel_together():
-    """engine.to_device copies a batch's small target tensors (boxes, labels, polygon edges) in one
-    buffer per dtype and hands them back as views: each must equal its own tensor in values, dtype
-    and shape, whatever the images' instance and edge counts (none, too); full-image masks, above
-    the size limit, and non-tensor values stay as they were; images become floats in [0, 1] as before."""
-    from object_detection.mask_targets import polygon_edges
-
-    g = torch.Generator().manual_seed(0)
-    images, targets = [], []
-    for i, instances in enumerate([3, 0, 5]):
-        images.append(torch.randint(0, 256, (3, 40 + i, 50), dtype=torch.uint8, generator=g))
-        polygons = [[(torch.rand(2 * (3 + j + i), generator=g) * 40).tolist()] for j in range(instances)]
-        edges, owner = polygon_edges(polygons)
-        targets.append({"boxes": (torch.rand(instances, 4, generator=g) * 20).cumsum(1),
-                        "labels": torch.randint(1, 81, (instances,), generator=g), "polygon_edges": edges,
-                        "polygon_owner": owner, "masks": torch.zeros(instances, 1024, 1024, dtype=torch.uint8),
-                        "image_id": 7 + i, "orig_size": (40 + i, 50)})
-    got_images, got = engine.to_device(images, targets, torch.device("cpu"))
-    for image, want in zip(got_images, images):
-        assert torch.equal(image, want.float().div_(255))
-    assert engine.SMALL_TARGET_BYTES < 1024 * 1024 * 3  # the masks of the first image are above it
-    for t, want in zip(got, targets):
-        assert t.keys() == want.keys() and t["image_id"] == want["image_id"] and t["orig_size"] == want["orig_size"]
-        for k, v in want.items():
-            if torch.is_tensor(v):
-                assert t[k].dtype == v.dtype and t[k].shape == v.shape and torch.equal(t[k], v), k
-    assert got[0]["boxes"].untyped_storage().data_ptr() == got[2]["polygon_edges"].untyped_storage().data_ptr()
