@@ -3,12 +3,15 @@
 # `invoke train`, the throughput benchmark, then the shapes-4k convergence run for the time left.
 # EPOCH_SPEED: the trainer's --speed for `epoch` and `parts` (e.g. fast-without:prefetch: a lever's effect).
 # EPOCH_TRAIN / EPOCH_VAL: the set's sizes for `epoch` and `parts`; PARTS_WORKERS: epoch_parts --workers.
-# usage: bash benchmarks/gpu_session.sh PART...   (PART: smoke | doctor | bench | coco | syncs | profile | epoch | parts | masks | layout | eval | converge | stability)
+# usage: bash benchmarks/gpu_session.sh PART...   (PART: smoke | doctor | bench | coco | syncs | profile | epoch | parts | masks | trees | layout | eval | converge | stability)
 # SYNCS_FLAGS: profile_step.py's flags for `syncs` (the host waits of one step at 12, by site), e.g. --roialign.
 # BENCH_VARIANTS: train_throughput.py --variants (default: its own); BENCH_CHECKS: its --checks (default: all).
 # BENCH_CALIBRATE: its --calibrate-on for `coco` (e.g. /tmp/mlperf-epoch-level/coco-shaped/train2017 after `parts`).
 # BENCH_LR: its --lr for `bench` and `coco` (default: the closed schedule from a run's first step; 0.01: the old constant).
 # PROFILE_FLAGS: profile_step.py's flags for `profile` (stages and top operators of a step at 12).
+# `trees` times the step of each tree named in TREES, one process each, alternating, TREES_RUNS times
+# (default 2): `new` is this tree, anything else .b/NAME, made beforehand on a machine with the clone:
+# mkdir -p .b/C && git archive C object_detection benchmarks mlperf | tar -x -C .b/C  (carry .b).
 # `layout` times the tree in .old/
 # (an earlier commit: git archive COMMIT | tar -x -C .old) and this one on the same legacy batches.
 set -uo pipefail
@@ -66,6 +69,16 @@ case "$part" in
     timeout ${PROFILE_S:-150} python3 -m benchmarks.profile_step --recipe reference --batch 12 ${PROFILE_FLAGS:-} \
       > "$report" 2>&1; echo "profile_step exit $?"
     head -9 "$report"
+    ;;
+  trees)
+    v=${TREES_VARIANT:-ref-bf16-rpncl-fused-roialign}
+    for run in $(seq ${TREES_RUNS:-2}); do
+      for tree in ${TREES:?TREES: the trees to time}; do
+        dir=.b/$tree; [ "$tree" = new ] && dir=.
+        (cd "$dir" && PYTHONPATH=/tmp/site:. timeout ${TREES_S:-90} python3 -m benchmarks.train_throughput --rounds 1 \
+          --iterations 20 --variants $v --baseline $v --output "$OUT/trees-$tree-$run.json" 2>&1 | grep "^$v" | sed "s/^/$tree $run /")
+      done
+    done
     ;;
   layout)
     for bs in ${LAYOUT_BATCHES:-16}; do
