@@ -79,7 +79,9 @@ def to_device(images, targets, device: torch.device):
     on_host = [t["boxes"] for t in targets if "boxes" in t and not t["boxes"].is_cuda]
     if on_host:
         check_boxes(torch.cat(on_host))
-    return images_to_device(images, device), targets_to_device(targets, device)
+    targets = [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()}
+               for t in targets]
+    return images_to_device(images, device), targets
 
 
 def images_to_device(images, device: torch.device) -> list[torch.Tensor]:
@@ -87,12 +89,6 @@ def images_to_device(images, device: torch.device) -> list[torch.Tensor]:
     tensors in one buffer and casting with one division kernel launched fewer operators but made
     the training step slower on an H100, 10-15% by a bisection: BENCHMARKS.md, tenth session.)"""
     return [img.to(device, non_blocking=True).float().div_(255) for img in images]
-
-
-def targets_to_device(targets: list[dict], device: torch.device) -> list[dict]:
-    """The targets' tensors on the device, each copied as it is; everything else stays as it was."""
-    return [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()}
-            for t in targets]
 
 
 def on_device(loader, device: torch.device, prefetch: bool = False):
