@@ -79,9 +79,10 @@ def to_device(images, targets, device: torch.device):
     on_host = [t["boxes"] for t in targets if "boxes" in t and not t["boxes"].is_cuda]
     if on_host:
         check_boxes(torch.cat(on_host))
+    images = images_to_device(images, device)
     targets = [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()}
                for t in targets]
-    return images_to_device(images, device), targets
+    return images, targets
 
 
 def images_to_device(images, device: torch.device) -> list[torch.Tensor]:
