@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -405,5 +406,7 @@ def test_a_script_without_a_main_guard_still_scores_with_a_warning(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.splitlines()[-1] == "AP 1.0"
+    # the workers that re-import the script print pycocotools' "creating index..." into the same
+    # stdout, at times on the line where the script's own result lands
+    assert re.findall(r"AP (\S+)", done.stdout) == ["1.0"], done.stdout
     assert "scoring in this process instead" in done.stderr and '__name__ == "__main__"' in done.stderr
