@@ -141,8 +141,13 @@ def test_evaluation_folds_once_and_never_with_stale_weights(tmp_path, monkeypatc
     for m in other.modules():
         if isinstance(m, FrozenBatchNorm2d):
             m.running_var.fill_(4.0)
+    frozen = net.backbone.body.conv1
+    assert not frozen.weight.requires_grad
+    kept = frozen.folded()
     net.load_state_dict(other.state_dict())
     torch.testing.assert_close(features(), fresh_features())
+    # written where they were: CUDA graphs captured before a checkpoint's restore read them there
+    assert all(a is b for a, b in zip(frozen.folded(), kept)) and frozen._norm()[1] is kept[1]
 
 
 def test_fused_bias_relu_matches_the_separate_operations():

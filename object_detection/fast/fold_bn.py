@@ -46,20 +46,14 @@ class FoldedConv2d(nn.Conv2d):
             self._folded_cache = None
             return _fold(self.weight, self._norm())
         key = _key(self.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-        if self._folded_cache is None or self._folded_cache[0] != key:
-            # ordinary tensors even in inference mode (evaluation): training's backward saves the
-            # norm's scale and a frozen stage's weight, which an inference tensor refuses
-            with torch.inference_mode(False), torch.no_grad():
-                self._folded_cache = (key, _fold(self.weight, self._norm()))
+        self._folded_cache = _kept(self._folded_cache, key, lambda: _fold(self.weight, self._norm()))
         return self._folded_cache[1]
 
     def _norm(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The frozen norm's scale (shaped to multiply the weight) and bias; kept while its buffers are."""
         (bn,) = self._folded_bn
         key = _key(bn.weight, bn.bias, bn.running_mean, bn.running_var)
-        if self._norm_cache is None or self._norm_cache[0] != key:
-            with torch.no_grad():
-                self._norm_cache = (key, _norm(bn))
+        self._norm_cache = _kept(self._norm_cache, key, lambda: _norm(bn))
         return self._norm_cache[1]
 
     def conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -77,6 +71,24 @@ def _norm(bn: FrozenBatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
 def _fold(weight: torch.Tensor, norm: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     scale, bias = norm
     return weight * scale, bias
+
+
+def _kept(cache: tuple | None, key: list, make) -> tuple:
+    """(key, tensors): the cache while its key holds; else make()'s tensors, written into the kept
+    ones where they fit, so that what reads them where they are sees the new values (CUDA graphs
+    captured before a checkpoint is restored: fast.graphs). Ordinary tensors even in inference mode
+    (evaluation): training's backward saves the norm's scale and a frozen stage's weight, which an
+    inference tensor refuses."""
+    if cache is not None and cache[0] == key:
+        return cache
+    with torch.inference_mode(False), torch.no_grad():
+        fresh = make()
+        if cache is not None and all(old.shape == new.shape and old.dtype == new.dtype and old.device == new.device
+                                     for old, new in zip(cache[1], fresh)):
+            for old, new in zip(cache[1], fresh):
+                old.copy_(new)
+            return key, cache[1]
+        return key, fresh
 
 
 def _key(*tensors: torch.Tensor) -> list:
