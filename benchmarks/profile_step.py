@@ -2,11 +2,15 @@
 
     python -m benchmarks.profile_step --batch 16
     python -m benchmarks.profile_step --batch 16 --syncs [--tvsync]   # host waits per step, by code site
+    python -m benchmarks.profile_step --batch 12 --timeline   # free-running steps: the GPU's busy and idle time
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import itertools
+import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,6 +26,9 @@ def parse_args():
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--syncs", action="store_true", help="count host synchronisations per step, by site")
+    p.add_argument("--timeline", action="store_true",
+                   help="free-running steps (no synchronisation): how much of a step the GPU is busy, the idle gaps "
+                        "by the kernels around them, and the kernels by GPU time")
     p.add_argument("--shapes", action="store_true", help="also list the heaviest elementwise operators by input shape")
     p.add_argument("--tvsync", action="store_true", help="torchvision's heads (no object_detection.fast.sync_free)")
     p.add_argument("--nofuse", action="store_true", help="biases added separately (no object_detection.fast.fuse_bias)")
@@ -52,10 +59,12 @@ def main() -> None:
     batches = [synthetic_batch(args.batch, "cpu", seed=s) for s in range(2)]
     batches = [pinned(b) for b in batches]
 
-    stages = {}
+    stages, synchronised = {}, [True]
 
     def timed(name, fn):
         def wrapper(*a, **k):
+            if not synchronised[0]:
+                return fn(*a, **k)
             torch.cuda.synchronize()
             t = time.perf_counter()
             out = fn(*a, **k)
@@ -75,6 +84,10 @@ def main() -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = sum(model(images, targets).values())
         opt.zero_grad(set_to_none=True)
+        if not synchronised[0]:
+            loss.backward()
+            opt.step()
+            return loss
         torch.cuda.synchronize()
         t = time.perf_counter()
         loss.backward()
@@ -90,6 +103,10 @@ def main() -> None:
         step(i)
     if args.syncs:
         count_syncs(lambda: step(0))
+        return
+    if args.timeline:
+        synchronised[0] = False
+        gpu_timeline(step, args.steps, args.batch)
         return
     stages.clear()
     work = StepWork(model)
@@ -113,6 +130,63 @@ def main() -> None:
             print(f"{e.key:<18} {e.count:5d} calls {e.device_time_total / 1000:8.2f} ms  {e.input_shapes}")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=50))
     print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70))
+
+
+def gpu_timeline(step, steps: int, batch: int) -> None:
+    """Steps as the trainer runs them (no synchronisation but the model's own), timed once plainly and
+    once under the profiler recording only the GPU's activity: the share of the step the GPU is busy
+    (the union of its kernels and copies), its idle gaps summed by the kernels before and after them
+    (a host wait, or the host launching slower than the GPU runs, shows as a gap), and the kernels by
+    GPU time. The profiler slows the host a little, so its wall time is printed beside the plain one."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def run() -> float:
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for i in range(steps):
+            step(i)
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t) / steps * 1000
+
+    plain = run()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        profiled = run()
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        activity = gpu_activity(json.load(open(f.name))["traceEvents"])
+    per_step = {k: v / steps / 1000 for k, v in activity.items() if isinstance(v, float)}  # µs in all -> ms a step
+    print(f"batch {batch}: {plain:.1f} ms/step free-running ({batch / plain * 1000:.1f} img/s); profiled "
+          f"{profiled:.1f} ms/step, the GPU busy {per_step['busy']:.1f} ms of {per_step['span']:.1f} ms per step "
+          f"({per_step['busy'] / per_step['span']:.0%}); idle in gaps over {GAP_US} us: {per_step['idle_in_gaps']:.1f} ms")
+    print("largest idle gaps per step (summed by the kernels around them):")
+    for site, us in activity["gaps"].most_common(25):
+        print(f"  {us / steps / 1000:7.2f} ms  {site}")
+    print("kernels by GPU time per step:")
+    for name, us in activity["kernels"].most_common(30):
+        print(f"  {us / steps / 1000:7.2f} ms  {name}")
+
+
+GAP_US = 20  # a launch's own latency is below this: a longer gap is the GPU waiting for the host
+
+
+def gpu_activity(trace_events: list[dict]) -> dict:
+    """From a chrome trace's events: the time (µs) from the first kernel or copy to the end of the last
+    (`span`), the time the GPU did any of them (`busy`: their union, streams overlapping counted once),
+    the idle gaps longer than GAP_US summed by the work before and after them (`gaps`, `idle_in_gaps`)
+    and each kernel's total time (`kernels`)."""
+    work = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in trace_events
+                  if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e)
+    busy, gaps, kernels = 0.0, collections.Counter(), collections.Counter()
+    end, before = work[0][0], work[0][2]
+    for start, stop, name in work:
+        kernels[name[:90]] += stop - start
+        if start - end > GAP_US:
+            gaps[f"{before[:45]} -> {name[:45]}"] += start - end
+        busy += max(0.0, stop - max(start, end))
+        if stop > end:
+            end, before = stop, name
+    return {"span": float(end - work[0][0]), "busy": float(busy), "idle_in_gaps": float(sum(gaps.values())),
+            "gaps": gaps, "kernels": kernels}
 
 
 def count_syncs(step) -> None:

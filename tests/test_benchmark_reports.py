@@ -69,3 +69,20 @@ def test_a_round_that_runs_out_of_memory_leaves_no_counter_on_the_model(monkeypa
     with pytest.raises(torch.OutOfMemoryError):
         bench.time_steps(model, None, batches, torch.device("cpu"), None, None, iterations=2, warmup=1)
     assert len(steps) == 2 and not model.roi_heads.mask_head._forward_hooks
+
+
+def test_the_timeline_counts_overlapping_streams_once_and_charges_each_gap_to_its_neighbours():
+    from benchmarks.profile_step import gpu_activity
+
+    def kernel(name, ts, dur, cat="kernel"):
+        return {"cat": cat, "name": name, "ts": ts, "dur": dur}
+
+    events = [kernel("conv", 0, 100), kernel("copy", 50, 100, "gpu_memcpy"),  # two streams: busy 0-150
+              {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 10, "dur": 5},  # the host's: not the GPU's
+              kernel("nms", 400, 50),            # idle 150-400 after the copy ended last
+              kernel("tiny", 460, 5),            # a 10 µs launch gap: not a wait
+              kernel("conv", 1000, 100)]         # idle 465-1000
+    activity = gpu_activity(events)
+    assert activity["span"] == 1100 and activity["busy"] == 150 + 50 + 5 + 100
+    assert dict(activity["gaps"]) == {"copy -> nms": 250, "tiny -> conv": 535}
+    assert activity["idle_in_gaps"] == 785 and activity["kernels"]["conv"] == 200
