@@ -102,14 +102,16 @@ def torchvision_model(backbone: Path):
 def our_model(device, backbone: Path, channels_last: bool | str, fold_bn: bool = True, compile_backbone: bool = False,
               batched_sampler: bool = True, sync_free: bool = True, fuse_bias: bool = True, fixed_canvas: bool = False,
               recipe: str = "torchvision", roi_align: bool = False, padded_heads: bool = False, nms_scan: bool = False,
-              cuda_graphs: bool = False, reference_weights: Path | None = None):
+              cuda_graphs: bool = False, reference_weights: Path | None = None, mask_roi_bucket: bool = False,
+              mask_channels_last: bool = True):  # (the benchmarks' default; fast.Options' is off until measured)
     """channels_last: "rpn" (what the trainer runs), True (backbone only), "all" (every module).
     recipe: "torchvision" (the open profiles') or "reference" (the closed profile's model), whose
     backbone is `reference_weights` (an R-50.pkl) or else random_msra_backbone's."""
     speed = fast.Options(fold_bn=fold_bn, fuse_bias=fuse_bias, batched_sampler=batched_sampler, sync_free=sync_free,
                          channels_last=channels_last in (True, "rpn"), rpn_channels_last=channels_last == "rpn",
                          fixed_canvas=fixed_canvas, roi_align=roi_align, padded_heads=padded_heads, nms_scan=nms_scan,
-                         cuda_graphs=cuda_graphs)
+                         cuda_graphs=cuda_graphs, mask_roi_bucket=mask_roi_bucket,
+                         mask_channels_last=mask_channels_last)
     weights = (reference_weights or random_msra_backbone()) if recipe == "reference" else backbone
     model = build_model(81, backbone_weights=weights, proposals_per_image=1000, speed=speed,
                         recipe=RECIPES[recipe]).to(device)
@@ -127,8 +129,9 @@ class StepWork:
 
     def __init__(self, model):
         self.losses, self.mask_rois = [], []
-        self._hook = model.roi_heads.mask_head.register_forward_hook(
-            lambda module, inputs, output: self.mask_rois.append(inputs[0].shape[0]))  # a host value: no wait
+        heads = model.roi_heads  # the positives' count, not the padding fast.Options.mask_roi_bucket adds
+        self._hook = heads.mask_head.register_forward_hook(  # a host value: no wait
+            lambda module, inputs, output: self.mask_rois.append(heads.__dict__.get("positive_rois", len(inputs[0]))))
 
     def add(self, loss: torch.Tensor) -> None:
         self.losses.append(loss.detach())
@@ -478,7 +481,9 @@ VARIANTS_HELP = (
     "wait per block of passes), "
     "-pad every batch padded to 800x1344 (fast.Options.fixed_canvas), -graphs backbone, FPN and RPN head "
     "as CUDA graphs in training (fast.Options.cuda_graphs, on that canvas), -cudnnbench "
-    "cudnn.benchmark on, -nogc Python's garbage collector off while it runs")
+    "cudnn.benchmark on, -nogc Python's garbage collector off while it runs, -maskbucket the mask branch on its "
+    "RoIs padded to a multiple of 64 (fast.Options.mask_roi_bucket), -nomaskcl the mask branch in NCHW (without "
+    "fast.Options.mask_channels_last)")
 
 
 def make_variant(variant: str, device, backbone: Path, reference_weights: Path | None = None):
@@ -502,7 +507,8 @@ def make_variant(variant: str, device, backbone: Path, reference_weights: Path |
                           roi_align="-roialign" in variant, padded_heads="-padheads" in variant,
                           nms_scan="-nmsscan" in variant or "-padheads" in variant, cuda_graphs="-graphs" in variant,
                           recipe="reference" if variant.startswith("ref-") else "torchvision",
-                          reference_weights=reference_weights)
+                          reference_weights=reference_weights, mask_roi_bucket="-maskbucket" in variant,
+                          mask_channels_last="-nomaskcl" not in variant)
         dtype = amp_dtype("bf16" if "bf16" in variant else "fp16", device)
         optimizer = make_optimizer(model, lr=0.01, fused="-fused" in variant and device.type == "cuda",
                                    loss_scaled=dtype == torch.float16)

@@ -342,6 +342,45 @@ def test_padded_heads_train_the_same_function_with_one_host_wait():
     assert sum(waits[False].values()) > sum(waits[True].values())
 
 
+@pytest.mark.parametrize("padded", [False, True], ids=["sync_free", "padded_heads"])
+def test_the_mask_branch_on_bucketed_channels_last_rois_trains_the_same_function(padded):
+    """fast.Options.mask_roi_bucket and mask_channels_last against the mask branch on the positives
+    alone in NCHW: the branch sees a multiple of MASK_ROI_BUCKET RoIs, and the losses and every
+    gradient are the ones without the padding (an image without boxes among them)."""
+    models, seen = {}, {}
+    for levers in (False, True):
+        torch.manual_seed(0)
+        speed = replace(Options.for_device("cpu"), padded_heads=padded, nms_scan=padded, channels_last=True,
+                        mask_channels_last=levers, mask_roi_bucket=levers)
+        models[levers] = build_model(81, backbone_weights=None, min_size=64, max_size=96,
+                                     recipe=RECIPES["reference"], speed=speed).train()
+        models[levers].rpn._pre_nms_top_n["training"], models[levers].rpn._post_nms_top_n["training"] = 300, 60
+        seen[levers] = []
+        models[levers].roi_heads.mask_head.register_forward_hook(
+            lambda module, inputs, output, seen=seen[levers]: seen.append(inputs[0]))
+    models[True].load_state_dict(models[False].state_dict())
+    images, targets = synthetic_batch(3, "cpu", seed=2)
+    images, targets = [image.float() / 255 for image in images], with_polygons(targets)
+    targets[1] = {**targets[1], "boxes": targets[1]["boxes"][:0], "labels": targets[1]["labels"][:0],
+                  "polygon_edges": targets[1]["polygon_edges"][:0], "polygon_owner": targets[1]["polygon_owner"][:0]}
+    losses = {}
+    for levers, model in models.items():
+        torch.manual_seed(5)  # the same sampler draws in both models
+        losses[levers] = model(images, targets)
+        sum(losses[levers].values()).backward()
+    positives, rois = len(seen[False][0]), seen[True][0]
+    assert 0 < positives < len(rois) and len(rois) % sync_free.MASK_ROI_BUCKET == 0
+    assert rois.is_contiguous(memory_format=torch.channels_last) and not seen[False][0].is_contiguous(
+        memory_format=torch.channels_last)
+    for name, value in losses[False].items():
+        torch.testing.assert_close(losses[True][name], value, rtol=1e-5, atol=1e-7)
+    plain = dict(models[False].named_parameters())
+    for name, parameter in models[True].named_parameters():
+        if parameter.grad is not None:  # channels_last kernels sum in another order: up to 2.4e-4 of the largest
+            scale = plain[name].grad.abs().max().item()
+            torch.testing.assert_close(parameter.grad, plain[name].grad, rtol=1e-4, atol=1e-3 * scale)
+
+
 @pytest.mark.parametrize("lengths", [[3, 3, 3], [5, 0, 2], [0, 0], [1]])
 def test_pad_rows_is_pad_sequence(lengths):
     """fast.sampler.pad_rows (a few operators for the batch) against torch's pad_sequence (a copy per

@@ -14,6 +14,9 @@ parameters and state-dict keys stay):
 - channels_last: backbone and RPN head in channels_last (GPUs);
 - roi_align: then multi-scale RoIAlign in one Triton kernel reading those maps in their own dtype,
   with no per-level counts read on the host;
+- mask_channels_last, mask_roi_bucket: the mask branch in channels_last, and on its positive RoIs
+  padded to a multiple of 64, so cuDNN reuses its plans instead of building them for every new RoI
+  count on the host (sync_free.mask_logits);
 - cuda_graphs: the backbone with its FPN, and the RPN head, replayed as CUDA graphs in training (on
   the fixed canvas, which it implies);
 - mask_targets_kernel: the reference recipe's polygon mask targets drawn in one Triton kernel (rasterise)
@@ -59,6 +62,8 @@ class Options:
     channels_last: bool = False      # pays on GPUs only (tensor cores); on a CPU it is slower
     rpn_channels_last: bool = True   # with channels_last: the RPN head takes channels_last maps too
     roi_align: bool = True           # with channels_last: one kernel pools every level (fast.roi_align)
+    mask_channels_last: bool = False  # with channels_last and sync_free: the mask branch in channels_last too
+    mask_roi_bucket: bool = False     # with sync_free: the mask branch on its RoIs padded to a multiple of 64
     fixed_canvas: bool = False       # pad every batch to the largest input (800x1344): fixed shapes
     cuda_graphs: bool = False        # GPUs: backbone, FPN and RPN head as CUDA graphs (implies fixed_canvas)
     mask_targets_kernel: bool = False  # GPUs (for_device): the polygon mask targets in one Triton kernel (fast.rasterise)
@@ -75,7 +80,8 @@ class Options:
 
 STOCK = Options(fold_bn=False, fuse_bias=False, sync_free=False, padded_heads=False, nms_scan=False,
                 batched_sampler=False, transform=False,
-                channels_last=False, roi_align=False, cuda_graphs=False, mask_targets_kernel=False,
+                channels_last=False, roi_align=False, mask_channels_last=False, mask_roi_bucket=False,
+                cuda_graphs=False, mask_targets_kernel=False,
                 persistent_workers=False, prefetch=False, freeze_setup=False, evaluation=False)
 
 
@@ -126,6 +132,8 @@ def apply(model: MaskRCNN, options: Options = Options()) -> MaskRCNN:
                   "(slower) model code", file=sys.stderr)
             _warned.append(True)
         return model
+    import torch
+
     from object_detection.fast import fold_bn, fuse_bias, padded_heads, patch, sampler, sync_free, transform
     from object_detection.fast.channels_last import use_channels_last
 
@@ -150,6 +158,12 @@ def apply(model: MaskRCNN, options: Options = Options()) -> MaskRCNN:
             from object_detection.fast.roi_align import use_fused_roi_align
 
             use_fused_roi_align(model)
+        if options.mask_channels_last and options.sync_free and model.roi_heads.has_mask():
+            model.roi_heads.mask_head.to(memory_format=torch.channels_last)
+            model.roi_heads.mask_predictor.to(memory_format=torch.channels_last)
+            model.roi_heads.mask_channels_last = True
+    if options.mask_roi_bucket and options.sync_free:
+        model.roi_heads.mask_roi_bucket = True
     if options.cuda_graphs:
         from object_detection.fast.graphs import capture_in_training
 

@@ -22,7 +22,7 @@ from torchvision.models.detection import MaskRCNN
 
 from object_detection.fast.patch import mix_in
 from object_detection.fast.sync_free import (SyncFreeRoIHeads, SyncFreeRPN, batched_box_iou, batched_match,
-                                             labels_from_matches, padded_targets, unit_box)
+                                             labels_from_matches, mask_logits, padded_targets, unit_box)
 from object_detection.mask_targets import mask_loss
 
 OUTSIDE = 128.0  # pixels left of and above the image: below -1 on the coarsest pooled level (1/32)
@@ -123,10 +123,9 @@ class PaddedRoIHeads(SyncFreeRoIHeads):
             counts = positive.sum(dim=1).tolist()  # the wait
             mask_proposals = [b[:n] for b, n in zip(boxes, counts)]  # positives come first
             positive_matches = [m[:n] for m, n in zip(matched, counts)]
-            mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, mask_proposals,
-                                                                                image_shapes)))
-            losses["loss_mask"] = mask_loss(mask_logits, mask_proposals, targets, positive_matches, image_shapes,
-                                          getattr(self, "draw_mask_targets", None))
+            losses["loss_mask"] = mask_loss(mask_logits(self, features, mask_proposals, image_shapes),
+                                            mask_proposals, targets, positive_matches, image_shapes,
+                                            getattr(self, "draw_mask_targets", None))
         return [], losses
 
 
