@@ -122,11 +122,17 @@ def main() -> None:
     for k, v in stages.items():
         print(f"  {k:<14} {v / args.steps * 1000:8.1f} ms")
 
+    operator_tables(step, args.shapes)
+
+
+def operator_tables(step, shapes: bool) -> None:
+    """Three steps under the profiler: the operators by host time and by GPU time (with `shapes`,
+    first the heaviest elementwise operators by the tensors they work on)."""
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=args.shapes) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=shapes) as prof:
         for i in range(3):
             step(i)
-    if args.shapes:  # which tensors the heaviest elementwise operators work on
+    if shapes:
         rows = [e for e in prof.key_averages(group_by_input_shape=True)
                 if e.key in ("aten::add_", "aten::copy_", "aten::add", "aten::mul", "aten::clamp_min_")]
         rows.sort(key=lambda e: -e.device_time_total)

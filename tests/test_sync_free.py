@@ -23,7 +23,7 @@ from torchvision.models.detection.rpn import RegionProposalNetwork
 from torch.overrides import TorchFunctionMode
 from torchvision.ops import MultiScaleRoIAlign, nms
 
-from object_detection.fast import Options, padded_heads, sync_free
+from object_detection.fast import Options, mask_branch, padded_heads, sync_free
 from object_detection.fast import nms as fast_nms
 from object_detection.fast.sampler import BatchedBalancedSampler
 from benchmarks.host_ops import with_polygons
@@ -369,7 +369,7 @@ def test_the_mask_branch_on_bucketed_channels_last_rois_trains_the_same_function
         losses[levers] = model(images, targets)
         sum(losses[levers].values()).backward()
     positives, rois = len(seen[False][0]), seen[True][0]
-    assert 0 < positives < len(rois) and len(rois) % sync_free.MASK_ROI_BUCKET == 0
+    assert 0 < positives < len(rois) and len(rois) % mask_branch.MASK_ROI_BUCKET == 0
     assert rois.is_contiguous(memory_format=torch.channels_last) and not seen[False][0].is_contiguous(
         memory_format=torch.channels_last)
     for name, value in losses[False].items():

@@ -16,7 +16,7 @@ parameters and state-dict keys stay):
   with no per-level counts read on the host;
 - mask_channels_last, mask_roi_bucket: the mask branch in channels_last, and on its positive RoIs
   padded to a multiple of 64, so cuDNN reuses its plans instead of building them for every new RoI
-  count on the host (sync_free.mask_logits);
+  count on the host (mask_branch);
 - cuda_graphs: the backbone with its FPN, and the RPN head, replayed as CUDA graphs in training (on
   the fixed canvas, which it implies);
 - mask_targets_kernel: the reference recipe's polygon mask targets drawn in one Triton kernel (rasterise)

@@ -40,6 +40,7 @@ from torchvision.ops.poolers import MultiScaleRoIAlign, _convert_to_roi_format, 
 
 from object_detection.fast.nms import greedy_nms
 from object_detection.fast.patch import DeviceConstants, host_values, mix_in, swap
+from object_detection.fast.mask_branch import mask_logits
 from object_detection.fast.sampler import pad_rows, use_batched_sampler
 from object_detection.mask_targets import mask_loss
 
@@ -283,31 +284,6 @@ class SyncFreeRoIAlign(MultiScaleRoIAlign):
         back = torch.empty_like(order)
         back[order] = torch.arange(order.numel(), device=order.device)
         return torch.cat(pooled)[back]
-
-
-MASK_ROI_BUCKET = 64
-
-
-def mask_logits(heads: RoIHeads, features, mask_proposals: list[torch.Tensor], image_shapes) -> torch.Tensor:
-    """The mask branch's logits for the positive RoIs (`mask_proposals`, each image's).
-
-    With `heads.mask_roi_bucket` (fast.Options.mask_roi_bucket) the branch runs on them padded to a
-    multiple of MASK_ROI_BUCKET, and the padding's logits are dropped: the positives' count changes at
-    every step, and cuDNN builds a plan for each new shape of each of the branch's convolutions,
-    forward and backward, on the host while the GPU waits; a few counts keep the plans reused. The
-    padding's RoIs get no gradient, and a convolution treats each RoI on its own: the same function.
-    With `heads.mask_channels_last` the pooled RoIs and the branch's weights are channels_last, so
-    cuDNN's kernels need no layout conversion around each convolution."""
-    count = heads.positive_rois = sum(len(p) for p in mask_proposals)  # (a host number: what benchmarks report)
-    bucket = MASK_ROI_BUCKET if getattr(heads, "mask_roi_bucket", False) else 0
-    if bucket and count % bucket:
-        last = mask_proposals[-1]
-        filler = last.new_tensor([[0.0, 0.0, 16.0, 16.0]]).expand(bucket - count % bucket, 4)  # inside any image
-        mask_proposals = [*mask_proposals[:-1], torch.cat([last, filler])]
-    pooled = heads.mask_roi_pool(features, mask_proposals, image_shapes)
-    if getattr(heads, "mask_channels_last", False):
-        pooled = pooled.contiguous(memory_format=torch.channels_last)
-    return heads.mask_predictor(heads.mask_head(pooled))[:count]
 
 
 def fastrcnn_loss_masked(class_logits, box_regression, labels, regression_targets, beta: float = 1 / 9):
