@@ -40,7 +40,7 @@ def parse_args():
                    help="backbone, FPN and RPN head as CUDA graphs on the fixed canvas (fast.Options.cuda_graphs)")
     p.add_argument("--maskbucket", action="store_true",
                    help="the mask branch on its RoIs padded to a multiple of 64 (fast.Options.mask_roi_bucket)")
-    p.add_argument("--nomaskcl", action="store_true", help="the mask branch in NCHW (no fast.Options.mask_channels_last)")
+    p.add_argument("--maskcl", action="store_true", help="the mask branch in channels_last (fast.Options.mask_channels_last)")
     p.add_argument("--recipe", choices=["reference", "torchvision"], default="reference",
                    help="the closed profile's model (reference) or the open profiles' (torchvision)")
     p.add_argument("--calibrate-on", type=Path, metavar="DIR",
@@ -57,7 +57,7 @@ def main() -> None:
                       recipe=args.recipe, roi_align=args.roialign, padded_heads=args.padheads,
                       nms_scan=args.nmsscan or args.padheads, cuda_graphs=args.graphs,
                       reference_weights=reference_weights, mask_roi_bucket=args.maskbucket,
-                      mask_channels_last=not args.nomaskcl)
+                      mask_channels_last=args.maskcl)
     opt = make_optimizer(model, 0.01, fused=True)
     schedule, steps_done = learning_rates("schedule", args.batch), itertools.count()  # as train_throughput's steps
     batches = [synthetic_batch(args.batch, "cpu", seed=s) for s in range(2)]

@@ -103,7 +103,7 @@ def our_model(device, backbone: Path, channels_last: bool | str, fold_bn: bool =
               batched_sampler: bool = True, sync_free: bool = True, fuse_bias: bool = True, fixed_canvas: bool = False,
               recipe: str = "torchvision", roi_align: bool = False, padded_heads: bool = False, nms_scan: bool = False,
               cuda_graphs: bool = False, reference_weights: Path | None = None, mask_roi_bucket: bool = False,
-              mask_channels_last: bool = True):  # (the benchmarks' default; fast.Options' is off until measured)
+              mask_channels_last: bool = False):
     """channels_last: "rpn" (what the trainer runs), True (backbone only), "all" (every module).
     recipe: "torchvision" (the open profiles') or "reference" (the closed profile's model), whose
     backbone is `reference_weights` (an R-50.pkl) or else random_msra_backbone's."""
@@ -482,8 +482,8 @@ VARIANTS_HELP = (
     "-pad every batch padded to 800x1344 (fast.Options.fixed_canvas), -graphs backbone, FPN and RPN head "
     "as CUDA graphs in training (fast.Options.cuda_graphs, on that canvas), -cudnnbench "
     "cudnn.benchmark on, -nogc Python's garbage collector off while it runs, -maskbucket the mask branch on its "
-    "RoIs padded to a multiple of 64 (fast.Options.mask_roi_bucket), -nomaskcl the mask branch in NCHW (without "
-    "fast.Options.mask_channels_last)")
+    "RoIs padded to a multiple of 64 (fast.Options.mask_roi_bucket), -maskcl the mask branch in channels_last "
+    "(fast.Options.mask_channels_last)")
 
 
 def make_variant(variant: str, device, backbone: Path, reference_weights: Path | None = None):
@@ -508,7 +508,7 @@ def make_variant(variant: str, device, backbone: Path, reference_weights: Path |
                           nms_scan="-nmsscan" in variant or "-padheads" in variant, cuda_graphs="-graphs" in variant,
                           recipe="reference" if variant.startswith("ref-") else "torchvision",
                           reference_weights=reference_weights, mask_roi_bucket="-maskbucket" in variant,
-                          mask_channels_last="-nomaskcl" not in variant)
+                          mask_channels_last="-maskcl" in variant)
         dtype = amp_dtype("bf16" if "bf16" in variant else "fp16", device)
         optimizer = make_optimizer(model, lr=0.01, fused="-fused" in variant and device.type == "cuda",
                                    loss_scaled=dtype == torch.float16)
