@@ -163,7 +163,7 @@ def gpu_timeline(step, steps: int, batch: int) -> None:
         profiled = run()
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
-        activity = gpu_activity(json.load(open(f.name))["traceEvents"])
+        activity = gpu_activity(json.loads(Path(f.name).read_text())["traceEvents"])
     per_step = {k: v / steps / 1000 for k, v in activity.items() if isinstance(v, float)}  # µs in all -> ms a step
     print(f"batch {batch}: {plain:.1f} ms/step free-running ({batch / plain * 1000:.1f} img/s); profiled "
           f"{profiled:.1f} ms/step, the GPU busy {per_step['busy']:.1f} ms of {per_step['span']:.1f} ms per step "

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.models.detection import MaskRCNN
 
-from object_detection.fast.patch import mix_in
 from object_detection.fast.mask_branch import mask_logits
+from object_detection.fast.patch import mix_in
 from object_detection.fast.sync_free import (SyncFreeRoIHeads, SyncFreeRPN, batched_box_iou, batched_match,
                                              labels_from_matches, padded_targets, unit_box)
 from object_detection.mask_targets import mask_loss

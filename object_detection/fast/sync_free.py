@@ -38,9 +38,9 @@ from torchvision.ops import boxes as box_ops
 from torchvision.ops import roi_align
 from torchvision.ops.poolers import MultiScaleRoIAlign, _convert_to_roi_format, _filter_input, _setup_scales
 
+from object_detection.fast.mask_branch import mask_logits
 from object_detection.fast.nms import greedy_nms
 from object_detection.fast.patch import DeviceConstants, host_values, mix_in, swap
-from object_detection.fast.mask_branch import mask_logits
 from object_detection.fast.sampler import pad_rows, use_batched_sampler
 from object_detection.mask_targets import mask_loss
 
