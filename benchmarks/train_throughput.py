@@ -385,7 +385,7 @@ def check_fused_training(device, backbone: Path) -> dict:
 def check_roi_align(device) -> dict:
     """object_detection.fast.roi_align against torchvision's roi_align per level, forward and backward,
     on FPN maps of an 800x1344 batch of 4 (channels_last) with 2000 RoIs of every size, at the box
-    (7x7) and mask (14x14) poolers' sizes; bf16 maps are compared with torchvision's pooling of the
+    (7x7) and mask (14x14, also written channels_last) poolers' sizes; bf16 maps are compared with torchvision's pooling of the
     same values in float32 (what autocast gives it), so the kernel's only rounding is its output's.
     The comparison is the CPU tests' (tests/support/roi_align_checks.py)."""
     from tests.support.roi_align_checks import compare_with_torchvision
@@ -401,10 +401,13 @@ def check_roi_align(device) -> dict:
     for dtype in (torch.float32, torch.bfloat16):
         maps = [torch.randn(4, 256, h, w, generator=g).to(device, dtype).to(memory_format=torch.channels_last)
                 .requires_grad_() for h, w in shapes]
-        for out_size in (7, 14):
-            found = compare_with_torchvision(maps, rois, levels, scales, out_size, generator=g)
-            worst[f"{str(dtype)[6:]}-{out_size}"] = {"forward": found["forward"], "backward_rel": found["backward_rel"]}
-    ok = (all(v["forward"] < 1e-5 and v["backward_rel"] < 1e-5 for k, v in worst.items() if k.startswith("float32"))
+        for out_size, channels_last in ((7, False), (14, False), (14, True)):
+            found = compare_with_torchvision(maps, rois, levels, scales, out_size, generator=g,
+                                             channels_last=channels_last)
+            worst[f"{str(dtype)[6:]}-{out_size}{'-channels_last' if channels_last else ''}"] = {
+                "forward": found["forward"], "backward_rel": found["backward_rel"], "layout": found["layout_asked"]}
+    ok = (all(v["layout"] for v in worst.values())
+          and all(v["forward"] < 1e-5 and v["backward_rel"] < 1e-5 for k, v in worst.items() if k.startswith("float32"))
           and all(v["forward"] < 0.04 and v["backward_rel"] < 1e-2 for k, v in worst.items() if k.startswith("bfloat16")))
     return {"max_diff": worst, "ok": ok}
 

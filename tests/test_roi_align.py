@@ -29,15 +29,16 @@ def report() -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["4-float32-7-legacy", "4-float32-14-legacy", "3-float32-7-aligned",
-                                  "1-float32-7-legacy"])
+                                  "1-float32-7-legacy", "4-float32-14-legacy-channels_last"])
 def test_pools_and_backpropagates_as_torchvision_in_float32(report, case):
     """Every level, both pooler sizes, both alignments, RoIs beyond the map and degenerate ones: the
     same pooled values, bit for bit (same arithmetic in the same order), and the same gradients up to
-    the order of the float32 atomic additions."""
+    the order of the float32 atomic additions. Also with the pooled RoIs written channels_last (the
+    mask pooler under fast.Options.mask_channels_last) and their gradient read in that layout."""
     got = report[case]
     assert got["forward"] == 0.0
     assert got["backward"] <= 1e-6 * got["grad_scale"] * 10
-    assert got["dtype_kept"] and got["channels_last_grads"]
+    assert got["dtype_kept"] and got["channels_last_grads"] and got["layout_asked"]
 
 
 @pytest.mark.slow

@@ -154,11 +154,12 @@ def apply(model: MaskRCNN, options: Options = Options()) -> MaskRCNN:
         sampler.use_batched_sampler(model)
     if options.channels_last:
         use_channels_last(model, rpn_channels_last=options.rpn_channels_last, contiguous_heads=not options.roi_align)
+        mask_channels_last = options.mask_channels_last and options.sync_free and model.roi_heads.has_mask()
         if options.roi_align:
             from object_detection.fast.roi_align import use_fused_roi_align
 
-            use_fused_roi_align(model)
-        if options.mask_channels_last and options.sync_free and model.roi_heads.has_mask():
+            use_fused_roi_align(model, mask_channels_last=mask_channels_last)
+        if mask_channels_last:
             model.roi_heads.mask_head.to(memory_format=torch.channels_last)
             model.roi_heads.mask_predictor.to(memory_format=torch.channels_last)
             model.roi_heads.mask_channels_last = True

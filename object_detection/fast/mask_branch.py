@@ -17,8 +17,9 @@ def mask_logits(heads: RoIHeads, features, mask_proposals: list[torch.Tensor], i
     every step, and cuDNN builds a plan for each new shape of each of the branch's convolutions,
     forward and backward, on the host while the GPU waits; a few counts keep the plans reused. The
     padding's RoIs get no gradient, and a convolution treats each RoI on its own: the same function.
-    With `heads.mask_channels_last` the pooled RoIs and the branch's weights are channels_last, so
-    cuDNN's kernels need no layout conversion around each convolution."""
+    With `heads.mask_channels_last` the pooled RoIs (as fast.roi_align's kernel writes them) and the
+    branch's weights are channels_last, so cuDNN's kernels need no layout conversion around each
+    convolution."""
     count = heads.positive_rois = sum(len(p) for p in mask_proposals)  # (a host number: what benchmarks report)
     bucket = MASK_ROI_BUCKET if getattr(heads, "mask_roi_bucket", False) else 0
     if bucket and count % bucket:

@@ -36,7 +36,11 @@ def usable(features: list[torch.Tensor], sampling_ratio: int) -> bool:
 
 class FusedRoIAlign:
     """A MultiScaleRoIAlign (torchvision's, or fast.sync_free's) that pools by the kernel where
-    `usable` says it can, and as before elsewhere."""
+    `usable` says it can, and as before elsewhere. With `channels_last_output` (the mask pooler under
+    fast.Options.mask_channels_last) the kernel writes the pooled RoIs channels_last, the layout the
+    mask branch's convolutions take, instead of a copy converting them."""
+
+    channels_last_output = False
 
     def forward(self, x, boxes, image_shapes):
         features = _filter_input(x, self.featmap_names)
@@ -48,39 +52,44 @@ class FusedRoIAlign:
         rois = _convert_to_roi_format(boxes)
         levels = (self.map_levels([rois[:, 1:]]) if len(features) > 1
                   else torch.zeros(len(rois), dtype=torch.int64, device=rois.device))
-        return multiscale_roi_align(features, rois, levels, self.scales, self.output_size, self.sampling_ratio)
+        return multiscale_roi_align(features, rois, levels, self.scales, self.output_size, self.sampling_ratio,
+                                    channels_last=self.channels_last_output)
 
 
-def use_fused_roi_align(model) -> None:
+def use_fused_roi_align(model, mask_channels_last: bool = False) -> None:
     from object_detection.fast.patch import mix_in
 
     for pool in (model.roi_heads.box_roi_pool, model.roi_heads.mask_roi_pool):
         if pool is not None:
             mix_in(pool, FusedRoIAlign)
+    if mask_channels_last and model.roi_heads.mask_roi_pool is not None:
+        model.roi_heads.mask_roi_pool.channels_last_output = True
 
 
 def multiscale_roi_align(features: list[torch.Tensor], rois: torch.Tensor, levels: torch.Tensor,
                          scales: list[float], output_size: tuple[int, int], sampling_ratio: int,
-                         aligned: bool = False) -> torch.Tensor:
+                         aligned: bool = False, channels_last: bool = False) -> torch.Tensor:
     """RoIAlign of RoI k ([batch index, x1, y1, x2, y2] in rois[k]) on features[levels[k]] at
-    scales[levels[k]]: [K, C, *output_size] in the maps' dtype, contiguous."""
-    spec = (tuple(float(s) for s in scales), tuple(output_size), int(sampling_ratio), bool(aligned))
+    scales[levels[k]]: [K, C, *output_size] in the maps' dtype, contiguous (or channels_last)."""
+    spec = (tuple(float(s) for s in scales), tuple(output_size), int(sampling_ratio), bool(aligned),
+            bool(channels_last))
     return _RoIAlign.apply(rois, levels, spec, *features)
 
 
 class _RoIAlign(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rois, levels, spec, *features):
-        scales, (height, width), samples, aligned = spec
+        scales, (height, width), samples, aligned, nhwc = spec
         rois = rois.detach().float().contiguous()
         levels = levels.to(torch.int32).contiguous()
         count, channels = rois.shape[0], features[0].shape[1]
-        out = features[0].new_empty((count, channels, height, width))
+        out = torch.empty((count, channels, height, width), dtype=features[0].dtype, device=features[0].device,
+                          memory_format=torch.channels_last if nhwc else torch.contiguous_format)
         if count:
             forward_kernel, _ = _kernels()
             forward_kernel[(count, -(-channels // _BLOCK_CHANNELS))](
                 rois, levels, out, *_level_args(features, scales), channels,
-                PH=height, PW=width, SAMPLES=samples, ALIGNED=aligned,
+                PH=height, PW=width, SAMPLES=samples, ALIGNED=aligned, POOLED_NHWC=nhwc,
                 BLOCK_BINS=_pow2(height * width), BLOCK_C=_BLOCK_CHANNELS)
         ctx.spec = spec
         ctx.shapes = [(f.shape, f.dtype) for f in features]
@@ -90,16 +99,18 @@ class _RoIAlign(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         rois, levels = ctx.saved_tensors
-        scales, (height, width), samples, aligned = ctx.spec
+        scales, (height, width), samples, aligned, _ = ctx.spec
         channels = ctx.shapes[0][0][1]
+        # the gradient read in the layout it comes in (channels_last from the mask branch's convolutions)
+        nhwc = not grad.is_contiguous() and grad.is_contiguous(memory_format=torch.channels_last)
         # float32 accumulators laid out [N, H, W, C]: the maps' channels_last order
         buffers = [grad.new_zeros((shape[0], shape[2], shape[3], shape[1]), dtype=torch.float32)
                    for shape, _ in ctx.shapes]
         if rois.shape[0]:
             _, backward_kernel = _kernels()
             backward_kernel[(rois.shape[0], -(-channels // _BLOCK_CHANNELS))](
-                rois, levels, grad.contiguous(), *_level_args(buffers, scales, nhwc=True), channels,
-                PH=height, PW=width, SAMPLES=samples, ALIGNED=aligned,
+                rois, levels, grad if nhwc else grad.contiguous(), *_level_args(buffers, scales, nhwc=True),
+                channels, PH=height, PW=width, SAMPLES=samples, ALIGNED=aligned, POOLED_NHWC=nhwc,
                 BLOCK_BINS=_pow2(height * width), BLOCK_C=_BLOCK_CHANNELS)
         grads = [b.permute(0, 3, 1, 2).to(feature_dtype) for b, (_, feature_dtype) in zip(buffers, ctx.shapes)]
         return (None, None, None, *(g if need else None for g, need in zip(grads, ctx.needs_input_grad[3:])))
@@ -174,12 +185,12 @@ if triton is not None:  # Triton resolves a kernel's helpers among the module's 
     @triton.jit
     def _program(rois_ptr, levels_ptr, m0, m1, m2, m3, h0, h1, h2, h3, w0, w1, w2, w3, s0, s1, s2, s3, channels,
                  PH: tl.constexpr, PW: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_BINS: tl.constexpr,
-                 BLOCK_C: tl.constexpr):
+                 BLOCK_C: tl.constexpr, POOLED_NHWC: tl.constexpr):
         """This program's share (RoI program_id(0), channel block program_id(1)), as torchvision's
         roi_align sets it up: the start of the RoI's image in its level's map (m0..m3: maps or their
         gradient buffers), that map's size, the sampling grid's origin and bin size, each bin's row and
         column, the channels, which (bin, channel) pairs exist and where they are in the pooled
-        [K, C, PH, PW] tensor."""
+        [K, C, PH, PW] tensor (laid out [K, PH, PW, C] with POOLED_NHWC)."""
         k = tl.program_id(0)
         level = tl.load(levels_ptr + k)
         image = tl.load(rois_ptr + k * 5).to(tl.int64)
@@ -198,7 +209,10 @@ if triton is not None:  # Triton resolves a kernel's helpers among the module's 
         bins = tl.arange(0, BLOCK_BINS)
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         wanted = (bins < PH * PW)[:, None] & (c < channels)[None, :]
-        pooled = k.to(tl.int64) * channels * PH * PW + c[None, :] * (PH * PW) + bins[:, None]
+        if POOLED_NHWC:
+            pooled = k.to(tl.int64) * channels * PH * PW + bins[:, None] * channels + c[None, :]
+        else:
+            pooled = k.to(tl.int64) * channels * PH * PW + c[None, :] * (PH * PW) + bins[:, None]
         return (base, height, width, start_y, start_x, _divide(roi_h, PH), _divide(roi_w, PW),
                 (bins // PW).to(tl.float32), (bins % PW).to(tl.float32), c, wanted, pooled)
 
@@ -210,10 +224,11 @@ if triton is not None:  # Triton resolves a kernel's helpers among the module's 
     @triton.jit
     def roi_align_forward(rois_ptr, levels_ptr, out_ptr, f0, f1, f2, f3, h0, h1, h2, h3, w0, w1, w2, w3,
                           s0, s1, s2, s3, channels, PH: tl.constexpr, PW: tl.constexpr, SAMPLES: tl.constexpr,
-                          ALIGNED: tl.constexpr, BLOCK_BINS: tl.constexpr, BLOCK_C: tl.constexpr):
+                          ALIGNED: tl.constexpr, BLOCK_BINS: tl.constexpr, BLOCK_C: tl.constexpr,
+                          POOLED_NHWC: tl.constexpr):
         base, height, width, start_y, start_x, bin_h, bin_w, ph, pw, c, wanted, pooled = _program(
             rois_ptr, levels_ptr, f0, f1, f2, f3, h0, h1, h2, h3, w0, w1, w2, w3, s0, s1, s2, s3, channels,
-            PH, PW, ALIGNED, BLOCK_BINS, BLOCK_C)
+            PH, PW, ALIGNED, BLOCK_BINS, BLOCK_C, POOLED_NHWC)
         total = tl.zeros([BLOCK_BINS, BLOCK_C], dtype=tl.float32)
         for iy in tl.static_range(SAMPLES):
             y = _sample(start_y, ph, bin_h, iy, SAMPLES)
@@ -232,10 +247,11 @@ if triton is not None:  # Triton resolves a kernel's helpers among the module's 
     @triton.jit
     def roi_align_backward(rois_ptr, levels_ptr, grad_ptr, b0, b1, b2, b3, h0, h1, h2, h3, w0, w1, w2, w3,
                            s0, s1, s2, s3, channels, PH: tl.constexpr, PW: tl.constexpr, SAMPLES: tl.constexpr,
-                           ALIGNED: tl.constexpr, BLOCK_BINS: tl.constexpr, BLOCK_C: tl.constexpr):
+                           ALIGNED: tl.constexpr, BLOCK_BINS: tl.constexpr, BLOCK_C: tl.constexpr,
+                           POOLED_NHWC: tl.constexpr):
         base, height, width, start_y, start_x, bin_h, bin_w, ph, pw, c, wanted, pooled = _program(
             rois_ptr, levels_ptr, b0, b1, b2, b3, h0, h1, h2, h3, w0, w1, w2, w3, s0, s1, s2, s3, channels,
-            PH, PW, ALIGNED, BLOCK_BINS, BLOCK_C)
+            PH, PW, ALIGNED, BLOCK_BINS, BLOCK_C, POOLED_NHWC)
         grad = _divide(tl.load(grad_ptr + pooled, mask=wanted, other=0.0).to(tl.float32), SAMPLES * SAMPLES)
         for iy in tl.static_range(SAMPLES):
             y = _sample(start_y, ph, bin_h, iy, SAMPLES)

@@ -25,13 +25,17 @@ def rois_of_every_kind(count: int, images: int, g: torch.Generator) -> torch.Ten
 
 
 def compare_with_torchvision(maps: list[torch.Tensor], rois: torch.Tensor, levels: torch.Tensor, scales: list[float],
-                             output: int, aligned: bool = False, generator: torch.Generator | None = None) -> dict:
+                             output: int, aligned: bool = False, generator: torch.Generator | None = None,
+                             channels_last: bool = False) -> dict:
     """The kernel's pooling of `maps` (channels_last, requiring gradients) against torchvision's roi_align
     level by level on the same values in float32 (what autocast gives it), forward and backward for one
     random output gradient: the largest differences, the gradients' scale, and whether the kernel kept
-    the maps' dtype and layout. Also the GPU check (benchmarks/train_throughput.py check_roi_align)."""
-    pooled = multiscale_roi_align(maps, rois, levels, scales, (output, output), 2, aligned)
-    grad = torch.randn(pooled.shape, generator=generator).to(pooled.device, pooled.dtype)
+    the maps' dtype and layout. With `channels_last` the kernel writes the pooled RoIs channels_last and
+    reads their gradient so (as the mask branch's convolutions give it). Also the GPU check
+    (benchmarks/train_throughput.py check_roi_align)."""
+    pooled = multiscale_roi_align(maps, rois, levels, scales, (output, output), 2, aligned, channels_last)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    grad = torch.randn(pooled.shape, generator=generator).to(pooled.device, pooled.dtype, memory_format=layout)
     ours = torch.autograd.grad(pooled, maps, grad)
     wide = [m.detach().float().contiguous().requires_grad_() for m in maps]
     expected = torch.zeros(pooled.shape, device=pooled.device)
@@ -44,17 +48,19 @@ def compare_with_torchvision(maps: list[torch.Tensor], rois: torch.Tensor, level
             "backward_rel": max(((a.float() - b).norm() / b.norm()).item() for a, b in zip(ours, theirs)),
             "grad_scale": max(b.abs().max().item() for b in theirs),
             "dtype_kept": pooled.dtype == maps[0].dtype and all(a.dtype == maps[0].dtype for a in ours),
+            "layout_asked": pooled.is_contiguous(memory_format=layout),
             "channels_last_grads": all(a.is_contiguous(memory_format=torch.channels_last) for a in ours)}
 
 
-def against_torchvision(levels_used: int, dtype: torch.dtype, output: int, aligned: bool, count: int = 23) -> dict:
+def against_torchvision(levels_used: int, dtype: torch.dtype, output: int, aligned: bool, count: int = 23,
+                        channels_last: bool = False) -> dict:
     g = torch.Generator().manual_seed(levels_used * 100 + output)
     maps = [torch.randn(2, 70, h, w, generator=g).to(dtype).to(memory_format=torch.channels_last).requires_grad_()
             for h, w in SHAPES[:levels_used]]
     assert usable(maps, 2)
     rois = rois_of_every_kind(count, 2, g)
     levels = torch.randint(0, levels_used, (count,), generator=g)
-    return compare_with_torchvision(maps, rois, levels, SCALES[:levels_used], output, aligned, g)
+    return compare_with_torchvision(maps, rois, levels, SCALES[:levels_used], output, aligned, g, channels_last)
 
 
 def in_the_model() -> dict:
@@ -91,6 +97,7 @@ def main() -> None:
               for levels, dtype, output, aligned in [(4, torch.float32, 7, False), (4, torch.float32, 14, False),
                                                      (3, torch.float32, 7, True), (1, torch.float32, 7, False),
                                                      (4, torch.bfloat16, 7, False)]}
+    report["4-float32-14-legacy-channels_last"] = against_torchvision(4, torch.float32, 14, False, channels_last=True)
     empty = multiscale_roi_align([torch.zeros(1, 8, 4, 4).to(memory_format=torch.channels_last)],
                                  torch.zeros(0, 5), torch.zeros(0, dtype=torch.int64), [1.0], (7, 7), 2)
     report["empty_shape"] = list(empty.shape)
