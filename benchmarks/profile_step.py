@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import calibrated_backbones
-from benchmarks.train_throughput import StepWork, learning_rates, our_model, pinned, synthetic_batch
+from benchmarks.train_throughput import StepWork, learning_rates, our_model, pinned, synthetic_batch, warm_as_the_trainer
 from object_detection.engine import make_optimizer, set_lr, to_device
 
 
@@ -58,6 +58,7 @@ def main() -> None:
                       nms_scan=args.nmsscan or args.padheads, cuda_graphs=args.graphs,
                       reference_weights=reference_weights, mask_roi_bucket=args.maskbucket,
                       mask_channels_last=args.maskcl)
+    warm_as_the_trainer(model, args.batch, torch.bfloat16)
     opt = make_optimizer(model, 0.01, fused=True)
     schedule, steps_done = learning_rates("schedule", args.batch), itertools.count()  # as train_throughput's steps
     batches = [synthetic_batch(args.batch, "cpu", seed=s) for s in range(2)]

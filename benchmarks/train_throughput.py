@@ -43,6 +43,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from benchmarks import calibrated_backbones, random_msra_backbone, save_result
 from object_detection import fast
 from object_detection.engine import amp_dtype, make_optimizer, set_lr, to_device, train_step
+from object_detection.fast.mask_branch import warm_mask_branch
 from object_detection.fast.sampler import use_batched_sampler
 from mlperf.datasets.shapes import COCO_SHAPES, COCO_WEIGHTS, PORTRAIT_SHARE  # COCO's image shapes
 from object_detection.model import build_model
@@ -148,6 +149,13 @@ class StepWork:
         return {"losses_finite": bool(finite.all()),
                 "first_nonfinite_step": int(first_bad[0]) if len(first_bad) else None,
                 "mask_rois_per_image": round(sum(self.mask_rois) / max(len(self.mask_rois), 1) / images_per_step, 1)}
+
+
+def warm_as_the_trainer(model, batch: int, dtype) -> None:
+    """What the trainer's warm-up (engine.warm_up) does beyond the steps a benchmark warms up with:
+    the mask branch at each bucket size (fast.Options.mask_roi_bucket; nothing without it)."""
+    if next(model.parameters()).is_cuda and hasattr(model, "roi_heads"):
+        warm_mask_branch(model.roi_heads, batch, lambda: torch.autocast("cuda", dtype=dtype, enabled=dtype is not None))
 
 
 def time_steps(model, optimizer, batches, device, dtype, scaler, iterations: int, warmup: int,
@@ -557,6 +565,8 @@ def measure(batch_size: int, variants: list[str], args, device, backbone: Path) 
     for variant in variants:
         torch.manual_seed(0)
         built[variant] = make_variant(variant, device, backbone, args.reference_weights)
+        with switches(variant):  # (under -cudnnbench the warm-up's sizes are benchmarked too)
+            warm_as_the_trainer(built[variant][0], batch_size, built[variant][2])
     schedule = learning_rates(args.lr, batch_size)
     for _ in range(args.rounds):
         for variant in variants:

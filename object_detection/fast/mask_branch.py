@@ -30,3 +30,27 @@ def mask_logits(heads: RoIHeads, features, mask_proposals: list[torch.Tensor], i
     if getattr(heads, "mask_channels_last", False):
         pooled = pooled.contiguous(memory_format=torch.channels_last)
     return heads.mask_predictor(heads.mask_head(pooled))[:count]
+
+
+def warm_mask_branch(heads: RoIHeads, images_per_step: int, autocast) -> int:
+    """The mask branch forward and backward once at every bucket size a step of `images_per_step`
+    images can reach (up to the sampler's positives per image): cuDNN's plans for each size are built
+    before the run, not in its first steps. Under `heads.mask_roi_bucket` only (without it the sizes
+    are every count); the branch's gradients are dropped. Returns the sizes warmed."""
+    if not getattr(heads, "mask_roi_bucket", False) or not heads.has_mask():
+        return 0
+    sampler = heads.fg_bg_sampler
+    most = images_per_step * int(sampler.batch_size_per_image * sampler.positive_fraction)
+    first_conv = next(m for m in heads.mask_head.modules() if isinstance(m, torch.nn.Conv2d))
+    side = heads.mask_roi_pool.output_size[0]
+    layout = torch.channels_last if getattr(heads, "mask_channels_last", False) else torch.contiguous_format
+    sizes = range(MASK_ROI_BUCKET, -(-most // MASK_ROI_BUCKET) * MASK_ROI_BUCKET + 1, MASK_ROI_BUCKET)
+    for count in sizes:
+        pooled = torch.randn(count, first_conv.in_channels, side, side, device=first_conv.weight.device)
+        pooled = pooled.contiguous(memory_format=layout).requires_grad_()  # its gradient: the first conv's too
+        with autocast():
+            logits = heads.mask_predictor(heads.mask_head(pooled))
+        logits.float().sum().backward()
+    heads.mask_head.zero_grad(set_to_none=True)
+    heads.mask_predictor.zero_grad(set_to_none=True)
+    return len(sizes)
