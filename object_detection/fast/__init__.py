@@ -62,8 +62,8 @@ class Options:
     channels_last: bool = False      # pays on GPUs only (tensor cores); on a CPU it is slower
     rpn_channels_last: bool = True   # with channels_last: the RPN head takes channels_last maps too
     roi_align: bool = True           # with channels_last: one kernel pools every level (fast.roi_align)
-    mask_channels_last: bool = False  # with channels_last and sync_free: the mask branch in channels_last too
-    mask_roi_bucket: bool = False     # with sync_free: the mask branch on its RoIs padded to a multiple of 64
+    mask_channels_last: bool = False  # GPUs (for_device), with channels_last and sync_free: the mask branch too
+    mask_roi_bucket: bool = False     # GPUs (for_device), with sync_free: the mask branch on RoIs padded to x64
     fixed_canvas: bool = False       # pad every batch to the largest input (800x1344): fixed shapes
     cuda_graphs: bool = False        # GPUs: backbone, FPN and RPN head as CUDA graphs (implies fixed_canvas)
     mask_targets_kernel: bool = False  # GPUs (for_device): the polygon mask targets in one Triton kernel (fast.rasterise)
@@ -75,7 +75,7 @@ class Options:
     @classmethod
     def for_device(cls, device_type: str) -> Options:
         cuda = device_type == "cuda"
-        return cls(channels_last=cuda, mask_targets_kernel=cuda)
+        return cls(channels_last=cuda, mask_targets_kernel=cuda, mask_channels_last=cuda, mask_roi_bucket=cuda)
 
 
 STOCK = Options(fold_bn=False, fuse_bias=False, sync_free=False, padded_heads=False, nms_scan=False,
