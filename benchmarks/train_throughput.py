@@ -41,6 +41,7 @@ from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.ops import FrozenBatchNorm2d
 
 from benchmarks import calibrated_backbones, random_msra_backbone, save_result
+from benchmarks.conv_fusion import check_cudnn_fusion
 from object_detection import fast
 from object_detection.engine import amp_dtype, make_optimizer, set_lr, to_device, train_step
 from object_detection.fast.mask_branch import warm_mask_branch
@@ -104,7 +105,7 @@ def our_model(device, backbone: Path, channels_last: bool | str, fold_bn: bool =
               batched_sampler: bool = True, sync_free: bool = True, fuse_bias: bool = True, fixed_canvas: bool = False,
               recipe: str = "torchvision", roi_align: bool = False, padded_heads: bool = False, nms_scan: bool = False,
               cuda_graphs: bool = False, reference_weights: Path | None = None, mask_roi_bucket: bool = False,
-              mask_channels_last: bool = False):
+              mask_channels_last: bool = False, cudnn_fusion: bool = False):
     """channels_last: "rpn" (what the trainer runs), True (backbone only), "all" (every module).
     recipe: "torchvision" (the open profiles') or "reference" (the closed profile's model), whose
     backbone is `reference_weights` (an R-50.pkl) or else random_msra_backbone's."""
@@ -112,7 +113,7 @@ def our_model(device, backbone: Path, channels_last: bool | str, fold_bn: bool =
                          channels_last=channels_last in (True, "rpn"), rpn_channels_last=channels_last == "rpn",
                          fixed_canvas=fixed_canvas, roi_align=roi_align, padded_heads=padded_heads, nms_scan=nms_scan,
                          cuda_graphs=cuda_graphs, mask_roi_bucket=mask_roi_bucket,
-                         mask_channels_last=mask_channels_last)
+                         mask_channels_last=mask_channels_last, cudnn_fusion=cudnn_fusion)
     weights = (reference_weights or random_msra_backbone()) if recipe == "reference" else backbone
     model = build_model(81, backbone_weights=weights, proposals_per_image=1000, speed=speed,
                         recipe=RECIPES[recipe]).to(device)
@@ -494,7 +495,8 @@ VARIANTS_HELP = (
     "as CUDA graphs in training (fast.Options.cuda_graphs, on that canvas), -cudnnbench "
     "cudnn.benchmark on, -nogc Python's garbage collector off while it runs, -maskbucket the mask branch on its "
     "RoIs padded to a multiple of 64 (fast.Options.mask_roi_bucket), -maskcl the mask branch in channels_last "
-    "(fast.Options.mask_channels_last)")
+    "(fast.Options.mask_channels_last), -cudnnfuse convolution, bias, shortcut and ReLU in one cuDNN call "
+    "(fast.Options.cudnn_fusion)")
 
 
 def make_variant(variant: str, device, backbone: Path, reference_weights: Path | None = None):
@@ -519,7 +521,7 @@ def make_variant(variant: str, device, backbone: Path, reference_weights: Path |
                           nms_scan="-nmsscan" in variant or "-padheads" in variant, cuda_graphs="-graphs" in variant,
                           recipe="reference" if variant.startswith("ref-") else "torchvision",
                           reference_weights=reference_weights, mask_roi_bucket="-maskbucket" in variant,
-                          mask_channels_last="-maskcl" in variant)
+                          mask_channels_last="-maskcl" in variant, cudnn_fusion="-cudnnfuse" in variant)
         dtype = amp_dtype("bf16" if "bf16" in variant else "fp16", device)
         optimizer = make_optimizer(model, lr=0.01, fused="-fused" in variant and device.type == "cuda",
                                    loss_scaled=dtype == torch.float16)
@@ -598,7 +600,8 @@ def measure(batch_size: int, variants: list[str], args, device, backbone: Path) 
 
 CHECKS = {"check": check_same_function, "check_reference": check_reference, "check_nms": check_greedy_nms,
           "check_bias_act": check_bias_act, "check_roi_align": check_roi_align, "check_graphs": check_graphs,
-          "check_fused_training": check_fused_training, "check_inputs": check_inputs}
+          "check_fused_training": check_fused_training, "check_inputs": check_inputs,
+          "check_cudnn_fusion": check_cudnn_fusion}
 
 
 def print_table(runs: list[dict], baseline: str) -> None:

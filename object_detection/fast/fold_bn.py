@@ -30,6 +30,11 @@ class FoldedConv2d(nn.Conv2d):
         self._folded_cache = None
         self._norm_cache = None
 
+    @property
+    def folded_norm(self) -> FrozenBatchNorm2d:
+        """The norm folded into this convolution (what `_adopt` takes when the class is swapped again)."""
+        return self._folded_bn[0]
+
     def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The weight and bias of this convolution followed by its norm, as one convolution.
 

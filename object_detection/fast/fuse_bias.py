@@ -21,12 +21,12 @@ class FusedBottleneck(Bottleneck):
     """conv1-relu, conv2-relu, conv3 + shortcut-relu, each bias added in the pass that follows."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = bias_act(*_unbiased(self.conv1, x))
-        out = bias_act(*_unbiased(self.conv2, out))
-        out, bias = _unbiased(self.conv3, out)
+        out = bias_act(*unbiased(self.conv1, x))
+        out = bias_act(*unbiased(self.conv2, out))
+        out, bias = unbiased(self.conv3, out)
         identity = x
         if self.downsample is not None:
-            identity, shortcut_bias = _unbiased(self.downsample[0], x)
+            identity, shortcut_bias = unbiased(self.downsample[0], x)
             bias = bias + shortcut_bias
         return bias_act(out, bias, identity)
 
@@ -35,7 +35,7 @@ class FusedStemConv2d(FoldedConv2d):
     """The stem's convolution with its bias and the stem's ReLU in one pass."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return bias_act(*_unbiased(self, x))
+        return bias_act(*unbiased(self, x))
 
 
 class FusedReLU(nn.ReLU):
@@ -45,7 +45,7 @@ class FusedReLU(nn.ReLU):
         return x
 
 
-def _unbiased(conv: FoldedConv2d, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def unbiased(conv: FoldedConv2d, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The folded convolution without its bias, and the bias."""
     weight, bias = conv.folded()
     return conv.conv(x, weight), bias
