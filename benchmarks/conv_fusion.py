@@ -96,12 +96,20 @@ def one_shape(images, cin, height, width, cout, kernel, stride, residual, head, 
 
 
 def check_cudnn_fusion(device) -> dict:
-    """fast.cudnn_fusion's conv_bias_relu (cuDNN's fused forward, autograd's backward) against
-    F.conv2d, the bias, the shortcut and the ReLU as separate operators, forward and backward: in
-    fp32 without TF32 (the same arithmetic) and in bf16 channels_last under autocast (the trainer's),
-    on a layer2-sized bottleneck convolution with and without its shortcut and a mask-head one."""
+    """fast.cudnn_fusion's conv_bias_relu (cuDNN's fused forward, autograd's backward) against F.conv2d,
+    the bias, the shortcut and the ReLU as separate operators: the output and the input's, weight's and
+    bias's gradients, each way's largest difference from the separate operators in fp32 without TF32,
+    relative to that reference's largest value. In fp32 the fused way must match it (the same
+    arithmetic); in bf16 under autocast (the trainer's) it must be no farther from it than today's
+    way: bf16 rounds the pre-activations, and where one lands on the other side of the ReLU's zero a
+    gradient entry changes by the whole upstream value, in either way. On a layer2-sized bottleneck
+    convolution with and without its shortcut and a mask-head one; inputs and weights representable
+    in bf16, so every way starts from the same numbers."""
     from benchmarks.train_throughput import tf32_off
     from object_detection.fast.cudnn_fusion import conv_bias_relu
+
+    def bf16_exact(t: torch.Tensor) -> torch.Tensor:
+        return t.bfloat16().float().to(device)
 
     g = torch.Generator().manual_seed(0)
     worst = {}
@@ -109,24 +117,28 @@ def check_cudnn_fusion(device) -> dict:
             "1x1+res": (4, 128, 100, 512, 1, True), "3x3": (4, 128, 100, 128, 3, False),
             "mask": (256, 256, 14, 256, 3, False)}.items():
         conv = torch.nn.Conv2d(cin, cout, kernel, padding=kernel // 2).to(device)
-        x = torch.randn(images, cin, size, size, generator=g).to(device).contiguous(memory_format=torch.channels_last)
-        z = torch.randn(images, cout, size, size, generator=g).to(device) if residual else None
-        grad = torch.randn(images, cout, size, size, generator=g).to(device)
-        for dtype in (torch.float32, torch.bfloat16):
-            runs = []
-            for fused in (True, False):
-                a = x.clone().requires_grad_()
-                conv.zero_grad()
-                with tf32_off(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype is torch.bfloat16):
-                    out = (conv_bias_relu(a, conv.weight, conv.bias, conv, z) if fused
-                           else (conv(a) + (z if residual else 0)).relu())
-                out.backward(grad.to(out.dtype))
-                runs.append([out.float(), a.grad.float(), conv.weight.grad.clone(), conv.bias.grad.clone()])
-            worst[f"{name}-{str(dtype)[6:]}"] = [((u - v).abs().max() / v.abs().max().clamp_min(1e-12)).item()
-                                                 for u, v in zip(*runs)]
-    tolerance = {"float32": 1e-5, "bfloat16": 2e-2}  # relative to the largest value: bf16's own rounding
-    return {"max_rel_diff_out_input_weight_bias": worst,
-            "ok": all(max(v) <= tolerance[k.split("-")[-1]] for k, v in worst.items())}
+        with torch.no_grad():
+            conv.weight.copy_(bf16_exact(conv.weight))
+            conv.bias.copy_(bf16_exact(conv.bias))
+        x = bf16_exact(torch.randn(images, cin, size, size, generator=g)).contiguous(memory_format=torch.channels_last)
+        z = bf16_exact(torch.randn(images, cout, size, size, generator=g)) if residual else None
+        grad = bf16_exact(torch.randn(images, cout, size, size, generator=g))
+        ways = {}
+        for way, fused, dtype in (("reference", False, None), ("fused-fp32", True, None),
+                                  ("today-bf16", False, torch.bfloat16), ("fused-bf16", True, torch.bfloat16)):
+            a = x.clone().requires_grad_()
+            conv.zero_grad()
+            with tf32_off(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype is not None):
+                out = (conv_bias_relu(a, conv.weight, conv.bias, conv, z) if fused
+                       else (conv(a) + (z if residual else 0)).relu())
+            out.backward(grad.to(out.dtype))
+            ways[way] = [out.float(), a.grad.float(), conv.weight.grad.clone(), conv.bias.grad.clone()]
+        reference = ways.pop("reference")
+        worst[name] = {way: [round(((u - v).abs().max() / v.abs().max().clamp_min(1e-12)).item(), 6)
+                             for u, v in zip(found, reference)] for way, found in ways.items()}
+    ok = all(max(w["fused-fp32"]) <= 1e-5 and all(f <= 1.5 * t + 1e-3 for f, t in zip(w["fused-bf16"], w["today-bf16"]))
+             for w in worst.values())
+    return {"max_rel_diff_from_fp32_out_input_weight_bias": worst, "ok": ok}
 
 
 def main() -> None:
