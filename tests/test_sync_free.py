@@ -383,21 +383,21 @@ def test_the_mask_branch_on_bucketed_channels_last_rois_trains_the_same_function
 
 def test_the_warm_up_meets_every_mask_bucket_and_trains_nothing():
     """The trainer's warm-up (engine.warm_up) under fast.Options.mask_roi_bucket runs the mask branch
-    once at every bucket size a step can reach (here 9 images x 16 positives: 64, 128, 192), so no
+    once at every bucket size a step can reach (here 3 images x 32 positives: 64 and 128), so no
     step of the run meets a size first; the weights stay as they were and no gradient is left."""
     from contextlib import nullcontext
 
     from object_detection.engine import warm_up
 
     speed = replace(Options.for_device("cpu"), mask_channels_last=True, channels_last=True, mask_roi_bucket=True)
-    model = build_model(81, backbone_weights=None, min_size=64, max_size=96, rois_per_image=64,
+    model = build_model(81, backbone_weights=None, min_size=64, max_size=96, rois_per_image=128,
                         recipe=RECIPES["reference"], speed=speed)
     before = copy.deepcopy(model.state_dict())
     sizes = []
     model.roi_heads.mask_head.register_forward_hook(
         lambda module, inputs, output: sizes.append((len(inputs[0]), module.training)))
-    warm_up(model, nullcontext, batch=9, eval_batch=2, size=(64, 96), device=torch.device("cpu"))
-    assert [n for n, training in sizes if training][-3:] == [64, 128, 192]
+    warm_up(model, nullcontext, batch=3, eval_batch=1, size=(64, 96), device=torch.device("cpu"))
+    assert [n for n, training in sizes if training][-2:] == [64, 128]
     assert all(n % mask_branch.MASK_ROI_BUCKET == 0 for n, training in sizes if training)
     assert all(p.grad is None for p in model.parameters()) and model.training
     for name, value in model.state_dict().items():
