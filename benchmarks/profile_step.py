@@ -30,6 +30,9 @@ def parse_args():
                    help="free-running steps (no synchronisation): how much of a step the GPU is busy, the idle gaps "
                         "by the kernels around them, and the kernels by GPU time")
     p.add_argument("--shapes", action="store_true", help="also list the heaviest elementwise operators by input shape")
+    p.add_argument("--sources", action="store_true",
+                   help="also list the elementwise operators' GPU time by where they come from (the model's code "
+                        "line in the forward, the autograd function in the backward)")
     p.add_argument("--tvsync", action="store_true", help="torchvision's heads (no object_detection.fast.sync_free)")
     p.add_argument("--nofuse", action="store_true", help="biases added separately (no object_detection.fast.fuse_bias)")
     p.add_argument("--roialign", action="store_true",
@@ -123,19 +126,27 @@ def main() -> None:
     for k, v in stages.items():
         print(f"  {k:<14} {v / args.steps * 1000:8.1f} ms")
 
-    operator_tables(step, args.shapes)
+    operator_tables(step, args.shapes, args.sources)
 
 
-def operator_tables(step, shapes: bool) -> None:
+ELEMENTWISE = ("aten::add_", "aten::copy_", "aten::add", "aten::mul", "aten::clamp_min_", "aten::fill_")
+
+
+def operator_tables(step, shapes: bool, sources: bool = False) -> None:
     """Three steps under the profiler: the operators by host time and by GPU time (with `shapes`,
-    first the heaviest elementwise operators by the tensors they work on)."""
+    first the heaviest elementwise operators by the tensors they work on; with `sources`, by where
+    they come from)."""
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=shapes) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=shapes,
+                 with_stack=sources) as prof:
         for i in range(3):
             step(i)
+    if sources:
+        for name, source, calls, total in op_sources(prof.events(), ELEMENTWISE, lambda e: e.device_time_total)[:30]:
+            print(f"{name:<18} {calls / 3:6.1f} calls {total / 3 / 1000:7.2f} ms a step  {source}")
     if shapes:
         rows = [e for e in prof.key_averages(group_by_input_shape=True)
-                if e.key in ("aten::add_", "aten::copy_", "aten::add", "aten::mul", "aten::clamp_min_")]
+                if e.key in ELEMENTWISE]
         rows.sort(key=lambda e: -e.device_time_total)
         for e in rows[:30]:
             print(f"{e.key:<18} {e.count:5d} calls {e.device_time_total / 1000:8.2f} ms  {e.input_shapes}")
@@ -175,6 +186,37 @@ def gpu_timeline(step, steps: int, batch: int) -> None:
     print("kernels by GPU time per step:")
     for name, us in activity["kernels"].most_common(30):
         print(f"  {us / steps / 1000:7.2f} ms  {name}")
+
+
+def op_sources(events, names, time_of) -> list[tuple[str, str, int, float]]:
+    """The profiled operators named `names`, summed by (name, source): in the backward the autograd
+    function that ran them, else the innermost frame of the project's or torchvision's code in
+    their Python stack (profile(with_stack=True)); heaviest first, as (name, source, calls, time)."""
+    totals: dict[tuple[str, str], list] = {}
+    for event in events:
+        if event.name in names:
+            entry = totals.setdefault((event.name, _source(event)), [0, 0.0])
+            entry[0] += 1
+            entry[1] += time_of(event)
+    return sorted(((n, s, c, t) for (n, s), (c, t) in totals.items()), key=lambda row: -row[3])
+
+
+def _source(event) -> str:
+    """The nearest enclosing autograd function or Python frame of ours or torchvision's (the profiler
+    records Python calls as enclosing events; older versions as each operator's `stack` instead)."""
+    frames = [f for f in event.stack or [] if _ours(f)]
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("autograd::engine::evaluate_function: "):
+            return "backward of " + parent.name.split(": ", 1)[1]
+        if _ours(parent.name) and not frames:
+            return parent.name
+        parent = parent.cpu_parent
+    return frames[0] if frames else "elsewhere"
+
+
+def _ours(frame: str) -> bool:
+    return ".py(" in frame and ("object_detection/" in frame or "torchvision/" in frame)
 
 
 GAP_US = 20  # a launch's own latency is below this: a longer gap is the GPU waiting for the host

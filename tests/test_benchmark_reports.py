@@ -3,6 +3,7 @@ boxes, not training, so its ratio is withheld; the mask branch's RoIs per image 
 the timed steps did (on an H100 every model at a constant 0.01 diverged within ten steps and still
 printed a rate: BENCHMARKS.md)."""
 import math
+import re
 
 import pytest
 import torch
@@ -86,3 +87,21 @@ def test_the_timeline_counts_overlapping_streams_once_and_charges_each_gap_to_it
     assert activity["span"] == 1100 and activity["busy"] == 150 + 50 + 5 + 100
     assert dict(activity["gaps"]) == {"copy -> nms": 250, "tiny -> conv": 535}
     assert activity["idle_in_gaps"] == 785 and activity["kernels"]["conv"] == 200
+
+
+def test_elementwise_operators_are_charged_to_the_code_that_ran_them():
+    """profile_step --sources: an operator in the forward is charged to the project's line that ran it,
+    one in the backward to the autograd function (here a real CPU profile of fast.bias_act)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks.profile_step import op_sources
+    from object_detection.fast.bias_act import bias_act
+
+    x = torch.randn(2, 4, 5, 5, requires_grad=True)
+    with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
+        (bias_act(x, torch.randn(4), torch.randn(2, 4, 5, 5)) * 3).sum().backward()
+    rows = op_sources(prof.events(), ("aten::add", "aten::mul"), lambda e: e.cpu_time_total)
+    charged = {(name, re.sub(r"\(\d+\)", "", source)): calls for name, source, calls, _ in rows}  # no line numbers
+    assert charged == {("aten::add", "object_detection/fast/bias_act.py: forward"): 2,  # the bias, the residual
+                       ("aten::mul", "backward of MulBackward0"): 1,
+                       ("aten::mul", "elsewhere"): 1}  # the test's own line: neither ours nor torchvision's
