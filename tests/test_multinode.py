@@ -88,7 +88,7 @@ def test_one_failing_host_stops_the_others(cluster, capsys):
     assert processes_with(marker) == []
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=30)
 def test_invoke_train_nodes_all_trains_across_two_hosts(cluster, tiny_shapes, tmp_path):
     """`invoke train --nodes all` on main1 of a (loopback) Backend.AI cluster session: sub1 checked
     and found to share main1's tree (as a vfolder mounted on both would), so nothing is copied;

@@ -24,7 +24,7 @@ def _series(results_dir: Path, dataset: str) -> Path:
     return found[0]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=100)
 def test_the_quickstart_dataset_learns_to_its_targets_and_scores(tmp_path, sandbox):
     """The README's first command with one run instead of five: the CPU demo must learn, not only run
     (one run is not an MLPerf score, so the command ends with exit 1 saying so)."""
@@ -43,7 +43,7 @@ def test_the_quickstart_dataset_learns_to_its_targets_and_scores(tmp_path, sandb
     assert "Model r18-fpn-slim (the CPU demo's small Mask R-CNN" in proc.stdout
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=60)
 def test_invoke_all_end_to_end_then_skip_then_resume(tmp_path, sandbox):
     manifest = tmp_path / "demo.yaml"
     manifest.write_text(DEMO_MANIFEST)
