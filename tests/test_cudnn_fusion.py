@@ -15,6 +15,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from object_detection.fast import Options
 from object_detection.fast.cudnn_fusion import CudnnBottleneck, CudnnConvReLU, CudnnStemConv2d, conv_bias_relu
 from object_detection.model import build_model
+from tests.support.same_training import assert_trains_the_same
 
 
 @pytest.mark.parametrize("stride, kernel, residual", [(1, 3, False), (2, 3, False), (1, 1, True), (2, 1, True)])
@@ -74,9 +75,5 @@ def test_the_model_trains_the_same_function_with_every_pair_swapped(tmp_path):
         torch.manual_seed(5)  # the same samples drawn
         losses[fusion] = model(images, targets)
         sum(losses[fusion].values()).backward()
-    for name, value in losses[False].items():
-        torch.testing.assert_close(losses[True][name], value, rtol=1e-10, atol=1e-12)
-    theirs = dict(models[False].named_parameters())
-    for name, parameter in models[True].named_parameters():
-        if parameter.grad is not None:
-            torch.testing.assert_close(parameter.grad, theirs[name].grad, rtol=1e-8, atol=1e-10)
+    assert_trains_the_same(models[True], models[False], losses[True], losses[False], loss_rtol=1e-10, loss_atol=1e-12,
+                           grad_rtol=1e-8, grad_atol=1e-10)

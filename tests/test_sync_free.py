@@ -32,6 +32,7 @@ from conftest import ROOT
 from object_detection.model import build_model
 from object_detection.recipe import RECIPES
 from tests.support.boxes import crowded_boxes
+from tests.support.same_training import assert_trains_the_same
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -332,12 +333,8 @@ def test_padded_heads_train_the_same_function_with_one_host_wait():
         sum(losses[padded].values()).backward()
         waits[padded] = counted.sites
     assert losses[True].keys() == losses[False].keys()
-    for name, value in losses[False].items():
-        torch.testing.assert_close(losses[True][name], value, rtol=1e-5, atol=1e-7)
-    stock = dict(models[False].named_parameters())
-    for name, parameter in models[True].named_parameters():
-        if parameter.grad is not None:
-            torch.testing.assert_close(parameter.grad, stock[name].grad, rtol=1e-4, atol=1e-6)
+    assert_trains_the_same(models[True], models[False], losses[True], losses[False], loss_rtol=1e-5, loss_atol=1e-7,
+                           grad_rtol=1e-4, grad_atol=1e-6)
     assert waits[True] == {"padded_heads.py forward_padded": 1, "sync_free.py forward": 2, "sync_free.py check_boxes": 1}
     assert sum(waits[False].values()) > sum(waits[True].values())
 
@@ -372,13 +369,9 @@ def test_the_mask_branch_on_bucketed_channels_last_rois_trains_the_same_function
     assert 0 < positives < len(rois) and len(rois) % mask_branch.MASK_ROI_BUCKET == 0
     assert rois.is_contiguous(memory_format=torch.channels_last) and not seen[False][0].is_contiguous(
         memory_format=torch.channels_last)
-    for name, value in losses[False].items():
-        torch.testing.assert_close(losses[True][name], value, rtol=1e-5, atol=1e-7)
-    plain = dict(models[False].named_parameters())
-    for name, parameter in models[True].named_parameters():
-        if parameter.grad is not None:  # channels_last kernels sum in another order: up to 2.4e-4 of the largest
-            scale = plain[name].grad.abs().max().item()
-            torch.testing.assert_close(parameter.grad, plain[name].grad, rtol=1e-4, atol=1e-3 * scale)
+    # channels_last kernels sum in another order: gradients up to 2.4e-4 of their largest element apart
+    assert_trains_the_same(models[True], models[False], losses[True], losses[False], loss_rtol=1e-5, loss_atol=1e-7,
+                           grad_rtol=1e-4, grad_atol_of_largest=1e-3)
 
 
 def test_the_warm_up_meets_every_mask_bucket_and_trains_nothing():
