@@ -155,7 +155,7 @@ class StepWork:
 def warm_as_the_trainer(model, batch: int, dtype) -> None:
     """What the trainer's warm-up (engine.warm_up) does beyond the steps a benchmark warms up with:
     the mask branch at each bucket size (fast.Options.mask_roi_bucket; nothing without it)."""
-    if next(model.parameters()).is_cuda and hasattr(model, "roi_heads"):
+    if next(model.parameters()).is_cuda:
         warm_mask_branch(model.roi_heads, batch, lambda: torch.autocast("cuda", dtype=dtype, enabled=dtype is not None))
 
 
