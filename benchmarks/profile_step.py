@@ -44,6 +44,8 @@ def parse_args():
     p.add_argument("--maskbucket", action="store_true",
                    help="the mask branch on its RoIs padded to a multiple of 64 (fast.Options.mask_roi_bucket)")
     p.add_argument("--maskcl", action="store_true", help="the mask branch in channels_last (fast.Options.mask_channels_last)")
+    p.add_argument("--cudnnfuse", action="store_true",
+                   help="convolution, bias, shortcut and ReLU as one cuDNN call (fast.Options.cudnn_fusion)")
     p.add_argument("--recipe", choices=["reference", "torchvision"], default="reference",
                    help="the closed profile's model (reference) or the open profiles' (torchvision)")
     p.add_argument("--calibrate-on", type=Path, metavar="DIR",
@@ -60,7 +62,7 @@ def main() -> None:
                       recipe=args.recipe, roi_align=args.roialign, padded_heads=args.padheads,
                       nms_scan=args.nmsscan or args.padheads, cuda_graphs=args.graphs,
                       reference_weights=reference_weights, mask_roi_bucket=args.maskbucket,
-                      mask_channels_last=args.maskcl)
+                      mask_channels_last=args.maskcl, cudnn_fusion=args.cudnnfuse)
     warm_as_the_trainer(model, args.batch, torch.bfloat16)
     opt = make_optimizer(model, 0.01, fused=True)
     schedule, steps_done = learning_rates("schedule", args.batch), itertools.count()  # as train_throughput's steps
