@@ -8,6 +8,7 @@
 # BENCH_VARIANTS: train_throughput.py --variants (default: its own); BENCH_CHECKS: its --checks (default: all).
 # BENCH_CALIBRATE: its --calibrate-on for `coco` (e.g. /tmp/mlperf-epoch-level/coco-shaped/train2017 after `parts`).
 # BENCH_LR: its --lr for `bench` and `coco` (default: the closed schedule from a run's first step; 0.01: the old constant).
+# CONVERGE_SPEED: the trainer's --speed for `converge` (default: fast).
 # PROFILE_FLAGS: profile_step.py's flags for `profile` (stages and top operators of a step at 12).
 # `trees` times the step of each tree named in TREES, one process each, alternating, TREES_RUNS times
 # (default 2): `new` is this tree, anything else .b/NAME, made beforehand on a machine with the clone:
@@ -101,7 +102,7 @@ case "$part" in
     python3 -m invoke fetch --dataset shapes-4k && python3 -m invoke verify --dataset shapes-4k || exit 1
     echo "dataset ready in $(( $(date +%s) - t0 )) s"
     timeout ${CONVERGE_S:-480} python3 -m invoke train --dataset shapes-4k --max-epochs 40 --seed 1 \
-      --log "$OUT/shapes4k.txt" > "$OUT/converge_stdout.txt" 2>&1
+      ${CONVERGE_SPEED:+--speed "$CONVERGE_SPEED"} --log "$OUT/shapes4k.txt" > "$OUT/converge_stdout.txt" 2>&1
     echo "train exit $?"
     grep -E "eval_accuracy|run_stop|img/s\)" "$OUT/converge_stdout.txt" | cut -c1-220 | tail -40
     ;;
