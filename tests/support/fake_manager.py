@@ -41,6 +41,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 PROBS = "https://api.backend.ai/probs/"
+REMOVAL_LIMIT_S = 60.0   # the longest an ended session waits for its console to be asked (removal_misses)
 
 
 @dataclass
@@ -67,6 +68,7 @@ class FakeSession:
     terminated_at: str | None = None
     process: subprocess.Popen | None = None
     shown_as: dict = field(default_factory=dict)   # ps (GraphQL) fields answered instead of the real ones
+    console_misses: int = 0                        # console requests answered 500 while TERMINATING
 
 
 @dataclass
@@ -115,9 +117,11 @@ class FakeManager:
         self.extra_entries: dict[str, dict[str, bytes]] = {}   # folder -> {listed name: content}
         self.stalled: set[str] = set()               # vfolder paths whose download stops half way
         self.failing_images: dict[str, tuple[str, str]] = {}   # image -> (agent error name, its repr)
-        # Seconds an ended session stays TERMINATING with its container gone, the console answering 500
-        # as 23.09's does then (the local stack showed it: registry.get_logs_from_agent, DockerError 404)
-        self.removal_window = 0.0
+        # Console requests an ended session answers 500 while it stays TERMINATING with its container
+        # gone, as 23.09's does for a moment (the local stack showed it: registry.get_logs_from_agent,
+        # DockerError 404). Counted, not timed, so a loaded machine's slow client cannot poll past it;
+        # REMOVAL_LIMIT_S bounds it for a client that never asks.
+        self.removal_misses = 0
         handler = type("Handler", (_Handler,), {"manager": self})
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -278,10 +282,12 @@ class FakeManager:
             with self.lock:
                 sess.console += chunk.decode(errors="replace")
         code = sess.process.wait()
-        if self.removal_window:
+        if self.removal_misses:
             with self.lock:
                 sess.status = "TERMINATING" if sess.status == "RUNNING" else sess.status
-            time.sleep(self.removal_window)
+            deadline = time.monotonic() + REMOVAL_LIMIT_S
+            while sess.console_misses < self.removal_misses and time.monotonic() < deadline:
+                time.sleep(0.05)
         with self.lock:
             if sess.status in ("RUNNING", "TERMINATING"):   # not destroyed meanwhile
                 sess.result = "SUCCESS" if code == 0 else "FAILURE"
@@ -306,6 +312,7 @@ class FakeManager:
         if sess.status == "PENDING":
             raise ApiError(500, "internal-server-error", "Internal server error.")   # no agent to ask
         if sess.status == "TERMINATING":
+            sess.console_misses += 1
             raise ApiError(500, "kernel-execution-failed", "Executing user code in the kernel has failed.",
                            "Agent-side exception occurred. (DockerError(404, 'No such container: 7659'))")
         with self.lock:
