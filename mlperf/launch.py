@@ -38,9 +38,26 @@ def torchrun_args(nproc: int, cluster: Cluster | None, node_rank: int | None = N
                    f"--master-addr={cluster.master_addr}", f"--master-port={cluster.master_port}"]
 
 
+def launcher_args(nproc: int, cluster: Cluster | None) -> list[str]:
+    """What starts the trainer (its arguments follow): for one process on one host the trainer's own
+    Python, as its one rank (launcher_env), since torchrun's agent would cost the run another torch
+    import and a rendezvous and gives one process nothing; torchrun otherwise."""
+    return [sys.executable] if _one_process(nproc, cluster) else torchrun_args(nproc, cluster)
+
+
+def launcher_env(nproc: int, cluster: Cluster | None) -> dict[str, str]:
+    """The rank variables a trainer started without torchrun gets, so that none it inherits counts."""
+    return {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"} if _one_process(nproc, cluster) else {}
+
+
+def _one_process(nproc: int, cluster: Cluster | None) -> bool:
+    return nproc == 1 and cluster is None
+
+
 def train(*, dry_run: bool = False, **arguments) -> int:
-    """Start training (see mlperf.planning.plan for the arguments); returns torchrun's exit code
-    (0: the run ended, converged or aborted). `dry_run`: print the resolved run as JSON and return 0."""
+    """Start training (see mlperf.planning.plan for the arguments); returns the exit code of torchrun
+    or the one trainer (0: the run ended, converged or aborted; 128+N: killed by signal N). `dry_run`:
+    print the resolved run as JSON and return 0."""
     p = plan(dry_run=dry_run, **arguments)
     if dry_run:
         print(json.dumps(p.describe(), indent=2))
@@ -49,6 +66,7 @@ def train(*, dry_run: bool = False, **arguments) -> int:
     env.setdefault("PYTHONUNBUFFERED", "1")
     env["OMP_NUM_THREADS"] = str(p.threads)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+    env.update(launcher_env(p.nproc, p.cluster))
     print(f"config {p.cfg.name}: {p.nnodes} node(s) x {p.nproc} {p.device} process(es), "
           f"{p.cfg.per_gpu_batch} images each; log {p.log}", flush=True)
     if p.cluster is not None:
@@ -57,8 +75,9 @@ def train(*, dry_run: bool = False, **arguments) -> int:
     if p.all_nodes:
         return run_on_all_nodes(p.cluster, p.nproc, trainer, env, clear_cache=p.ds.root(p.data_dir).resolve())
     clear_page_cache(p.ds.root(p.data_dir).resolve())
-    return subprocess.call(torchrun_args(p.nproc, p.cluster) + trainer, env=env, cwd=PROJECT_ROOT,
+    code = subprocess.call(launcher_args(p.nproc, p.cluster) + trainer, env=env, cwd=PROJECT_ROOT,
                            preexec_fn=_terminated_with_parent)
+    return code if code >= 0 else 128 - code  # a shell's code for a trainer a signal ended
 
 
 def clear_page_cache(data: Path) -> None:
@@ -101,9 +120,10 @@ def wait_for_master(address: str, wait: float | None = None) -> None:
 
 
 def _terminated_with_parent() -> None:
-    """In torchrun's process, before it starts: SIGTERM when this launcher dies (Linux), however it
-    dies (kill -9 too), so that torchrun stops its trainers (each gets SIGKILL when torchrun goes:
-    object_detection.train.die_with_launcher) and nothing keeps the GPUs or writes the log on."""
+    """In torchrun's process (or the one trainer's), before it starts: SIGTERM when this launcher dies
+    (Linux), however it dies (kill -9 too), so that torchrun stops its trainers (each gets SIGKILL
+    when torchrun goes: object_detection.train.die_with_launcher), or the trainer stops, and nothing
+    keeps the GPUs or writes the log on."""
     if sys.platform.startswith("linux"):
         import ctypes
         import signal

@@ -72,6 +72,16 @@ def test_a_single_host_runs_standalone(env):
                                              "--nproc-per-node=2", "--standalone", "--local-addr=127.0.0.1"]
 
 
+def test_one_process_on_one_host_is_the_trainer_alone_as_rank_0_of_1():
+    """No torchrun agent for one process (its torch import and rendezvous give it nothing); ranks the
+    environment already holds (a job scheduler's) are overridden, as torchrun would."""
+    assert launch.launcher_args(1, None) == [sys.executable]
+    assert launch.launcher_env(1, None) == {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"}
+    assert launch.launcher_args(2, None) == launch.torchrun_args(2, None) and launch.launcher_env(2, None) == {}
+    cluster = host.cluster_from_env(CLUSTER)  # one process a host, several hosts: torchrun's rendezvous
+    assert launch.launcher_args(1, cluster) == launch.torchrun_args(1, cluster) and launch.launcher_env(1, cluster) == {}
+
+
 def test_nodes_all_outside_a_cluster_is_one_error_line(tiny_shapes):
     proc = run_invoke(["train", *tiny_shapes["args"], "--nodes", "all", "--device", "cpu"], env=NO_CLUSTER)
     assert_one_error_line(proc, "--nodes all needs a Backend.AI cluster session")

@@ -147,7 +147,7 @@ def test_a_batch_s_polygon_loss_matches_the_reference_targets(device):
     assert ours.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=30)
 def test_the_one_kernel_draws_the_same_targets_bit_for_bit():
     """fast.rasterise's kernel (`--speed fast-with:mask_targets_kernel`) as Triton's interpreter runs it
     on the CPU, against the tensor operations above: one image, a batch of three sizes with its RoIs

@@ -43,7 +43,7 @@ def test_the_quickstart_dataset_learns_to_its_targets_and_scores(tmp_path, sandb
     assert "Model r18-fpn-slim (the CPU demo's small Mask R-CNN" in proc.stdout
 
 
-@pytest.mark.slow(seconds=60)
+@pytest.mark.slow(seconds=40)
 def test_invoke_all_end_to_end_then_skip_then_resume(tmp_path, sandbox):
     manifest = tmp_path / "demo.yaml"
     manifest.write_text(DEMO_MANIFEST)

@@ -171,7 +171,7 @@ def start_training(tiny_shapes, log: Path, max_epochs: int, out) -> subprocess.P
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
-@pytest.mark.slow(seconds=35)
+@pytest.mark.slow(seconds=25)
 def test_a_run_killed_mid_epoch_resumes_to_one_complete_log(tiny_shapes, tmp_path):
     log = tmp_path / "result_0.txt"
     with open(tmp_path / "killed.out", "w") as out:

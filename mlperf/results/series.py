@@ -377,8 +377,9 @@ def _train_one(s: Series, i: int, data_dir: Path) -> int | None:
     print(f"run {i}/{s.settings['runs']}: seed {seed}, log {final}", flush=True)
     arguments = _run_arguments(s.settings, data_dir, seed=seed, log=partial)
     plan = planning.plan(**arguments, dry_run=True)  # no warning twice: launch.train plans it again
-    command = ["env", f"OMP_NUM_THREADS={plan.threads}", *launch.torchrun_args(plan.nproc, plan.cluster),
-               *plan.trainer_args()]
+    command = ["env", f"OMP_NUM_THREADS={plan.threads}",
+               *(f"{k}={v}" for k, v in launch.launcher_env(plan.nproc, plan.cluster).items()),
+               *launch.launcher_args(plan.nproc, plan.cluster), *plan.trainer_args()]
     s.settings.setdefault("commands", {})[str(i)] = command  # run_and_time.sh shows it, quoted
     save_settings(s)
     rc = launch.train(**arguments)
