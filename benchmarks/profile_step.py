@@ -46,6 +46,8 @@ def parse_args():
     p.add_argument("--maskcl", action="store_true", help="the mask branch in channels_last (fast.Options.mask_channels_last)")
     p.add_argument("--cudnnfuse", action="store_true",
                    help="convolution, bias, shortcut and ReLU as one cuDNN call (fast.Options.cudnn_fusion)")
+    p.add_argument("--fpnadd", action="store_true",
+                   help="the FPN's top-down sums without upsampled maps (fast.Options.fpn_broadcast)")
     p.add_argument("--recipe", choices=["reference", "torchvision"], default="reference",
                    help="the closed profile's model (reference) or the open profiles' (torchvision)")
     p.add_argument("--calibrate-on", type=Path, metavar="DIR",
@@ -62,7 +64,8 @@ def main() -> None:
                       recipe=args.recipe, roi_align=args.roialign, padded_heads=args.padheads,
                       nms_scan=args.nmsscan or args.padheads, cuda_graphs=args.graphs,
                       reference_weights=reference_weights, mask_roi_bucket=args.maskbucket,
-                      mask_channels_last=args.maskcl, cudnn_fusion=args.cudnnfuse)
+                      mask_channels_last=args.maskcl, cudnn_fusion=args.cudnnfuse,
+                      fpn_broadcast=args.fpnadd)
     warm_as_the_trainer(model, args.batch, torch.bfloat16)
     opt = make_optimizer(model, 0.01, fused=True)
     schedule, steps_done = learning_rates("schedule", args.batch), itertools.count()  # as train_throughput's steps

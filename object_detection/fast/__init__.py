@@ -17,6 +17,8 @@ parameters and state-dict keys stay):
 - mask_channels_last, mask_roi_bucket: the mask branch in channels_last, and on its positive RoIs
   padded to a multiple of 64, so cuDNN reuses its plans instead of building them for every new RoI
   count on the host (mask_branch);
+- fpn_broadcast: the FPN's top-down sums as one broadcasting addition each, with no upsampled map
+  made (fpn; GPUs, off until it pays);
 - cudnn_fusion: the backbone's convolutions, and the RPN and mask heads' convolution-ReLU pairs, with
   their bias, shortcut and ReLU applied by cuDNN as it writes the output (cudnn_fusion; GPUs);
 - cuda_graphs: the backbone with its FPN, and the RPN head, replayed as CUDA graphs in training (on
@@ -67,6 +69,7 @@ class Options:
     mask_channels_last: bool = False  # GPUs (for_device), with channels_last and sync_free: the mask branch too
     mask_roi_bucket: bool = False     # GPUs (for_device), with sync_free: the mask branch on RoIs padded to x64
     cudnn_fusion: bool = False       # GPUs: convolution, bias, shortcut and ReLU in one cuDNN call (fast.cudnn_fusion)
+    fpn_broadcast: bool = False      # the FPN's top-down sums without upsampled maps (fast.fpn)
     fixed_canvas: bool = False       # pad every batch to the largest input (800x1344): fixed shapes
     cuda_graphs: bool = False        # GPUs: backbone, FPN and RPN head as CUDA graphs (implies fixed_canvas)
     mask_targets_kernel: bool = False  # GPUs (for_device): the polygon mask targets in one Triton kernel (fast.rasterise)
@@ -84,6 +87,7 @@ class Options:
 STOCK = Options(fold_bn=False, fuse_bias=False, sync_free=False, padded_heads=False, nms_scan=False,
                 batched_sampler=False, transform=False,
                 channels_last=False, roi_align=False, mask_channels_last=False, mask_roi_bucket=False, cudnn_fusion=False,
+                fpn_broadcast=False,
                 cuda_graphs=False, mask_targets_kernel=False,
                 persistent_workers=False, prefetch=False, freeze_setup=False, evaluation=False)
 
@@ -168,6 +172,10 @@ def apply(model: MaskRCNN, options: Options = Options()) -> MaskRCNN:
             model.roi_heads.mask_channels_last = True
     if options.mask_roi_bucket and options.sync_free:
         model.roi_heads.mask_roi_bucket = True
+    if options.fpn_broadcast:
+        from object_detection.fast.fpn import use_broadcast_top_down
+
+        use_broadcast_top_down(model)
     if options.cudnn_fusion:
         from object_detection.fast.cudnn_fusion import use_cudnn_fusion
 
