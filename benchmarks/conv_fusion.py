@@ -105,7 +105,7 @@ def check_cudnn_fusion(device) -> dict:
     gradient entry changes by the whole upstream value, in either way. On a layer2-sized bottleneck
     convolution with and without its shortcut and a mask-head one; inputs and weights representable
     in bf16, so every way starts from the same numbers."""
-    from benchmarks.train_throughput import tf32_off
+    from benchmarks.step_checks import tf32_off
     from object_detection.fast.cudnn_fusion import conv_bias_relu
 
     def bf16_exact(t: torch.Tensor) -> torch.Tensor:

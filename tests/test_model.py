@@ -281,7 +281,7 @@ def test_a_fixed_canvas_gives_one_input_shape_per_orientation_and_the_same_pixel
 
 def test_cuda_graphs_take_the_fixed_canvas_and_leave_a_cpu_model_as_it_was():
     """fast.Options.cuda_graphs graphs the backbone and RPN head on GPUs only (the GPU check is
-    benchmarks/train_throughput.py --check, check_graphs); on a CPU the forward is the plain one."""
+    benchmarks/train_throughput.py --check, benchmarks/step_checks.py check_graphs); on a CPU the forward is the plain one."""
     torch.manual_seed(0)
     plain = build_model(81, backbone_weights=None, min_size=96, max_size=160, speed=Options(fixed_canvas=True))
     graphed = build_model(81, backbone_weights=None, min_size=96, max_size=160, speed=Options(cuda_graphs=True))

@@ -32,7 +32,7 @@ def compare_with_torchvision(maps: list[torch.Tensor], rois: torch.Tensor, level
     random output gradient: the largest differences, the gradients' scale, and whether the kernel kept
     the maps' dtype and layout. With `channels_last` the kernel writes the pooled RoIs channels_last and
     reads their gradient so (as the mask branch's convolutions give it). Also the GPU check
-    (benchmarks/train_throughput.py check_roi_align)."""
+    (benchmarks/step_checks.py check_roi_align)."""
     pooled = multiscale_roi_align(maps, rois, levels, scales, (output, output), 2, aligned, channels_last)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     grad = torch.randn(pooled.shape, generator=generator).to(pooled.device, pooled.dtype, memory_format=layout)
