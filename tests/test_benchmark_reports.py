@@ -105,3 +105,27 @@ def test_elementwise_operators_are_charged_to_the_code_that_ran_them():
     assert charged == {("aten::add", "object_detection/fast/bias_act.py: forward"): 2,  # the bias, the residual
                        ("aten::mul", "backward of MulBackward0"): 1,
                        ("aten::mul", "elsewhere"): 1}  # the test's own line: neither ours nor torchvision's
+
+
+def test_without_python_stacks_operators_are_charged_to_the_module_that_ran_them():
+    """Where the profiler records no Python stacks (Python 3.12 with torch 2.11 on the GPU machine),
+    profile_step --sources charges a forward operator to the innermost module running it, labelled
+    by labelled_modules, and still a backward one to its autograd function."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks.profile_step import labelled_modules, op_sources
+
+    class Affine(torch.nn.Module):
+        def forward(self, x):
+            return x * 2 + 1
+
+    model = torch.nn.Sequential(Affine(), torch.nn.ReLU())
+    x = torch.randn(3, 4, requires_grad=True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof, labelled_modules(model):
+        model(x).sum().backward()
+    model(x)  # the hooks are gone: a forward after the profile is not labelled
+    rows = op_sources(prof.events(), ("aten::add", "aten::mul", "aten::relu"), lambda e: e.cpu_time_total)
+    charged = {(name, source): calls for name, source, calls, _ in rows}
+    assert charged == {("aten::mul", "module: 0 (Affine)"): 1, ("aten::add", "module: 0 (Affine)"): 1,
+                       ("aten::relu", "module: 1 (ReLU)"): 1, ("aten::mul", "backward of MulBackward0"): 1}
+    assert not model._forward_hooks and not model[0]._forward_pre_hooks
