@@ -49,6 +49,8 @@ def parse_args():
                    help="convolution, bias, shortcut and ReLU as one cuDNN call (fast.Options.cudnn_fusion)")
     p.add_argument("--fpnadd", action="store_true",
                    help="the FPN's top-down sums without upsampled maps (fast.Options.fpn_broadcast)")
+    p.add_argument("--rpnone", action="store_true",
+                   help="the RPN head's two output convolutions as one (fast.Options.rpn_one_output_conv)")
     p.add_argument("--recipe", choices=["reference", "torchvision"], default="reference",
                    help="the closed profile's model (reference) or the open profiles' (torchvision)")
     p.add_argument("--calibrate-on", type=Path, metavar="DIR",
@@ -66,7 +68,7 @@ def main() -> None:
                       nms_scan=args.nmsscan or args.padheads, cuda_graphs=args.graphs,
                       reference_weights=reference_weights, mask_roi_bucket=args.maskbucket,
                       mask_channels_last=args.maskcl, cudnn_fusion=args.cudnnfuse,
-                      fpn_broadcast=args.fpnadd)
+                      fpn_broadcast=args.fpnadd, rpn_one_output_conv=args.rpnone)
     warm_as_the_trainer(model, args.batch, torch.bfloat16)
     opt = make_optimizer(model, 0.01, fused=True)
     schedule, steps_done = learning_rates("schedule", args.batch), itertools.count()  # as train_throughput's steps

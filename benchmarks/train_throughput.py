@@ -103,7 +103,8 @@ def our_model(device, backbone: Path, channels_last: bool | str, fold_bn: bool =
               batched_sampler: bool = True, sync_free: bool = True, fuse_bias: bool = True, fixed_canvas: bool = False,
               recipe: str = "torchvision", roi_align: bool = False, padded_heads: bool = False, nms_scan: bool = False,
               cuda_graphs: bool = False, reference_weights: Path | None = None, mask_roi_bucket: bool = False,
-              mask_channels_last: bool = False, cudnn_fusion: bool = False, fpn_broadcast: bool = False):
+              mask_channels_last: bool = False, cudnn_fusion: bool = False, fpn_broadcast: bool = False,
+              rpn_one_output_conv: bool = False):
     """channels_last: "rpn" (what the trainer runs), True (backbone only), "all" (every module).
     recipe: "torchvision" (the open profiles') or "reference" (the closed profile's model), whose
     backbone is `reference_weights` (an R-50.pkl) or else random_msra_backbone's."""
@@ -112,7 +113,7 @@ def our_model(device, backbone: Path, channels_last: bool | str, fold_bn: bool =
                          fixed_canvas=fixed_canvas, roi_align=roi_align, padded_heads=padded_heads, nms_scan=nms_scan,
                          cuda_graphs=cuda_graphs, mask_roi_bucket=mask_roi_bucket,
                          mask_channels_last=mask_channels_last, cudnn_fusion=cudnn_fusion,
-                         fpn_broadcast=fpn_broadcast)
+                         fpn_broadcast=fpn_broadcast, rpn_one_output_conv=rpn_one_output_conv)
     weights = (reference_weights or random_msra_backbone()) if recipe == "reference" else backbone
     model = build_model(81, backbone_weights=weights, proposals_per_image=1000, speed=speed,
                         recipe=RECIPES[recipe]).to(device)
@@ -218,7 +219,8 @@ VARIANTS_HELP = (
     "cudnn.benchmark on, -nogc Python's garbage collector off while it runs, -maskbucket the mask branch on its "
     "RoIs padded to a multiple of 64 (fast.Options.mask_roi_bucket), -maskcl the mask branch in channels_last "
     "(fast.Options.mask_channels_last), -cudnnfuse convolution, bias, shortcut and ReLU in one cuDNN call "
-    "(fast.Options.cudnn_fusion), -fpnadd the FPN's top-down sums without upsampled maps (fast.Options.fpn_broadcast)")
+    "(fast.Options.cudnn_fusion), -fpnadd the FPN's top-down sums without upsampled maps (fast.Options.fpn_broadcast), "
+    "-rpnone the RPN head's two output convolutions as one (fast.Options.rpn_one_output_conv)")
 
 
 def make_variant(variant: str, device, backbone: Path, reference_weights: Path | None = None):
@@ -244,7 +246,7 @@ def make_variant(variant: str, device, backbone: Path, reference_weights: Path |
                           recipe="reference" if variant.startswith("ref-") else "torchvision",
                           reference_weights=reference_weights, mask_roi_bucket="-maskbucket" in variant,
                           mask_channels_last="-maskcl" in variant, cudnn_fusion="-cudnnfuse" in variant,
-                          fpn_broadcast="-fpnadd" in variant)
+                          fpn_broadcast="-fpnadd" in variant, rpn_one_output_conv="-rpnone" in variant)
         dtype = amp_dtype("bf16" if "bf16" in variant else "fp16", device)
         optimizer = make_optimizer(model, lr=0.01, fused="-fused" in variant and device.type == "cuda",
                                    loss_scaled=dtype == torch.float16)

@@ -19,6 +19,8 @@ parameters and state-dict keys stay):
   count on the host (mask_branch);
 - fpn_broadcast: the FPN's top-down sums as one broadcasting addition each, with no upsampled map
   made (fpn; GPUs, off until it pays);
+- rpn_one_output_conv: the RPN head's objectness and box convolutions as one (rpn_head; off until
+  it pays);
 - cudnn_fusion: the backbone's convolutions, and the RPN and mask heads' convolution-ReLU pairs, with
   their bias, shortcut and ReLU applied by cuDNN as it writes the output (cudnn_fusion; GPUs);
 - cuda_graphs: the backbone with its FPN, and the RPN head, replayed as CUDA graphs in training (on
@@ -70,6 +72,7 @@ class Options:
     mask_roi_bucket: bool = False     # GPUs (for_device), with sync_free: the mask branch on RoIs padded to x64
     cudnn_fusion: bool = False       # GPUs: convolution, bias, shortcut and ReLU in one cuDNN call (fast.cudnn_fusion)
     fpn_broadcast: bool = False      # the FPN's top-down sums without upsampled maps (fast.fpn)
+    rpn_one_output_conv: bool = False  # the RPN head's two 1x1 output convolutions as one (fast.rpn_head)
     fixed_canvas: bool = False       # pad every batch to the largest input (800x1344): fixed shapes
     cuda_graphs: bool = False        # GPUs: backbone, FPN and RPN head as CUDA graphs (implies fixed_canvas)
     mask_targets_kernel: bool = False  # GPUs (for_device): the polygon mask targets in one Triton kernel (fast.rasterise)
@@ -87,7 +90,7 @@ class Options:
 STOCK = Options(fold_bn=False, fuse_bias=False, sync_free=False, padded_heads=False, nms_scan=False,
                 batched_sampler=False, transform=False,
                 channels_last=False, roi_align=False, mask_channels_last=False, mask_roi_bucket=False, cudnn_fusion=False,
-                fpn_broadcast=False,
+                fpn_broadcast=False, rpn_one_output_conv=False,
                 cuda_graphs=False, mask_targets_kernel=False,
                 persistent_workers=False, prefetch=False, freeze_setup=False, evaluation=False)
 
@@ -176,6 +179,10 @@ def apply(model: MaskRCNN, options: Options = Options()) -> MaskRCNN:
         from object_detection.fast.fpn import use_broadcast_top_down
 
         use_broadcast_top_down(model)
+    if options.rpn_one_output_conv:
+        from object_detection.fast.rpn_head import use_one_output_conv
+
+        use_one_output_conv(model)
     if options.cudnn_fusion:
         from object_detection.fast.cudnn_fusion import use_cudnn_fusion
 

@@ -20,3 +20,33 @@ def assert_trains_the_same(got: torch.nn.Module, expected: torch.nn.Module, got_
             if grad_atol_of_largest:
                 atol += grad_atol_of_largest * theirs[name].grad.abs().max().item()
             torch.testing.assert_close(parameter.grad, theirs[name].grad, rtol=grad_rtol, atol=atol)
+
+
+def one_step_with_and_without(lever: str, **build) -> tuple[dict, dict]:
+    """The CPU model (build_model with `build`, 96x128 images) with fast.Options' `lever` off and on, the
+    same weights, one float64 training forward and backward on the same two images and samples:
+    ({False: model, True: model}, {False: losses, True: losses})."""
+    from dataclasses import replace
+
+    from object_detection.fast import Options
+    from object_detection.model import build_model
+
+    models = {}
+    for on in (False, True):
+        torch.manual_seed(0)
+        models[on] = build_model(81, backbone_weights=None, min_size=96, max_size=128,
+                                 speed=replace(Options.for_device("cpu"), **{lever: on}), **build).double()
+    models[True].load_state_dict(models[False].state_dict())  # the same keys: nothing renamed
+    g = torch.Generator().manual_seed(1)
+    images = [torch.rand(3, 96, 128, generator=g, dtype=torch.float64) for _ in range(2)]
+    boxes = torch.tensor([[10.0, 12.0, 60.0, 70.0], [40.0, 20.0, 110.0, 90.0]], dtype=torch.float64)
+    masks = torch.zeros(2, 96, 128, dtype=torch.uint8)
+    masks[0, 12:70, 10:60] = masks[1, 20:90, 40:110] = 1
+    targets = [{"boxes": boxes, "labels": torch.tensor([1, 2]), "masks": masks}] * 2
+    losses = {}
+    for on, model in models.items():
+        model.train()
+        torch.manual_seed(5)  # the same samples drawn
+        losses[on] = model(images, targets)
+        sum(losses[on].values()).backward()
+    return models, losses
