@@ -15,7 +15,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from object_detection.fast import Options
 from object_detection.fast.cudnn_fusion import CudnnBottleneck, CudnnConvReLU, CudnnStemConv2d, conv_bias_relu
 from object_detection.model import build_model
-from tests.support.same_training import assert_trains_the_same
+from tests.support.same_training import assert_trains_the_same, train_step_each, two_images_and_targets
 
 
 @pytest.mark.parametrize("stride, kernel, residual", [(1, 3, False), (2, 3, False), (1, 1, True), (2, 1, True)])
@@ -65,15 +65,6 @@ def test_the_model_trains_the_same_function_with_every_pair_swapped(tmp_path):
     models[True].load_state_dict(models[False].state_dict())  # the same keys: nothing renamed
     kinds = [type(m) for m in models[True].modules()]
     assert (kinds.count(CudnnStemConv2d), kinds.count(CudnnBottleneck), kinds.count(CudnnConvReLU)) == (1, 16, 5)
-    images = [torch.rand(3, 96, 128, generator=g, dtype=torch.float64) for _ in range(2)]
-    boxes = torch.tensor([[10.0, 12.0, 60.0, 70.0], [40.0, 20.0, 110.0, 90.0]], dtype=torch.float64)
-    masks = torch.zeros(2, 96, 128, dtype=torch.uint8)
-    masks[0, 12:70, 10:60] = masks[1, 20:90, 40:110] = 1
-    targets = [{"boxes": boxes, "labels": torch.tensor([1, 2]), "masks": masks}] * 2
-    losses = {}
-    for fusion, model in models.items():
-        torch.manual_seed(5)  # the same samples drawn
-        losses[fusion] = model(images, targets)
-        sum(losses[fusion].values()).backward()
+    losses = train_step_each(models, *two_images_and_targets(g))
     assert_trains_the_same(models[True], models[False], losses[True], losses[False], loss_rtol=1e-10, loss_atol=1e-12,
                            grad_rtol=1e-8, grad_atol=1e-10)

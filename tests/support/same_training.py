@@ -37,16 +37,26 @@ def one_step_with_and_without(lever: str, **build) -> tuple[dict, dict]:
         models[on] = build_model(81, backbone_weights=None, min_size=96, max_size=128,
                                  speed=replace(Options.for_device("cpu"), **{lever: on}), **build).double()
     models[True].load_state_dict(models[False].state_dict())  # the same keys: nothing renamed
-    g = torch.Generator().manual_seed(1)
-    images = [torch.rand(3, 96, 128, generator=g, dtype=torch.float64) for _ in range(2)]
+    images, targets = two_images_and_targets(torch.Generator().manual_seed(1))
+    return models, train_step_each(models, images, targets)
+
+
+def two_images_and_targets(generator: torch.Generator) -> tuple[list[torch.Tensor], list[dict]]:
+    """Two random float64 96x128 images drawn from `generator`, each with the same two boxes and masks."""
+    images = [torch.rand(3, 96, 128, generator=generator, dtype=torch.float64) for _ in range(2)]
     boxes = torch.tensor([[10.0, 12.0, 60.0, 70.0], [40.0, 20.0, 110.0, 90.0]], dtype=torch.float64)
     masks = torch.zeros(2, 96, 128, dtype=torch.uint8)
     masks[0, 12:70, 10:60] = masks[1, 20:90, 40:110] = 1
-    targets = [{"boxes": boxes, "labels": torch.tensor([1, 2]), "masks": masks}] * 2
+    return images, [{"boxes": boxes, "labels": torch.tensor([1, 2]), "masks": masks}] * 2
+
+
+def train_step_each(models: dict, images: list[torch.Tensor], targets: list[dict]) -> dict:
+    """Each model's training losses on the batch, the same samples drawn for each, and their gradients
+    left in its parameters: {key: losses} for models' keys."""
     losses = {}
-    for on, model in models.items():
+    for key, model in models.items():
         model.train()
         torch.manual_seed(5)  # the same samples drawn
-        losses[on] = model(images, targets)
-        sum(losses[on].values()).backward()
-    return models, losses
+        losses[key] = model(images, targets)
+        sum(losses[key].values()).backward()
+    return losses
