@@ -25,9 +25,11 @@ class OneOutputConv:
         bias = torch.cat([self.cls_logits.bias, self.bbox_pred.bias])
         logits, deltas = [], []
         for feature in x:
-            both = F.conv2d(self.conv(feature), weight, bias)
-            logits.append(both[:, :anchors])
-            deltas.append(both[:, anchors:])
+            # split, not two slices: its backward is one concatenation, where each slice's would
+            # be a zero-filled map of both outputs, then their sum
+            objectness, box = torch.split(F.conv2d(self.conv(feature), weight, bias), [anchors, self.bbox_pred.out_channels], dim=1)
+            logits.append(objectness)
+            deltas.append(box)
         return logits, deltas
 
 
