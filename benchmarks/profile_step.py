@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import calibrated_backbones
-from benchmarks.train_throughput import StepWork, learning_rates, our_model, pinned, synthetic_batch, warm_as_the_trainer
+from benchmarks.train_throughput import SWITCHED_LEVERS, StepWork, learning_rates, our_model, pinned, synthetic_batch, warm_as_the_trainer
 from object_detection.engine import make_optimizer, set_lr, to_device
 
 
@@ -42,15 +42,8 @@ def parse_args():
     p.add_argument("--nmsscan", action="store_true", help="NMS without host waits (fast.Options.nms_scan)")
     p.add_argument("--graphs", action="store_true",
                    help="backbone, FPN and RPN head as CUDA graphs on the fixed canvas (fast.Options.cuda_graphs)")
-    p.add_argument("--maskbucket", action="store_true",
-                   help="the mask branch on its RoIs padded to a multiple of 64 (fast.Options.mask_roi_bucket)")
-    p.add_argument("--maskcl", action="store_true", help="the mask branch in channels_last (fast.Options.mask_channels_last)")
-    p.add_argument("--cudnnfuse", action="store_true",
-                   help="convolution, bias, shortcut and ReLU as one cuDNN call (fast.Options.cudnn_fusion)")
-    p.add_argument("--fpnadd", action="store_true",
-                   help="the FPN's top-down sums without upsampled maps (fast.Options.fpn_broadcast)")
-    p.add_argument("--rpnone", action="store_true",
-                   help="the RPN head's two output convolutions as one (fast.Options.rpn_one_output_conv)")
+    for suffix, (lever, what) in SWITCHED_LEVERS.items():
+        p.add_argument(f"--{suffix}", action="store_true", help=f"{what} (fast.Options.{lever})")
     p.add_argument("--recipe", choices=["reference", "torchvision"], default="reference",
                    help="the closed profile's model (reference) or the open profiles' (torchvision)")
     p.add_argument("--calibrate-on", type=Path, metavar="DIR",
@@ -66,9 +59,8 @@ def main() -> None:
     model = our_model(device, backbone, channels_last="rpn", sync_free=not args.tvsync, fuse_bias=not args.nofuse,
                       recipe=args.recipe, roi_align=args.roialign, padded_heads=args.padheads,
                       nms_scan=args.nmsscan or args.padheads, cuda_graphs=args.graphs,
-                      reference_weights=reference_weights, mask_roi_bucket=args.maskbucket,
-                      mask_channels_last=args.maskcl, cudnn_fusion=args.cudnnfuse,
-                      fpn_broadcast=args.fpnadd, rpn_one_output_conv=args.rpnone)
+                      reference_weights=reference_weights,
+                      levers=tuple(lever for suffix, (lever, _) in SWITCHED_LEVERS.items() if getattr(args, suffix)))
     warm_as_the_trainer(model, args.batch, torch.bfloat16)
     opt = make_optimizer(model, 0.01, fused=True)
     schedule, steps_done = learning_rates("schedule", args.batch), itertools.count()  # as train_throughput's steps

@@ -102,18 +102,15 @@ def torchvision_model(backbone: Path):
 def our_model(device, backbone: Path, channels_last: bool | str, fold_bn: bool = True, compile_backbone: bool = False,
               batched_sampler: bool = True, sync_free: bool = True, fuse_bias: bool = True, fixed_canvas: bool = False,
               recipe: str = "torchvision", roi_align: bool = False, padded_heads: bool = False, nms_scan: bool = False,
-              cuda_graphs: bool = False, reference_weights: Path | None = None, mask_roi_bucket: bool = False,
-              mask_channels_last: bool = False, cudnn_fusion: bool = False, fpn_broadcast: bool = False,
-              rpn_one_output_conv: bool = False):
+              cuda_graphs: bool = False, reference_weights: Path | None = None, levers: tuple[str, ...] = ()):
     """channels_last: "rpn" (what the trainer runs), True (backbone only), "all" (every module).
     recipe: "torchvision" (the open profiles') or "reference" (the closed profile's model), whose
-    backbone is `reference_weights` (an R-50.pkl) or else random_msra_backbone's."""
+    backbone is `reference_weights` (an R-50.pkl) or else random_msra_backbone's. levers: more
+    fast.Options fields turned on (SWITCHED_LEVERS' names)."""
     speed = fast.Options(fold_bn=fold_bn, fuse_bias=fuse_bias, batched_sampler=batched_sampler, sync_free=sync_free,
                          channels_last=channels_last in (True, "rpn"), rpn_channels_last=channels_last == "rpn",
                          fixed_canvas=fixed_canvas, roi_align=roi_align, padded_heads=padded_heads, nms_scan=nms_scan,
-                         cuda_graphs=cuda_graphs, mask_roi_bucket=mask_roi_bucket,
-                         mask_channels_last=mask_channels_last, cudnn_fusion=cudnn_fusion,
-                         fpn_broadcast=fpn_broadcast, rpn_one_output_conv=rpn_one_output_conv)
+                         cuda_graphs=cuda_graphs, **dict.fromkeys(levers, True))
     weights = (reference_weights or random_msra_backbone()) if recipe == "reference" else backbone
     model = build_model(81, backbone_weights=weights, proposals_per_image=1000, speed=speed,
                         recipe=RECIPES[recipe]).to(device)
@@ -201,6 +198,17 @@ def time_steps(model, optimizer, batches, device, dtype, scaler, iterations: int
             "steps_run": warmup + iterations, **work.report(n)}
 
 
+# a variant's suffix (and profile_step's flag) -> the fast.Options lever it turns on, and what that does
+SWITCHED_LEVERS = {
+    "maskbucket": ("mask_roi_bucket", "the mask branch on its RoIs padded to a multiple of 64"),
+    "maskcl": ("mask_channels_last", "the mask branch in channels_last"),
+    "cudnnfuse": ("cudnn_fusion", "convolution, bias, shortcut and ReLU in one cuDNN call"),
+    "fpnadd": ("fpn_broadcast", "the FPN's top-down sums without upsampled maps"),
+    "rpnone": ("rpn_one_output_conv", "the RPN head's two output convolutions as one"),
+    "dsconv1": ("downsample_with_conv1", "each stage's first block reading its input with one convolution for "
+                                         "conv1 and the downsample"),
+}
+
 VARIANTS_HELP = (
     "stock-fp16: maskrcnn_resnet50_fpn untrained (BatchNorm trains: more work); torchvision-bf16, "
     "torchvision-fp16: torchvision's MaskRCNN with the MLPerf recipe (the same work as ours); ours-*: bf16 "
@@ -216,11 +224,8 @@ VARIANTS_HELP = (
     "wait per block of passes), "
     "-pad every batch padded to 800x1344 (fast.Options.fixed_canvas), -graphs backbone, FPN and RPN head "
     "as CUDA graphs in training (fast.Options.cuda_graphs, on that canvas), -cudnnbench "
-    "cudnn.benchmark on, -nogc Python's garbage collector off while it runs, -maskbucket the mask branch on its "
-    "RoIs padded to a multiple of 64 (fast.Options.mask_roi_bucket), -maskcl the mask branch in channels_last "
-    "(fast.Options.mask_channels_last), -cudnnfuse convolution, bias, shortcut and ReLU in one cuDNN call "
-    "(fast.Options.cudnn_fusion), -fpnadd the FPN's top-down sums without upsampled maps (fast.Options.fpn_broadcast), "
-    "-rpnone the RPN head's two output convolutions as one (fast.Options.rpn_one_output_conv)")
+    "cudnn.benchmark on, -nogc Python's garbage collector off while it runs, "
+    + ", ".join(f"-{suffix} {what} (fast.Options.{lever})" for suffix, (lever, what) in SWITCHED_LEVERS.items()))
 
 
 def make_variant(variant: str, device, backbone: Path, reference_weights: Path | None = None):
@@ -244,9 +249,8 @@ def make_variant(variant: str, device, backbone: Path, reference_weights: Path |
                           roi_align="-roialign" in variant, padded_heads="-padheads" in variant,
                           nms_scan="-nmsscan" in variant or "-padheads" in variant, cuda_graphs="-graphs" in variant,
                           recipe="reference" if variant.startswith("ref-") else "torchvision",
-                          reference_weights=reference_weights, mask_roi_bucket="-maskbucket" in variant,
-                          mask_channels_last="-maskcl" in variant, cudnn_fusion="-cudnnfuse" in variant,
-                          fpn_broadcast="-fpnadd" in variant, rpn_one_output_conv="-rpnone" in variant)
+                          reference_weights=reference_weights,
+                          levers=tuple(lever for suffix, (lever, _) in SWITCHED_LEVERS.items() if f"-{suffix}" in variant))
         dtype = amp_dtype("bf16" if "bf16" in variant else "fp16", device)
         optimizer = make_optimizer(model, lr=0.01, fused="-fused" in variant and device.type == "cuda",
                                    loss_scaled=dtype == torch.float16)

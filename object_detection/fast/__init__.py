@@ -5,6 +5,8 @@ parameters and state-dict keys stay):
 
 - fold_bn: frozen BatchNorm folded into the convolutions;
 - fuse_bias: then each backbone bias, residual and ReLU in one pass (bias_act's Triton kernel);
+  downsample_with_conv1: then a stage's first block reads its input with one convolution for conv1
+  and the downsample, both 1x1 with the reference's stride (off until it pays);
 - sync_free: detection heads without host synchronisations (nms, sampler; nms_scan: none in NMS);
 - padded_heads: then the RPN's proposals and the RoI heads' samples at fixed sizes: one wait per
   training forward (with roi_align and nms_scan). Both off: the step measured the same without the
@@ -60,6 +62,7 @@ class Options:
     """Which speed pieces `apply` uses; `for_device` gives what the trainer runs."""
     fold_bn: bool = True
     fuse_bias: bool = True           # needs fold_bn
+    downsample_with_conv1: bool = False  # with fuse_bias: conv1 and the downsample as one convolution (fast.fuse_bias)
     sync_free: bool = True           # implies batched_sampler
     padded_heads: bool = False       # with sync_free: fixed proposal and RoI slots, one wait per training forward
     nms_scan: bool = False           # with sync_free: NMS by a Triton walk per group, no wait (GPUs)
@@ -87,7 +90,7 @@ class Options:
         return cls(channels_last=cuda, mask_targets_kernel=cuda, mask_channels_last=cuda, mask_roi_bucket=cuda)
 
 
-STOCK = Options(fold_bn=False, fuse_bias=False, sync_free=False, padded_heads=False, nms_scan=False,
+STOCK = Options(fold_bn=False, fuse_bias=False, downsample_with_conv1=False, sync_free=False, padded_heads=False, nms_scan=False,
                 batched_sampler=False, transform=False,
                 channels_last=False, roi_align=False, mask_channels_last=False, mask_roi_bucket=False, cudnn_fusion=False,
                 fpn_broadcast=False, rpn_one_output_conv=False,
@@ -151,6 +154,8 @@ def apply(model: MaskRCNN, options: Options = Options()) -> MaskRCNN:
         fold_bn.fold_frozen_batchnorm(model.backbone)
         if options.fuse_bias:
             fuse_bias.fuse_bias_relu(model.backbone)
+            if options.downsample_with_conv1:
+                fuse_bias.share_input_of_downsample(model.backbone)
     if options.transform:
         size, divisible = max(model.transform.min_size), model.transform.size_divisible
         fixed = options.fixed_canvas or options.cuda_graphs

@@ -14,6 +14,8 @@ import functools
 
 import torch
 
+from object_detection.fast.patch import triton_runs_on
+
 _BLOCK = 2048
 
 
@@ -29,16 +31,22 @@ def bias_act(x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None 
 class _BiasAct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, residual, relu):
-        kernel = _triton_kernel() if x.is_cuda else None
-        inner = _channel_stride(x)
-        if (kernel is not None and inner is not None and x.numel()
-                and (residual is None or residual.stride() == x.stride())):
-            out = torch.empty_like(x)
+        kernel = _triton_kernel() if triton_runs_on(x) else None
+        layout = _layout(x)
+        residual_layout = layout if residual is None else _layout(residual)
+        if (kernel is not None and layout is not None and x.numel() and residual_layout is not None
+                and residual_layout[0] == layout[0]):
+            (inner, x_pixel), r_pixel = layout, residual_layout[1]
+            channels = x.shape[1]
+            strided = inner == 1 and (x_pixel != channels or r_pixel != channels)
+            out = torch.empty(x.shape, dtype=x.dtype, device=x.device,
+                              memory_format=torch.channels_last if inner == 1 else torch.contiguous_format)
             n = x.numel()
+            extent = max(n, n // channels * max(x_pixel, r_pixel)) if strided else n
             kernel[(-(-n // _BLOCK),)](
                 x, bias.detach().contiguous(), x if residual is None else residual, out, n,
-                x.shape[1], inner, HAS_RESIDUAL=residual is not None, RELU=relu,
-                WIDE=n + _BLOCK >= 2**31, BLOCK=_BLOCK)
+                channels, inner, x_pixel, r_pixel, HAS_RESIDUAL=residual is not None, RELU=relu,
+                STRIDED=strided, WIDE=extent + _BLOCK >= 2**31, BLOCK=_BLOCK)
         else:
             out = x + bias.detach().to(x.dtype).reshape(1, -1, 1, 1)
             if residual is not None:
@@ -62,14 +70,19 @@ class _BiasAct(torch.autograd.Function):
         return grad, grad_bias, grad if ctx.has_residual else None, None
 
 
-def _channel_stride(x: torch.Tensor) -> int | None:
-    """Elements between consecutive channels of a dense NCHW or NHWC tensor; None otherwise."""
+def _layout(x: torch.Tensor) -> tuple[int, int] | None:
+    """(elements between consecutive channels, elements between consecutive pixels) of a dense NCHW
+    tensor (H*W, 1) or of an NHWC one (1, C), or of a channel slice of a wider NHWC tensor (1, its
+    width: fast.fuse_bias's shared convolution for conv1 and the downsample); None otherwise."""
     if x.dim() != 4:
         return None
     if x.is_contiguous(memory_format=torch.channels_last):
-        return 1
+        return 1, x.shape[1]
     if x.is_contiguous():
-        return x.shape[2] * x.shape[3]
+        return x.shape[2] * x.shape[3], 1
+    n, c, h, w = x.stride()
+    if c == 1 and h == w * x.shape[3] and n == h * x.shape[2] and w >= x.shape[1]:
+        return 1, w
     return None
 
 
@@ -83,18 +96,25 @@ def _triton_kernel():
         return None
 
     @triton.jit
-    def bias_act_kernel(x_ptr, bias_ptr, residual_ptr, out_ptr, n, channels, channel_stride,
-                        HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, WIDE: tl.constexpr,
+    def bias_act_kernel(x_ptr, bias_ptr, residual_ptr, out_ptr, n, channels, channel_stride, x_pixel, r_pixel,
+                        HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, STRIDED: tl.constexpr, WIDE: tl.constexpr,
                         BLOCK: tl.constexpr):
         if WIDE:  # 64-bit offsets only where needed: the channel's integer division is cheaper in 32
             offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         else:
             offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         inside = offsets < n
-        value = tl.load(x_ptr + offsets, mask=inside).to(tl.float32)
-        value += tl.load(bias_ptr + (offsets // channel_stride) % channels, mask=inside).to(tl.float32)
+        if STRIDED:  # NHWC channel slices: the output dense, the inputs a pixel's channels apart
+            pixel = offsets // channels
+            channel = offsets - pixel * channels
+            x_at, r_at = pixel * x_pixel + channel, pixel * r_pixel + channel
+        else:
+            channel = (offsets // channel_stride) % channels
+            x_at, r_at = offsets, offsets
+        value = tl.load(x_ptr + x_at, mask=inside).to(tl.float32)
+        value += tl.load(bias_ptr + channel, mask=inside).to(tl.float32)
         if HAS_RESIDUAL:
-            value += tl.load(residual_ptr + offsets, mask=inside).to(tl.float32)
+            value += tl.load(residual_ptr + r_at, mask=inside).to(tl.float32)
         if RELU:
             value = tl.maximum(value, 0.0)
         tl.store(out_ptr + offsets, value.to(out_ptr.dtype.element_ty), mask=inside)

@@ -31,6 +31,43 @@ class FusedBottleneck(Bottleneck):
         return bias_act(out, bias, identity)
 
 
+class SharedInputBottleneck(FusedBottleneck):
+    """A stage's first block whose conv1 and downsample, both 1x1 with the same stride (the reference's
+    stride in the 1x1 convolution), run as one convolution with their weights stacked
+    (fast.Options.downsample_with_conv1). The input is read once, and its two gradients come out of one
+    convolution's backward already summed, where autograd otherwise writes both at the input's full size
+    and adds them. The output is split by channel; bias_act reads both parts where they lie."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (w1, b1), (wd, bd) = self.conv1.folded(), self.downsample[0].folded()
+        both = self.conv1.conv(x, torch.cat([w1, wd]))
+        out, identity = torch.split(both, [w1.shape[0], wd.shape[0]], dim=1)
+        out = bias_act(out, b1)
+        out = bias_act(*unbiased(self.conv2, out))
+        out, bias = unbiased(self.conv3, out)
+        return bias_act(out, bias + bd, identity)
+
+
+def share_input_of_downsample(model: nn.Module) -> int:
+    """SharedInputBottleneck for each fused block whose conv1 and downsample can be one convolution;
+    returns how many."""
+    shared = 0
+    for module in model.modules():
+        if type(module) is FusedBottleneck and _one_convolution(module.conv1, module.downsample):
+            swap(module, SharedInputBottleneck)
+            shared += 1
+    return shared
+
+
+def _one_convolution(conv1: nn.Conv2d, downsample: nn.Module | None) -> bool:
+    """Whether conv1 and the downsample's convolution read the same pixels: both 1x1, unpadded, alike."""
+    if downsample is None or not isinstance(downsample[0], FoldedConv2d):
+        return False
+    shortcut = downsample[0]
+    return all(conv.kernel_size == (1, 1) and conv.padding == (0, 0) and conv.groups == 1 and conv.bias is None
+               for conv in (conv1, shortcut)) and (conv1.stride, conv1.dilation) == (shortcut.stride, shortcut.dilation)
+
+
 class FusedStemConv2d(FoldedConv2d):
     """The stem's convolution with its bias and the stem's ReLU in one pass."""
 

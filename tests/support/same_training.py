@@ -34,8 +34,8 @@ def one_step_with_and_without(lever: str, **build) -> tuple[dict, dict]:
     models = {}
     for on in (False, True):
         torch.manual_seed(0)
-        models[on] = build_model(81, backbone_weights=None, min_size=96, max_size=128,
-                                 speed=replace(Options.for_device("cpu"), **{lever: on}), **build).double()
+        models[on] = build_model(81, min_size=96, max_size=128, speed=replace(Options.for_device("cpu"), **{lever: on}),
+                                 **{"backbone_weights": None, **build}).double()
     models[True].load_state_dict(models[False].state_dict())  # the same keys: nothing renamed
     images, targets = two_images_and_targets(torch.Generator().manual_seed(1))
     return models, train_step_each(models, images, targets)
