@@ -3,6 +3,7 @@
     python -m benchmarks.profile_step --batch 16
     python -m benchmarks.profile_step --batch 16 --syncs [--tvsync]   # host waits per step, by code site
     python -m benchmarks.profile_step --batch 12 --timeline   # free-running steps: the GPU's busy and idle time
+    python -m benchmarks.profile_step --batch 12 --layouts    # sums and copies on mixed layouts or dtypes
 """
 from __future__ import annotations
 
@@ -30,6 +31,9 @@ def parse_args():
     p.add_argument("--timeline", action="store_true",
                    help="free-running steps (no synchronisation): how much of a step the GPU is busy, the idle gaps "
                         "by the kernels around them, and the kernels by GPU time")
+    p.add_argument("--layouts", action="store_true",
+                   help="the elementwise operators of one step whose operands differ in memory layout or dtype "
+                        "(the unvectorised kernels), by shape (benchmarks.layouts)")
     p.add_argument("--shapes", action="store_true", help="also list the heaviest elementwise operators by input shape")
     p.add_argument("--sources", action="store_true",
                    help="also list the elementwise operators' GPU time by where they come from (the model's code "
@@ -112,6 +116,12 @@ def main() -> None:
     if args.syncs:
         count_syncs(lambda: step(0))
         return
+    if args.layouts:
+        from benchmarks.layouts import mixed_layouts
+
+        print("elementwise operators of one step on operands of mixed layouts or dtypes:")
+        for name, shape, operands, calls, touched in mixed_layouts(lambda: step(0))[:40]:
+            print(f"  {name:<20} {str(shape):<24} {calls:4d} calls {touched / 2**20:9.1f} MiB  {operands}")
     if args.timeline:
         synchronised[0] = False
         gpu_timeline(step, args.steps, args.batch)

@@ -129,3 +129,15 @@ def test_without_python_stacks_operators_are_charged_to_the_module_that_ran_them
     assert charged == {("aten::mul", "module: 0 (Affine)"): 1, ("aten::add", "module: 0 (Affine)"): 1,
                        ("aten::relu", "module: 1 (ReLU)"): 1, ("aten::mul", "backward of MulBackward0"): 1}
     assert not model._forward_hooks and not model[0]._forward_pre_hooks
+
+
+def test_mixed_layouts_flags_operands_of_different_layouts_or_dtypes():
+    """benchmarks.layouts (profile_step --layouts): a channels_last map plus a contiguous one, or plus a
+    map of another dtype, is flagged with its operands (output last); two channels_last maps are not."""
+    from benchmarks.layouts import mixed_layouts
+
+    nhwc = torch.randn(2, 4, 5, 6).to(memory_format=torch.channels_last)
+    nchw, half = torch.randn(2, 4, 5, 6), nhwc.bfloat16()
+    rows = mixed_layouts(lambda: (nhwc + nchw, nhwc + nhwc, nhwc.add_(half)))
+    assert rows == [("add", (2, 4, 5, 6), "nhwc:float32 nchw:float32 nhwc:float32", 1, 3 * 240 * 4),
+                    ("add_", (2, 4, 5, 6), "nhwc:float32 nhwc:bfloat16 nhwc:float32", 1, 2 * 240 * 4 + 240 * 2)]
