@@ -1,6 +1,7 @@
 """Elementwise operators whose 4-d operands are laid out differently (one channels_last, one not, or
 a strided view) or are of different dtypes: PyTorch then runs its unvectorised kernel, several times
-slower than the vectorised one on the same bytes. `mixed_layouts(fn)` runs fn once under a dispatch
+slower than the vectorised one on the same bytes. Operands broadcast to the output's shape (a bias, a
+per-channel scale) are left out. `mixed_layouts(fn)` runs fn once under a dispatch
 mode that sees every operator, the backward's gradient sums included, and counts those calls by
 operator, shape and operands (profile_step --layouts prints them for a training step).
 """
@@ -36,6 +37,7 @@ class MixedLayouts(TorchDispatchMode):
         if name in ELEMENTWISE_OPS:
             maps = [a for a in (*args, *(kwargs or {}).values(), *(out if isinstance(out, tuple) else (out,)))
                     if isinstance(a, torch.Tensor) and a.dim() == 4 and a.numel() > 1]
+            maps = [t for t in maps if t.shape == maps[-1].shape]  # broadcast operands (biases, scales) aside
             kinds = [f"{layout(t)}:{str(t.dtype).split('.')[1]}" for t in maps]
             if len(set(kinds)) > 1 or any(k.startswith("strided") for k in kinds):
                 key = (name, tuple(maps[0].shape), " ".join(kinds))
