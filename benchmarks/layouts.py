@@ -14,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 ELEMENTWISE_OPS = {"add", "add_", "sub", "mul", "mul_", "copy_", "threshold_backward", "where", "div", "clamp_min",
                    "_to_copy", "sum"}
+CASTS = {"copy_", "_to_copy"}
 
 
 def layout(t: torch.Tensor) -> str:
@@ -39,7 +40,8 @@ class MixedLayouts(TorchDispatchMode):
                     if isinstance(a, torch.Tensor) and a.dim() == 4 and a.numel() > 1]
             maps = [t for t in maps if t.shape == maps[-1].shape]  # broadcast operands (biases, scales) aside
             kinds = [f"{layout(t)}:{str(t.dtype).split('.')[1]}" for t in maps]
-            if len(set(kinds)) > 1 or any(k.startswith("strided") for k in kinds):
+            compared = [layout(t) for t in maps] if name in CASTS else kinds  # a cast's dtypes differ by design
+            if len(set(compared)) > 1 or any(k.startswith("strided") for k in kinds):
                 key = (name, tuple(maps[0].shape), " ".join(kinds))
                 self.calls[key] += 1
                 self.bytes[key] += sum(t.numel() * t.element_size() for t in maps)
