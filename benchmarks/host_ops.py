@@ -26,9 +26,8 @@ import torch
 from benchmarks import random_msra_backbone, save_result
 from benchmarks.op_count import CountOps
 from mlperf import PROJECT_ROOT
-from benchmarks.train_throughput import synthetic_batch
+from benchmarks.train_throughput import synthetic_batch, with_polygons
 from object_detection import fast
-from object_detection.mask_targets import polygon_edges
 from object_detection.model import build_model
 from object_detection.recipe import RECIPES
 
@@ -56,18 +55,6 @@ class OperatorCounter(CountOps):
             where = site.filename.removeprefix(f"{PROJECT_ROOT}/").split("site-packages/")[-1]
             self.by_site[f"{where}:{site.lineno} {site.name}"] += 1
             self.by_file[f"{self.stage} {where}"] += 1
-
-
-def with_polygons(targets: list[dict]) -> list[dict]:
-    """The closed profile's targets: each (rectangular) synthetic mask as its polygon, as the loader
-    ships them (object_detection.data), instead of the full mask."""
-    out = []
-    for target in targets:
-        polygons = [[[x0, y0, x1, y0, x1, y1, x0, y1]] for x0, y0, x1, y1 in target["boxes"].tolist()]
-        edges, owner = polygon_edges(polygons)
-        out.append({"boxes": target["boxes"], "labels": target["labels"], "polygon_edges": edges,
-                    "polygon_owner": owner, "polygons": 1})
-    return out
 
 
 def count_step(model, batch: int, seed: int = 1) -> OperatorCounter:

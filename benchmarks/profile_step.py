@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from benchmarks import calibrated_backbones
-from benchmarks.train_throughput import SWITCHED_LEVERS, StepWork, learning_rates, our_model, pinned, synthetic_batch, warm_as_the_trainer
+from benchmarks.train_throughput import (SWITCHED_LEVERS, StepWork, learning_rates, our_model, pinned, synthetic_batch,
+                                         warm_as_the_trainer, with_polygons)
 from object_detection.engine import make_optimizer, set_lr, to_device
 
 
@@ -69,6 +70,8 @@ def main() -> None:
     opt = make_optimizer(model, 0.01, fused=True)
     schedule, steps_done = learning_rates("schedule", args.batch), itertools.count()  # as train_throughput's steps
     batches = [synthetic_batch(args.batch, "cpu", seed=s) for s in range(2)]
+    if args.polys:  # the closed profile's targets, as its trainer gets them
+        batches = [(images, with_polygons(targets)) for images, targets in batches]
     batches = [pinned(b) for b in batches]
 
     stages, synchronised = {}, [True]

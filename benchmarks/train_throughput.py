@@ -44,6 +44,7 @@ from benchmarks import calibrated_backbones, random_msra_backbone, save_result
 from object_detection import fast
 from object_detection.engine import amp_dtype, make_optimizer, set_lr, to_device, train_step
 from object_detection.fast.mask_branch import warm_mask_branch
+from object_detection.mask_targets import polygon_edges
 from mlperf.datasets.shapes import COCO_SHAPES, COCO_WEIGHTS, PORTRAIT_SHARE  # COCO's image shapes
 from object_detection.model import build_model
 from object_detection.recipe import CLOSED_PROFILE, PROFILES, RECIPES, Schedule
@@ -80,10 +81,23 @@ def synthetic_batch(n: int, device, seed: int, shapes: str = "coco"):
     return images, targets
 
 
+def with_polygons(targets: list[dict]) -> list[dict]:
+    """The closed profile's targets: each (rectangular) synthetic mask as its polygon, as the loader
+    ships them (object_detection.data), instead of the full mask."""
+    out = []
+    for target in targets:
+        polygons = [[[x0, y0, x1, y0, x1, y1, x0, y1]] for x0, y0, x1, y1 in target["boxes"].tolist()]
+        edges, owner = polygon_edges(polygons)
+        out.append({"boxes": target["boxes"], "labels": target["labels"], "polygon_edges": edges,
+                    "polygon_owner": owner, "polygons": 1})
+    return out
+
+
 def pinned(batch):
     """A CPU batch in page-locked memory, as the trainer's DataLoader(pin_memory=True) hands it."""
     images, targets = batch
-    return [i.pin_memory() for i in images], [{k: v.pin_memory() for k, v in t.items()} for t in targets]
+    return [i.pin_memory() for i in images], [{k: v.pin_memory() if isinstance(v, torch.Tensor) else v
+                                               for k, v in t.items()} for t in targets]
 
 
 def stock_model(device):
@@ -205,6 +219,9 @@ SWITCHED_LEVERS = {
     "cudnnfuse": ("cudnn_fusion", "convolution, bias, shortcut and ReLU in one cuDNN call"),
     "fpnadd": ("fpn_broadcast", "the FPN's top-down sums without upsampled maps"),
     "rpnone": ("rpn_one_output_conv", "the RPN head's two output convolutions as one"),
+    "polys": ("mask_targets_kernel", "the closed profile's mask targets as its trainer makes them on a GPU: "
+                                     "polygons from the loader, drawn at 28x28 by one kernel (with_polygons; "
+                                     "without it full-image masks, which torchvision's models take)"),
     "dsconv1": ("downsample_with_conv1", "each stage's first block reading its input with one convolution for "
                                          "conv1 and the downsample"),
 }
@@ -289,9 +306,11 @@ def switches(variant: str):
 
 def measure(batch_size: int, variants: list[str], args, device, backbone: Path) -> list[dict]:
     """Every variant on the same batches, interleaved in rounds: the median of the rounds' medians."""
-    batches = [synthetic_batch(batch_size, "cpu", seed=s, shapes=args.shapes) for s in range(args.batches)]
+    masks = [synthetic_batch(batch_size, "cpu", seed=s, shapes=args.shapes) for s in range(args.batches)]
+    polygons = [(images, with_polygons(targets)) for images, targets in masks]
     if device.type == "cuda":
-        batches = [pinned(b) for b in batches]
+        masks, polygons = [pinned(b) for b in masks], [pinned(b) for b in polygons]
+    batches = {v: polygons if "-polys" in v else masks for v in variants}
     built, rounds, done = {}, {v: [] for v in variants}, dict.fromkeys(variants, 0)
     for variant in variants:
         torch.manual_seed(0)
@@ -303,7 +322,7 @@ def measure(batch_size: int, variants: list[str], args, device, backbone: Path) 
         for variant in variants:
             with switches(variant):
                 try:
-                    rounds[variant].append(time_steps(*built[variant][:2], batches, device, *built[variant][2:],
+                    rounds[variant].append(time_steps(*built[variant][:2], batches[variant], device, *built[variant][2:],
                                                       args.iterations, args.warmup, schedule, done[variant]))
                     done[variant] += rounds[variant][-1]["steps_run"]
                 except torch.OutOfMemoryError:
@@ -366,6 +385,9 @@ def main(argv=None) -> int:
                         "trainer gets them), not on random pixels")
     p.add_argument("--output", type=Path)
     args = p.parse_args(argv)
+    unpolygoned = [v for v in args.variants.split(",") if "-polys" in v and not v.startswith("ref-")]
+    if unpolygoned:
+        p.error(f"--variants: -polys is the closed profile's targets, for ref- variants only, not {unpolygoned[0]}")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cudnn.benchmark = False

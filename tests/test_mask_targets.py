@@ -164,8 +164,7 @@ def test_the_one_kernel_draws_the_same_targets_bit_for_bit():
 def test_the_lever_hands_the_heads_the_kernel_and_a_cpu_still_draws_with_tensor_operations():
     """The trainer's `--speed fast-with:mask_targets_kernel` reaches the RoI heads; where the kernel
     cannot run (a CPU without the interpreter) the same losses come from the tensor operations."""
-    from benchmarks.host_ops import with_polygons
-    from benchmarks.train_throughput import synthetic_batch
+    from benchmarks.train_throughput import synthetic_batch, with_polygons
     from object_detection.fast import options_for
     from object_detection.fast.rasterise import crop_and_rasterise
     from object_detection.model import build_model

@@ -26,8 +26,7 @@ from torchvision.ops import MultiScaleRoIAlign, nms
 from object_detection.fast import Options, mask_branch, padded_heads, sync_free
 from object_detection.fast import nms as fast_nms
 from object_detection.fast.sampler import BatchedBalancedSampler
-from benchmarks.host_ops import with_polygons
-from benchmarks.train_throughput import synthetic_batch
+from benchmarks.train_throughput import synthetic_batch, with_polygons
 from conftest import ROOT
 from object_detection.model import build_model
 from object_detection.recipe import RECIPES
