@@ -222,6 +222,8 @@ SWITCHED_LEVERS = {
     "polys": ("mask_targets_kernel", "the closed profile's mask targets as its trainer makes them on a GPU: "
                                      "polygons from the loader, drawn at 28x28 by one kernel (with_polygons; "
                                      "without it full-image masks, which torchvision's models take)"),
+    "headbias": ("head_bias_act", "the FPN's, RPN head's and mask head's convolution biases and ReLUs in one "
+                                  "vectorised pass (fast.bias_act)"),
     "dsconv1": ("downsample_with_conv1", "each stage's first block reading its input with one convolution for "
                                          "conv1 and the downsample"),
 }

@@ -23,6 +23,9 @@ parameters and state-dict keys stay):
   made (fpn; GPUs, off until it pays);
 - rpn_one_output_conv: the RPN head's objectness and box convolutions as one (rpn_head; off until
   it pays);
+- head_bias_act: the FPN's, RPN head's and mask head's convolution biases, and their ReLUs, added in
+  one vectorised pass by bias_act's kernel (head_bias; GPUs, off until it pays; cudnn_fusion takes
+  these convolutions where both are on);
 - cudnn_fusion: the backbone's convolutions, and the RPN and mask heads' convolution-ReLU pairs, with
   their bias, shortcut and ReLU applied by cuDNN as it writes the output (cudnn_fusion; GPUs);
 - cuda_graphs: the backbone with its FPN, and the RPN head, replayed as CUDA graphs in training (on
@@ -73,6 +76,7 @@ class Options:
     roi_align: bool = True           # with channels_last: one kernel pools every level (fast.roi_align)
     mask_channels_last: bool = False  # GPUs (for_device), with channels_last and sync_free: the mask branch too
     mask_roi_bucket: bool = False     # GPUs (for_device), with sync_free: the mask branch on RoIs padded to x64
+    head_bias_act: bool = False      # GPUs: the heads' conv biases and ReLUs by bias_act (fast.head_bias)
     cudnn_fusion: bool = False       # GPUs: convolution, bias, shortcut and ReLU in one cuDNN call (fast.cudnn_fusion)
     fpn_broadcast: bool = False      # the FPN's top-down sums without upsampled maps (fast.fpn)
     rpn_one_output_conv: bool = False  # the RPN head's two 1x1 output convolutions as one (fast.rpn_head)
@@ -90,12 +94,7 @@ class Options:
         return cls(channels_last=cuda, mask_targets_kernel=cuda, mask_channels_last=cuda, mask_roi_bucket=cuda)
 
 
-STOCK = Options(fold_bn=False, fuse_bias=False, downsample_with_conv1=False, sync_free=False, padded_heads=False, nms_scan=False,
-                batched_sampler=False, transform=False,
-                channels_last=False, roi_align=False, mask_channels_last=False, mask_roi_bucket=False, cudnn_fusion=False,
-                fpn_broadcast=False, rpn_one_output_conv=False,
-                cuda_graphs=False, mask_targets_kernel=False,
-                persistent_workers=False, prefetch=False, freeze_setup=False, evaluation=False)
+STOCK = Options(**{field.name: False for field in fields(Options)})  # every piece off
 
 
 WITHOUT, WITH = "fast-without:", "fast-with:"
@@ -192,6 +191,10 @@ def apply(model: MaskRCNN, options: Options = Options()) -> MaskRCNN:
         from object_detection.fast.cudnn_fusion import use_cudnn_fusion
 
         use_cudnn_fusion(model)
+    if options.head_bias_act:  # after cudnn_fusion, which takes the convolution-ReLU pairs where it is on
+        from object_detection.fast.head_bias import use_head_bias_act
+
+        use_head_bias_act(model)
     if options.cuda_graphs:
         from object_detection.fast.graphs import capture_in_training
 

@@ -65,7 +65,7 @@ class _BiasAct(torch.autograd.Function):
         if ctx.relu:
             (out,) = ctx.saved_tensors
             grad = torch.ops.aten.threshold_backward(grad, out, 0)
-        grad_bias = grad.sum(dim=(0, 2, 3), dtype=torch.float32).to(ctx.bias_dtype) \
+        grad_bias = grad.sum(dim=(0, 2, 3), dtype=torch.promote_types(grad.dtype, torch.float32)).to(ctx.bias_dtype) \
             if ctx.needs_input_grad[1] else None
         return grad, grad_bias, grad if ctx.has_residual else None, None
 

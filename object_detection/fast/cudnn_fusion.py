@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops.misc import Conv2dNormActivation
 
-from object_detection.fast.fold_bn import FoldedConv2d
 from object_detection.fast.fuse_bias import FusedBottleneck, FusedStemConv2d, unbiased
+from object_detection.fast.head_bias import biased_conv_block
 from object_detection.fast.patch import swap
 
 
@@ -105,15 +105,9 @@ def use_cudnn_fusion(model) -> int:
             swap(module, CudnnBottleneck)
         elif type(module) is FusedStemConv2d:
             swap(module, CudnnStemConv2d, bn=module.folded_norm)
-        elif _conv_then_relu(module):
+        elif biased_conv_block(module):
             swap(module, CudnnConvReLU)
         else:
             continue
         changed += 1
     return changed
-
-
-def _conv_then_relu(module: nn.Module) -> bool:
-    return (type(module) is Conv2dNormActivation and len(module) == 2 and type(module[0]) is nn.Conv2d
-            and not isinstance(module[0], FoldedConv2d) and module[0].bias is not None
-            and type(module[1]) is nn.ReLU and module[0].padding_mode == "zeros")
