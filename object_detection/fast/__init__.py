@@ -6,7 +6,7 @@ parameters and state-dict keys stay):
 - fold_bn: frozen BatchNorm folded into the convolutions;
 - fuse_bias: then each backbone bias, residual and ReLU in one pass (bias_act's Triton kernel);
   downsample_with_conv1: then a stage's first block reads its input with one convolution for conv1
-  and the downsample, both 1x1 with the reference's stride (off until it pays);
+  and the downsample, both 1x1 with the reference's stride (GPUs);
 - sync_free: detection heads without host synchronisations (nms, sampler; nms_scan: none in NMS);
 - padded_heads: then the RPN's proposals and the RoI heads' samples at fixed sizes: one wait per
   training forward (with roi_align and nms_scan). Both off: the step measured the same without the
@@ -20,9 +20,8 @@ parameters and state-dict keys stay):
   padded to a multiple of 64, so cuDNN reuses its plans instead of building them for every new RoI
   count on the host (mask_branch);
 - fpn_broadcast: the FPN's top-down sums as one broadcasting addition each, with no upsampled map
-  made (fpn; GPUs, off until it pays);
-- rpn_one_output_conv: the RPN head's objectness and box convolutions as one (rpn_head; off until
-  it pays);
+  made (fpn; GPUs);
+- rpn_one_output_conv: the RPN head's objectness and box convolutions as one (rpn_head; GPUs);
 - head_bias_act: the FPN's, RPN head's and mask head's convolution biases, and their ReLUs, added in
   one vectorised pass by bias_act's kernel (head_bias; GPUs, off until it pays; cudnn_fusion takes
   these convolutions where both are on);
@@ -65,7 +64,7 @@ class Options:
     """Which speed pieces `apply` uses; `for_device` gives what the trainer runs."""
     fold_bn: bool = True
     fuse_bias: bool = True           # needs fold_bn
-    downsample_with_conv1: bool = False  # with fuse_bias: conv1 and the downsample as one convolution (fast.fuse_bias)
+    downsample_with_conv1: bool = False  # GPUs (for_device), with fuse_bias: conv1 and the downsample as one conv
     sync_free: bool = True           # implies batched_sampler
     padded_heads: bool = False       # with sync_free: fixed proposal and RoI slots, one wait per training forward
     nms_scan: bool = False           # with sync_free: NMS by a Triton walk per group, no wait (GPUs)
@@ -78,8 +77,8 @@ class Options:
     mask_roi_bucket: bool = False     # GPUs (for_device), with sync_free: the mask branch on RoIs padded to x64
     head_bias_act: bool = False      # GPUs: the heads' conv biases and ReLUs by bias_act (fast.head_bias)
     cudnn_fusion: bool = False       # GPUs: convolution, bias, shortcut and ReLU in one cuDNN call (fast.cudnn_fusion)
-    fpn_broadcast: bool = False      # the FPN's top-down sums without upsampled maps (fast.fpn)
-    rpn_one_output_conv: bool = False  # the RPN head's two 1x1 output convolutions as one (fast.rpn_head)
+    fpn_broadcast: bool = False      # GPUs (for_device): the FPN's top-down sums without upsampled maps (fast.fpn)
+    rpn_one_output_conv: bool = False  # GPUs (for_device): the RPN head's two 1x1 output convs as one (fast.rpn_head)
     fixed_canvas: bool = False       # pad every batch to the largest input (800x1344): fixed shapes
     cuda_graphs: bool = False        # GPUs: backbone, FPN and RPN head as CUDA graphs (implies fixed_canvas)
     mask_targets_kernel: bool = False  # GPUs (for_device): the polygon mask targets in one Triton kernel (fast.rasterise)
@@ -91,7 +90,8 @@ class Options:
     @classmethod
     def for_device(cls, device_type: str) -> Options:
         cuda = device_type == "cuda"
-        return cls(channels_last=cuda, mask_targets_kernel=cuda, mask_channels_last=cuda, mask_roi_bucket=cuda)
+        return cls(channels_last=cuda, mask_targets_kernel=cuda, mask_channels_last=cuda, mask_roi_bucket=cuda,
+                   fpn_broadcast=cuda, rpn_one_output_conv=cuda, downsample_with_conv1=cuda)
 
 
 STOCK = Options(**{field.name: False for field in fields(Options)})  # every piece off
