@@ -11,12 +11,16 @@ One process, one GPU, the objects object_detection.train builds (data_loaders, t
   through the trainer's model, its own model on them, its timing of the trainer's model;
 - loader+train: training steps fed by the loader, as an epoch runs;
 - the same with Python's garbage collector off;
-the loader parts once per --workers count. Each training row also records what its steps did
+- trained: the cached batches again after the model has trained 4 x --steps loader batches (a step's work
+  grows as the model learns: more positives, more mask RoIs);
+the loader parts once per --workers count. Every part of the trainer's model starts from the same weights
+and optimizer state (but `trained`), so that the parts time the same work. Each training row also records what its steps did
 (`ROW_work`: train_throughput.StepWork's mask RoIs per image and whether every loss was finite).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import gc
 import json
@@ -60,12 +64,13 @@ def main(argv=None) -> int:
     schedule = profile.schedule_for(a.batch)
     trainer = T.trainer_for(args, run, profile, schedule)
     out = {"per_gpu_batch": a.batch, "steps": a.steps, "speed": a.speed}
+    start = trained_state(trainer)
     for workers in [int(w) for w in a.workers.split(",")]:
         args.workers = workers
         _, _, sampler, loader, _ = T.data_loaders(args, run, master_seed=1)
         measure(trainer, schedule, loader, sampler, min(a.steps, len(loader)), run.device, out, f"w{workers}_",
                 args.backbone, partial(warm_up, batch=a.batch, eval_batch=args.eval_batch,
-                                       size=(profile.min_size, profile.max_size), device=run.device))
+                                       size=(profile.min_size, profile.max_size), device=run.device), start)
     out["date"] = datetime.date.today().isoformat()
     out["device"] = torch.cuda.get_device_name()
     print(json.dumps(out, indent=1))
@@ -74,8 +79,9 @@ def main(argv=None) -> int:
 
 
 def measure(trainer, schedule, loader, sampler, steps: int, device, out: dict, prefix: str, backbone: Path,
-            warm) -> None:
-    """The four rates of the docstring into `out` (the cached ones only the first time)."""
+            warm, start: tuple[dict, dict]) -> None:
+    """The rates of the docstring into `out` (the cached ones only the first time); each part of the
+    trainer's model starts from `start` (trained_state), so that the parts time the same work."""
     def batches():
         sampler.set_epoch(len(out))  # a fresh order for each measurement
         for i, batch in enumerate(on_device(loader, device, trainer.prefetch)):  # as the epoch moves them
@@ -93,7 +99,9 @@ def measure(trainer, schedule, loader, sampler, steps: int, device, out: dict, p
                                            for v in t.values() if torch.is_tensor(v)) / 2**20, 2)
 
     def train(feed, label, model=trainer.model, optimizer=trainer.optimizer, autocast=trainer.autocast,
-              scheduled=True):
+              scheduled=True, state=start):
+        if model is trainer.model:  # the same weights for every part: a step's work grows as the model learns
+            restore(trainer, state)
         train_step(model, optimizer, trainer.scaler, *cached[0], autocast)
         work = StepWork(model)
         started, n = time.perf_counter(), 0
@@ -114,6 +122,27 @@ def measure(trainer, schedule, loader, sampler, steps: int, device, out: dict, p
     gc.disable()
     train(batches(), prefix + "loader_train_nogc_img_s")
     gc.enable()
+    if "trained_cached_img_s" not in out:  # the cached batches again, after the model has learnt a while
+        restore(trainer, start)
+        for i, (images, targets) in enumerate(batch for _ in range(TRAINED_CYCLES) for batch in batches()):
+            set_lr(trainer.optimizer, schedule, i)
+            train_step(trainer.model, trainer.optimizer, trainer.scaler, images, targets, trainer.autocast)
+        train((cached[i % len(cached)] for i in range(steps)), "trained_cached_img_s", state=trained_state(trainer))
+
+
+TRAINED_CYCLES = 4  # loader cycles of --steps the model trains before trained_cached
+
+
+def trained_state(trainer) -> tuple[dict, dict]:
+    """Copies of the trainer's model and optimizer state, on their devices."""
+    model = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    return model, copy.deepcopy(trainer.optimizer.state_dict())
+
+
+def restore(trainer, state: tuple[dict, dict]) -> None:
+    model, optimizer = state
+    trainer.model.load_state_dict(model)
+    trainer.optimizer.load_state_dict(copy.deepcopy(optimizer))
 
 
 def step_benchmark_beside(trainer, train, batch: int, steps: int, device, out: dict, backbone: Path,
