@@ -55,3 +55,11 @@ def mixed_layouts(fn) -> list[tuple[str, tuple, str, int, int]]:
     with mode:
         fn()
     return sorted(((*key, mode.calls[key], mode.bytes[key]) for key in mode.calls), key=lambda row: -row[4])
+
+
+def print_mixed_layouts(step) -> None:
+    """mixed_layouts(step)'s 40 heaviest rows (none: every operand of the step agrees)."""
+    rows = mixed_layouts(step)
+    print(f"elementwise operators of one step on operands of mixed layouts or dtypes: {len(rows) or 'none'}")
+    for name, shape, operands, calls, touched in rows[:40]:
+        print(f"  {name:<20} {str(shape):<24} {calls:4d} calls {touched / 2**20:9.1f} MiB  {operands}")

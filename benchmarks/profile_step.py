@@ -57,9 +57,8 @@ def parse_args():
     return p.parse_args()
 
 
-def main() -> None:
-    args = parse_args()
-    device = torch.device("cuda")
+def model_and_batches(args, device) -> tuple[torch.nn.Module, list]:
+    """The model the flags name, warmed as the trainer warms it, and two pinned synthetic batches."""
     reference_weights, backbone = calibrated_backbones(args.calibrate_on)
     model = our_model(device, backbone, channels_last="rpn", sync_free=not args.tvsync, fuse_bias=not args.nofuse,
                       recipe=args.recipe, roi_align=args.roialign, padded_heads=args.padheads,
@@ -67,12 +66,18 @@ def main() -> None:
                       reference_weights=reference_weights,
                       levers=tuple(lever for suffix, (lever, _) in SWITCHED_LEVERS.items() if getattr(args, suffix)))
     warm_as_the_trainer(model, args.batch, torch.bfloat16)
-    opt = make_optimizer(model, 0.01, fused=True)
-    schedule, steps_done = learning_rates("schedule", args.batch), itertools.count()  # as train_throughput's steps
     batches = [synthetic_batch(args.batch, "cpu", seed=s) for s in range(2)]
     if args.polys:  # the closed profile's targets, as its trainer gets them
         batches = [(images, with_polygons(targets)) for images, targets in batches]
-    batches = [pinned(b) for b in batches]
+    return model, [pinned(b) for b in batches]
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.device("cuda")
+    model, batches = model_and_batches(args, device)
+    opt = make_optimizer(model, 0.01, fused=True)
+    schedule, steps_done = learning_rates("schedule", args.batch), itertools.count()  # as train_throughput's steps
 
     stages, synchronised = {}, [True]
 
@@ -120,11 +125,9 @@ def main() -> None:
         count_syncs(lambda: step(0))
         return
     if args.layouts:
-        from benchmarks.layouts import mixed_layouts
+        from benchmarks.layouts import print_mixed_layouts
 
-        print("elementwise operators of one step on operands of mixed layouts or dtypes:")
-        for name, shape, operands, calls, touched in mixed_layouts(lambda: step(0))[:40]:
-            print(f"  {name:<20} {str(shape):<24} {calls:4d} calls {touched / 2**20:9.1f} MiB  {operands}")
+        print_mixed_layouts(lambda: step(0))
     if args.timeline:
         synchronised[0] = False
         gpu_timeline(step, args.steps, args.batch)
