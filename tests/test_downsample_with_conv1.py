@@ -47,7 +47,7 @@ def test_each_stages_first_block_reads_its_input_once_and_trains_the_same():
     assert fuse_bias.share_input_of_downsample(bodies[True]) == 4
     kinds = [type(m) for m in bodies[True].modules()]
     assert (kinds.count(SharedInputBottleneck), kinds.count(FusedBottleneck)) == (4, 12)
-    x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    x = torch.randn(2, 3, 32, 64, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     outputs = {}
     for shared, body in bodies.items():
         image = x.clone().requires_grad_()

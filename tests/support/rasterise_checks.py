@@ -35,7 +35,7 @@ def differing(images) -> int:
 
 
 def main() -> None:
-    one = random_instances(24, seed=21, most_points=8)
+    one = random_instances(12, seed=21, most_points=8)
     sizes = [(H, W), (800, 1067), (100, 90)]
     batch = [(random_instances(5 + 2 * k, seed=30 + k, most_points=6), None, size) for k, size in enumerate(sizes)]
     batch = [(cases, torch.arange(len(cases)).flip(0) if k == 1 else torch.arange(len(cases)), size)
