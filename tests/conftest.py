@@ -17,7 +17,7 @@ SLOW_SECONDS = 5  # what a `slow` test takes unless its marker says: @pytest.mar
 
 def pytest_collection_modifyitems(config, items):
     """The modules whose slow tests take longest first, each module kept together: under
-    pytest-xdist (.ci/run's -n 3) the long runs then start at once and the quick tests fill the
+    pytest-xdist (.ci/run's -n 2) the long runs then start at once and the quick tests fill the
     workers' ends, instead of a pipeline run starting last and holding one worker alone (counting
     slow tests put the two-test pipeline module last: 650 s instead of about 570 on two cores);
     kept together, a module's fixtures are made once a worker."""
