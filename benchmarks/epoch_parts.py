@@ -100,8 +100,8 @@ def measure(trainer, schedule, loader, sampler, steps: int, device, out: dict, p
 
     def train(feed, label, model=trainer.model, optimizer=trainer.optimizer, autocast=trainer.autocast,
               scheduled=True, state=start):
-        if model is trainer.model:  # the same weights for every part: a step's work grows as the model learns
-            restore(trainer, state)
+        if model is trainer.model and state is not None:  # the same weights for every part: a step's work
+            restore(trainer, state)                         # grows as the model learns
         train_step(model, optimizer, trainer.scaler, *cached[0], autocast)
         work = StepWork(model)
         started, n = time.perf_counter(), 0
@@ -127,7 +127,7 @@ def measure(trainer, schedule, loader, sampler, steps: int, device, out: dict, p
         for i, (images, targets) in enumerate(batch for _ in range(TRAINED_CYCLES) for batch in batches()):
             set_lr(trainer.optimizer, schedule, i)
             train_step(trainer.model, trainer.optimizer, trainer.scaler, images, targets, trainer.autocast)
-        train((cached[i % len(cached)] for i in range(steps)), "trained_cached_img_s", state=trained_state(trainer))
+        train((cached[i % len(cached)] for i in range(steps)), "trained_cached_img_s", state=None)  # as trained
 
 
 TRAINED_CYCLES = 4  # loader cycles of --steps the model trains before trained_cached

@@ -309,9 +309,13 @@ def switches(variant: str):
 def measure(batch_size: int, variants: list[str], args, device, backbone: Path) -> list[dict]:
     """Every variant on the same batches, interleaved in rounds: the median of the rounds' medians."""
     masks = [synthetic_batch(batch_size, "cpu", seed=s, shapes=args.shapes) for s in range(args.batches)]
-    polygons = [(images, with_polygons(targets)) for images, targets in masks]
     if device.type == "cuda":
-        masks, polygons = [pinned(b) for b in masks], [pinned(b) for b in polygons]
+        masks = [pinned(b) for b in masks]
+    # the same images (pinned once: pin_memory keeps a pinned tensor) with the closed profile's targets
+    polygons = ([(images, with_polygons(targets)) for images, targets in masks]
+                if any("-polys" in v for v in variants) else [])
+    if device.type == "cuda":
+        polygons = [pinned(b) for b in polygons]
     batches = {v: polygons if "-polys" in v else masks for v in variants}
     built, rounds, done = {}, {v: [] for v in variants}, dict.fromkeys(variants, 0)
     for variant in variants:
