@@ -27,7 +27,8 @@ class OneOutputConv:
         for feature in x:
             # split, not two slices: its backward is one concatenation, where each slice's would
             # be a zero-filled map of both outputs, then their sum
-            objectness, box = torch.split(F.conv2d(self.conv(feature), weight, bias), [anchors, self.bbox_pred.out_channels], dim=1)
+            both = F.conv2d(self.conv(feature), weight, bias)
+            objectness, box = torch.split(both, [anchors, self.bbox_pred.out_channels], dim=1)
             logits.append(objectness)
             deltas.append(box)
         return logits, deltas
