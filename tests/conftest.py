@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SLOW_SECONDS = 5  # what a `slow` test takes unless its marker says: @pytest.mark.slow(seconds=N)
 
 
-def share_the_cores_between_workers() -> None:
+def idle_openmp_threads_sleep_under_xdist() -> None:
     """Under pytest-xdist, OpenMP threads with nothing to do sleep instead of spinning. Two workers on
     two cores, each running a CPU trainer at two threads (mlperf.planning gives a process its host's
     cores), spun on each other's cores: a training step took four times as long as at one thread each.
@@ -25,7 +25,7 @@ def share_the_cores_between_workers() -> None:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when torch loads OpenMP: before any test
 
 
-share_the_cores_between_workers()
+idle_openmp_threads_sleep_under_xdist()
 
 
 def pytest_collection_modifyitems(config, items):
